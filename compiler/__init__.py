@@ -1,0 +1,1 @@
+"""The compile side: import (torch-mlir), targets, IREE driver and bundle writer."""

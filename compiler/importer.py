@@ -1,0 +1,148 @@
+"""PyTorch -> torch dialect (backend contract) through torch.export and torch-mlir's FxImporter.
+
+    module, signature = import_model(model_or_exported_program, example_inputs)
+
+Every op carries its source as an MLIR location: a name (the nn.Module path, e.g.
+'encoder.layer.0.attention.self') around the file:line call stack of the FX node;
+passes use it for pins and error messages."""
+
+import re
+
+from ..errors import PolyarchError
+
+_DTYPES = {
+    "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64",
+    "i64": "int64", "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "i1": "bool", "bool": "bool",
+}
+_INPUT = re.compile(r"^(?P<dims>(\d+x)*)(?P<dtype>[a-z0-9]+)$")
+
+INPUT_HELP = "write an input as DIMSxDTYPE, e.g. 4x64xi64 or 1x3x224x224xf32 (dtypes: " + ", ".join(_DTYPES) + ")"
+
+
+def parse_input_spec(text):
+    """'4x64xi64' -> ((4, 64), 'int64')."""
+    m = _INPUT.match(text.strip())
+    if not m or m["dtype"] not in _DTYPES:
+        raise PolyarchError(f"bad input spec '{text}'", fix=INPUT_HELP)
+    dims = tuple(int(d) for d in m["dims"].split("x") if d)
+    return dims, _DTYPES[m["dtype"]]
+
+
+def example_from_spec(text, seed=0):
+    """A deterministic example tensor for an input spec: small non-negative ints, normal floats."""
+    import torch
+
+    dims, dtype = parse_input_spec(text)
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    if dt == torch.bool:
+        return torch.rand(dims, generator=g) > 0.5
+    if dt.is_floating_point:
+        return torch.randn(dims, generator=g).to(dt)
+    return torch.randint(0, 100, dims, generator=g, dtype=dt)
+
+
+def _persist_buffers(ep):
+    """torch-mlir's frozen import reads buffers from state_dict, where torch.export leaves
+    out non-persistent ones (e.g. BERT's position_ids); move them there."""
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name == "BUFFER" and not spec.persistent and spec.target in ep.constants:
+            ep.state_dict[spec.target] = ep.constants.pop(spec.target)
+            spec.persistent = True
+
+
+def _importer_with_module_paths(ctx):
+    """A FxImporter whose op locations are NameLoc(module path) around torch-mlir's own
+    file:line call stack."""
+    from torch_mlir import ir
+    from torch_mlir.extras.fx_importer import ContextCache, FxImporter
+
+    class _ModulePathCache(ContextCache):
+        __slots__ = []
+
+        def get_node_location(self, node):
+            loc = super().get_node_location(node)
+            stack = node.meta.get("nn_module_stack") or {}
+            path = ""
+            if stack:
+                fqn = list(stack.values())[-1][0]
+                path = re.sub(r"^L\['self'\]\.?|^L__self___", "", str(fqn))
+            if not path:
+                return loc
+            return ir.Location.name(path, childLoc=loc or ir.Location.unknown(self._c), context=self._c)
+
+    importer = FxImporter(context=ctx)
+    importer._cc = _ModulePathCache(ctx, py_attr_tracker=importer._py_attr_tracker)
+    return importer
+
+
+def _one_line(exc):
+    text = str(exc)
+    errs = re.findall(r"error: ([^\n]+)", text)
+    if errs:
+        locs = re.findall(r'"([^"]+\.py)":(\d+)', text)
+        where = f" at {locs[0][0]}:{locs[0][1]}" if locs else ""
+        return errs[0] + where
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def signature_of(ep):
+    """Input and output names/shapes/dtypes of the user-visible signature."""
+    import torch
+
+    def desc(node_or_spec, val):
+        return {"shape": list(val.shape), "dtype": str(val.dtype).replace("torch.", "")}
+
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    inputs = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name == "USER_INPUT":
+            val = placeholders[spec.arg.name].meta["val"]
+            if not isinstance(val, torch.Tensor):
+                raise PolyarchError(f"input '{spec.arg.name}' is not a tensor", fix="pass only tensors as example inputs")
+            inputs.append({"name": spec.arg.name, **desc(spec, val)})
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    outputs = []
+    for i, a in enumerate(out_node.args[0]):
+        val = a.meta.get("val") if hasattr(a, "meta") else None
+        if isinstance(val, torch.Tensor):
+            outputs.append({"name": f"output{i}", **desc(None, val)})
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def export(model, example_inputs):
+    """nn.Module + example inputs -> ExportedProgram (an ExportedProgram is returned as is)."""
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise PolyarchError(f"cannot compile a {type(model).__name__}", fix="pass a torch.nn.Module or a torch.export.ExportedProgram")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, tuple(example_inputs), strict=False)
+    except Exception as e:  # torch.export's errors are long; keep the first line and the cause
+        raise PolyarchError(f"torch.export failed for {type(model).__name__}: {_one_line(e)}",
+                            fix="make the model exportable (no data-dependent Python control flow), or pass an ExportedProgram") from e
+
+
+def import_model(model, example_inputs=()):
+    """-> (torch-dialect ir.Module in a polyarch context, signature dict)."""
+    from torch_mlir import fx
+
+    from ..dialects.polyarch import make_context
+
+    ep = export(model, example_inputs)
+    _persist_buffers(ep)
+    sig = signature_of(ep)
+    ctx = make_context()
+    importer = _importer_with_module_paths(ctx)
+    try:
+        module = fx.export_and_import(ep, output_type="torch", fx_importer=importer, func_name="main")
+    except Exception as e:
+        raise PolyarchError(f"torch-mlir could not lower the model to the torch backend contract: {_one_line(e)}",
+                            fix="the op named is not supported by torch-mlir 20261001; rewrite it with supported ops or file an issue") from e
+    return module, sig

@@ -1,0 +1,108 @@
+"""Device kind -> IREE compile flags, op support, and the nominal device profile.
+
+The profiles here are nominal figures used by `assign-devices` until a calibrated
+profile is given; they are deliberately round numbers, not measurements."""
+
+from dataclasses import dataclass
+
+from ..runtime.devices import DeviceSpec
+
+# Element types (torch dialect spelling) and their sizes in bytes.
+ELEMENT_BYTES = {
+    "f64": 8, "f32": 4, "f16": 2, "bf16": 2,
+    "si64": 8, "si32": 4, "si16": 2, "si8": 1, "ui8": 1, "i1": 1,
+    "i64": 8, "i32": 4, "i16": 2, "i8": 1,
+    "f8E4M3FN": 1, "f8E5M2": 1,
+    "complex<f32>": 8, "complex<f64>": 16,
+}
+
+_VULKAN_INT64_ARCHS = ("rdna", "cdna", "gfx", "sm_", "ampere", "turing", "ada", "hopper", "rtx", "rx", "mi")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Nominal roofline figures for one device."""
+
+    peak_flops: float  # FLOP/s (f32)
+    mem_bw: float  # bytes/s
+    launch_s: float  # per-dispatch overhead, seconds
+    link_bw: float  # host link, bytes/s
+    link_latency_s: float  # per transfer, seconds
+    source: str
+
+
+PROFILES = {
+    # A 2-8 core x86 server slice with AVX2/AVX-512, as IREE's llvm-cpu uses it.
+    "cpu": Profile(2.0e11, 2.0e10, 2e-6, 2.0e10, 1e-6, "nominal x86 CPU, few cores"),
+    # An integrated/low-end discrete GPU reached through Vulkan.
+    "vulkan": Profile(2.0e12, 1.0e11, 20e-6, 1.0e10, 30e-6, "nominal Vulkan iGPU"),
+    "cuda": Profile(5.0e13, 2.0e12, 5e-6, 2.5e10, 10e-6, "nominal datacenter NVIDIA GPU"),
+    "rocm": Profile(5.0e13, 2.0e12, 5e-6, 2.5e10, 10e-6, "nominal datacenter AMD GPU"),
+}
+
+DEFAULT_ARCH = {"cpu": "host", "vulkan": None, "cuda": "sm_80", "rocm": "gfx942"}
+
+
+def iree_flags(spec: DeviceSpec):
+    """iree-compile flags for a device spec (input type and output not included)."""
+    arch = spec.arch or DEFAULT_ARCH[spec.kind]
+    if spec.kind == "cpu":
+        return [
+            "--iree-hal-target-device=local",
+            "--iree-hal-local-target-device-backends=llvm-cpu",
+            f"--iree-llvmcpu-target-cpu={arch}",
+            "--iree-opt-data-tiling",
+        ]
+    if spec.kind == "vulkan":
+        flags = ["--iree-hal-target-device=vulkan", "--iree-hal-target-backends=vulkan-spirv"]
+        if arch:
+            flags.append(f"--iree-vulkan-target={arch}")
+        return flags
+    if spec.kind == "cuda":
+        return ["--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}"]
+    if spec.kind == "rocm":
+        return ["--iree-hal-target-device=hip", f"--iree-rocm-target={arch}"]
+    raise AssertionError(spec.kind)
+
+
+# Narrow element types and the 32-bit type they travel as on targets without 8/16-bit storage.
+WIDEN = {"i1": "si32", "si8": "si32", "ui8": "si32", "si16": "si32", "f16": "f32", "bf16": "f32"}
+
+NARROW_REDUCTIONS = ("all", "any", "sum", "prod", "max", "min", "amax", "amin", "argmax", "argmin", "cumsum", "mean")
+
+
+def unsupported_reason(spec: DeviceSpec, element_types, op_name="", input_types=()):
+    """Why a device cannot run an op touching tensors of `element_types`, or None.
+
+    input_types: element types of the tensors the op reads."""
+    if spec.kind == "vulkan":
+        arch = spec.arch or ""
+        base = op_name.split(".")[2] if op_name.startswith("torch.aten.") else op_name
+        narrow_in = sorted(t for t in input_types if t in WIDEN)
+        if not arch and base in NARROW_REDUCTIONS and narrow_in:
+            return (
+                f"reductions over {'/'.join(narrow_in)} tensors come out wrong on the default Vulkan target "
+                "(32-bit storage only; measured on lavapipe)"
+            )
+        # f64 needs no check: IREE demotes f64 to f32 for every target by default.
+        wide = sorted(t for t in element_types if t in ("si64", "ui64", "i64"))
+        if wide and not arch.lower().startswith(_VULKAN_INT64_ARCHS):
+            return (
+                f"{'/'.join(wide)} tensors need the Int64 capability, which the default Vulkan target lacks "
+                "(name a target with it, e.g. vulkan@rdna3, or keep these ops elsewhere)"
+            )
+    return None
+
+
+
+
+def has_narrow_storage(spec: DeviceSpec):
+    """False where tensors in device memory must be 32-bit: the default Vulkan target
+    declares 32-bit storage only, and 8-bit tensors read there come out wrong (measured
+    on lavapipe: a bool mask gave softmax errors of 0.6). Segments on such a device get
+    their narrow inputs and outputs widened at the boundary by outline-segments."""
+    return not (spec.kind == "vulkan" and not spec.arch)
+
+
+def profile_for(spec: DeviceSpec) -> Profile:
+    return PROFILES[spec.kind]

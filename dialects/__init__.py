@@ -1,0 +1,1 @@
+"""The `polyarch` dialect: attribute names and the `polyarch.transfer` op."""

@@ -1,0 +1,96 @@
+"""The `polyarch` dialect, defined once here.
+
+Attributes (on torch-dialect ops inside @main, and on outlined functions):
+  polyarch.cost      {flops, bytes_read, bytes_written : i64}     annotate-costs
+  polyarch.device    "cpu" | "vulkan" | ...                         assign-devices
+  polyarch.time_us   {<device> = f64, ...} predicted time per device assign-devices
+  polyarch.reason    why the op is not on its cheapest device        assign-devices
+  polyarch.pin       "<device>" set by the user on an op              (input)
+Module attributes:
+  polyarch.devices   ["cpu", "vulkan"]                                assign-devices
+  polyarch.plan      {algorithm, predicted_us, transfers_bytes}       assign-devices
+Ops:
+  %y = "polyarch.transfer"(%x) {from = "vulkan", to = "cpu"} : (T) -> T
+       Moves a tensor between two devices; only in @main after outline-segments.
+
+The ops are kept as unregistered operations in the torch-mlir context (this MLIR
+build offers no Python-defined dialects beside IRDL, whose ops the printer can't
+round-trip without a C++ registration); `verify` enforces their contracts."""
+
+import re
+
+from ..errors import PolyarchError
+
+COST = "polyarch.cost"
+DEVICE = "polyarch.device"
+TIME_US = "polyarch.time_us"
+REASON = "polyarch.reason"
+PIN = "polyarch.pin"
+DEVICES = "polyarch.devices"
+PLAN = "polyarch.plan"
+TRANSFER = "polyarch.transfer"
+
+_VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],([^>]+)>$")
+
+
+def make_context():
+    """An MLIR context with the torch dialect registered and polyarch ops allowed."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import torch as torch_d
+
+    ctx = ir.Context()
+    torch_d.register_dialect(ctx)
+    ctx.allow_unregistered_dialects = True
+    return ctx
+
+
+def tensor_info(type_):
+    """(shape, element type) of a `!torch.vtensor` type, or None for other types.
+
+    Dynamic dims are -1."""
+    m = _VTENSOR.match(str(type_))
+    if not m:
+        return None
+    dims = [int(d) if d not in ("?", "") else -1 for d in m.group(1).split(",")] if m.group(1) else []
+    return dims, m.group(2)
+
+
+def is_tensor(value):
+    return tensor_info(value.type) is not None
+
+
+def create_transfer(ir, value, src, dst, ip):
+    """Insert `%y = "polyarch.transfer"(%x) {from, to}` at `ip`."""
+    op = ir.Operation.create(
+        TRANSFER,
+        results=[value.type],
+        operands=[value],
+        attributes={"from": ir.StringAttr.get(src), "to": ir.StringAttr.get(dst)},
+        loc=ir.Location.unknown(),
+        ip=ip,
+    )
+    return op.results[0]
+
+
+def verify(module):
+    """Check the polyarch contracts of a module; raises PolyarchError."""
+    from torch_mlir import ir
+
+    for fn in module.body.operations:
+        is_segment = DEVICE in fn.attributes
+        for block in fn.regions[0].blocks:
+            for op in block.operations:
+                name = op.operation.name
+                if name == TRANSFER:
+                    attrs = op.operation.attributes
+                    for key in ("from", "to"):
+                        if key not in attrs or not isinstance(attrs[key], ir.StringAttr):
+                            raise PolyarchError(f"{TRANSFER} needs a string attribute '{key}'", str(op.location))
+                    if attrs["from"].value == attrs["to"].value:
+                        raise PolyarchError(f"{TRANSFER} from a device to itself", str(op.location))
+                    if len(op.operands) != 1 or len(op.results) != 1 or op.operands[0].type != op.results[0].type:
+                        raise PolyarchError(f"{TRANSFER} takes one tensor and returns one of the same type", str(op.location))
+                    if is_segment:
+                        raise PolyarchError(f"{TRANSFER} inside a device segment", str(op.location))
+                elif name.startswith("polyarch."):
+                    raise PolyarchError(f"unknown polyarch op '{name}'", str(op.location))

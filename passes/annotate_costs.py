@@ -1,0 +1,116 @@
+"""annotate-costs: give every placeable op in @main `polyarch.cost`.
+
+    polyarch.cost = {bytes_read = R : i64, bytes_written = W : i64, flops = F : i64}
+
+FLOPs come from shapes (a multiply-add counts 2); bytes_read sums the tensor
+operands (weights included), bytes_written the tensor results. Views cost nothing;
+gathers (embedding, index) read only the rows they fetch."""
+
+from ..dialects import polyarch as pa
+from .common import main_func, placeable_ops, tensor_bytes
+
+OPTIONS = {}
+
+VIEWS = {
+    "view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "flatten", "expand", "broadcast_to",
+    "slice", "select", "alias", "detach", "_unsafe_view", "as_strided", "unflatten", "numpy_T",
+}
+COPIES = {"permute", "transpose", "t", "contiguous", "clone", "cat", "stack", "copy", "pad", "constant_pad_nd", "repeat", "empty", "zeros", "ones", "full", "arange", "zeros_like", "ones_like", "full_like", "empty_like"}
+MATMULS = {"mm", "bmm", "matmul", "linear", "addmm", "baddbmm"}
+CONVS = {"convolution", "conv1d", "conv2d", "conv3d", "_convolution"}
+GATHERS = {"embedding", "index", "index_select", "gather", "take"}
+# FLOPs per input element
+REDUCTIONS = {
+    "sum": 1, "mean": 1, "max": 1, "min": 1, "amax": 1, "amin": 1, "all": 1, "any": 1, "argmax": 1, "argmin": 1,
+    "prod": 1, "cumsum": 1, "var": 3, "std": 4, "var_mean": 4, "softmax": 5, "_softmax": 5, "log_softmax": 6,
+    "_log_softmax": 6, "layer_norm": 8, "native_layer_norm": 8, "group_norm": 8, "native_group_norm": 8,
+    "batch_norm": 4, "native_batch_norm": 4, "_native_batch_norm_legit_no_training": 4, "norm": 2,
+    "max_pool2d": 1, "avg_pool2d": 1, "adaptive_avg_pool2d": 1, "max_pool1d": 1, "avg_pool1d": 1,
+}
+# FLOPs per output element
+TRANSCENDENTAL = {"exp", "log", "tanh", "sigmoid", "gelu", "erf", "rsqrt", "sqrt", "pow", "silu", "softplus", "sin", "cos", "log1p", "expm1", "reciprocal", "div"}
+
+
+def _numel(value):
+    info = pa.tensor_info(value.type)
+    if info is None:
+        return 0
+    n = 1
+    for d in info[0]:
+        n *= max(d, 1)
+    return n
+
+
+def _shape(value):
+    info = pa.tensor_info(value.type)
+    return info[0] if info else []
+
+
+def op_cost(op):
+    """(flops, bytes_read, bytes_written) of one op."""
+    name = op.operation.name
+    base = name.split(".")[2] if name.startswith("torch.aten.") else name
+    tensors_in = [v for v in op.operands if pa.is_tensor(v)]
+    tensors_out = [v for v in op.results if pa.is_tensor(v)]
+    read = sum(tensor_bytes(v) for v in tensors_in)
+    written = sum(tensor_bytes(v) for v in tensors_out)
+    out_n = sum(_numel(v) for v in tensors_out)
+    if base in VIEWS:
+        return 0, 0, 0
+    if base in COPIES:
+        return 0, read, written
+    if base in GATHERS:
+        # The table is not read whole: only the gathered rows (= the result) and the indices.
+        idx = sum(tensor_bytes(v) for v in tensors_in if pa.tensor_info(v.type)[1] in ("si64", "si32", "i64", "i32"))
+        return 0, idx + written, written
+    if base in MATMULS:
+        lhs = _shape(tensors_in[1] if base in ("addmm", "baddbmm") else tensors_in[0])
+        k = lhs[-1] if lhs else 1
+        return 2 * out_n * k, read, written
+    if base in CONVS:
+        w = _shape(tensors_in[1]) if len(tensors_in) > 1 else []
+        per_out = 1
+        for d in w[1:]:
+            per_out *= d
+        return 2 * out_n * per_out, read, written
+    if base in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention"):
+        q, k = _shape(tensors_in[0]), _shape(tensors_in[1])
+        bh = 1
+        for d in q[:-2]:
+            bh *= d
+        L, E, S = q[-2], q[-1], k[-2]
+        return 4 * bh * L * S * E + 5 * bh * L * S, read, written
+    if base in REDUCTIONS:
+        in_n = _numel(tensors_in[0]) if tensors_in else out_n
+        return REDUCTIONS[base] * in_n, read, written
+    factor = 4 if base in TRANSCENDENTAL else 1
+    return factor * out_n, read, written
+
+
+def launches(op):
+    """Dispatches the op is expected to add: elementwise ops and views fuse into a
+    neighbour's dispatch in IREE; everything else starts one."""
+    name = op.operation.name
+    base = name.split(".")[2] if name.startswith("torch.aten.") else name
+    if base in VIEWS:
+        return 0
+    if base in COPIES or base in GATHERS or base in MATMULS or base in CONVS or base in REDUCTIONS or "attention" in base:
+        return 1
+    return 0
+
+
+def run(module):
+    from torch_mlir import ir
+
+    i64 = ir.IntegerType.get_signless(64)
+    for op in placeable_ops(main_func(module)):
+        flops, r, w = op_cost(op)
+        op.attributes[pa.COST] = ir.DictAttr.get(
+            {"flops": ir.IntegerAttr.get(i64, flops), "bytes_read": ir.IntegerAttr.get(i64, r), "bytes_written": ir.IntegerAttr.get(i64, w)}
+        )
+
+
+def cost_of(op):
+    """Read back `polyarch.cost` as a tuple (flops, bytes_read, bytes_written)."""
+    d = op.attributes[pa.COST]
+    return d["flops"].value, d["bytes_read"].value, d["bytes_written"].value

@@ -1,0 +1,107 @@
+"""What the passes share: finding @main, classifying ops, describing where an op came from."""
+
+import re
+
+from ..dialects import polyarch as pa
+from ..errors import PolyarchError
+
+TERMINATORS = ("func.return",)
+
+
+def main_func(module, name="main"):
+    for op in module.body.operations:
+        if op.operation.name == "func.func" and op.attributes["sym_name"].value == name:
+            return op
+    raise PolyarchError(f"no func.func @{name} in the module", fix="import the model with polyarch.compiler.importer")
+
+
+def body_ops(func):
+    """The ops of a single-block function, terminator excluded."""
+    blocks = list(func.regions[0].blocks)
+    if len(blocks) != 1:
+        raise PolyarchError(f"@{func.attributes['sym_name'].value} has {len(blocks)} blocks; polyarch needs one")
+    ops = list(blocks[0].operations)
+    return ops[:-1], ops[-1]
+
+
+def is_rematerialisable(op):
+    """Constants, constant-foldable ops and glue: not placed on any device.
+
+    `outline-segments` clones them into every segment that uses them. That covers
+    torch.constant.*, torch.vtensor.literal (weights), ops computed from constants
+    alone (weight transposes, arange: IREE folds them at compile time), and ops whose
+    results are all non-tensors (lists, scalars)."""
+    op = op.operation
+    if op.name == "torch.vtensor.literal":
+        return True
+    if len(op.regions) or op.name in TERMINATORS or op.name.startswith("func."):
+        return False
+    if not any(pa.is_tensor(r) for r in op.results):
+        return True
+    return all(not _is_block_arg(v) and is_rematerialisable(v.owner) for v in op.operands)
+
+
+def _is_block_arg(value):
+    from torch_mlir import ir
+
+    return isinstance(value.owner, ir.Block)
+
+
+def placeable_ops(func):
+    ops, _ = body_ops(func)
+    return [op for op in ops if not is_rematerialisable(op)]
+
+
+_NAME = re.compile(r'^loc\((?:callsite\()?"([^"]+)"\(')
+_FILE = re.compile(r'"([^"]+)":(\d+):(\d+)')
+
+
+def module_path(op):
+    """The nn.Module path (e.g. 'encoder.layer.0.attention') recorded at import, or ''."""
+    m = _NAME.match(str(op.location))
+    return m.group(1) if m else ""
+
+
+def source_line(op):
+    """'file.py:LINE' of the innermost source frame of the op, or '' if unknown."""
+    m = _FILE.search(str(op.location))
+    if not m or m.group(1) in ("-", ""):
+        return ""
+    return f"{m.group(1)}:{m.group(2)}"
+
+
+def describe(op):
+    """'torch.aten.mm (encoder.layer.0.attention.self.query) at modeling_bert.py:210'."""
+    s = op.operation.name
+    path = module_path(op)
+    if path:
+        s += f" ({path})"
+    src = source_line(op)
+    if src:
+        s += f" at {src}"
+    return s
+
+
+def tensor_bytes(value):
+    from ..compiler.targets import ELEMENT_BYTES
+
+    info = pa.tensor_info(value.type)
+    if info is None:
+        return 0
+    shape, et = info
+    n = 1
+    for d in shape:
+        n *= max(d, 1)
+    return n * ELEMENT_BYTES.get(et, 4)
+
+
+def element_types(op):
+    """Element types of the tensors an op reads, and of the results that are used
+    (an unused result, e.g. max.dim's indices under softmax, is dropped by IREE)."""
+    ts = set()
+    used = [r for r in op.results if any(True for _ in r.uses)]
+    for v in list(op.operands) + used:
+        info = pa.tensor_info(v.type)
+        if info:
+            ts.add(info[1])
+    return ts

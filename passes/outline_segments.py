@@ -1,0 +1,185 @@
+"""outline-segments: cut @main into device segments.
+
+Every maximal run of consecutive placed ops on one device (program order) becomes
+
+    func.func @seg_N(<tensors it reads>) -> <tensors others read>
+        attributes {polyarch.device = "...", polyarch.time_us = <predicted>}
+
+On a device without 8/16-bit storage (the default Vulkan target), the segment's
+narrow inputs and outputs (i1, si8, f16, ...) travel widened to 32 bits: the
+function converts them with torch.aten.to.dtype inside, and the runtime casts host
+arrays to the segment's declared types.
+
+Constants, weights and glue (lists, scalars) are rematerialised: cloned into each
+segment that uses them, never passed between segments. @main becomes a sequence of
+func.call @seg_N, with a "polyarch.transfer" wherever a tensor crosses devices."""
+
+from ..compiler.targets import WIDEN, has_narrow_storage
+from ..dialects import polyarch as pa
+from ..runtime.devices import DeviceSpec
+from ..errors import PolyarchError
+from .common import body_ops, describe, is_rematerialisable, main_func
+
+OPTIONS = {}
+
+
+def _segments(ops):
+    segs = []
+    for op in ops:
+        if is_rematerialisable(op):
+            continue
+        if pa.DEVICE not in op.attributes:
+            raise PolyarchError(f"{describe(op)} has no {pa.DEVICE}", fix="run assign-devices before outline-segments")
+        dev = op.attributes[pa.DEVICE].value
+        if segs and segs[-1][0] == dev:
+            segs[-1][1].append(op)
+        else:
+            segs.append((dev, [op]))
+    return segs
+
+
+def run(module):
+    from torch_mlir import ir
+    from torch_mlir.dialects import func
+
+    main = main_func(module)
+    ops, term = body_ops(main)
+    segs = _segments(ops)
+    seg_of = {}
+    for k, (_, sops) in enumerate(segs):
+        for op in sops:
+            seg_of[op.operation] = k
+
+    def producer_seg(v):
+        owner = v.owner
+        if isinstance(owner, ir.Block):
+            return "arg"
+        return seg_of.get(owner.operation)
+
+    f64 = ir.F64Type.get()
+    # values -> the value that stands for them in @main after outlining
+    main_value = {}
+    where = {}  # main value -> device it lives on (None: host input)
+    for a in main.regions[0].blocks[0].arguments:
+        main_value[a] = a
+        where[a] = None
+    transfers = {}
+    main_ip = ir.InsertionPoint(term)
+    module_ip = ir.InsertionPoint(main)
+
+    for k, (dev, sops) in enumerate(segs):
+        members = {op.operation for op in sops}
+        # Inputs: tensors from outside the segment (args or other segments), reached directly or through glue.
+        inputs, remat = [], []
+        seen_remat = set()
+
+        def need(v):
+            owner = v.owner
+            if isinstance(owner, ir.Block) or (owner.operation not in members and not is_rematerialisable(owner)):
+                if v not in inputs:
+                    inputs.append(v)
+                return
+            if owner.operation in members:
+                return
+            if owner.operation in seen_remat:
+                return
+            seen_remat.add(owner.operation)
+            for o in owner.operands:
+                need(o)
+            remat.append(owner)
+
+        for op in sops:
+            for o in op.operands:
+                need(o)
+        # Outputs: results used outside the segment (later segments, glue outside, or the return).
+        outputs = []
+        for op in sops:
+            for r in op.results:
+                for u in r.uses:
+                    user = u.owner.operation
+                    if user not in members and r not in outputs:
+                        outputs.append(r)
+        for v in inputs:
+            if not pa.is_tensor(v):
+                raise PolyarchError(f"a non-tensor value crosses into segment {k} ({dev})", fix="report this model to polyarch; glue ops should be rematerialised")
+        name = f"seg_{k}"
+        widen = not has_narrow_storage(DeviceSpec.parse(dev))
+        in_types = [_widened(ir, v.type) if widen else v.type for v in inputs]
+        out_types = [_widened(ir, v.type) if widen else v.type for v in outputs]
+        fn = func.FuncOp(name, (in_types, out_types), ip=module_ip)
+        fn.attributes[pa.DEVICE] = ir.StringAttr.get(dev)
+        total = sum(op.attributes[pa.TIME_US][dev].value for op in sops if pa.TIME_US in op.attributes)
+        fn.attributes[pa.TIME_US] = ir.FloatAttr.get(f64, round(total, 3))
+        block = fn.add_entry_block()
+        ip = ir.InsertionPoint(block)
+        mapping = {v: (_convert(ir, a, v.type, ip) if a.type != v.type else a) for v, a in zip(inputs, block.arguments)}
+        # Clone in original program order: rematerialised ops first-needed order is already topological.
+        order = remat_sorted(remat, ops) + list(sops)
+        for op in order:
+            new = op.operation.clone(ip=ip)
+            for i, o in enumerate(op.operands):
+                if o in mapping:
+                    new.operands[i] = mapping[o]
+            for old_r, new_r in zip(op.results, new.results):
+                mapping[old_r] = new_r
+        func.ReturnOp([_convert(ir, mapping[v], t, ip) if t != v.type else mapping[v] for v, t in zip(outputs, out_types)], ip=ip)
+
+        # In @main: transfers for inputs living elsewhere, then the call.
+        args = []
+        for v in inputs:
+            mv = main_value[v]
+            src = where[mv]
+            if src is not None and src != dev:
+                key = (mv, dev)
+                if key not in transfers:
+                    t = pa.create_transfer(ir, mv, src, dev, main_ip)
+                    transfers[key] = t
+                    where[t] = dev
+                mv = transfers[key]
+            args.append(mv)
+        call = func.CallOp(out_types, ir.FlatSymbolRefAttr.get(name), args, ip=main_ip)
+        for v, r in zip(outputs, call.results):
+            main_value[v] = r
+            where[r] = dev
+
+    # The return: outputs of segments, inputs passed through, or constants (rematerialised in @main).
+    for i, v in enumerate(term.operands):
+        if v in main_value:
+            term.operands[i] = main_value[v]
+        elif not isinstance(v.owner, ir.Block) and is_rematerialisable(v.owner):
+            continue  # stays in @main, defined by the constant op we keep below
+        else:
+            raise PolyarchError(f"return value {i} of @main is produced by no segment")
+    keep = {v.owner.operation for v in term.operands if not isinstance(v.owner, ir.Block) and v.owner.operation not in seg_of}
+    for op in reversed(ops):
+        if op.operation in keep:
+            continue
+        op.operation.erase()
+
+
+def remat_sorted(remat, ops):
+    pos = {op.operation: i for i, op in enumerate(ops)}
+    return sorted(remat, key=lambda op: pos[op.operation])
+
+
+# torch ScalarType codes for the dtypes that widening converts between
+_TORCH_DTYPE = {"ui8": 0, "si8": 1, "si16": 2, "si32": 3, "si64": 4, "f16": 5, "f32": 6, "f64": 7, "i1": 11, "bf16": 15}
+
+
+def _widened(ir, type_):
+    info = pa.tensor_info(type_)
+    if info is None or info[1] not in WIDEN:
+        return type_
+    shape, et = info
+    return ir.Type.parse(f"!torch.vtensor<[{','.join(map(str, shape))}],{WIDEN[et]}>")
+
+
+def _convert(ir, value, to_type, ip):
+    """`torch.aten.to.dtype` of value to to_type's element type, inserted at ip."""
+    et = pa.tensor_info(to_type)[1]
+    const = lambda name, t, attrs: ir.Operation.create(name, results=[ir.Type.parse(t)], attributes=attrs, ip=ip).results[0]
+    code = const("torch.constant.int", "!torch.int", {"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), _TORCH_DTYPE[et])})
+    false = const("torch.constant.bool", "!torch.bool", {"value": ir.BoolAttr.get(False)})
+    none = const("torch.constant.none", "!torch.none", {})
+    op = ir.Operation.create("torch.aten.to.dtype", results=[to_type], operands=[value, code, false, false, none], ip=ip)
+    return op.results[0]

@@ -1,0 +1,199 @@
+"""Run a bundle's schedule: segments in order, tensors moved between devices via host memory."""
+
+import numpy as np
+
+from ..errors import BundleError, DeviceError
+from .bundle import read_manifest, read_members
+from .devices import DeviceSpec
+
+PAGE = 4096  # lavapipe imports host memory only at 4096-byte alignment and size
+
+
+def _rt():
+    import iree.runtime as rt
+
+    return rt
+
+
+def available_devices():
+    """{driver: [device info dicts]} for the IREE drivers that find devices on this host."""
+    rt = _rt()
+    out = {}
+    for driver in ("local-task", "vulkan", "cuda", "hip"):
+        try:
+            out[driver] = rt.get_driver(driver).query_available_devices()
+        except Exception:
+            out[driver] = []
+    return out
+
+
+def create_device(spec):
+    """The IREE HalDevice for a device spec, or DeviceError naming what is missing."""
+    rt = _rt()
+    spec = DeviceSpec.parse(spec)
+    if spec.kind == "cpu":
+        return rt.get_device("local-task")
+    try:
+        driver = rt.get_driver(spec.driver)
+        infos = driver.query_available_devices()
+    except Exception as e:
+        infos, err = [], str(e).splitlines()[0] if str(e) else type(e).__name__
+    else:
+        err = "no device found"
+    if spec.ordinal >= len(infos):
+        hint = {
+            "vulkan": "install a Vulkan driver (on machines without a GPU: Debian's mesa-vulkan-drivers and libvulkan1)",
+            "cuda": "run on a host with an NVIDIA GPU and driver",
+            "rocm": "run on a host with an AMD GPU and ROCm",
+        }.get(spec.kind, "")
+        raise DeviceError(
+            f"device '{spec.name}' is not available on this host (IREE driver '{spec.driver}': "
+            f"{len(infos)} device(s), {err if not infos else 'ordinal out of range'})",
+            fix=f"{hint}; or load with devices={{'{spec.name}': 'cpu'}} only if a cpu segment was compiled for it".strip("; "),
+        )
+    return driver.create_device(infos[spec.ordinal]["device_id"])
+
+
+def _aligned_empty(nbytes):
+    size = max(PAGE, (nbytes + PAGE - 1) // PAGE * PAGE)
+    raw = np.empty(size + PAGE, np.uint8)
+    off = (-raw.ctypes.data) % PAGE
+    return raw[off : off + size]
+
+
+def to_host(device, value, dtype):
+    """A DeviceArray (or numpy array) as a numpy array of `dtype`, owned by the host."""
+    rt = _rt()
+    if isinstance(value, np.ndarray):
+        return value
+    bv = value._buffer_view
+    shape = list(bv.shape)
+    if value._is_mappable():
+        host = value.to_host()
+    else:
+        # Device-local memory: copy into a page-aligned host allocation imported into the device.
+        src = bv.get_buffer()
+        n = src.byte_length()
+        staging = _aligned_empty(n)
+        imported = device.allocator.import_host_allocation(
+            staging,
+            memory_type=int(rt.MemoryType.HOST_LOCAL | rt.MemoryType.DEVICE_VISIBLE),
+            allowed_usage=int(rt.BufferUsage.TRANSFER_TARGET | rt.BufferUsage.MAPPING_PERSISTENT),
+        )
+        sem = device.create_semaphore(0)
+        device.queue_copy(src, imported, wait_semaphores=rt.HalFence.create_at(sem, 0), signal_semaphores=rt.HalFence.create_at(sem, 1))
+        rt.HalFence.create_at(sem, 1).wait()
+        raw_dtype = rt.HalElementType.map_to_dtype(bv.element_type)
+        host = staging[:n].view(raw_dtype).reshape(shape)
+    host = np.array(host, copy=True)
+    if host.dtype != dtype:
+        host = host.astype(dtype)
+    return host
+
+
+class Bundle:
+    """A loaded bundle: call it with numpy arrays (or anything np.asarray takes)."""
+
+    def __init__(self, path, devices=None):
+        rt = _rt()
+        self.path = str(path)
+        self.manifest = read_manifest(self.path)
+        members = read_members(self.path, self.manifest)
+        remap = dict(devices or {})
+        unknown = set(remap) - set(self.manifest["devices"])
+        if unknown:
+            raise DeviceError(f"devices={remap} names {', '.join(sorted(unknown))}, which the bundle does not use",
+                              fix=f"map the bundle's devices: {', '.join(self.manifest['devices'])}")
+        self.devices = {}
+        for name in self.manifest["devices"]:
+            if not any(s["device"] == name for s in self.manifest["segments"]):
+                continue
+            self.devices[name] = create_device(remap.get(name, name))
+        self.instance = rt.VmInstance()
+        self._functions = {}
+        self._contexts = []
+        for seg in self.manifest["segments"]:
+            dev = self.devices[seg["device"]]
+            config = rt.Config(device=dev)
+            ctx = rt.SystemContext(config=config)
+            vm = rt.VmModule.copy_buffer(ctx.instance, members[seg["member"]])
+            ctx.add_vm_module(vm)
+            self._contexts.append(ctx)
+            self._functions[seg["name"]] = (ctx.modules[vm.name][seg["function"]], seg)
+        self._dtypes = {}
+        sig = self.manifest["signature"]
+        self.inputs, self.outputs = sig["inputs"], sig["outputs"]
+
+    def _check_inputs(self, args):
+        if len(args) != len(self.inputs):
+            raise BundleError(
+                f"{self.path} takes {len(self.inputs)} input(s) ({', '.join(_fmt(i) for i in self.inputs)}), got {len(args)}"
+            )
+        out = []
+        for i, (a, spec) in enumerate(zip(args, self.inputs)):
+            if hasattr(a, "detach") and hasattr(a, "numpy"):  # a torch tensor, without importing torch
+                a = a.detach().cpu().numpy()
+            a = np.ascontiguousarray(a)
+            if list(a.shape) != spec["shape"] or a.dtype != np.dtype(spec["dtype"]):
+                raise BundleError(
+                    f"input {i} ('{spec['name']}'): expected {_fmt(spec)}, got {'x'.join(map(str, a.shape))}x{a.dtype}",
+                    fix="the bundle was compiled for static shapes; recompile with matching --input specs",
+                )
+            out.append(a)
+        return out
+
+    def __call__(self, *args):
+        args = self._check_inputs(args)
+        env = {f"in{i}": a for i, a in enumerate(args)}
+        located = {k: None for k in env}  # None: on the host
+        for step in self.manifest["schedule"]:
+            if step["op"] == "transfer":
+                src_dev = self.devices[step["from"]]
+                v = env[step["src"]]
+                env[step["dst"]] = to_host(src_dev, v, _raw(v))
+                located[step["dst"]] = None  # uploaded by the next call on its device
+                continue
+            fn, seg = self._functions[step["segment"]]
+            dev = self.devices[seg["device"]]
+            call_args = []
+            for name, spec in zip(step["args"], seg["inputs"]):
+                v = env[name]
+                if not isinstance(v, np.ndarray) and located[name] != seg["device"]:
+                    v = to_host(self.devices[located[name]], v, _raw(v))
+                if isinstance(v, np.ndarray) and v.dtype != np.dtype(spec["dtype"]):
+                    v = v.astype(spec["dtype"])  # narrow types travel widened to some devices
+                call_args.append(v)
+            res = fn(*call_args)
+            if not isinstance(res, (tuple, list)):
+                res = (res,)
+            for name, r in zip(step["results"], res):
+                env[name] = r
+                located[name] = seg["device"]
+        outs = []
+        for name, spec in zip(self.manifest["outputs"], self.outputs):
+            v = env[name]
+            dev = self.devices[located[name]] if located.get(name) else None
+            outs.append(to_host(dev, v, np.dtype(spec["dtype"])))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def describe(self):
+        return self.manifest
+
+
+def _raw(v):
+    if isinstance(v, np.ndarray):
+        return v.dtype
+    rt = _rt()
+    return np.dtype(rt.HalElementType.map_to_dtype(v._buffer_view.element_type))
+
+
+def _fmt(spec):
+    return "x".join(str(d) for d in spec["shape"]) + "x" + spec["dtype"]
+
+
+def load(path, devices=None):
+    """Load a bundle for execution on this host. -> a callable Bundle.
+
+    devices: optional {bundle device name: local device spec} to run a segment on
+    another device of the same kind, e.g. {"vulkan": "vulkan:1"}."""
+    return Bundle(path, devices=devices)
