@@ -10,8 +10,10 @@ Module attributes:
   polyarch.devices   ["cpu", "vulkan"]                                assign-devices
   polyarch.plan      {algorithm, predicted_us, transfers_bytes}       assign-devices
 Ops:
-  %y = "polyarch.transfer"(%x) {from = "vulkan", to = "cpu"} : (T) -> T
-       Moves a tensor between two devices; only in @main after outline-segments.
+  %y = "polyarch.transfer"(%x) {from = "vulkan", to = "cpu"} : (T) -> T'
+       Moves a tensor between two devices ("host" for @main's inputs); only in @main
+       after outline-segments. T' is T, or T with a narrow element type widened to
+       32 bits (or back) for a device with 32-bit storage only.
 
 The ops are kept as unregistered operations in the torch-mlir context (this MLIR
 build offers no Python-defined dialects beside IRDL, whose ops the printer can't
@@ -29,6 +31,7 @@ PIN = "polyarch.pin"
 DEVICES = "polyarch.devices"
 PLAN = "polyarch.plan"
 TRANSFER = "polyarch.transfer"
+HOST = "host"
 
 _VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],([^>]+)>$")
 
@@ -59,17 +62,26 @@ def is_tensor(value):
     return tensor_info(value.type) is not None
 
 
-def create_transfer(ir, value, src, dst, ip):
+def create_transfer(ir, value, src, dst, ip, result_type=None):
     """Insert `%y = "polyarch.transfer"(%x) {from, to}` at `ip`."""
     op = ir.Operation.create(
         TRANSFER,
-        results=[value.type],
+        results=[result_type or value.type],
         operands=[value],
         attributes={"from": ir.StringAttr.get(src), "to": ir.StringAttr.get(dst)},
         loc=ir.Location.unknown(),
         ip=ip,
     )
     return op.results[0]
+
+
+def _same_or_widened(a, b):
+    from ..compiler.targets import WIDEN
+
+    if a == b:
+        return True
+    ia, ib = tensor_info(a), tensor_info(b)
+    return bool(ia and ib) and ia[0] == ib[0] and (WIDEN.get(ia[1]) == ib[1] or WIDEN.get(ib[1]) == ia[1])
 
 
 def verify(module):
@@ -88,8 +100,8 @@ def verify(module):
                             raise PolyarchError(f"{TRANSFER} needs a string attribute '{key}'", str(op.location))
                     if attrs["from"].value == attrs["to"].value:
                         raise PolyarchError(f"{TRANSFER} from a device to itself", str(op.location))
-                    if len(op.operands) != 1 or len(op.results) != 1 or op.operands[0].type != op.results[0].type:
-                        raise PolyarchError(f"{TRANSFER} takes one tensor and returns one of the same type", str(op.location))
+                    if len(op.operands) != 1 or len(op.results) != 1 or not _same_or_widened(op.operands[0].type, op.results[0].type):
+                        raise PolyarchError(f"{TRANSFER} takes one tensor and returns one of the same shape and type (or its 32-bit widening)", str(op.location))
                     if is_segment:
                         raise PolyarchError(f"{TRANSFER} inside a device segment", str(op.location))
                 elif name.startswith("polyarch."):

@@ -126,13 +126,13 @@ def run(module):
 
         # In @main: transfers for inputs living elsewhere, then the call.
         args = []
-        for v in inputs:
+        for v, want in zip(inputs, in_types):
             mv = main_value[v]
             src = where[mv]
-            if src is not None and src != dev:
+            if (src is not None and src != dev) or mv.type != want:
                 key = (mv, dev)
                 if key not in transfers:
-                    t = pa.create_transfer(ir, mv, src, dev, main_ip)
+                    t = pa.create_transfer(ir, mv, src or pa.HOST, dev, main_ip, result_type=want)
                     transfers[key] = t
                     where[t] = dev
                 mv = transfers[key]

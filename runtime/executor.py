@@ -148,9 +148,10 @@ class Bundle:
         located = {k: None for k in env}  # None: on the host
         for step in self.manifest["schedule"]:
             if step["op"] == "transfer":
-                src_dev = self.devices[step["from"]]
                 v = env[step["src"]]
-                env[step["dst"]] = to_host(src_dev, v, _raw(v))
+                if step["from"] != "host":
+                    v = to_host(self.devices[step["from"]], v, _raw(v))
+                env[step["dst"]] = v
                 located[step["dst"]] = None  # uploaded by the next call on its device
                 continue
             fn, seg = self._functions[step["segment"]]

@@ -1,0 +1,33 @@
+// RUN: polyarch-opt %s -p annotate-costs | FileCheck %s
+
+// CHECK-LABEL: func.func @main
+func.func @main(%x: !torch.vtensor<[8,64],f32>, %ids: !torch.vtensor<[4,16],si64>) -> (!torch.vtensor<[8,32],f32>, !torch.vtensor<[4,16,32],f32>, !torch.vtensor<[8],f32>) {
+  %w = torch.vtensor.literal(dense<1.0> : tensor<64x32xf32>) : !torch.vtensor<[64,32],f32>
+  %table = torch.vtensor.literal(dense<1.0> : tensor<100x32xf32>) : !torch.vtensor<[100,32],f32>
+  %int1 = torch.constant.int 1
+  %int-1 = torch.constant.int -1
+  %false = torch.constant.bool false
+  %none = torch.constant.none
+  // Constants are not annotated.
+  // CHECK: torch.vtensor.literal
+  // CHECK-NOT: polyarch.cost
+  // CHECK-SAME: !torch.vtensor<[64,32],f32>
+  // mm 8x64 @ 64x32: 2*8*32*64 flops; reads 8*64*4 + 64*32*4 bytes, writes 8*32*4.
+  // CHECK: torch.aten.mm {{.*}}polyarch.cost = {bytes_read = 10240 : i64, bytes_written = 1024 : i64, flops = 32768 : i64}
+  %0 = torch.aten.mm %x, %w : !torch.vtensor<[8,64],f32>, !torch.vtensor<[64,32],f32> -> !torch.vtensor<[8,32],f32>
+  // Elementwise: one flop per output element.
+  // CHECK: torch.aten.add.Tensor {{.*}}polyarch.cost = {bytes_read = 2048 : i64, bytes_written = 1024 : i64, flops = 256 : i64}
+  %1 = torch.aten.add.Tensor %0, %0, %int1 : !torch.vtensor<[8,32],f32>, !torch.vtensor<[8,32],f32>, !torch.int -> !torch.vtensor<[8,32],f32>
+  // Transcendental: four flops per output element.
+  // CHECK: torch.aten.exp {{.*}}flops = 1024 : i64
+  %2 = torch.aten.exp %1 : !torch.vtensor<[8,32],f32> -> !torch.vtensor<[8,32],f32>
+  // Embedding reads the indices and the gathered rows, not the whole table.
+  // CHECK: torch.aten.embedding {{.*}}polyarch.cost = {bytes_read = 8704 : i64, bytes_written = 8192 : i64, flops = 0 : i64}
+  %3 = torch.aten.embedding %table, %ids, %int-1, %false, %false : !torch.vtensor<[100,32],f32>, !torch.vtensor<[4,16],si64>, !torch.int, !torch.bool, !torch.bool -> !torch.vtensor<[4,16,32],f32>
+  // Reduction: one flop per input element.
+  %dims = torch.prim.ListConstruct %int1 : (!torch.int) -> !torch.list<int>
+  // CHECK: torch.aten.sum.dim_IntList {{.*}}flops = 512 : i64
+  %4 = torch.aten.sum.dim_IntList %x, %dims, %false, %none : !torch.vtensor<[8,64],f32>, !torch.list<int>, !torch.bool, !torch.none -> !torch.vtensor<[8],f32>
+  // Views are free.
+  return %2, %3, %4 : !torch.vtensor<[8,32],f32>, !torch.vtensor<[4,16,32],f32>, !torch.vtensor<[8],f32>
+}

@@ -1,0 +1,261 @@
+"""polyarch: compile a PyTorch model across devices, and run or inspect the bundle.
+
+Each subcommand's --help has examples. Errors are one line: what, where, and the fix."""
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import click
+
+from ..errors import PolyarchError
+
+
+def _fail(e):
+    raise click.ClickException(str(e))
+
+
+def _load_model(target):
+    """MODEL.py[:ATTR] -> (nn.Module, module namespace). ATTR is a class, factory or instance;
+    default: Model, then build, then model."""
+    path, _, attr = target.partition(":")
+    if not os.path.isfile(path):
+        raise PolyarchError(f"no model file '{path}'", fix="give a Python file, e.g. examples/mlp.py or examples/mlp.py:MLP")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    names = [attr] if attr else ["Model", "build", "model"]
+    for name in names:
+        if hasattr(mod, name):
+            obj = getattr(mod, name)
+            import torch
+
+            if isinstance(obj, (torch.nn.Module, torch.export.ExportedProgram)):
+                return obj, mod
+            if callable(obj):
+                return obj(), mod
+    raise PolyarchError(f"{path} defines none of {', '.join(names)}", fix="name the model: MODEL.py:ATTR (a class, factory or nn.Module)")
+
+
+def _example_inputs(inputs, namespace):
+    from ..compiler.importer import example_from_spec
+
+    if inputs:
+        return tuple(example_from_spec(s, seed=i) for i, s in enumerate(inputs))
+    if hasattr(namespace, "example_inputs"):
+        ex = namespace.example_inputs
+        return tuple(ex() if callable(ex) else ex)
+    raise PolyarchError("no example inputs", fix="pass --input DIMSxDTYPE per input (e.g. --input 4x64xi64), or define example_inputs() in the model file")
+
+
+_model_options = [
+    click.argument("model"),
+    click.option("-i", "--input", "inputs", multiple=True, metavar="DIMSxDTYPE",
+                 help="Shape and dtype of each model input, in order, e.g. 4x64xi64 or 1x3x32x32xf32. "
+                      "Default: the model file's example_inputs()."),
+    click.option("-d", "--device", "devices", multiple=True, default=("cpu",), show_default=True, metavar="SPEC",
+                 help="Target device, repeatable: KIND[:ORDINAL][@ARCH] with KIND cpu, vulkan, cuda, rocm "
+                      "(e.g. cpu, vulkan, cuda:1@sm_90, rocm@gfx942)."),
+    click.option("--pin", "pins", multiple=True, metavar="PATTERN=DEVICE",
+                 help="Force ops onto a device: PATTERN is an op name (torch.aten.mm) or a module path prefix "
+                      "(encoder.layer.0). Repeatable."),
+]
+
+
+def model_options(f):
+    for opt in reversed(_model_options):
+        f = opt(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="polyarch")
+def cli():
+    """Split one PyTorch model across heterogeneous devices, ahead of time.
+
+    \b
+    Typical session:
+      polyarch plan    examples/minilm.py --device cpu --device vulkan
+      polyarch compile examples/minilm.py --device cpu --device vulkan -o minilm.pab
+      polyarch inspect minilm.pab
+      polyarch run     minilm.pab
+
+    MODEL is a Python file, optionally with :ATTR naming a class, factory or
+    nn.Module in it (default: Model, build or model).
+    """
+
+
+@cli.command()
+@model_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Bundle to write (default: MODEL's name with .pab).")
+@click.option("-j", "--jobs", type=int, default=None, help="Parallel IREE compiles (default: one per core).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def compile(model, inputs, devices, pins, output, jobs, quiet):
+    """Compile MODEL into a .pab bundle for the given devices.
+
+    \b
+    Examples:
+      polyarch compile examples/mlp.py --input 8x64xf32 --device cpu --device vulkan -o mlp.pab
+      polyarch compile examples/minilm.py --input 4x64xi64 --input 4x64xi64 -d cpu -d vulkan -o m.pab
+      polyarch compile model.py:Net -i 1x3x32x32xf32 -d cpu -d vulkan --pin torch.aten.convolution=vulkan
+    """
+    from ..compiler.driver import compile as do_compile
+
+    try:
+        m, ns = _load_model(model)
+        ex = _example_inputs(inputs, ns)
+        output = output or os.path.splitext(os.path.basename(model.partition(":")[0]))[0] + ".pab"
+        progress = None if quiet else (lambda msg: click.echo(f"polyarch: {msg}", err=True))
+        do_compile(m, ex, devices=devices, output=output, pins=pins, jobs=jobs, progress=progress)
+    except PolyarchError as e:
+        _fail(e)
+    click.echo(output)
+
+
+@cli.command()
+@model_options
+@click.option("--ops", "show_ops", is_flag=True, help="List every placed op with its device and predicted time.")
+@click.option("--mlir", "mlir_out", type=click.Path(dir_okay=False), help="Also write the partitioned module here.")
+def plan(model, inputs, devices, pins, show_ops, mlir_out):
+    """Show where each part of MODEL would run, without compiling.
+
+    \b
+    Example:
+      polyarch plan examples/minilm.py -d cpu -d vulkan --ops
+    """
+    from ..compiler.driver import plan as do_plan, plan_text, schedule_of, segments_of
+    from ..dialects import polyarch as pa
+    from ..passes.common import body_ops, describe
+
+    try:
+        m, ns = _load_model(model)
+        ex = _example_inputs(inputs, ns)
+        module, sig = do_plan(m, ex, devices=devices, pins=pins)
+        p = module.operation.attributes[pa.PLAN]
+        click.echo(f"plan: {p['objective'].value}, {p['algorithm'].value}")
+        click.echo(f"predicted: {p['predicted_us'].value / 1000:.3f} ms, {p['transfer_bytes'].value / 1e6:.3f} MB moved between devices")
+        for name, device, fn in segments_of(module):
+            ops, _ = body_ops(fn)
+            placed = [op for op in ops if pa.DEVICE in op.attributes]
+            forced = sum(1 for op in placed if pa.REASON in op.attributes)
+            click.echo(f"  {name:8s} {device:10s} {len(placed):5d} ops  {fn.attributes[pa.TIME_US].value / 1000:9.3f} ms"
+                       + (f"  ({forced} ops not on their fastest device; --ops says why)" if forced else ""))
+            if show_ops:
+                for op in placed:
+                    t = op.attributes[pa.TIME_US][device].value
+                    why = f"  [{op.attributes[pa.REASON].value}]" if pa.REASON in op.attributes else ""
+                    click.echo(f"      {t:9.2f} us  {describe(op)}{why}")
+        steps, _ = schedule_of(module)
+        for s in steps:
+            if s["op"] == "transfer":
+                click.echo(f"  transfer {s['from']} -> {s['to']}: {s['bytes']} bytes")
+        if mlir_out:
+            with open(mlir_out, "w") as f:
+                f.write(plan_text(module))
+    except PolyarchError as e:
+        _fail(e)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.option("-i", "--input", "inputs", multiple=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE.npy",
+              help="An input as a .npy file, one per model input, in order. Default: deterministic random inputs.")
+@click.option("-o", "--output", "outputs", multiple=True, type=click.Path(dir_okay=False), metavar="FILE.npy",
+              help="Save each output to a .npy file.")
+@click.option("-n", "--repeat", type=int, default=1, show_default=True, help="Run this many times and report the median time.")
+def run(bundle, inputs, outputs, repeat):
+    """Load BUNDLE on this host's devices and run it.
+
+    \b
+    Examples:
+      polyarch run mlp.pab
+      polyarch run minilm.pab -i ids.npy -i mask.npy -o hidden.npy -n 20
+    """
+    import numpy as np
+
+    from ..runtime import load
+
+    try:
+        t = time.perf_counter()
+        b = load(bundle)
+        load_s = time.perf_counter() - t
+        if inputs:
+            args = [np.load(p) for p in inputs]
+        else:
+            rng = np.random.default_rng(0)
+            args = []
+            for spec in b.inputs:
+                dt = np.dtype(spec["dtype"])
+                if dt == np.bool_:
+                    args.append(rng.random(spec["shape"]) > 0.5)
+                elif dt.kind in "iu":
+                    args.append(rng.integers(0, 100, spec["shape"]).astype(dt))
+                else:
+                    args.append(rng.standard_normal(spec["shape"]).astype(dt))
+        times = []
+        for _ in range(max(1, repeat)):
+            t = time.perf_counter()
+            res = b(*args)
+            times.append(time.perf_counter() - t)
+    except PolyarchError as e:
+        _fail(e)
+    res = res if isinstance(res, tuple) else (res,)
+    click.echo(f"loaded {bundle} in {load_s * 1000:.1f} ms on {', '.join(f'{k} ({v})' for k, v in b.devices.items())}")
+    for i, r in enumerate(res):
+        click.echo(f"output {i}: {'x'.join(map(str, r.shape))}x{r.dtype}  mean {float(np.mean(r)):.6g}  std {float(np.std(r)):.6g}")
+        if i < len(outputs):
+            np.save(outputs[i], r)
+    times.sort()
+    click.echo(f"time: median {times[len(times) // 2] * 1000:.3f} ms over {len(times)} run(s)")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect(bundle, as_json):
+    """Describe BUNDLE: signature, segments, devices, predicted cost, sizes; checks every hash.
+
+    \b
+    Example:
+      polyarch inspect minilm.pab
+    """
+    from ..runtime.bundle import verify
+
+    try:
+        m = verify(bundle)
+    except PolyarchError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(m, indent=1, sort_keys=True))
+        return
+    fmt = lambda s: "x".join(map(str, s["shape"])) + "x" + s["dtype"]
+    click.echo(f"{bundle}: polyarch bundle schema {m['schema_version']}, made by polyarch {m['polyarch_version']} on {m['created']}")
+    click.echo(f"  compiled with {', '.join(f'{k} {v}' for k, v in m['compiler'].items())}")
+    click.echo(f"  inputs:  {', '.join(i['name'] + ' ' + fmt(i) for i in m['signature']['inputs'])}")
+    click.echo(f"  outputs: {', '.join(o['name'] + ' ' + fmt(o) for o in m['signature']['outputs'])}")
+    click.echo(f"  devices: {', '.join(m['devices'])}")
+    p = m["plan"]
+    click.echo(f"  plan: {p['objective']} ({p['algorithm']}); predicted {p['predicted_us'] / 1000:.3f} ms, {p['transfer_bytes'] / 1e6:.3f} MB transferred")
+    click.echo("  segments:")
+    for s in m["segments"]:
+        size = m["members"][s["member"]]["size"]
+        click.echo(f"    {s['name']:8s} {s['device']:10s} {s['ops']:5d} ops  predicted {s['predicted_us'] / 1000:8.3f} ms  {size / 1e6:8.2f} MB  {s['member']}")
+    transfers = [s for s in m["schedule"] if s["op"] == "transfer"]
+    if transfers:
+        click.echo(f"  transfers: {len(transfers)}, {sum(t['bytes'] for t in transfers) / 1e6:.3f} MB per call")
+    total = sum(v["size"] for v in m["members"].values())
+    click.echo(f"  members: {len(m['members'])}, {total / 1e6:.2f} MB, all SHA-256 verified")
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()
