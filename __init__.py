@@ -14,7 +14,7 @@ from .errors import PolyarchError
 __version__ = "0.1.0"
 
 
-def compile(model, example_inputs, devices=("cpu",), output=None, **options):
+def compile(model, example_inputs=(), devices=("cpu",), output=None, **options):
     """Compile `model` (an nn.Module or ExportedProgram) into a `.pab` bundle.
 
     See `polyarch.compiler.driver.compile` for the options."""

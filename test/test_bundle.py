@@ -1,0 +1,99 @@
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import polyarch
+from polyarch.errors import BundleError, DeviceError
+from polyarch.runtime import bundle as fmt
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, mlp):
+    model, inputs = mlp
+    path = tmp_path_factory.mktemp("b") / "mlp.pab"
+    polyarch.compile(model, inputs, devices=["cpu", "vulkan"], pins=["fc1=cpu"], output=str(path))
+    return path
+
+
+def _rewrite(src, dst, edit):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            zout.writestr(name, edit(name, zin.read(name)))
+
+
+def test_manifest_lists_and_hashes_every_member(bundle):
+    m = fmt.verify(bundle)
+    with zipfile.ZipFile(bundle) as zf:
+        names = set(zf.namelist())
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+    assert names == set(m["members"]) | {"manifest.json"}
+    assert "plan.mlir" in names
+    assert m["schema_version"] == fmt.SCHEMA_VERSION
+    for s in m["segments"]:
+        assert s["member"].endswith(".vmfb") and s["device"] in m["devices"]
+
+
+def test_corrupted_member_rejected(bundle, tmp_path):
+    bad = tmp_path / "bad.pab"
+    vmfb = next(n for n in fmt.read_manifest(bundle)["members"] if n.endswith(".vmfb"))
+
+    def flip(name, data):
+        if name != vmfb:
+            return data
+        b = bytearray(data)
+        b[len(b) // 2] ^= 0xFF
+        return bytes(b)
+
+    _rewrite(bundle, bad, flip)
+    with pytest.raises(BundleError, match=f"member '{vmfb}' .* fails its SHA-256 check"):
+        polyarch.runtime.load(bad)
+
+
+def test_truncated_bundle_rejected(bundle, tmp_path):
+    bad = tmp_path / "trunc.pab"
+    bad.write_bytes(bundle.read_bytes()[:1000])
+    with pytest.raises(BundleError, match="not a polyarch bundle"):
+        polyarch.runtime.load(bad)
+
+
+def test_newer_schema_rejected(bundle, tmp_path):
+    bad = tmp_path / "new.pab"
+
+    def bump(name, data):
+        if name != "manifest.json":
+            return data
+        m = json.loads(data)
+        m["schema_version"] = fmt.SCHEMA_VERSION + 1
+        return json.dumps(m).encode()
+
+    _rewrite(bundle, bad, bump)
+    with pytest.raises(BundleError, match="newer than this runtime reads"):
+        polyarch.runtime.load(bad)
+
+
+def test_wrong_input_shape_is_explained(bundle):
+    run = polyarch.runtime.load(bundle)
+    with pytest.raises(BundleError, match=r"input 0 \('x'\): expected 32x256xfloat32, got 4x256xfloat32"):
+        run(np.zeros((4, 256), np.float32))
+    with pytest.raises(BundleError, match="takes 1 input"):
+        run()
+
+
+def test_missing_device_at_load(bundle):
+    with pytest.raises(DeviceError, match="device 'vulkan:7' is not available on this host"):
+        polyarch.runtime.load(bundle, devices={"vulkan": "vulkan:7"})
+
+
+def test_runtime_imports_no_torch_and_no_compiler():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, polyarch.runtime; "
+        "bad = [m for m in ('torch', 'torch_mlir', 'iree.compiler') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,81 @@
+"""The CLI as a user runs it: real subprocesses of the installed console scripts."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def polyarch(*args, cwd=None):
+    return subprocess.run([os.path.join(BIN, "polyarch"), *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def mlp_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "mlp.pab"
+    r = polyarch("compile", os.path.join(EXAMPLES, "mlp.py"), "--input", "32x256xf32", "-d", "cpu", "-d", "vulkan",
+                 "--pin", "fc3=cpu", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "compiled seg_0" in r.stderr and f"wrote {out}" in r.stderr
+    return out
+
+
+def test_run_with_npy_files_matches_eager(mlp_bundle, tmp_path):
+    import torch
+
+    sys.path.insert(0, EXAMPLES)
+    import mlp
+
+    model, (x,) = mlp.build(), mlp.example_inputs()
+    np.save(tmp_path / "x.npy", x.numpy())
+    r = polyarch("run", str(mlp_bundle), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"), "-n", "3")
+    assert r.returncode == 0, r.stderr
+    assert "output 0: 32x64xfloat32" in r.stdout and "median" in r.stdout
+    with torch.no_grad():
+        np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(x).numpy(), atol=1e-4, rtol=0)
+
+
+def test_inspect(mlp_bundle):
+    r = polyarch("inspect", str(mlp_bundle))
+    assert r.returncode == 0, r.stderr
+    for text in ("inputs:  x 32x256xfloat32", "devices: cpu, vulkan", "seg_0", "vulkan", "predicted", "all SHA-256 verified"):
+        assert text in r.stdout
+
+
+def test_plan_explains_without_compiling():
+    r = polyarch("plan", os.path.join(EXAMPLES, "cnn.py"), "-d", "cpu", "-d", "vulkan", "--pin", "head=cpu", "--ops")
+    assert r.returncode == 0, r.stderr
+    assert "exact: dynamic programming" in r.stdout
+    assert "pinned by user (head=cpu)" in r.stdout
+    assert "torch.aten.convolution (conv1)" in r.stdout
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["compile", "examples/mlp.py", "-d", "tpu"], "Error: unknown device kind 'tpu' in 'tpu'. Fix: a device is KIND"),
+    (["compile", "examples/mlp.py", "-i", "32x256xq7"], "Error: bad input spec '32x256xq7'"),
+    (["compile", "nope.py"], "Error: no model file 'nope.py'"),
+    (["run", "missing.pab"], "Error: no bundle at 'missing.pab'"),
+])
+def test_errors_are_one_line(args, msg):
+    r = polyarch(*args, cwd=os.path.dirname(EXAMPLES))
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.strip() and "Warning" not in l and "warn" not in l]
+    assert lines[-1].startswith(msg), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_corrupt_bundle_one_line(tmp_path):
+    bad = tmp_path / "x.pab"
+    bad.write_bytes(b"not a zip")
+    r = polyarch("inspect", str(bad))
+    assert r.returncode != 0 and "is not a polyarch bundle" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_teaches():
+    r = polyarch("compile", "--help")
+    assert "KIND[:ORDINAL][@ARCH]" in r.stdout and "Examples:" in r.stdout and "--pin" in r.stdout
