@@ -1,0 +1,26 @@
+# polyarch: `make demo` installs everything and compiles + runs MiniLM on cpu + vulkan;
+# `make test` runs every test (lit + FileCheck pass tests and pytest).
+VENV := .venv
+STAMP := $(VENV)/.polyarch-setup
+
+.PHONY: setup demo test lit bench clean
+
+$(STAMP): requirements.txt pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python examples/demo.py
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q test
+
+lit: $(STAMP)
+	$(VENV)/bin/lit -v test/passes
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/bench_minilm.py
+
+clean:
+	rm -rf out test/passes/Output .pytest_cache
