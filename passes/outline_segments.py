@@ -45,17 +45,6 @@ def run(module):
     main = main_func(module)
     ops, term = body_ops(main)
     segs = _segments(ops)
-    seg_of = {}
-    for k, (_, sops) in enumerate(segs):
-        for op in sops:
-            seg_of[op.operation] = k
-
-    def producer_seg(v):
-        owner = v.owner
-        if isinstance(owner, ir.Block):
-            return "arg"
-        return seg_of.get(owner.operation)
-
     f64 = ir.F64Type.get()
     # values -> the value that stands for them in @main after outlining
     main_value = {}
@@ -142,18 +131,13 @@ def run(module):
             main_value[v] = r
             where[r] = dev
 
-    # The return: outputs of segments, inputs passed through, or constants (rematerialised in @main).
+    # The return: outputs of segments, or inputs passed through.
     for i, v in enumerate(term.operands):
-        if v in main_value:
-            term.operands[i] = main_value[v]
-        elif not isinstance(v.owner, ir.Block) and is_rematerialisable(v.owner):
-            continue  # stays in @main, defined by the constant op we keep below
-        else:
-            raise PolyarchError(f"return value {i} of @main is produced by no segment")
-    keep = {v.owner.operation for v in term.operands if not isinstance(v.owner, ir.Block) and v.owner.operation not in seg_of}
+        if v not in main_value:
+            raise PolyarchError(f"output {i} of the model is computed from constants alone",
+                                fix="return only tensors that depend on the inputs")
+        term.operands[i] = main_value[v]
     for op in reversed(ops):
-        if op.operation in keep:
-            continue
         op.operation.erase()
 
 

@@ -120,7 +120,6 @@ class Bundle:
             ctx.add_vm_module(vm)
             self._contexts.append(ctx)
             self._functions[seg["name"]] = (ctx.modules[vm.name][seg["function"]], seg)
-        self._dtypes = {}
         sig = self.manifest["signature"]
         self.inputs, self.outputs = sig["inputs"], sig["outputs"]
 
@@ -176,9 +175,6 @@ class Bundle:
             dev = self.devices[located[name]] if located.get(name) else None
             outs.append(to_host(dev, v, np.dtype(spec["dtype"])))
         return outs[0] if len(outs) == 1 else tuple(outs)
-
-    def describe(self):
-        return self.manifest
 
 
 def _raw(v):
