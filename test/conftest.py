@@ -5,26 +5,37 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
+EXAMPLES = os.path.join(ROOT, "examples")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from conftest import ...`
+
+
+def example(name):
+    """Load examples/<name>.py by path, under a unique module name (no sys.path games)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"polyarch_example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="session")
 def minilm():
-    import minilm as ex
+    ex = example("minilm")
 
     return ex.build(), ex.example_inputs()
 
 
 @pytest.fixture(scope="session")
 def mlp():
-    import mlp as ex
+    ex = example("mlp")
 
     return ex.build(), ex.example_inputs()
 
 
 @pytest.fixture(scope="session")
 def cnn():
-    import cnn as ex
+    ex = example("cnn")
 
     return ex.build(), ex.example_inputs()
 

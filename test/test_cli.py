@@ -28,8 +28,9 @@ def mlp_bundle(tmp_path_factory):
 def test_run_with_npy_files_matches_eager(mlp_bundle, tmp_path):
     import torch
 
-    sys.path.insert(0, EXAMPLES)
-    import mlp
+    from conftest import example
+
+    mlp = example("mlp")
 
     model, (x,) = mlp.build(), mlp.example_inputs()
     np.save(tmp_path / "x.npy", x.numpy())
