@@ -26,7 +26,7 @@ def _quiet(msg):
     pass
 
 
-def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None):
+def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None, objective="latency", solver="auto", profiles=()):
     """Import and partition without compiling: -> (ir.Module after the three passes, signature)."""
     from torch_mlir import ir
 
@@ -43,8 +43,9 @@ def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None):
         run_pipeline(
             module,
             [
-                ("annotate-costs", {}),
-                ("assign-devices", {"devices": [s.name for s in specs], "pin": list(pins)}),
+                ("annotate-costs", {"devices": [s.name for s in specs], "profile": list(profiles)}),
+                ("assign-devices", {"devices": [s.name for s in specs], "pin": list(pins), "objective": objective,
+                                    "solver": solver, "profile": list(profiles)}),
                 ("outline-segments", {}),
             ],
         )
@@ -217,16 +218,25 @@ def build_manifest(module, sig, vmfbs):
         "compiler": _versions(),
         "signature": sig,
         "devices": [a.value for a in module.operation.attributes[pa.DEVICES]],
-        "plan": {
-            "algorithm": plan_attr["algorithm"].value,
-            "objective": plan_attr["objective"].value,
-            "predicted_us": plan_attr["predicted_us"].value,
-            "transfer_bytes": plan_attr["transfer_bytes"].value,
-        },
+        "plan": attr_to_py(plan_attr),
+        "profiles": attr_to_py(module.operation.attributes[pa.PROFILES]) if pa.PROFILES in module.operation.attributes else {},
         "segments": segments,
         "schedule": steps,
         "outputs": outputs,
     }
+
+
+def attr_to_py(attr):
+    """A (nested) MLIR dictionary/string/number attribute as plain Python."""
+    from torch_mlir import ir
+
+    if isinstance(attr, ir.DictAttr):
+        return {a.name: attr_to_py(a.attr) for a in attr}
+    if isinstance(attr, ir.ArrayAttr):
+        return [attr_to_py(a) for a in attr]
+    if isinstance(attr, (ir.StringAttr, ir.IntegerAttr, ir.FloatAttr, ir.BoolAttr)):
+        return attr.value
+    return str(attr)
 
 
 def plan_text(module):
@@ -234,13 +244,17 @@ def plan_text(module):
     return module.operation.get_asm(large_elements_limit=16, large_resource_limit=64, enable_debug_info=True, pretty_debug_info=False)
 
 
-def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jobs=None, progress=None, iree_extra_flags=()):
+def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jobs=None, progress=None, iree_extra_flags=(),
+            objective="latency", solver="auto", profiles=()):
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs) or torch.export.ExportedProgram
     devices        device specs, e.g. ["cpu", "vulkan"] or ["cpu", "cuda@sm_90"]
     output         bundle path (default: <ModelClass>.pab in the current directory)
     pins           ["PATTERN=DEVICE", ...]: op names or module path prefixes forced onto a device
+    objective      latency | throughput | cost | energy | "latency:1,energy:0.5" (see passes/assign_devices.py)
+    solver         auto | brute | chain-dp | mincut | heft
+    profiles       device profile JSON files (polyarch calibrate); default: built-in spec-sheet profiles
     jobs           parallel iree-compile processes (default: one per core)
     progress       callable(str) for progress lines; True prints them to stderr
     """
@@ -250,7 +264,8 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
         progress = _stderr_progress
     progress = progress or _quiet
     t0 = time.time()
-    module, sig = plan(model, example_inputs, devices=devices, pins=pins, progress=progress)
+    module, sig = plan(model, example_inputs, devices=devices, pins=pins, progress=progress, objective=objective,
+                       solver=solver, profiles=profiles)
     vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
     manifest = build_manifest(module, sig, vmfbs)
     members = {s["member"]: vmfbs[s["name"]][0] for s in manifest["segments"]}

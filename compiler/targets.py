@@ -1,9 +1,4 @@
-"""Device kind -> IREE compile flags, op support, and the nominal device profile.
-
-The profiles here are nominal figures used by `assign-devices` until a calibrated
-profile is given; they are deliberately round numbers, not measurements."""
-
-from dataclasses import dataclass
+"""Device kind -> IREE compile flags and op support. (Device speed: compiler/profiles.py.)"""
 
 from ..runtime.devices import DeviceSpec
 
@@ -18,27 +13,6 @@ ELEMENT_BYTES = {
 
 _VULKAN_INT64_ARCHS = ("rdna", "cdna", "gfx", "sm_", "ampere", "turing", "ada", "hopper", "rtx", "rx", "mi")
 
-
-@dataclass(frozen=True)
-class Profile:
-    """Nominal roofline figures for one device."""
-
-    peak_flops: float  # FLOP/s (f32)
-    mem_bw: float  # bytes/s
-    launch_s: float  # per-dispatch overhead, seconds
-    link_bw: float  # host link, bytes/s
-    link_latency_s: float  # per transfer, seconds
-    source: str
-
-
-PROFILES = {
-    # A 2-8 core x86 server slice with AVX2/AVX-512, as IREE's llvm-cpu uses it.
-    "cpu": Profile(2.0e11, 2.0e10, 2e-6, 2.0e10, 1e-6, "nominal x86 CPU, few cores"),
-    # An integrated/low-end discrete GPU reached through Vulkan.
-    "vulkan": Profile(2.0e12, 1.0e11, 20e-6, 1.0e10, 30e-6, "nominal Vulkan iGPU"),
-    "cuda": Profile(5.0e13, 2.0e12, 5e-6, 2.5e10, 10e-6, "nominal datacenter NVIDIA GPU"),
-    "rocm": Profile(5.0e13, 2.0e12, 5e-6, 2.5e10, 10e-6, "nominal datacenter AMD GPU"),
-}
 
 DEFAULT_ARCH = {"cpu": "host", "vulkan": None, "cuda": "sm_80", "rocm": "gfx942"}
 
@@ -94,8 +68,6 @@ def unsupported_reason(spec: DeviceSpec, element_types, op_name="", input_types=
     return None
 
 
-
-
 def has_narrow_storage(spec: DeviceSpec):
     """False where tensors in device memory must be 32-bit: the default Vulkan target
     declares 32-bit storage only, and 8-bit tensors read there come out wrong (measured
@@ -103,6 +75,3 @@ def has_narrow_storage(spec: DeviceSpec):
     their narrow inputs and outputs widened at the boundary by outline-segments."""
     return not (spec.kind == "vulkan" and not spec.arch)
 
-
-def profile_for(spec: DeviceSpec) -> Profile:
-    return PROFILES[spec.kind]

@@ -3,12 +3,14 @@
 Attributes (on torch-dialect ops inside @main, and on outlined functions):
   polyarch.cost      {flops, bytes_read, bytes_written : i64}     annotate-costs
   polyarch.device    "cpu" | "vulkan" | ...                         assign-devices
-  polyarch.time_us   {<device> = f64, ...} predicted time per device assign-devices
-  polyarch.reason    why the op is not on its cheapest device        assign-devices
+  polyarch.time_us   {<device> = f64, ...} predicted us per device   annotate-costs{devices=...}
+  polyarch.reason    why the op is not on its fastest device         assign-devices
   polyarch.pin       "<device>" set by the user on an op              (input)
 Module attributes:
   polyarch.devices   ["cpu", "vulkan"]                                assign-devices
-  polyarch.plan      {algorithm, predicted_us, transfers_bytes}       assign-devices
+  polyarch.profiles  {<device> = "profile name"}                     annotate-costs{devices=...}
+  polyarch.plan      {algorithm, objective, predicted_us, bottleneck_us,
+                      cost_usd_per_1m, energy_j, transfer_bytes}      assign-devices
 Ops:
   %y = "polyarch.transfer"(%x) {from = "vulkan", to = "cpu"} : (T) -> T'
        Moves a tensor between two devices ("host" for @main's inputs); only in @main
@@ -30,6 +32,7 @@ REASON = "polyarch.reason"
 PIN = "polyarch.pin"
 DEVICES = "polyarch.devices"
 PLAN = "polyarch.plan"
+PROFILES = "polyarch.profiles"
 TRANSFER = "polyarch.transfer"
 HOST = "host"
 

@@ -26,7 +26,7 @@ PASSES = {
     )
 }
 
-LIST_OPTIONS = {"pin"}
+LIST_OPTIONS = {"pin", "profile"}
 
 
 def parse_pipeline(text):

@@ -1,6 +1,17 @@
-"""annotate-costs: give every placeable op in @main `polyarch.cost`.
+"""annotate-costs: give every placeable op in @main `polyarch.cost`, and with
+`devices=` its predicted time on each device.
+
+Options:
+  devices=cpu,vulkan        devices to predict times for (none: costs only)
+  profile=FILE.json         (repeatable) device profiles; devices without one use the
+                            built-in spec-sheet profile of their kind (compiler/profiles.py)
 
     polyarch.cost = {bytes_read = R : i64, bytes_written = W : i64, flops = F : i64}
+    polyarch.time_us = {cpu = T0 : f64, vulkan = T1 : f64}
+
+The time is a roofline: max(flops / peak[element type], bytes / memory bandwidth)
++ dispatches x launch overhead. The module gets polyarch.profiles naming the
+profile used for each device.
 
 FLOPs come from shapes (a multiply-add counts 2); bytes_read sums the tensor
 operands (weights included), bytes_written the tensor results. Views cost nothing;
@@ -9,7 +20,7 @@ gathers (embedding, index) read only the rows they fetch."""
 from ..dialects import polyarch as pa
 from .common import main_func, placeable_ops, tensor_bytes
 
-OPTIONS = {}
+OPTIONS = {"devices": "comma-separated device specs", "profile": "device profile JSON file (repeatable)"}
 
 VIEWS = {
     "view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "flatten", "expand", "broadcast_to",
@@ -99,18 +110,52 @@ def launches(op):
     return 0
 
 
-def run(module):
+def op_time(flops, nbytes, dispatches, prof, element_type="f32"):
+    """Predicted seconds of an op on a device profile (roofline + launch overhead)."""
+    if flops == 0 and nbytes == 0:
+        return 0.0
+    return max(flops / prof.peak(element_type), nbytes / prof.mem_bw) + dispatches * prof.launch_s
+
+
+def result_element_type(op):
+    for r in op.results:
+        info = pa.tensor_info(r.type)
+        if info:
+            return info[1]
+    return "f32"
+
+
+def run(module, devices=(), profile=()):
     from torch_mlir import ir
 
+    from ..compiler import profiles as P
+    from ..runtime.devices import parse_devices
+
+    if isinstance(devices, str):
+        devices = [d for d in devices.split(",") if d]
+    if isinstance(profile, str):
+        profile = [profile]
+    specs = parse_devices(devices) if devices else []
+    resolved = P.resolve(specs, profile)
     i64 = ir.IntegerType.get_signless(64)
+    f64 = ir.F64Type.get()
     for op in placeable_ops(main_func(module)):
         flops, r, w = op_cost(op)
         op.attributes[pa.COST] = ir.DictAttr.get(
             {"flops": ir.IntegerAttr.get(i64, flops), "bytes_read": ir.IntegerAttr.get(i64, r), "bytes_written": ir.IntegerAttr.get(i64, w)}
         )
+        if specs:
+            et, n = result_element_type(op), launches(op)
+            op.attributes[pa.TIME_US] = ir.DictAttr.get(
+                {name: ir.FloatAttr.get(f64, round(op_time(flops, r + w, n, p, et) * 1e6, 4)) for name, p in resolved.items()}
+            )
+    if specs:
+        module.operation.attributes[pa.PROFILES] = ir.DictAttr.get({name: ir.StringAttr.get(p.name) for name, p in resolved.items()})
 
 
 def cost_of(op):
-    """Read back `polyarch.cost` as a tuple (flops, bytes_read, bytes_written)."""
+    """`polyarch.cost` as a tuple (flops, bytes_read, bytes_written); computed if absent."""
+    if pa.COST not in op.attributes:
+        return op_cost(op)
     d = op.attributes[pa.COST]
     return d["flops"].value, d["bytes_read"].value, d["bytes_written"].value

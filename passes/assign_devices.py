@@ -5,44 +5,72 @@ Options:
   pin=PATTERN=DEVICE        (repeatable) force ops onto a device; PATTERN is an op
                             name (torch.aten.mm), or a module path prefix
                             (encoder.layer.0); ops may also carry polyarch.pin
+  objective=latency         latency (default), throughput (pipelined stages: the
+                            busiest device), cost ($ per 1M calls), energy (J per
+                            call), or a weighted mix: latency:1,energy:0.5 (each term
+                            relative to its best single-device plan)
+  solver=auto               auto, brute, chain-dp, mincut or heft (passes/solver.py)
+  profile=FILE.json         (repeatable) device profiles, as for annotate-costs
 
-Each op gets polyarch.device and polyarch.time_us (predicted time on each device:
-roofline max(flops/peak, bytes/bandwidth) + launch overhead). An op a device cannot
-run (e.g. i64 tensors on default Vulkan) never goes there. The placement minimises
-predicted latency: compute plus the transfer of every live tensor at each point
-where the device changes. It is solved exactly, by dynamic programming over the ops
-in program order (the segments are contiguous runs of that order); the module gets
-polyarch.plan with the algorithm and the predicted total. Ops not on their fastest
-device get polyarch.reason."""
+Per-op device times come from annotate-costs (polyarch.time_us; computed here with
+the same profiles if absent). An op a device cannot run (e.g. i64 tensors on default
+Vulkan) never goes there; neither do ops pinned elsewhere. Transfers are priced per
+tensor and destination with the profiles' host link figures; memory capacity
+(weights + peak live activations) is a constraint. The module gets polyarch.plan:
+the algorithm (and whether it is exact), the objective and the predicted latency,
+bottleneck, cost, energy and bytes moved. Ops not on their fastest device get
+polyarch.reason."""
 
 import math
 
-from ..compiler.targets import profile_for, unsupported_reason
+from ..compiler import profiles as P
+from ..compiler.targets import unsupported_reason
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..runtime.devices import parse_devices
-from .annotate_costs import cost_of, launches
+from . import solver as S
+from .annotate_costs import cost_of, launches, op_time, result_element_type
 from .common import body_ops, describe, is_rematerialisable, main_func, module_path, tensor_bytes, element_types
 
-OPTIONS = {"devices": "comma-separated device specs", "pin": "PATTERN=DEVICE (repeatable)"}
+OPTIONS = {
+    "devices": "comma-separated device specs",
+    "pin": "PATTERN=DEVICE (repeatable)",
+    "objective": "latency | throughput | cost | energy | NAME:WEIGHT,NAME:WEIGHT",
+    "solver": "auto | brute | chain-dp | mincut | heft",
+    "profile": "device profile JSON file (repeatable)",
+}
 
-ALGORITHM = "exact: dynamic programming over program order (contiguous segments)"
+INF = math.inf
 
 
-def compute_time(flops, nbytes, dispatches, prof):
-    if flops == 0 and nbytes == 0:
-        return 0.0
-    return max(flops / prof.peak_flops, nbytes / prof.mem_bw) + dispatches * prof.launch_s
+def parse_objective(text):
+    """'latency' or 'latency:1,energy:0.5' -> {metric: weight}."""
+    text = (text or "latency").strip()
+    out = {}
+    for part in text.split(","):
+        name, sep, w = part.partition(":")
+        name = name.strip()
+        if name not in S.METRICS:
+            raise PolyarchError(f"unknown objective '{name}'", fix=f"use {', '.join(S.METRICS)}, or a mix like latency:1,energy:0.5")
+        try:
+            weight = float(w) if sep else 1.0
+        except ValueError:
+            raise PolyarchError(f"objective weight '{w}' for {name} is not a number", fix="write NAME:WEIGHT, e.g. latency:1,energy:0.5") from None
+        if weight < 0:
+            raise PolyarchError(f"objective weight for {name} is negative", fix="use weights >= 0")
+        out[name] = weight
+    if not any(out.values()):
+        raise PolyarchError(f"objective '{text}' has no positive weight", fix="give at least one metric a weight > 0")
+    return out
 
 
-def transfer_time(src, dst, nbytes):
-    """Seconds to move `nbytes` from device src to dst (through host memory)."""
-    if src.name == dst.name or nbytes == 0:
+def link_time(src, dst, nbytes):
+    """Seconds to move nbytes between two device profiles through host memory (None: the host)."""
+    if src is dst or nbytes == 0:
         return 0.0
     t = 0.0
-    for d in (src, dst):
-        if d.kind != "cpu":
-            p = profile_for(d)
+    for p in (src, dst):
+        if p is not None and p.kind != "cpu":
             t += nbytes / p.link_bw + p.link_latency_s
     return t
 
@@ -74,39 +102,64 @@ def _users(value):
     return [u.owner.operation for u in value.uses]
 
 
-def run(module, devices=("cpu",), pin=()):
+def _weights_of(op):
+    """{literal op: bytes} of the weights an op reads (directly or through rematerialised ops)."""
+    out, stack, seen = {}, list(op.operands), set()
+    while stack:
+        v = stack.pop()
+        owner = v.owner
+        if not hasattr(owner, "operation") or owner.operation in seen:
+            continue
+        o = owner.operation
+        seen.add(o)
+        if o.name == "torch.vtensor.literal":
+            out[o] = tensor_bytes(o.results[0])
+        elif is_rematerialisable(o):
+            stack.extend(o.operands)
+    return out
+
+
+def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", profile=()):
     from torch_mlir import ir
 
     if isinstance(devices, str):
         devices = devices.split(",")
     if isinstance(pin, str):
         pin = [pin]
+    if isinstance(profile, str):
+        profile = [profile]
+    weights = parse_objective(objective)
+    if solver not in ("auto", *S.ALGORITHMS) or solver == "one":
+        raise PolyarchError(f"unknown solver '{solver}'", fix="use auto, brute, chain-dp, mincut or heft")
     specs = parse_devices(devices)
     names = [s.name for s in specs]
+    profs = P.resolve(specs, profile)
     pins = _parse_pins(pin, names)
     main = main_func(module)
     ops, term = body_ops(main)
     placed = [op for op in ops if not is_rematerialisable(op)]
     index = {op.operation: i for i, op in enumerate(placed)}
     n, D = len(placed), len(specs)
-    INF = math.inf
 
-    # Cost per op per device, with reasons for impossible ones.
+    # Seconds per op per device, with reasons for impossible ones.
     times = [[0.0] * D for _ in range(n)]
     why_not = [[None] * D for _ in range(n)]
     for i, op in enumerate(placed):
-        flops, r, w = cost_of(op)
         ets = element_types(op)
         in_ets = {pa.tensor_info(v.type)[1] for v in op.operands if pa.is_tensor(v)}
         dev_pin, pin_why = _pin_of(op, pins)
+        given = op.attributes[pa.TIME_US] if pa.TIME_US in op.attributes else None
         for j, s in enumerate(specs):
             reason = unsupported_reason(s, ets, op.operation.name, in_ets)
             if reason:
                 times[i][j], why_not[i][j] = INF, f"{s.name} cannot run it: {reason}"
             elif dev_pin is not None and dev_pin != s.name:
                 times[i][j], why_not[i][j] = INF, pin_why
+            elif given is not None and s.name in given:
+                times[i][j] = given[s.name].value * 1e-6
             else:
-                times[i][j] = compute_time(flops, r + w, launches(op), profile_for(s))
+                flops, r, w = cost_of(op)
+                times[i][j] = op_time(flops, r + w, launches(op), profs[s.name], result_element_type(op))
         if dev_pin is not None and dev_pin in names and times[i][names.index(dev_pin)] == INF:
             raise PolyarchError(
                 f"{describe(op)} is pinned to {dev_pin}, which cannot run it ({why_not[i][names.index(dev_pin)]})",
@@ -122,84 +175,89 @@ def run(module, devices=("cpu",), pin=()):
         if hits[0] == 0 and not any(op.operation.name == pattern for op in placed):
             raise PolyarchError(f"pin '{pattern}={dev}' matched no op", fix="use an op name (polyarch plan --ops lists them) or a module path prefix")
 
-    # Live tensor bytes at each cut c (between placed[c-1] and placed[c]): values made by
-    # placed ops (or @main's arguments) before c and used at or after c (or returned).
-    def last_use(value):
-        last = -1
-        stack = _users(value)
-        seen = set()
+    # Values: @main's tensor arguments and placed ops' tensor results, with the placed
+    # ops that read them (directly or through glue) and whether @main returns them.
+    def readers(value):
+        cons, returned, stack, seen = set(), False, _users(value), set()
         while stack:
             u = stack.pop()
             if u in seen:
                 continue
             seen.add(u)
             if u.name == "func.return":
-                return n
-            if u in index:
-                last = max(last, index[u])
-            else:  # glue (list, scalar): its users use the value too
+                returned = True
+            elif u in index:
+                cons.add(index[u])
+            else:  # glue (list, scalar): its users read the value too
                 for res in u.results:
                     stack.extend(_users(res))
-        return last
+        return sorted(cons), returned
 
-    live_delta = [0] * (n + 2)
+    values = []
     defs = [(-1, a) for a in main.regions[0].blocks[0].arguments] + [(i, r) for i, op in enumerate(placed) for r in op.results]
     for i, v in defs:
         nb = tensor_bytes(v)
-        if not nb:
-            continue
-        lu = last_use(v)
-        if lu > i:
-            live_delta[i + 1] += nb
-            live_delta[lu + 1] -= nb
-    live = []
-    acc = 0
-    for c in range(n + 1):
-        acc += live_delta[c]
-        live.append(acc)
+        if nb:
+            cons, ret = readers(v)
+            values.append(S.Value(i, nb, cons, ret))
 
-    host = parse_devices(["cpu"])[0]
-    # best[j]: least predicted time with the current op on specs[j].
-    best = [transfer_time(host, specs[j], live[0]) + times[0][j] if n else 0.0 for j in range(D)]
-    back = []
-    for i in range(1, n):
-        nxt, ptr = [], []
-        for j in range(D):
-            cands = [best[k] + (transfer_time(specs[k], specs[j], live[i]) if k != j else 0.0) for k in range(D)]
-            k = min(range(D), key=lambda k: (cands[k], k != j))
-            nxt.append(cands[k] + times[i][j])
-            ptr.append(k)
-        best = nxt
-        back.append(ptr)
-    ret_bytes = sum(tensor_bytes(v) for v in term.operands)
-    final = [best[j] + transfer_time(specs[j], host, ret_bytes) for j in range(D)]
-    j = min(range(D), key=lambda j: final[j]) if n else 0
-    total = final[j] if n else 0.0
-    choice = [j] * n
-    for i in range(n - 1, 0, -1):
-        choice[i - 1] = back[i - 1][choice[i]]
+    cpu = [j for j, s in enumerate(specs) if s.kind == "cpu"]
+    host = cpu[0] if cpu else D
+    host_prof = P.host_profile(profs)
+    locs = [profs[nm] for nm in names] + [host_prof]
+
+    def link(a, b, nbytes):
+        pa_, pb_ = (None if a == host else locs[a]), (None if b == host else locs[b])
+        return link_time(pa_, pb_, nbytes)
+
+    problem = S.Problem(
+        devices=names, comp=times, values=values, link=link, host=host,
+        watts=[p.watts for p in locs], price=[p.price_per_hour for p in locs], weights=weights,
+        weight_bytes=[_weights_of(op) for op in placed], capacity=[profs[nm].mem_capacity for nm in names],
+    )
+    try:
+        choice, algorithm, m = S.solve(problem, solver) if n else ([], S.ALGORITHMS["one"], S.metrics(problem, []))
+    except ValueError as e:
+        raise PolyarchError(f"solver={solver}: {e}", fix="use solver=auto") from None
+    over = S.over_capacity(problem, choice)
+    if over:
+        d, use, cap = over[0]
+        raise PolyarchError(
+            f"the model does not fit on {names[d]}: needs {use / 2**30:.2f} GiB (weights + peak activations), "
+            f"the profile gives {cap / 2**30:.2f} GiB",
+            fix="add a device with more memory, pin part of the model elsewhere, or correct mem_capacity in the profile",
+        )
+    memory = S.memory_use(problem, choice)
 
     f64 = ir.F64Type.get()
-    moved = 0
+    i64 = ir.IntegerType.get_signless(64)
+    only = [k for k in weights if weights[k]]
+    obj_text = objective if isinstance(objective, str) else "latency"
     for i, op in enumerate(placed):
         j = choice[i]
         op.attributes[pa.DEVICE] = ir.StringAttr.get(names[j])
         op.attributes[pa.TIME_US] = ir.DictAttr.get(
-            {names[k]: ir.FloatAttr.get(f64, round(times[i][k] * 1e6, 3)) for k in range(D) if times[i][k] != INF}
+            {names[k]: ir.FloatAttr.get(f64, round(times[i][k] * 1e6, 4)) for k in range(D) if times[i][k] != INF}
         )
         fastest = min(range(D), key=lambda k: times[i][k])
         if any(why_not[i]):
             op.attributes[pa.REASON] = ir.StringAttr.get("; ".join(r for r in why_not[i] if r))
         elif times[i][j] > times[i][fastest]:
-            op.attributes[pa.REASON] = ir.StringAttr.get(f"kept on {names[j]} to avoid a transfer ({names[fastest]} alone would be faster)")
-        if i and choice[i] != choice[i - 1]:
-            moved += live[i]
+            if only == ["latency"]:
+                why = f"kept on {names[j]} to avoid a transfer ({names[fastest]} alone would be faster)"
+            else:
+                why = f"placed on {names[j]} for the {obj_text} objective ({names[fastest]} alone would be faster)"
+            op.attributes[pa.REASON] = ir.StringAttr.get(why)
     module.operation.attributes[pa.DEVICES] = ir.ArrayAttr.get([ir.StringAttr.get(s) for s in names])
     module.operation.attributes[pa.PLAN] = ir.DictAttr.get(
         {
-            "algorithm": ir.StringAttr.get(ALGORITHM),
-            "objective": ir.StringAttr.get("latency"),
-            "predicted_us": ir.FloatAttr.get(f64, round(total * 1e6, 3)),
-            "transfer_bytes": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), moved),
+            "algorithm": ir.StringAttr.get(algorithm),
+            "objective": ir.StringAttr.get(obj_text),
+            "predicted_us": ir.FloatAttr.get(f64, round(m["latency"] * 1e6, 3)),
+            "bottleneck_us": ir.FloatAttr.get(f64, round(m["throughput"] * 1e6, 3)),
+            "cost_usd_per_1m": ir.FloatAttr.get(f64, round(m["cost"], 6)),
+            "energy_j": ir.FloatAttr.get(f64, round(m["energy"], 6)),
+            "transfer_bytes": ir.IntegerAttr.get(i64, S.transfer_bytes(problem, choice)),
+            "memory_bytes": ir.DictAttr.get({names[d]: ir.IntegerAttr.get(i64, memory[d]) for d in range(D)}),
         }
     )

@@ -59,13 +59,36 @@ _model_options = [
     click.option("-i", "--input", "inputs", multiple=True, metavar="DIMSxDTYPE",
                  help="Shape and dtype of each model input, in order, e.g. 4x64xi64 or 1x3x32x32xf32. "
                       "Default: the model file's example_inputs()."),
-    click.option("-d", "--device", "devices", multiple=True, default=("cpu",), show_default=True, metavar="SPEC",
+    click.option("-d", "--device", "devices", multiple=True, metavar="SPEC",
                  help="Target device, repeatable: KIND[:ORDINAL][@ARCH] with KIND cpu, vulkan, cuda, rocm "
-                      "(e.g. cpu, vulkan, cuda:1@sm_90, rocm@gfx942)."),
+                      "(e.g. cpu, vulkan, cuda:1@sm_90, rocm@gfx942). Default: the devices of the --profile "
+                      "files, else cpu."),
     click.option("--pin", "pins", multiple=True, metavar="PATTERN=DEVICE",
                  help="Force ops onto a device: PATTERN is an op name (torch.aten.mm) or a module path prefix "
                       "(encoder.layer.0). Repeatable."),
+    click.option("--objective", default="latency", show_default=True, metavar="OBJ",
+                 help="What placement minimises: latency, throughput (pipelined stages: the busiest device), "
+                      "cost ($ per 1M calls), energy (J per call), or a weighted mix such as latency:1,energy:0.5 "
+                      "(each term relative to its best single-device plan)."),
+    click.option("--solver", default="auto", show_default=True,
+                 type=click.Choice(["auto", "brute", "chain-dp", "mincut", "heft"]),
+                 help="Placement algorithm. auto takes an exact one where it applies (enumeration for tiny graphs, "
+                      "DP on chains, min-cut for two devices) and HEFT-style list scheduling + local search "
+                      "otherwise; the plan says which was used."),
+    click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), metavar="FILE.json",
+                 help="Device profile(s) from `polyarch calibrate` (or written by hand, see compiler/profiles.py). "
+                      "Devices without one use the built-in spec-sheet profile of their kind. Repeatable."),
 ]
+
+
+def _devices(devices, profiles):
+    if devices:
+        return devices
+    if profiles:
+        from ..compiler import profiles as P
+
+        return tuple(dict.fromkeys(p.device for p in P.load_all(profiles)))
+    return ("cpu",)
 
 
 def model_options(f):
@@ -96,7 +119,7 @@ def cli():
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Bundle to write (default: MODEL's name with .pab).")
 @click.option("-j", "--jobs", type=int, default=None, help="Parallel IREE compiles (default: one per core).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
-def compile(model, inputs, devices, pins, output, jobs, quiet):
+def compile(model, inputs, devices, pins, objective, solver, profiles, output, jobs, quiet):
     """Compile MODEL into a .pab bundle for the given devices.
 
     \b
@@ -112,7 +135,8 @@ def compile(model, inputs, devices, pins, output, jobs, quiet):
         ex = _example_inputs(inputs, ns)
         output = output or os.path.splitext(os.path.basename(model.partition(":")[0]))[0] + ".pab"
         progress = None if quiet else (lambda msg: click.echo(f"polyarch: {msg}", err=True))
-        do_compile(m, ex, devices=devices, output=output, pins=pins, jobs=jobs, progress=progress)
+        do_compile(m, ex, devices=_devices(devices, profiles), output=output, pins=pins, jobs=jobs, progress=progress,
+                   objective=objective, solver=solver, profiles=profiles)
     except PolyarchError as e:
         _fail(e)
     click.echo(output)
@@ -120,41 +144,48 @@ def compile(model, inputs, devices, pins, output, jobs, quiet):
 
 @cli.command()
 @model_options
+@click.option("--explain", is_flag=True, help="Per segment: its ops, device, predicted time (and on the other devices), "
+              "bytes moved in and out, and why it is there.")
 @click.option("--ops", "show_ops", is_flag=True, help="List every placed op with its device and predicted time.")
+@click.option("--trace", "trace_out", type=click.Path(dir_okay=False), metavar="FILE.json",
+              help="Write the predicted timeline as a Chrome trace (open in chrome://tracing or ui.perfetto.dev).")
+@click.option("--gantt", "gantt_out", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Draw the predicted timeline as a Gantt chart (PNG).")
+@click.option("--requests", type=int, default=None, metavar="N",
+              help="Simulate N calls in the timeline (default: 1; 4 for the throughput objective, pipelined).")
 @click.option("--mlir", "mlir_out", type=click.Path(dir_okay=False), help="Also write the partitioned module here.")
-def plan(model, inputs, devices, pins, show_ops, mlir_out):
+def plan(model, inputs, devices, pins, objective, solver, profiles, explain, show_ops, trace_out, gantt_out, requests, mlir_out):
     """Show where each part of MODEL would run, without compiling.
 
+    With --profile files for devices this host does not have, this simulates a
+    fleet: the plan and its predicted timeline are for those devices.
+
     \b
-    Example:
-      polyarch plan examples/minilm.py -d cpu -d vulkan --ops
+    Examples:
+      polyarch plan examples/minilm.py -d cpu -d vulkan --explain
+      polyarch plan examples/minilm.py --profile profile.json --objective energy
+      polyarch plan examples/minilm.py --profile h100.json --profile cpu.json --trace t.json --gantt t.png
     """
-    from ..compiler.driver import plan as do_plan, plan_text, schedule_of, segments_of
-    from ..dialects import polyarch as pa
-    from ..passes.common import body_ops, describe
+    from ..compiler.driver import plan as do_plan, plan_text
+    from ..compiler import simulate
 
     try:
         m, ns = _load_model(model)
         ex = _example_inputs(inputs, ns)
-        module, sig = do_plan(m, ex, devices=devices, pins=pins)
-        p = module.operation.attributes[pa.PLAN]
-        click.echo(f"plan: {p['objective'].value}, {p['algorithm'].value}")
-        click.echo(f"predicted: {p['predicted_us'].value / 1000:.3f} ms, {p['transfer_bytes'].value / 1e6:.3f} MB moved between devices")
-        for name, device, fn in segments_of(module):
-            ops, _ = body_ops(fn)
-            placed = [op for op in ops if pa.DEVICE in op.attributes]
-            forced = sum(1 for op in placed if pa.REASON in op.attributes)
-            click.echo(f"  {name:8s} {device:10s} {len(placed):5d} ops  {fn.attributes[pa.TIME_US].value / 1000:9.3f} ms"
-                       + (f"  ({forced} ops not on their fastest device; --ops says why)" if forced else ""))
-            if show_ops:
-                for op in placed:
-                    t = op.attributes[pa.TIME_US][device].value
-                    why = f"  [{op.attributes[pa.REASON].value}]" if pa.REASON in op.attributes else ""
-                    click.echo(f"      {t:9.2f} us  {describe(op)}{why}")
-        steps, _ = schedule_of(module)
-        for s in steps:
-            if s["op"] == "transfer":
-                click.echo(f"  transfer {s['from']} -> {s['to']}: {s['bytes']} bytes")
+        devs = _devices(devices, profiles)
+        module, sig = do_plan(m, ex, devices=devs, pins=pins, objective=objective, solver=solver, profiles=profiles)
+        report = simulate.explain(module, profiles)
+        for line in report.lines(explain=explain, ops=show_ops):
+            click.echo(line)
+        if trace_out or gantt_out:
+            n = requests or (4 if report.objective == "throughput" else 1)
+            events = simulate.timeline(report, requests=n)
+            if trace_out:
+                simulate.write_chrome_trace(trace_out, events, report)
+                click.echo(f"wrote {trace_out} ({n} call(s), {len(events)} events)")
+            if gantt_out:
+                simulate.write_gantt(gantt_out, events, report)
+                click.echo(f"wrote {gantt_out}")
         if mlir_out:
             with open(mlir_out, "w") as f:
                 f.write(plan_text(module))

@@ -1,4 +1,16 @@
 // RUN: polyarch-opt %s -p annotate-costs | FileCheck %s
+// RUN: polyarch-opt %s -p 'annotate-costs{devices=cpu,vulkan profile=%S/Inputs/slow_cpu.json}' | FileCheck %s --check-prefix=TIME
+// RUN: not polyarch-opt %s -p 'annotate-costs{devices=cpu profile=%S/Inputs/missing.json}' 2>&1 | FileCheck %s --check-prefix=MISSING
+
+// Without devices there are no times; with them, a roofline per device from the profiles
+// (cpu: the given file, 1 GFLOP/s and 1 GB/s; vulkan: the built-in iGPU profile).
+// CHECK-NOT: polyarch.time_us
+// TIME: module attributes {polyarch.profiles = {cpu = "round-numbers-cpu", vulkan = "vulkan-igpu-radeon-780m"}}
+// mm: max(32768 flop / 1e9, 11264 B / 1e9) + 1 dispatch x 1 us = 33.768 us on cpu.
+// TIME: torch.aten.mm {{.*}}polyarch.time_us = {cpu = 3.376800e+01 : f64, vulkan = {{[0-9.e+-]+}} : f64}
+// Elementwise ops fuse into a neighbour's dispatch: no launch overhead. 3072 B / 1e9 = 3.072 us.
+// TIME: torch.aten.add.Tensor {{.*}}polyarch.time_us = {cpu = 3.072000e+00 : f64
+// MISSING: profile file not found: {{.*}}missing.json. Fix: write one with `polyarch calibrate -o FILE`
 
 // CHECK-LABEL: func.func @main
 func.func @main(%x: !torch.vtensor<[8,64],f32>, %ids: !torch.vtensor<[4,16],si64>) -> (!torch.vtensor<[8,32],f32>, !torch.vtensor<[4,16,32],f32>, !torch.vtensor<[8],f32>) {

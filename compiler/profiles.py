@@ -1,0 +1,207 @@
+"""Device profiles: the figures the cost model and the partitioner reason with.
+
+A profile file is JSON, either one profile or {"schema": SCHEMA, "profiles": [...]}:
+
+    {
+      "schema": "polyarch-device-profile/1",
+      "name": "nvidia-h100-sxm",          # free text, shown in plans
+      "device": "cuda@sm_90",             # the device spec it describes (KIND[:ORDINAL][@ARCH])
+      "peak_flops": {"f32": 6.7e13, "bf16": 9.89e14},   # FLOP/s per element type; f32 is required
+      "mem_bw": 3.35e12,                  # device memory bandwidth, bytes/s
+      "launch_s": 5e-6,                   # per-dispatch overhead, s
+      "call_s": 2e-5,                     # per-segment call overhead (submit + wait), s
+      "mem_capacity": 8.0e10,             # bytes available to weights + activations
+      "link_bw": 5.0e10,                  # host link bandwidth, bytes/s (cpu: unused)
+      "link_latency_s": 1e-5,             # per host transfer, s
+      "watts": 700,                       # board power while busy, W
+      "price_per_hour": 3.0,              # $ per device-hour
+      "source": "...",                    # where the figures come from
+      "calibrated": null                  # or what `polyarch calibrate` measured, and when
+    }
+
+Element types without an entry in peak_flops use the f32 figure. The built-in
+profiles are spec-sheet figures (their sources are cited below and in `source`);
+`polyarch calibrate` replaces them with measurements of the devices at hand."""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from ..errors import PolyarchError
+from ..runtime.devices import DeviceSpec
+
+SCHEMA = "polyarch-device-profile/1"
+
+FIELDS_HELP = "see `polyarch calibrate --help` or compiler/profiles.py for the schema"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    device: str
+    peak_flops: dict
+    mem_bw: float
+    launch_s: float
+    call_s: float
+    mem_capacity: float
+    link_bw: float
+    link_latency_s: float
+    watts: float
+    price_per_hour: float
+    source: str
+    calibrated: dict | None = field(default=None)
+
+    @property
+    def kind(self):
+        return DeviceSpec.parse(self.device).kind
+
+    def peak(self, element_type="f32"):
+        return self.peak_flops.get(_FLOP_KEY.get(element_type, element_type), self.peak_flops["f32"])
+
+    def to_json(self):
+        d = asdict(self)
+        d["schema"] = SCHEMA
+        return d
+
+
+# Element types (torch dialect spelling) -> the peak_flops key that prices them.
+_FLOP_KEY = {"f32": "f32", "f64": "f32", "f16": "f16", "bf16": "bf16", "si8": "i8", "ui8": "i8", "i8": "i8",
+             "f8E4M3FN": "f8", "f8E5M2": "f8"}
+
+GiB = 1 << 30
+
+BUILTIN = {
+    # Generic x86-64 CPU: 4 cores with AVX2 at 3 GHz. Two 256-bit FMA ports per core
+    # (Intel 64 and IA-32 Architectures Optimization Reference Manual, "Haswell and later
+    # microarchitectures": 2 FMA/cycle x 8 f32 lanes x 2 FLOP) -> 4 x 3e9 x 32 = 3.84e11 FLOP/s.
+    # Memory: dual-channel DDR4-3200, 2 x 25.6 GB/s (JEDEC JESD79-4). Power: 65 W desktop TDP
+    # class; price: an on-demand 4-vCPU-pair cloud instance (order of magnitude, set your own).
+    "cpu": DeviceProfile(
+        name="generic-x86-cpu", device="cpu",
+        peak_flops={"f32": 3.84e11, "f16": 3.84e11, "bf16": 3.84e11, "i8": 7.68e11},
+        mem_bw=5.12e10, launch_s=3e-6, call_s=2e-5, mem_capacity=16 * GiB,
+        link_bw=2.0e10, link_latency_s=1e-6, watts=65.0, price_per_hour=0.17,
+        source="spec sheet: 4 cores AVX2 FMA @3 GHz (Intel optimization manual), DDR4-3200 x2 (JEDEC JESD79-4)",
+    ),
+    # NVIDIA H100 SXM5 80 GB (NVIDIA H100 Tensor Core GPU datasheet, 2023): FP32 67 TFLOPS,
+    # TF32 494.7 / BF16 and FP16 989.4 / FP8 1979 / INT8 1979 TFLOPS dense, HBM3 3.35 TB/s,
+    # 80 GB, up to 700 W; host link PCIe Gen5 x16 (64 GB/s per direction, ~50 effective).
+    # IREE's f32 matmuls do not use TF32 unless asked, so f32 is the CUDA-core figure.
+    "cuda": DeviceProfile(
+        name="nvidia-h100-sxm", device="cuda@sm_90",
+        peak_flops={"f32": 6.7e13, "f16": 9.894e14, "bf16": 9.894e14, "f8": 1.979e15, "i8": 1.979e15},
+        mem_bw=3.35e12, launch_s=5e-6, call_s=2e-5, mem_capacity=80e9,
+        link_bw=5.0e10, link_latency_s=1e-5, watts=700.0, price_per_hour=3.0,
+        source="NVIDIA H100 Tensor Core GPU datasheet (SXM5): FP32 67 TF, BF16 989 TF dense, HBM3 3.35 TB/s, 80 GB, 700 W, PCIe Gen5 x16",
+    ),
+    # AMD Instinct MI300X (AMD Instinct MI300X accelerator data sheet, 2023): FP32 vector
+    # 81.7 TFLOPS (matrix 163.4), FP16/BF16 1307.4 TFLOPS dense, FP8 2614.9, INT8 2614.9 TOPS,
+    # HBM3 5.3 TB/s, 192 GB, 750 W; host link PCIe Gen5 x16.
+    "rocm": DeviceProfile(
+        name="amd-mi300x", device="rocm@gfx942",
+        peak_flops={"f32": 8.17e13, "f16": 1.3074e15, "bf16": 1.3074e15, "f8": 2.6149e15, "i8": 2.6149e15},
+        mem_bw=5.3e12, launch_s=5e-6, call_s=2e-5, mem_capacity=192e9,
+        link_bw=5.0e10, link_latency_s=1e-5, watts=750.0, price_per_hour=3.5,
+        source="AMD Instinct MI300X data sheet: FP32 81.7 TF vector, FP16 1307 TF dense, HBM3 5.3 TB/s, 192 GB, 750 W, PCIe Gen5 x16",
+    ),
+    # A Vulkan iGPU: AMD Radeon 780M (RDNA3, 12 CUs at 2.7 GHz; AMD Ryzen 7 7840U product
+    # page): 768 lanes x 2 FLOP x 2.7 GHz = 4.1 TFLOPS f32 without dual issue (8.3 with).
+    # Memory shared with the CPU: LPDDR5-7500 on 128 bits = 120 GB/s; the "link" is a copy
+    # within that memory. 30 W package power (shared with the CPU cores).
+    "vulkan": DeviceProfile(
+        name="vulkan-igpu-radeon-780m", device="vulkan",
+        peak_flops={"f32": 4.1e12, "f16": 8.2e12, "bf16": 4.1e12, "i8": 8.2e12},
+        mem_bw=1.2e11, launch_s=2e-5, call_s=1e-4, mem_capacity=8 * GiB,
+        link_bw=2.0e10, link_latency_s=3e-5, watts=30.0, price_per_hour=0.0,
+        source="AMD Ryzen 7 7840U product page (Radeon 780M: 12 RDNA3 CUs, 2.7 GHz), LPDDR5-7500 128-bit",
+    ),
+}
+
+_REQUIRED = ("name", "device", "peak_flops", "mem_bw", "launch_s", "mem_capacity", "link_bw", "link_latency_s")
+_DEFAULTS = {"call_s": 0.0, "watts": 0.0, "price_per_hour": 0.0, "source": "", "calibrated": None}
+
+
+def from_json(obj, where="profile"):
+    """A DeviceProfile from a parsed JSON object, or PolyarchError naming the bad field."""
+    if not isinstance(obj, dict):
+        raise PolyarchError(f"{where} is not a JSON object", fix=FIELDS_HELP)
+    schema = obj.get("schema", SCHEMA)
+    if schema != SCHEMA:
+        raise PolyarchError(f"{where} has schema '{schema}'; this polyarch reads '{SCHEMA}'", fix="re-run polyarch calibrate, or upgrade polyarch")
+    missing = [k for k in _REQUIRED if k not in obj]
+    if missing:
+        raise PolyarchError(f"{where} lacks {', '.join(missing)}", fix=FIELDS_HELP)
+    unknown = set(obj) - set(_REQUIRED) - set(_DEFAULTS) - {"schema"}
+    if unknown:
+        raise PolyarchError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}", fix=FIELDS_HELP)
+    vals = {**_DEFAULTS, **{k: v for k, v in obj.items() if k != "schema"}}
+    DeviceSpec.parse(vals["device"])
+    pf = vals["peak_flops"]
+    if not isinstance(pf, dict) or "f32" not in pf:
+        raise PolyarchError(f"{where}: peak_flops must be an object with at least an 'f32' entry", fix=FIELDS_HELP)
+    for k in ("mem_bw", "link_bw", "mem_capacity", *(f"peak_flops.{t}" for t in pf)):
+        v = pf[k.split(".", 1)[1]] if k.startswith("peak_flops.") else vals[k]
+        if not isinstance(v, (int, float)) or not v > 0 or math.isinf(v):
+            raise PolyarchError(f"{where}: {k} must be a positive number, not {v!r}", fix=FIELDS_HELP)
+    for k in ("launch_s", "call_s", "link_latency_s", "watts", "price_per_hour"):
+        if not isinstance(vals[k], (int, float)) or vals[k] < 0:
+            raise PolyarchError(f"{where}: {k} must be a number >= 0, not {vals[k]!r}", fix=FIELDS_HELP)
+    vals["peak_flops"] = {k: float(v) for k, v in pf.items()}
+    return DeviceProfile(**vals)
+
+
+def load(path):
+    """[DeviceProfile] from a profile file (one profile or {"profiles": [...]})."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise PolyarchError(f"profile file not found: {path}", fix="write one with `polyarch calibrate -o FILE`") from None
+    except json.JSONDecodeError as e:
+        raise PolyarchError(f"profile file {path} is not JSON: {e.msg} at line {e.lineno}") from None
+    if isinstance(obj, dict) and "profiles" in obj:
+        if obj.get("schema", SCHEMA) != SCHEMA:
+            raise PolyarchError(f"{path} has schema '{obj.get('schema')}'; this polyarch reads '{SCHEMA}'")
+        return [from_json(p, f"{path}: profile {i}") for i, p in enumerate(obj["profiles"])]
+    return [from_json(obj, path)]
+
+
+def save(path, profiles):
+    with open(path, "w") as f:
+        json.dump({"schema": SCHEMA, "profiles": [p.to_json() for p in profiles]}, f, indent=2)
+        f.write("\n")
+
+
+def load_all(paths):
+    out = []
+    for p in paths or ():
+        if isinstance(p, DeviceProfile):
+            out.append(p)
+        else:
+            out.extend(load(p))
+    return out
+
+
+def resolve(specs, profiles=()):
+    """{spec name: DeviceProfile} for each target: the given profile whose device matches
+    best (same name, then same kind and arch, then same kind), else the built-in one."""
+    given = load_all(profiles)
+    out = {}
+    for s in specs:
+        s = DeviceSpec.parse(s)
+        best, rank = None, 0
+        for p in given:
+            ps = DeviceSpec.parse(p.device)
+            r = 3 if ps == s else 2 if (ps.kind, ps.arch) == (s.kind, s.arch) else 1 if ps.kind == s.kind else 0
+            if r > rank:
+                best, rank = p, r
+        out[s.name] = best or replace(BUILTIN[s.kind], device=s.name)
+    return out
+
+
+def host_profile(resolved):
+    """The profile of the host CPU: the cpu target's, else the built-in one."""
+    for name, p in resolved.items():
+        if DeviceSpec.parse(name).kind == "cpu":
+            return p
+    return BUILTIN["cpu"]

@@ -1,0 +1,220 @@
+"""What a plan predicts: per-segment explanation, and a simulated timeline of one call
+(or a pipelined stream of calls) on the devices of the profiles, as a Chrome trace and
+a Gantt chart. Works for fleets this machine does not have: only profiles are needed."""
+
+import json
+from dataclasses import dataclass, field
+
+from ..dialects import polyarch as pa
+from . import profiles as P
+
+
+@dataclass
+class Segment:
+    name: str
+    device: str
+    ops: list  # [(description, {device: us}, reason or None)]
+    predicted_us: float
+    other_us: dict  # device -> us of the same ops there (None: some op cannot run there)
+    call_s: float
+    in_bytes: int = 0
+    in_s: float = 0.0
+    in_count: int = 0
+    out_bytes: int = 0
+    out_count: int = 0
+
+
+@dataclass
+class Report:
+    plan: dict
+    devices: list
+    profiles: dict  # device -> DeviceProfile
+    segments: list
+    steps: list  # the schedule, transfers with "seconds"
+    objective: str = "latency"
+    memory: dict = field(default_factory=dict)
+
+    def lines(self, explain=False, ops=False):
+        p = self.plan
+        out = [f"plan: {p['objective']} objective, {p['algorithm']}"]
+        out.append("profiles: " + ", ".join(f"{d} = {pr.name}" + (" (calibrated)" if pr.calibrated else " (spec sheet)")
+                                           for d, pr in self.profiles.items()))
+        thr = p.get("bottleneck_us") or 0
+        out.append(
+            f"predicted: {p['predicted_us'] / 1000:.3f} ms per call; bottleneck {thr / 1000:.3f} ms"
+            + (f" ({1e6 / thr:.1f} calls/s pipelined)" if thr else "")
+            + f"; ${p.get('cost_usd_per_1m', 0):.4f} per 1M calls; {p.get('energy_j', 0):.4g} J per call; "
+            f"{p['transfer_bytes'] / 1e6:.3f} MB moved between devices"
+        )
+        if self.memory:
+            out.append("memory (weights + peak activations): " + ", ".join(f"{d} {b / 1e6:.1f} MB" for d, b in self.memory.items()))
+        for s in self.segments:
+            others = ", ".join(f"{d}: {'n/a' if t is None else f'{t / 1000:.3f} ms'}" for d, t in s.other_us.items())
+            out.append(f"  {s.name:8s} {s.device:10s} {len(s.ops):5d} ops  {s.predicted_us / 1000:9.3f} ms"
+                       + (f"  (on {others})" if others else ""))
+            if explain:
+                if s.in_count:
+                    out.append(f"      in:  {s.in_count} tensor(s), {s.in_bytes / 1e6:.3f} MB moved here ({s.in_s * 1000:.3f} ms)")
+                if s.out_count:
+                    out.append(f"      out: {s.out_count} tensor(s), {s.out_bytes / 1e6:.3f} MB moved to other devices")
+                out.append(f"      why: {self._why(s)}")
+                heavy = sorted(s.ops, key=lambda o: -o[1].get(s.device, 0))[:3]
+                for desc, times, _ in heavy:
+                    if times.get(s.device, 0) > 0:
+                        out.append(f"      {times[s.device]:10.2f} us  {desc}")
+            if ops:
+                for desc, times, reason in s.ops:
+                    out.append(f"      {times.get(s.device, 0):9.2f} us  {desc}" + (f"  [{reason}]" if reason else ""))
+        for st in self.steps:
+            if st["op"] == "transfer":
+                out.append(f"  transfer {st['from']} -> {st['to']}: {st['bytes']} bytes ({st['seconds'] * 1e6:.1f} us)")
+        return out
+
+    def _why(self, s):
+        fastest = sum(1 for _, _, r in s.ops if r is None)
+        kept = sum(1 for _, _, r in s.ops if r and r.startswith("kept on"))
+        chosen = sum(1 for _, _, r in s.ops if r and r.startswith("placed on"))
+        forced = {}
+        for _, _, r in s.ops:
+            if r and not r.startswith(("kept on", "placed on")):
+                forced[r] = forced.get(r, 0) + 1
+        parts = []
+        if fastest:
+            parts.append(f"{fastest} op(s) fastest on {s.device}")
+        if kept:
+            parts.append(f"{kept} kept on {s.device} to avoid a transfer")
+        if chosen:
+            parts.append(f"{chosen} placed on {s.device} for the {self.objective} objective although slower")
+        for r, k in sorted(forced.items(), key=lambda x: -x[1])[:3]:
+            parts.append(f"{k} forced: {r}")
+        return "; ".join(parts) or "no ops"
+
+
+def explain(module, profile_files=()):
+    """A Report of a module after outline-segments."""
+    from ..passes.assign_devices import link_time
+    from ..passes.common import body_ops, describe
+    from .driver import attr_to_py, schedule_of, segments_of
+
+    plan = attr_to_py(module.operation.attributes[pa.PLAN])
+    devices = [a.value for a in module.operation.attributes[pa.DEVICES]]
+    profs = P.resolve(devices, profile_files)
+    steps, _ = schedule_of(module)
+    segs = []
+    for name, device, fn in segments_of(module):
+        body, _ = body_ops(fn)
+        ops = []
+        for op in body:
+            if pa.DEVICE not in op.attributes:
+                continue
+            t = attr_to_py(op.attributes[pa.TIME_US]) if pa.TIME_US in op.attributes else {}
+            r = op.attributes[pa.REASON].value if pa.REASON in op.attributes else None
+            ops.append((describe(op), t, r))
+        other = {}
+        for d in devices:
+            if d != device:
+                other[d] = None if any(d not in t for _, t, _ in ops) else sum(t[d] for _, t, _ in ops)
+        segs.append(Segment(name, device, ops, fn.attributes[pa.TIME_US].value, other, profs[device].call_s))
+    by_name = {s.name: s for s in segs}
+    made_by = {}
+    transfer_of = {}
+    for st in steps:
+        if st["op"] == "transfer":
+            src = None if st["from"] == pa.HOST else profs[st["from"]]
+            st["seconds"] = link_time(src, profs[st["to"]], st["bytes"])
+            transfer_of[st["dst"]] = st
+            seg = made_by.get(st["src"])
+            if seg:
+                seg.out_bytes += st["bytes"]
+                seg.out_count += 1
+        else:
+            seg = by_name[st["segment"]]
+            for a in st["args"]:
+                if a in transfer_of:
+                    seg.in_bytes += transfer_of[a]["bytes"]
+                    seg.in_s += transfer_of[a]["seconds"]
+                    seg.in_count += 1
+            for r in st["results"]:
+                made_by[r] = seg
+    return Report(plan, devices, profs, segs, steps, objective=plan.get("objective", "latency"),
+                  memory=plan.get("memory_bytes", {}))
+
+
+def timeline(report, requests=1):
+    """Simulate `requests` calls: segments run on their device, transfers on the host
+    link of each non-cpu end; a step starts when its inputs are ready and its devices
+    are free (calls after the first overlap with it: a pipeline).
+    -> [{name, kind, track, start, dur, request, bytes}] in seconds."""
+    by_name = {s.name: s for s in report.segments}
+    free = {}
+    events = []
+
+    def tracks_of(st):
+        if st["op"] == "call":
+            return [st["segment_device"]]
+        ends = [d for d in (st["from"], st["to"]) if d != pa.HOST and report.profiles[d].kind != "cpu"]
+        return [f"link {d}" for d in ends] or ["link host"]
+
+    for r in range(requests):
+        ready = {}
+        for st in report.steps:
+            if st["op"] == "call":
+                seg = by_name[st["segment"]]
+                st = dict(st, segment_device=seg.device)
+                dur = seg.predicted_us * 1e-6 + seg.call_s
+                deps = st["args"]
+                name, nbytes = seg.name, 0
+            else:
+                dur, deps, name, nbytes = st["seconds"], [st["src"]], f"{st['from']} -> {st['to']}", st["bytes"]
+            tracks = tracks_of(st)
+            start = max([ready.get(a, 0.0) for a in deps] + [free.get(t, 0.0) for t in tracks] + [0.0])
+            end = start + dur
+            for t in tracks:
+                free[t] = end
+            for v in st.get("results", [st.get("dst")]):
+                ready[v] = end
+            events.append({"name": name, "kind": st["op"], "track": tracks[0], "start": start, "dur": dur,
+                           "request": r, "bytes": nbytes})
+    return events
+
+
+def write_chrome_trace(path, events, report):
+    tracks = list(dict.fromkeys(report.devices + [e["track"] for e in events]))
+    tid = {t: i for i, t in enumerate(tracks)}
+    out = [{"ph": "M", "pid": 0, "name": "process_name", "args": {"name": "polyarch plan (predicted)"}}]
+    out += [{"ph": "M", "pid": 0, "tid": tid[t], "name": "thread_name", "args": {"name": t}} for t in tracks]
+    for e in events:
+        out.append({"ph": "X", "pid": 0, "tid": tid[e["track"]], "name": e["name"], "cat": e["kind"],
+                    "ts": round(e["start"] * 1e6, 3), "dur": round(e["dur"] * 1e6, 3),
+                    "args": {"request": e["request"], "bytes": e["bytes"]}})
+    with open(path, "w") as f:
+        json.dump({"traceEvents": out, "displayTimeUnit": "ms",
+                   "otherData": {"plan": report.plan, "profiles": {d: p.name for d, p in report.profiles.items()}}}, f, indent=1)
+
+
+def write_gantt(path, events, report):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tracks = list(dict.fromkeys([d for d in report.devices if any(e["track"] == d for e in events)] + [e["track"] for e in events]))
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.6 * len(tracks)), dpi=110)
+    end = max((e["start"] + e["dur"] for e in events), default=1e-6)
+    for e in events:
+        y = tracks.index(e["track"])
+        c = colours(e["request"] % 10) if e["kind"] == "call" else "0.6"
+        ax.barh(y, e["dur"] * 1e3, left=e["start"] * 1e3, height=0.6, color=c, edgecolor="black", linewidth=0.3)
+        if e["dur"] > end * 0.04:
+            ax.text((e["start"] + e["dur"] / 2) * 1e3, y, e["name"], ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(tracks)), tracks)
+    ax.invert_yaxis()
+    ax.set_xlabel("predicted time (ms)")
+    n = 1 + max((e["request"] for e in events), default=0)
+    p = report.plan
+    ax.set_title(f"{' + '.join(report.devices)}: {p['objective']} plan, {n} call(s); "
+                 f"{p['predicted_us'] / 1000:.3f} ms per call ({', '.join(pr.name for pr in report.profiles.values())})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
