@@ -67,8 +67,10 @@ def _tensor_desc(type_):
     return {"shape": shape, "dtype": _DTYPE_NAMES.get(et, et)}
 
 
+# Segment boundary dtypes as the compiled function sees them. IREE demotes f64 to f32
+# for every target (its default), so an f64 tensor crossing segments is a float32 buffer.
 _DTYPE_NAMES = {
-    "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64", "si64": "int64", "si32": "int32",
+    "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float32", "si64": "int64", "si32": "int32",
     "si16": "int16", "si8": "int8", "ui8": "uint8", "i1": "bool",
 }
 
@@ -249,7 +251,7 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs) or torch.export.ExportedProgram
-    devices        device specs, e.g. ["cpu", "vulkan"] or ["cpu", "cuda@sm_90"]
+    devices        device specs, e.g. ["cpu", "vulkan"] or ["cpu", "cuda@sm_86"]
     output         bundle path (default: <ModelClass>.pab in the current directory)
     pins           ["PATTERN=DEVICE", ...]: op names or module path prefixes forced onto a device
     objective      latency | throughput | cost | energy | "latency:1,energy:0.5" (see passes/assign_devices.py)

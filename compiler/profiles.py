@@ -5,7 +5,7 @@ A profile file is JSON, either one profile or {"schema": SCHEMA, "profiles": [..
     {
       "schema": "polyarch-device-profile/1",
       "name": "nvidia-h100-sxm",          # free text, shown in plans
-      "device": "cuda@sm_90",             # the device spec it describes (KIND[:ORDINAL][@ARCH])
+      "device": "cuda@sm_80",             # the device spec it describes (KIND[:ORDINAL][@ARCH])
       "peak_flops": {"f32": 6.7e13, "bf16": 9.89e14},   # FLOP/s per element type; f32 is required
       "mem_bw": 3.35e12,                  # device memory bandwidth, bytes/s
       "launch_s": 5e-6,                   # per-dispatch overhead, s
@@ -16,8 +16,10 @@ A profile file is JSON, either one profile or {"schema": SCHEMA, "profiles": [..
       "watts": 700,                       # board power while busy, W
       "price_per_hour": 3.0,              # $ per device-hour
       "source": "...",                    # where the figures come from
-      "calibrated": null                  # or what `polyarch calibrate` measured, and when
-    }
+      "calibrated": null,                 # or what `polyarch calibrate` measured, and when
+      "op_efficiency": {"conv": 0.5},     # optional: FLOP/s of an op class relative to peak (matmul)
+      "half_flops": 1e7                   # optional: FLOPs at which a matmul/conv reaches half its
+    }                                     #   rate (rate x flops / (flops + half_flops)); 0: none
 
 Element types without an entry in peak_flops use the f32 figure. The built-in
 profiles are spec-sheet figures (their sources are cited below and in `source`);
@@ -50,13 +52,17 @@ class DeviceProfile:
     price_per_hour: float
     source: str
     calibrated: dict | None = field(default=None)
+    op_efficiency: dict = field(default_factory=dict)
+    half_flops: float = 0.0
 
     @property
     def kind(self):
         return DeviceSpec.parse(self.device).kind
 
-    def peak(self, element_type="f32"):
-        return self.peak_flops.get(_FLOP_KEY.get(element_type, element_type), self.peak_flops["f32"])
+    def peak(self, element_type="f32", op_class=None):
+        """FLOP/s for an element type, scaled by the op class's efficiency (e.g. "conv")."""
+        p = self.peak_flops.get(_FLOP_KEY.get(element_type, element_type), self.peak_flops["f32"])
+        return p * self.op_efficiency.get(op_class, 1.0) if op_class else p
 
     def to_json(self):
         d = asdict(self)
@@ -87,8 +93,9 @@ BUILTIN = {
     # TF32 494.7 / BF16 and FP16 989.4 / FP8 1979 / INT8 1979 TFLOPS dense, HBM3 3.35 TB/s,
     # 80 GB, up to 700 W; host link PCIe Gen5 x16 (64 GB/s per direction, ~50 effective).
     # IREE's f32 matmuls do not use TF32 unless asked, so f32 is the CUDA-core figure.
+    # Device "cuda" (sm_80 code): IREE 3.13 has no sm_90 target; the driver JITs the PTX on Hopper.
     "cuda": DeviceProfile(
-        name="nvidia-h100-sxm", device="cuda@sm_90",
+        name="nvidia-h100-sxm", device="cuda",
         peak_flops={"f32": 6.7e13, "f16": 9.894e14, "bf16": 9.894e14, "f8": 1.979e15, "i8": 1.979e15},
         mem_bw=3.35e12, launch_s=5e-6, call_s=2e-5, mem_capacity=80e9,
         link_bw=5.0e10, link_latency_s=1e-5, watts=700.0, price_per_hour=3.0,
@@ -118,7 +125,7 @@ BUILTIN = {
 }
 
 _REQUIRED = ("name", "device", "peak_flops", "mem_bw", "launch_s", "mem_capacity", "link_bw", "link_latency_s")
-_DEFAULTS = {"call_s": 0.0, "watts": 0.0, "price_per_hour": 0.0, "source": "", "calibrated": None}
+_DEFAULTS = {"call_s": 0.0, "watts": 0.0, "price_per_hour": 0.0, "source": "", "calibrated": None, "op_efficiency": {}, "half_flops": 0.0}
 
 
 def from_json(obj, where="profile"):
@@ -143,10 +150,13 @@ def from_json(obj, where="profile"):
         v = pf[k.split(".", 1)[1]] if k.startswith("peak_flops.") else vals[k]
         if not isinstance(v, (int, float)) or not v > 0 or math.isinf(v):
             raise PolyarchError(f"{where}: {k} must be a positive number, not {v!r}", fix=FIELDS_HELP)
-    for k in ("launch_s", "call_s", "link_latency_s", "watts", "price_per_hour"):
+    for k in ("launch_s", "call_s", "link_latency_s", "watts", "price_per_hour", "half_flops"):
         if not isinstance(vals[k], (int, float)) or vals[k] < 0:
             raise PolyarchError(f"{where}: {k} must be a number >= 0, not {vals[k]!r}", fix=FIELDS_HELP)
     vals["peak_flops"] = {k: float(v) for k, v in pf.items()}
+    eff = vals["op_efficiency"]
+    if not isinstance(eff, dict) or any(not isinstance(v, (int, float)) or not v > 0 for v in eff.values()):
+        raise PolyarchError(f"{where}: op_efficiency must map op classes to positive numbers", fix=FIELDS_HELP)
     return DeviceProfile(**vals)
 
 

@@ -1,5 +1,7 @@
 """Device kind -> IREE compile flags and op support. (Device speed: compiler/profiles.py.)"""
 
+import re
+
 from ..runtime.devices import DeviceSpec
 
 # Element types (torch dialect spelling) and their sizes in bytes.
@@ -33,11 +35,25 @@ def iree_flags(spec: DeviceSpec):
             flags.append(f"--iree-vulkan-target={arch}")
         return flags
     if spec.kind == "cuda":
+        if re.match(r"^sm_(9\d|1\d\d)", arch):
+            from ..errors import PolyarchError
+
+            raise PolyarchError(
+                f"IREE 3.13 has no CUDA target '{arch}' (its compiler stops at 'missing GPU target')",
+                fix="compile for cuda@sm_89 or plain cuda (sm_80): the bundle carries PTX, which the driver "
+                    "compiles for newer GPUs (Hopper, Blackwell) when it loads",
+            )
         return ["--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}"]
     if spec.kind == "rocm":
         return ["--iree-hal-target-device=hip", f"--iree-rocm-target={arch}"]
     raise AssertionError(spec.kind)
 
+
+# Element types that cross segment boundaries as another type on every device: IREE
+# demotes f64 to f32 inside a function by default, but a function returning f64 then
+# fails at run time ("buffer view byte length 196608 exceeds backing buffer byte length
+# 98304", measured on local-task); so segments exchange f64 tensors as f32.
+BOUNDARY = {"f64": "f32"}
 
 # Narrow element types and the 32-bit type they travel as on targets without 8/16-bit storage.
 WIDEN = {"i1": "si32", "si8": "si32", "ui8": "si32", "si16": "si32", "f16": "f32", "bf16": "f32"}

@@ -79,12 +79,13 @@ def create_transfer(ir, value, src, dst, ip, result_type=None):
 
 
 def _same_or_widened(a, b):
-    from ..compiler.targets import WIDEN
+    from ..compiler.targets import BOUNDARY, WIDEN
 
     if a == b:
         return True
     ia, ib = tensor_info(a), tensor_info(b)
-    return bool(ia and ib) and ia[0] == ib[0] and (WIDEN.get(ia[1]) == ib[1] or WIDEN.get(ib[1]) == ia[1])
+    conv = {**WIDEN, **BOUNDARY}
+    return bool(ia and ib) and ia[0] == ib[0] and (conv.get(ia[1]) == ib[1] or conv.get(ib[1]) == ia[1])
 
 
 def verify(module):
@@ -104,7 +105,7 @@ def verify(module):
                     if attrs["from"].value == attrs["to"].value:
                         raise PolyarchError(f"{TRANSFER} from a device to itself", str(op.location))
                     if len(op.operands) != 1 or len(op.results) != 1 or not _same_or_widened(op.operands[0].type, op.results[0].type):
-                        raise PolyarchError(f"{TRANSFER} takes one tensor and returns one of the same shape and type (or its 32-bit widening)", str(op.location))
+                        raise PolyarchError(f"{TRANSFER} takes one tensor and returns one of the same shape and type (or its boundary type: 32-bit widening, f64 as f32)", str(op.location))
                     if is_segment:
                         raise PolyarchError(f"{TRANSFER} inside a device segment", str(op.location))
                 elif name.startswith("polyarch."):

@@ -9,8 +9,9 @@ Options:
     polyarch.cost = {bytes_read = R : i64, bytes_written = W : i64, flops = F : i64}
     polyarch.time_us = {cpu = T0 : f64, vulkan = T1 : f64}
 
-The time is a roofline: max(flops / peak[element type], bytes / memory bandwidth)
-+ dispatches x launch overhead. The module gets polyarch.profiles naming the
+The time is a roofline: max(flops / rate, bytes / memory bandwidth) + dispatches x
+launch overhead, where rate is peak[element type], and for matmuls and convolutions
+x op_efficiency[class] x flops / (flops + half_flops) (see op_time). The module gets polyarch.profiles naming the
 profile used for each device.
 
 FLOPs come from shapes (a multiply-add counts 2); bytes_read sums the tensor
@@ -110,11 +111,30 @@ def launches(op):
     return 0
 
 
-def op_time(flops, nbytes, dispatches, prof, element_type="f32"):
-    """Predicted seconds of an op on a device profile (roofline + launch overhead)."""
+def op_class(op):
+    """The profile's op_efficiency class of an op ("conv", "matmul"), or None."""
+    name = op.operation.name
+    base = name.split(".")[2] if name.startswith("torch.aten.") else name
+    return "conv" if base in CONVS else "matmul" if base in MATMULS else None
+
+
+def op_time(flops, nbytes, dispatches, prof, element_type="f32", klass=None):
+    """Predicted seconds of an op on a device profile: a roofline, max(flops / rate,
+    bytes / bandwidth), + launch overhead. For matmuls and convolutions the rate is
+    peak x op_efficiency[class] x flops / (flops + half_flops): a small op leaves the
+    device partly idle."""
     if flops == 0 and nbytes == 0:
         return 0.0
-    return max(flops / prof.peak(element_type), nbytes / prof.mem_bw) + dispatches * prof.launch_s
+    rate = prof.peak(element_type, klass)
+    if klass and prof.half_flops and flops:
+        rate *= flops / (flops + prof.half_flops)
+    return max(flops / rate, nbytes / prof.mem_bw) + dispatches * prof.launch_s
+
+
+def op_seconds(op, prof):
+    """op_time of an MLIR op on a profile (costs from polyarch.cost, or computed)."""
+    flops, r, w = cost_of(op)
+    return op_time(flops, r + w, launches(op), prof, result_element_type(op), op_class(op))
 
 
 def result_element_type(op):
@@ -145,9 +165,8 @@ def run(module, devices=(), profile=()):
             {"flops": ir.IntegerAttr.get(i64, flops), "bytes_read": ir.IntegerAttr.get(i64, r), "bytes_written": ir.IntegerAttr.get(i64, w)}
         )
         if specs:
-            et, n = result_element_type(op), launches(op)
             op.attributes[pa.TIME_US] = ir.DictAttr.get(
-                {name: ir.FloatAttr.get(f64, round(op_time(flops, r + w, n, p, et) * 1e6, 4)) for name, p in resolved.items()}
+                {name: ir.FloatAttr.get(f64, round(op_seconds(op, p) * 1e6, 4)) for name, p in resolved.items()}
             )
     if specs:
         module.operation.attributes[pa.PROFILES] = ir.DictAttr.get({name: ir.StringAttr.get(p.name) for name, p in resolved.items()})

@@ -15,7 +15,8 @@ Options:
 Per-op device times come from annotate-costs (polyarch.time_us; computed here with
 the same profiles if absent). An op a device cannot run (e.g. i64 tensors on default
 Vulkan) never goes there; neither do ops pinned elsewhere. Transfers are priced per
-tensor and destination with the profiles' host link figures; memory capacity
+tensor and destination with the profiles' host link figures, plus the call overhead
+of the segment that receives it (call_s); memory capacity
 (weights + peak live activations) is a constraint. The module gets polyarch.plan:
 the algorithm (and whether it is exact), the objective and the predicted latency,
 bottleneck, cost, energy and bytes moved. Ops not on their fastest device get
@@ -29,7 +30,7 @@ from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..runtime.devices import parse_devices
 from . import solver as S
-from .annotate_costs import cost_of, launches, op_time, result_element_type
+from .annotate_costs import op_seconds
 from .common import body_ops, describe, is_rematerialisable, main_func, module_path, tensor_bytes, element_types
 
 OPTIONS = {
@@ -119,6 +120,33 @@ def _weights_of(op):
     return out
 
 
+def _remat_element_types(op):
+    """Element types computed by the rematerialised ops an op pulls into its segment
+    (e.g. an si64 arange behind a causal mask): the device compiles them too."""
+    out, stack, seen = set(), list(op.operands), set()
+    while stack:
+        v = stack.pop()
+        owner = v.owner
+        if not hasattr(owner, "operation") or owner.operation in seen:
+            continue
+        o = owner.operation
+        seen.add(o)
+        if is_rematerialisable(o) and o.name != "torch.vtensor.literal":
+            for t in list(o.operands) + list(o.results):
+                info = pa.tensor_info(t.type)
+                if info:
+                    out.add(info[1])
+            stack.extend(o.operands)
+    return out
+
+
+def support_reason(op, spec):
+    """Why device `spec` cannot run this placed op (with what it pulls in), or None."""
+    ets = element_types(op) | _remat_element_types(op)
+    in_ets = {pa.tensor_info(v.type)[1] for v in op.operands if pa.is_tensor(v)}
+    return unsupported_reason(spec, ets, op.operation.name, in_ets)
+
+
 def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", profile=()):
     from torch_mlir import ir
 
@@ -145,12 +173,10 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
     times = [[0.0] * D for _ in range(n)]
     why_not = [[None] * D for _ in range(n)]
     for i, op in enumerate(placed):
-        ets = element_types(op)
-        in_ets = {pa.tensor_info(v.type)[1] for v in op.operands if pa.is_tensor(v)}
         dev_pin, pin_why = _pin_of(op, pins)
         given = op.attributes[pa.TIME_US] if pa.TIME_US in op.attributes else None
         for j, s in enumerate(specs):
-            reason = unsupported_reason(s, ets, op.operation.name, in_ets)
+            reason = support_reason(op, s)
             if reason:
                 times[i][j], why_not[i][j] = INF, f"{s.name} cannot run it: {reason}"
             elif dev_pin is not None and dev_pin != s.name:
@@ -158,8 +184,7 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
             elif given is not None and s.name in given:
                 times[i][j] = given[s.name].value * 1e-6
             else:
-                flops, r, w = cost_of(op)
-                times[i][j] = op_time(flops, r + w, launches(op), profs[s.name], result_element_type(op))
+                times[i][j] = op_seconds(op, profs[s.name])
         if dev_pin is not None and dev_pin in names and times[i][names.index(dev_pin)] == INF:
             raise PolyarchError(
                 f"{describe(op)} is pinned to {dev_pin}, which cannot run it ({why_not[i][names.index(dev_pin)]})",
@@ -207,8 +232,11 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
     locs = [profs[nm] for nm in names] + [host_prof]
 
     def link(a, b, nbytes):
+        # A tensor moved to a device also means a segment call there: its call overhead
+        # (submit + wait) is charged with the transfer.
         pa_, pb_ = (None if a == host else locs[a]), (None if b == host else locs[b])
-        return link_time(pa_, pb_, nbytes)
+        t = link_time(pa_, pb_, nbytes)
+        return t + locs[b].call_s if (a != b and nbytes and b < D) else t
 
     problem = S.Problem(
         devices=names, comp=times, values=values, link=link, host=host,

@@ -8,13 +8,14 @@ Every maximal run of consecutive placed ops on one device (program order) become
 On a device without 8/16-bit storage (the default Vulkan target), the segment's
 narrow inputs and outputs (i1, si8, f16, ...) travel widened to 32 bits: the
 function converts them with torch.aten.to.dtype inside, and the runtime casts host
-arrays to the segment's declared types.
+arrays to the segment's declared types. f64 tensors cross every boundary as f32
+(IREE demotes f64 inside, but sizes f64 results wrongly at the function boundary).
 
 Constants, weights and glue (lists, scalars) are rematerialised: cloned into each
 segment that uses them, never passed between segments. @main becomes a sequence of
 func.call @seg_N, with a "polyarch.transfer" wherever a tensor crosses devices."""
 
-from ..compiler.targets import WIDEN, has_narrow_storage
+from ..compiler.targets import BOUNDARY, WIDEN, has_narrow_storage
 from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
 from ..errors import PolyarchError
@@ -93,8 +94,8 @@ def run(module):
                 raise PolyarchError(f"a non-tensor value crosses into segment {k} ({dev})", fix="report this model to polyarch; glue ops should be rematerialised")
         name = f"seg_{k}"
         widen = not has_narrow_storage(DeviceSpec.parse(dev))
-        in_types = [_widened(ir, v.type) if widen else v.type for v in inputs]
-        out_types = [_widened(ir, v.type) if widen else v.type for v in outputs]
+        in_types = [_boundary_type(ir, v.type, widen) for v in inputs]
+        out_types = [_boundary_type(ir, v.type, widen) for v in outputs]
         fn = func.FuncOp(name, (in_types, out_types), ip=module_ip)
         fn.attributes[pa.DEVICE] = ir.StringAttr.get(dev)
         total = sum(op.attributes[pa.TIME_US][dev].value for op in sops if pa.TIME_US in op.attributes)
@@ -150,12 +151,17 @@ def remat_sorted(remat, ops):
 _TORCH_DTYPE = {"ui8": 0, "si8": 1, "si16": 2, "si32": 3, "si64": 4, "f16": 5, "f32": 6, "f64": 7, "i1": 11, "bf16": 15}
 
 
-def _widened(ir, type_):
+def _boundary_type(ir, type_, widen):
+    """The type a tensor crosses a segment boundary as: f64 as f32 everywhere (BOUNDARY),
+    narrow types widened to 32 bits where the device needs it."""
     info = pa.tensor_info(type_)
-    if info is None or info[1] not in WIDEN:
+    if info is None:
         return type_
     shape, et = info
-    return ir.Type.parse(f"!torch.vtensor<[{','.join(map(str, shape))}],{WIDEN[et]}>")
+    to = BOUNDARY.get(et) or (WIDEN.get(et) if widen else None)
+    if not to:
+        return type_
+    return ir.Type.parse(f"!torch.vtensor<[{','.join(map(str, shape))}],{to}>")
 
 
 def _convert(ir, value, to_type, ip):

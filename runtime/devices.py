@@ -16,7 +16,7 @@ _SPEC = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<ordinal>\d+))?(?:@(?P<arch>[A-Za-z
 SPEC_HELP = (
     "a device is KIND[:ORDINAL][@ARCH] with KIND one of "
     + ", ".join(DRIVERS)
-    + ", e.g. cpu, vulkan, cuda:1@sm_90, rocm@gfx942"
+    + ", e.g. cpu, vulkan, cuda:1@sm_86, rocm@gfx942"
 )
 
 

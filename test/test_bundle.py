@@ -13,7 +13,7 @@ from polyarch.runtime import bundle as fmt
 def bundle(tmp_path_factory, mlp):
     model, inputs = mlp
     path = tmp_path_factory.mktemp("b") / "mlp.pab"
-    polyarch.compile(model, inputs, devices=["cpu", "vulkan"], pins=["fc1=cpu"], output=str(path))
+    polyarch.compile(model, inputs, devices=["cpu", "vulkan"], pins=["fc1=cpu", "fc2=vulkan"], output=str(path))
     return path
 
 

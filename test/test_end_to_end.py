@@ -25,7 +25,7 @@ def _devices_used(run):
 
 def test_mlp_split_cpu_vulkan(tmp_path, mlp):
     model, inputs = mlp
-    run, out = _run(tmp_path, model, inputs, ["cpu", "vulkan"], pins=["fc1=cpu", "fc3=cpu"])
+    run, out = _run(tmp_path, model, inputs, ["cpu", "vulkan"], pins=["fc1=cpu", "fc2=vulkan", "fc3=cpu"])
     assert _devices_used(run) == {"cpu", "vulkan"}
     assert [s["device"] for s in run.manifest["segments"]] == ["cpu", "vulkan", "cpu"]
     np.testing.assert_allclose(out, eager(model, inputs), atol=TOL, rtol=0)

@@ -61,7 +61,7 @@ _model_options = [
                       "Default: the model file's example_inputs()."),
     click.option("-d", "--device", "devices", multiple=True, metavar="SPEC",
                  help="Target device, repeatable: KIND[:ORDINAL][@ARCH] with KIND cpu, vulkan, cuda, rocm "
-                      "(e.g. cpu, vulkan, cuda:1@sm_90, rocm@gfx942). Default: the devices of the --profile "
+                      "(e.g. cpu, vulkan, cuda:1@sm_86, rocm@gfx942). Default: the devices of the --profile "
                       "files, else cpu."),
     click.option("--pin", "pins", multiple=True, metavar="PATTERN=DEVICE",
                  help="Force ops onto a device: PATTERN is an op name (torch.aten.mm) or a module path prefix "
@@ -104,8 +104,9 @@ def cli():
 
     \b
     Typical session:
-      polyarch plan    examples/minilm.py --device cpu --device vulkan
-      polyarch compile examples/minilm.py --device cpu --device vulkan -o minilm.pab
+      polyarch calibrate --device cpu --device vulkan -o profile.json
+      polyarch plan    examples/minilm.py --profile profile.json --explain
+      polyarch compile examples/minilm.py --profile profile.json -o minilm.pab
       polyarch inspect minilm.pab
       polyarch run     minilm.pab
 
@@ -282,6 +283,47 @@ def inspect(bundle, as_json):
         click.echo(f"  transfers: {len(transfers)}, {sum(t['bytes'] for t in transfers) / 1e6:.3f} MB per call")
     total = sum(v["size"] for v in m["members"].values())
     click.echo(f"  members: {len(m['members'])}, {total / 1e6:.2f} MB, all SHA-256 verified")
+
+
+@cli.command()
+@click.option("-d", "--device", "devices", multiple=True, default=("cpu",), show_default=True, metavar="SPEC",
+              help="Device to measure, repeatable (it must be present on this host).")
+@click.option("-o", "--output", default="profile.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Profile file to write (one entry per device).")
+@click.option("--quick", is_flag=True, help="Fewer sizes: about half the time, somewhat less precise.")
+@click.option("--like", "like", multiple=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE.json",
+              help="Take the figures calibration cannot measure (watts, price, memory capacity) from this profile "
+                   "instead of the built-in one of the device's kind.")
+@click.option("--kernels", type=click.Path(file_okay=False), metavar="DIR",
+              help="Keep the compiled microbenchmarks here and reuse them (a host with the runtime only can "
+                   "calibrate from a folder filled on a host with the compiler).")
+def calibrate(devices, output, quick, like, kernels):
+    """Measure this host's devices and write a device profile for the cost model.
+
+    Runs IREE-compiled microbenchmarks on each device: a matmul sweep (peak
+    FLOP/s), an elementwise sweep (memory bandwidth), chains of tiny dispatches
+    (launch and call overhead) and a host<->device transfer sweep (link
+    bandwidth and latency). Takes 10-60 s per device.
+
+    \b
+    Examples:
+      polyarch calibrate --device cpu --device vulkan -o profile.json
+      polyarch plan examples/minilm.py --profile profile.json --explain
+      polyarch compile examples/minilm.py --profile profile.json -o m.pab
+    """
+    from ..compiler import calibrate as C, profiles as P
+
+    try:
+        progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
+        profs = C.calibrate(list(devices), like=list(like) or None, progress=progress, quick=quick, kernels=kernels)
+        P.save(output, profs)
+    except PolyarchError as e:
+        _fail(e)
+    for p in profs:
+        click.echo(f"{p.device}: {p.peak_flops['f32'] / 1e9:.1f} GFLOP/s f32, {p.mem_bw / 1e9:.1f} GB/s, "
+                   f"call {p.call_s * 1e6:.1f} us, dispatch {p.launch_s * 1e6:.2f} us, "
+                   f"link {p.link_bw / 1e9:.2f} GB/s + {p.link_latency_s * 1e6:.1f} us")
+    click.echo(f"wrote {output}")
 
 
 def main():

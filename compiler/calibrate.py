@@ -1,0 +1,294 @@
+"""`polyarch calibrate`: measure local devices with IREE-compiled microbenchmarks and
+write a device profile.
+
+The suite (one module per device, f32):
+  matmul sweep      linalg.matmul, M x K x N from 64^3 to 1024^3 and transformer-like shapes
+  convolution sweep 3x3 linalg.conv_2d_nchw_fchw, CNN-like shapes (-> op_efficiency.conv)
+  elementwise sweep a + b over 64K .. 16M elements (memory bound)
+  empty dispatch    a chain of 1 and of 16 dependent tiny matmuls (one dispatch each)
+  transfer sweep    host -> device and device -> host copies, 4 KB .. 64 MB
+
+Fitted figures: launch_s = (t16 - t1) / 15; call_s = t1 - launch_s; peak f32 and
+half_flops by fitting rate = peak x flops / (flops + half_flops) to the matmul
+sweep; op_efficiency.conv = the convolutions' median rate relative to that; mem_bw = median achieved bytes/s over the
+large elementwise sizes; link bandwidth and latency by least squares over the transfer
+sweep. Power, price and memory capacity cannot be measured this way: they are kept
+from the built-in profile of the device's kind (or --like FILE)."""
+
+import datetime
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from ..errors import PolyarchError
+from ..runtime.devices import DeviceSpec
+from . import profiles as P
+
+MATMULS = [(64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
+           (256, 384, 384), (256, 384, 1536), (256, 1536, 384), (2048, 512, 512)]
+# (N, C, H, W, F): 3x3 convolutions, no padding
+CONVS = [(4, 3, 34, 34, 16), (4, 16, 18, 18, 32), (8, 32, 34, 34, 64), (8, 64, 18, 18, 64)]
+ELEMENTWISE = [1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24]
+CHAIN = (1, 16)
+TRANSFERS = [1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24, 1 << 26]
+QUICK = {"MATMULS": MATMULS[:4] + MATMULS[5:7], "ELEMENTWISE": ELEMENTWISE[:4], "TRANSFERS": TRANSFERS[:5], "CONVS": CONVS[:3]}
+
+
+def _mm_func(m, k, n):
+    t = lambda a, b: f"tensor<{a}x{b}xf32>"
+    return f"""
+  func.func @mm_{m}_{k}_{n}(%a: {t(m, k)}, %b: {t(k, n)}) -> {t(m, n)} {{
+    %z = arith.constant 0.0 : f32
+    %e = tensor.empty() : {t(m, n)}
+    %f = linalg.fill ins(%z : f32) outs(%e : {t(m, n)}) -> {t(m, n)}
+    %r = linalg.matmul ins(%a, %b : {t(m, k)}, {t(k, n)}) outs(%f : {t(m, n)}) -> {t(m, n)}
+    return %r : {t(m, n)}
+  }}"""
+
+
+def _conv_func(n, c, h, w, f):
+    ho, wo = h - 2, w - 2
+    x, k, o = f"tensor<{n}x{c}x{h}x{w}xf32>", f"tensor<{f}x{c}x3x3xf32>", f"tensor<{n}x{f}x{ho}x{wo}xf32>"
+    return f"""
+  func.func @conv_{n}_{c}_{h}_{w}_{f}(%x: {x}, %k: {k}) -> {o} {{
+    %z = arith.constant 0.0 : f32
+    %e = tensor.empty() : {o}
+    %f = linalg.fill ins(%z : f32) outs(%e : {o}) -> {o}
+    %r = linalg.conv_2d_nchw_fchw {{dilations = dense<1> : tensor<2xi64>, strides = dense<1> : tensor<2xi64>}}
+           ins(%x, %k : {x}, {k}) outs(%f : {o}) -> {o}
+    return %r : {o}
+  }}"""
+
+
+def _add_func(n):
+    t = f"tensor<{n}xf32>"
+    return f"""
+  func.func @add_{n}(%a: {t}, %b: {t}) -> {t} {{
+    %e = tensor.empty() : {t}
+    %r = linalg.generic {{indexing_maps = [affine_map<(i) -> (i)>, affine_map<(i) -> (i)>, affine_map<(i) -> (i)>],
+                          iterator_types = ["parallel"]}} ins(%a, %b : {t}, {t}) outs(%e : {t}) {{
+      ^bb0(%x: f32, %y: f32, %o: f32):
+        %s = arith.addf %x, %y : f32
+        linalg.yield %s : f32
+    }} -> {t}
+    return %r : {t}
+  }}"""
+
+
+def _chain_func(k):
+    t = "tensor<8x8xf32>"
+    body, cur = [], "%a"
+    for i in range(k):
+        body.append(f"    %e{i} = tensor.empty() : {t}\n    %f{i} = linalg.fill ins(%z : f32) outs(%e{i} : {t}) -> {t}\n"
+                    f"    %m{i} = linalg.matmul ins({cur}, %w : {t}, {t}) outs(%f{i} : {t}) -> {t}")
+        cur = f"%m{i}"
+    return f"""
+  func.func @chain_{k}(%a: {t}, %w: {t}) -> {t} {{
+    %z = arith.constant 0.0 : f32
+{chr(10).join(body)}
+    return {cur} : {t}
+  }}"""
+
+
+def suite_mlir(quick=False):
+    mms = QUICK["MATMULS"] if quick else MATMULS
+    adds = QUICK["ELEMENTWISE"] if quick else ELEMENTWISE
+    convs = QUICK["CONVS"] if quick else CONVS
+    funcs = [_mm_func(*s) for s in mms] + [_conv_func(*s) for s in convs] + [_add_func(n) for n in adds] + [_chain_func(k) for k in CHAIN]
+    return "module {" + "".join(funcs) + "\n}\n"
+
+
+def compile_suite(spec, quick=False):
+    """The microbenchmark module compiled for a device -> vmfb bytes."""
+    import subprocess
+
+    from .driver import _iree_compile_tool
+    from .targets import iree_flags
+
+    spec = DeviceSpec.parse(spec)
+    with tempfile.TemporaryDirectory(prefix="polyarch-cal-") as tmp:
+        src, out = os.path.join(tmp, "suite.mlir"), os.path.join(tmp, "suite.vmfb")
+        with open(src, "w") as f:
+            f.write(suite_mlir(quick))
+        r = subprocess.run([_iree_compile_tool(), src, *iree_flags(spec), "-o", out], capture_output=True, text=True)
+        if r.returncode:
+            raise PolyarchError(f"IREE could not compile the calibration suite for {spec.name}: {r.stderr.strip().splitlines()[0] if r.stderr.strip() else r.returncode}")
+        with open(out, "rb") as f:
+            return f.read()
+
+
+def _time(fn, min_s=0.15, max_reps=40):
+    fn()  # warm-up (first call pays lazy initialisation)
+    ts = []
+    start = time.perf_counter()
+    while len(ts) < 3 or (time.perf_counter() - start < min_s and len(ts) < max_reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def measure(spec, vmfb, like=None, progress=None, quick=False):
+    """Run the suite on the device -> (DeviceProfile fitted to it, raw measurements)."""
+    import iree.runtime as rt
+
+    from ..runtime.executor import create_device, to_host
+
+    progress = progress or (lambda m: None)
+    spec = DeviceSpec.parse(spec)
+    base = like or P.BUILTIN[spec.kind]
+    dev = create_device(spec)
+    ctx = rt.SystemContext(config=rt.Config(device=dev))
+    ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, vmfb))
+    mod = ctx.modules.module
+    rng = np.random.default_rng(0)
+    up = lambda a: rt.asdevicearray(dev, a)
+    sync = lambda r: r._buffer_view  # calls are synchronous (IREE's default execution model)
+    raw = {"matmul": [], "conv": [], "elementwise": [], "chain": {}, "upload": [], "download": []}
+
+    # Every kernel once before any timing: drivers may compile pipelines lazily or in
+    # background threads (lavapipe does), which would pollute the first measurements.
+    jobs = []
+    for k in CHAIN:
+        a, w = up(rng.standard_normal((8, 8), np.float32)), up(rng.standard_normal((8, 8), np.float32) * 0.1)
+        jobs.append((("chain", k), mod[f"chain_{k}"], (a, w)))
+    for m, k, n in (QUICK["MATMULS"] if quick else MATMULS):
+        a, b = up(rng.standard_normal((m, k), np.float32)), up(rng.standard_normal((k, n), np.float32))
+        jobs.append((("matmul", (m, k, n)), mod[f"mm_{m}_{k}_{n}"], (a, b)))
+    for n, c, h, w, f in (QUICK["CONVS"] if quick else CONVS):
+        x, k = up(rng.standard_normal((n, c, h, w), np.float32)), up(rng.standard_normal((f, c, 3, 3), np.float32))
+        jobs.append((("conv", (n, c, h, w, f)), mod[f"conv_{n}_{c}_{h}_{w}_{f}"], (x, k)))
+    for n in (QUICK["ELEMENTWISE"] if quick else ELEMENTWISE):
+        a, b = up(rng.standard_normal(n, np.float32)), up(rng.standard_normal(n, np.float32))
+        jobs.append((("elementwise", n), mod[f"add_{n}"], (a, b)))
+    for _, f, args in jobs:
+        sync(f(*args))
+    # Spin up: an idle GPU (or a CPU in a power-saving state) starts at low clocks.
+    big = max((j for j in jobs if j[0][0] == "matmul"), key=lambda j: j[0][1][0] * j[0][1][1] * j[0][1][2])
+    until = time.perf_counter() + 0.5
+    while time.perf_counter() < until:
+        sync(big[1](*big[2]))
+    times = {key: _time(lambda: sync(f(*args))) for key, f, args in jobs if key[0] != "chain"}
+    # Overheads are small and noisy (thread wake-ups): the two chains alternate, many times.
+    chains = [(key, f, args) for key, f, args in jobs if key[0] == "chain"]
+    samples = {key: [] for key, _, _ in chains}
+    deadline = time.perf_counter() + 0.5
+    while len(samples[chains[0][0]]) < 20 or (time.perf_counter() < deadline and len(samples[chains[0][0]]) < 300):
+        for key, f, args in chains:
+            t = time.perf_counter()
+            sync(f(*args))
+            samples[key].append(time.perf_counter() - t)
+    times.update({key: statistics.median(v) for key, v in samples.items()})
+
+    raw["chain"] = {k: times[("chain", k)] for k in CHAIN}
+    for m, k, n in (QUICK["MATMULS"] if quick else MATMULS):
+        raw["matmul"].append({"m": m, "k": k, "n": n, "s": times[("matmul", (m, k, n))], "flops": 2 * m * k * n})
+    for n, c, h, w, f in (QUICK["CONVS"] if quick else CONVS):
+        raw["conv"].append({"shape": [n, c, h, w, f], "s": times[("conv", (n, c, h, w, f))],
+                            "flops": 2 * n * f * (h - 2) * (w - 2) * c * 9, "outputs": n * f * (h - 2) * (w - 2)})
+    for n in (QUICK["ELEMENTWISE"] if quick else ELEMENTWISE):
+        raw["elementwise"].append({"n": n, "s": times[("elementwise", n)], "bytes": 12 * n})
+    for nbytes in (QUICK["TRANSFERS"] if quick else TRANSFERS):
+        host = np.ones(nbytes // 4, np.float32)
+        raw["upload"].append({"bytes": nbytes, "s": _time(lambda: sync(rt.asdevicearray(dev, host)))})
+        darr = rt.asdevicearray(dev, host)
+        raw["download"].append({"bytes": nbytes, "s": _time(lambda: to_host(dev, darr, np.float32))})
+    return fit(spec, raw, base, progress, quick), raw
+
+
+def fit(spec, raw, base, progress=None, quick=False):
+    """The profile's figures from raw suite measurements (see the module docstring)."""
+    progress = progress or (lambda m: None)
+    spec = DeviceSpec.parse(spec)
+    chain = {int(k): v for k, v in raw["chain"].items()}
+    launch = max(0.0, (chain[CHAIN[1]] - chain[CHAIN[0]]) / (CHAIN[1] - CHAIN[0]))
+    call = max(0.0, chain[CHAIN[0]] - launch)
+    progress(f"{spec.name}: call {call * 1e6:.1f} us, dispatch {launch * 1e6:.2f} us")
+    # Points where the overheads are most of the time say little about the rate.
+    useful = [r for r in raw["matmul"] if r["s"] > 1.5 * (call + launch)] or raw["matmul"]
+    pts = [(r["flops"], r["flops"] / max(r["s"] * 0.1, r["s"] - call - launch)) for r in useful]
+    peak, half = _fit_saturation(pts)
+    progress(f"{spec.name}: matmul {peak / 1e9:.1f} GFLOP/s at full occupancy, half of it at {half / 1e6:.2f} MFLOP per op "
+             f"(measured {min(p for _, p in pts) / 1e9:.1f} .. {max(p for _, p in pts) / 1e9:.1f})")
+    conv_eff = statistics.median(
+        r["flops"] / max(r["s"] * 0.1, r["s"] - call - launch) / (peak * r["flops"] / (r["flops"] + half)) for r in raw["conv"])
+    progress(f"{spec.name}: convolution at {conv_eff:.2f} x the matmul rate")
+    bws = [r["bytes"] / max(r["s"] * 0.1, r["s"] - call - launch) for r in raw["elementwise"] if r["n"] >= (1 << 20)]
+    bw = statistics.median(bws)
+    progress(f"{spec.name}: elementwise {bw / 1e9:.1f} GB/s")
+    link_bw, link_lat = _fit_link(raw["upload"], raw["download"])
+    progress(f"{spec.name}: host link {link_bw / 1e9:.2f} GB/s, {link_lat * 1e6:.1f} us per transfer")
+
+    from .. import __version__
+
+    return replace(
+        base,
+        name=f"calibrated-{spec.name}",
+        device=spec.name,
+        peak_flops={"f32": peak, **{k: v * peak / base.peak_flops["f32"] for k, v in base.peak_flops.items() if k != "f32"}},
+        op_efficiency={**base.op_efficiency, "conv": conv_eff}, half_flops=half,
+        mem_bw=bw, launch_s=launch, call_s=call, link_bw=link_bw, link_latency_s=link_lat,
+        source=f"measured by polyarch calibrate; watts, price and mem_capacity from {base.name}; "
+               f"non-f32 peaks scaled from it by the measured f32 ratio",
+        calibrated={"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "polyarch": __version__, "quick": quick, "raw": raw},
+    )
+
+
+def _fit_saturation(points):
+    """Fit rate = peak x n / (n + half) to (work n, achieved FLOP/s) points:
+    1/rate = 1/peak + (half/peak) / n is linear in 1/n (least squares, relative)."""
+    x = np.array([1.0 / n for n, _ in points])
+    y = np.array([1.0 / r for _, r in points])
+    w = 1.0 / y  # relative error weighting
+    b, a = np.polyfit(x, y, 1, w=w)
+    if a <= 0 or b < 0:
+        return float(statistics.median(r for _, r in points)), 0.0
+    return float(1.0 / a), float(b / a)
+
+
+def _fit_link(upload, download):
+    """Latency from the smallest transfer, bandwidth from the smallest to the largest
+    (robust to a noisy pair of large sizes), averaged over both directions."""
+    bws, lats = [], []
+    for rows in (upload, download):
+        rows = sorted(rows, key=lambda r: r["bytes"])
+        lo, hi = rows[0], rows[-1]
+        bw = (hi["bytes"] - lo["bytes"]) / max(1e-9, hi["s"] - lo["s"])
+        bws.append(bw)
+        lats.append(max(0.0, lo["s"] - lo["bytes"] / bw))
+    return float(statistics.mean(bws)), float(statistics.mean(lats))
+
+
+def calibrate(devices, like=None, progress=None, quick=False, kernels=None):
+    """Measure each device -> [DeviceProfile]. kernels: a folder to reuse/store compiled suites."""
+    out = []
+    for d in devices:
+        spec = DeviceSpec.parse(d)
+        vmfb = None
+        import hashlib
+
+        digest = hashlib.sha256(suite_mlir(quick).encode()).hexdigest()[:12]  # a changed suite is recompiled
+        path = os.path.join(kernels, f"calibrate-{spec.name.replace(':', '_').replace('@', '_')}-{digest}.vmfb") if kernels else None
+        if path and os.path.exists(path):
+            with open(path, "rb") as f:
+                vmfb = f.read()
+        if vmfb is None:
+            t = time.time()
+            vmfb = compile_suite(spec, quick)
+            if progress:
+                progress(f"{spec.name}: compiled the suite in {time.time() - t:.1f}s")
+            if path:
+                os.makedirs(kernels, exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(vmfb)
+        base = None
+        if like:
+            cands = [p for p in P.load_all(like) if DeviceSpec.parse(p.device).kind == spec.kind]
+            base = cands[0] if cands else None
+        out.append(measure(spec, vmfb, like=base, progress=progress, quick=quick)[0])
+    return out
