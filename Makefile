@@ -21,6 +21,8 @@ lit: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_minilm.py
+	$(VENV)/bin/python bench/cost_model.py
+	$(VENV)/bin/python bench/plan_regret.py --profile out/bench/profile.json
 
 clean:
 	rm -rf out test/passes/Output .pytest_cache
