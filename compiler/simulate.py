@@ -142,39 +142,45 @@ def explain(module, profile_files=()):
 
 def timeline(report, requests=1):
     """Simulate `requests` calls: segments run on their device, transfers on the host
-    link of each non-cpu end; a step starts when its inputs are ready and its devices
-    are free (calls after the first overlap with it: a pipeline).
+    link of each non-cpu end. Greedy list scheduling: repeatedly start, among the next
+    steps of all calls, the one that can start earliest (inputs ready, devices free),
+    so later calls overlap earlier ones where devices are idle: a pipeline.
     -> [{name, kind, track, start, dur, request, bytes}] in seconds."""
     by_name = {s.name: s for s in report.segments}
-    free = {}
-    events = []
 
-    def tracks_of(st):
+    def shape(st):
         if st["op"] == "call":
-            return [st["segment_device"]]
+            seg = by_name[st["segment"]]
+            return seg.name, [seg.device], seg.predicted_us * 1e-6 + seg.call_s, st["args"], st["results"], 0
         ends = [d for d in (st["from"], st["to"]) if d != pa.HOST and report.profiles[d].kind != "cpu"]
-        return [f"link {d}" for d in ends] or ["link host"]
+        tracks = [f"link {d}" for d in ends] or ["link host"]
+        return f"{st['from']} -> {st['to']}", tracks, st["seconds"], [st["src"]], [st["dst"]], st["bytes"]
 
-    for r in range(requests):
-        ready = {}
-        for st in report.steps:
-            if st["op"] == "call":
-                seg = by_name[st["segment"]]
-                st = dict(st, segment_device=seg.device)
-                dur = seg.predicted_us * 1e-6 + seg.call_s
-                deps = st["args"]
-                name, nbytes = seg.name, 0
-            else:
-                dur, deps, name, nbytes = st["seconds"], [st["src"]], f"{st['from']} -> {st['to']}", st["bytes"]
-            tracks = tracks_of(st)
-            start = max([ready.get(a, 0.0) for a in deps] + [free.get(t, 0.0) for t in tracks] + [0.0])
-            end = start + dur
-            for t in tracks:
-                free[t] = end
-            for v in st.get("results", [st.get("dst")]):
-                ready[v] = end
-            events.append({"name": name, "kind": st["op"], "track": tracks[0], "start": start, "dur": dur,
-                           "request": r, "bytes": nbytes})
+    steps = [shape(st) for st in report.steps]
+    kinds = [st["op"] for st in report.steps]
+    free, ready = {}, [dict() for _ in range(requests)]
+    nxt = [0] * requests
+    events = []
+    while any(i < len(steps) for i in nxt):
+        best = None
+        for r in range(requests):
+            i = nxt[r]
+            if i >= len(steps):
+                continue
+            name, tracks, dur, deps, outs, nbytes = steps[i]
+            start = max([ready[r].get(a, 0.0) for a in deps] + [free.get(t, 0.0) for t in tracks] + [0.0])
+            if best is None or start < best[0] - 1e-12:
+                best = (start, r)
+        start, r = best
+        name, tracks, dur, deps, outs, nbytes = steps[nxt[r]]
+        end = start + dur
+        for t in tracks:
+            free[t] = end
+        for v in outs:
+            ready[r][v] = end
+        events.append({"name": name, "kind": kinds[nxt[r]], "track": tracks[0], "start": start, "dur": dur,
+                       "request": r, "bytes": nbytes})
+        nxt[r] += 1
     return events
 
 
