@@ -103,40 +103,35 @@ def _users(value):
     return [u.owner.operation for u in value.uses]
 
 
-def _weights_of(op):
-    """{literal op: bytes} of the weights an op reads (directly or through rematerialised ops)."""
-    out, stack, seen = {}, list(op.operands), set()
+def _remat_ancestors(op):
+    """The rematerialised ops (weights included) an op pulls into its segment."""
+    stack, seen = list(op.operands), set()
     while stack:
-        v = stack.pop()
-        owner = v.owner
+        owner = stack.pop().owner
         if not hasattr(owner, "operation") or owner.operation in seen:
             continue
         o = owner.operation
         seen.add(o)
-        if o.name == "torch.vtensor.literal":
-            out[o] = tensor_bytes(o.results[0])
-        elif is_rematerialisable(o):
+        if is_rematerialisable(o):
+            yield o
             stack.extend(o.operands)
-    return out
+
+
+def _weights_of(op):
+    """{literal op: bytes} of the weights an op reads (directly or through rematerialised ops)."""
+    return {o: tensor_bytes(o.results[0]) for o in _remat_ancestors(op) if o.name == "torch.vtensor.literal"}
 
 
 def _remat_element_types(op):
     """Element types computed by the rematerialised ops an op pulls into its segment
     (e.g. an si64 arange behind a causal mask): the device compiles them too."""
-    out, stack, seen = set(), list(op.operands), set()
-    while stack:
-        v = stack.pop()
-        owner = v.owner
-        if not hasattr(owner, "operation") or owner.operation in seen:
-            continue
-        o = owner.operation
-        seen.add(o)
-        if is_rematerialisable(o) and o.name != "torch.vtensor.literal":
+    out = set()
+    for o in _remat_ancestors(op):
+        if o.name != "torch.vtensor.literal":
             for t in list(o.operands) + list(o.results):
                 info = pa.tensor_info(t.type)
                 if info:
                     out.add(info[1])
-            stack.extend(o.operands)
     return out
 
 
