@@ -25,7 +25,7 @@ polyarch.reason."""
 import math
 
 from ..compiler import profiles as P
-from ..compiler.targets import unsupported_reason
+from ..compiler.targets import BOUNDARY, ELEMENT_BYTES, WIDEN, has_narrow_storage, unsupported_reason
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..runtime.devices import parse_devices
@@ -97,6 +97,18 @@ def _pin_of(op, pins):
             hits[0] += 1
             return dev, f"pinned by user ({pattern}={dev})"
     return None, None
+
+
+def _boundary_bytes(value, widen):
+    """Bytes a tensor moves as between segments: f64 as f32, and narrow types as 32-bit
+    when a target lacks narrow storage (outline-segments converts them at the boundary)."""
+    nb = tensor_bytes(value)
+    info = pa.tensor_info(value.type)
+    if not nb or not info:
+        return nb
+    et = info[1]
+    to = BOUNDARY.get(et) or (WIDEN.get(et) if widen else None)
+    return nb // ELEMENT_BYTES.get(et, 4) * ELEMENT_BYTES[to] if to else nb
 
 
 def _users(value):
@@ -215,8 +227,9 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
 
     values = []
     defs = [(-1, a) for a in main.regions[0].blocks[0].arguments] + [(i, r) for i, op in enumerate(placed) for r in op.results]
+    widen = any(not has_narrow_storage(s) for s in specs)
     for i, v in defs:
-        nb = tensor_bytes(v)
+        nb = _boundary_bytes(v, widen)
         if nb:
             cons, ret = readers(v)
             values.append(S.Value(i, nb, cons, ret))
