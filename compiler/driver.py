@@ -194,7 +194,7 @@ def _versions():
 
 def build_manifest(module, sig, vmfbs):
     from .. import __version__
-    from ..passes.common import body_ops
+    from ..passes.common import body_ops, module_path, source_line
 
     steps, outputs = schedule_of(module)
     plan_attr = module.operation.attributes[pa.PLAN]
@@ -212,6 +212,11 @@ def build_manifest(module, sig, vmfbs):
             "outputs": [_tensor_desc(t) for t in ftype.results],
             "predicted_us": fn.attributes[pa.TIME_US].value,
             "ops": sum(1 for op in ops if pa.DEVICE in op.attributes),
+            "op_list": [
+                {"op": op.operation.name, "path": module_path(op), "source": source_line(op),
+                 "predicted_us": op.attributes[pa.TIME_US][device].value if pa.TIME_US in op.attributes and device in op.attributes[pa.TIME_US] else 0.0}
+                for op in ops if pa.DEVICE in op.attributes
+            ],
             "iree_flags": [c for c in cmd[2:] if c.startswith("--")],
         })
     return {

@@ -1,6 +1,8 @@
 """The `.pab` bundle format, read side (the compiler's writer builds on it).
 
-A bundle is a zip archive whose members are stored uncompressed:
+A bundle is a zip archive whose members are stored uncompressed, each member's data
+starting at a multiple of 4096 bytes in the file (schema 2; the local header's extra
+field carries the padding), so that the runtime maps modules straight from the file:
   manifest.json          versioned description: signature, devices, segments, schedule,
                          predicted costs, and the SHA-256 and size of every other member
   <segment>.<device>.vmfb  one IREE module per segment and target
@@ -9,13 +11,17 @@ A bundle is a zip archive whose members are stored uncompressed:
 
 import hashlib
 import json
+import mmap
+import struct
 import zipfile
 
 from ..errors import BundleError
 
 FORMAT = "polyarch-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: members 4096-aligned (1: unaligned, still read, by copying)
 MANIFEST = "manifest.json"
+ALIGN = 4096
+PAD_EXTRA_ID = 0x5041  # zip extra field used for alignment padding ("PA")
 
 
 def sha256(data):
@@ -51,26 +57,50 @@ def read_manifest(path):
     return manifest
 
 
-def read_members(path, manifest):
-    """{member name: bytes} for every member the manifest lists, each checked against its SHA-256."""
-    out = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
-            for name, meta in manifest["members"].items():
-                if name not in names:
-                    raise BundleError(f"'{path}' is missing member '{name}'", fix="recompile it with `polyarch compile`")
-                data = zf.read(name)
-                if len(data) != meta["size"] or sha256(data) != meta["sha256"]:
-                    raise BundleError(f"member '{name}' of '{path}' fails its SHA-256 check (corrupt bundle)", fix="recompile it or copy it again")
-                out[name] = data
-    except (zipfile.BadZipFile, OSError) as e:
-        raise BundleError(f"'{path}' is corrupt: {e}", fix="recompile it or copy it again")
-    return out
+class MappedMembers:
+    """The bundle file mapped read-only; `views[name]` is a memoryview of each member's
+    bytes (no copy), checked against its SHA-256. Keep this object alive while modules
+    made from the views are in use."""
+
+    def __init__(self, path, manifest):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = {i.filename: i for i in zf.infolist()}
+            self._file = open(path, "rb")
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise BundleError(f"'{path}' is corrupt: {e}", fix="recompile it or copy it again")
+        self.views, self.aligned = {}, {}
+        whole = memoryview(self._map)
+        for name, meta in manifest["members"].items():
+            info = infos.get(name)
+            if info is None:
+                raise BundleError(f"'{path}' is missing member '{name}'", fix="recompile it with `polyarch compile`")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise BundleError(f"member '{name}' of '{path}' is compressed; bundles store members as is",
+                                  fix="recompile it with `polyarch compile` (do not re-zip bundles)")
+            head = self._map[info.header_offset : info.header_offset + 30]
+            if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                raise BundleError(f"member '{name}' of '{path}' has a bad local header (corrupt bundle)", fix="recompile it or copy it again")
+            n, e = struct.unpack("<HH", head[26:30])
+            start = info.header_offset + 30 + n + e
+            view = whole[start : start + info.file_size]
+            if len(view) != meta["size"] or sha256(view) != meta["sha256"]:
+                raise BundleError(f"member '{name}' of '{path}' fails its SHA-256 check (corrupt bundle)", fix="recompile it or copy it again")
+            self.views[name] = view
+            self.aligned[name] = start % ALIGN == 0
+
+    def close(self):
+        self.views.clear()
+        try:
+            self._map.close()
+        except BufferError:  # a module still uses a view; the mapping goes with the last reference
+            pass
+        self._file.close()
 
 
 def verify(path):
     """Check structure and every hash; returns the manifest."""
     manifest = read_manifest(path)
-    read_members(path, manifest)
+    MappedMembers(path, manifest).close()
     return manifest

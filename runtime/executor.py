@@ -1,9 +1,11 @@
 """Run a bundle's schedule: segments in order, tensors moved between devices via host memory."""
 
+import time
+
 import numpy as np
 
 from ..errors import BundleError, DeviceError
-from .bundle import read_manifest, read_members
+from .bundle import MappedMembers, read_manifest
 from .devices import DeviceSpec
 
 PAGE = 4096  # lavapipe imports host memory only at 4096-byte alignment and size
@@ -98,7 +100,8 @@ class Bundle:
         rt = _rt()
         self.path = str(path)
         self.manifest = read_manifest(self.path)
-        members = read_members(self.path, self.manifest)
+        # The file is mapped, not read: aligned members become modules without a copy.
+        self._members = MappedMembers(self.path, self.manifest)
         remap = dict(devices or {})
         unknown = set(remap) - set(self.manifest["devices"])
         if unknown:
@@ -116,12 +119,24 @@ class Bundle:
             dev = self.devices[seg["device"]]
             config = rt.Config(device=dev)
             ctx = rt.SystemContext(config=config)
-            vm = rt.VmModule.copy_buffer(ctx.instance, members[seg["member"]])
+            view = self._members.views[seg["member"]]
+            if self._members.aligned[seg["member"]]:
+                vm = rt.VmModule.wrap_buffer(ctx.instance, view)
+            else:  # a schema-1 bundle (unaligned members): the module needs its own aligned copy
+                vm = rt.VmModule.copy_buffer(ctx.instance, view)
             ctx.add_vm_module(vm)
             self._contexts.append(ctx)
             self._functions[seg["name"]] = (ctx.modules[vm.name][seg["function"]], seg)
         sig = self.manifest["signature"]
         self.inputs, self.outputs = sig["inputs"], sig["outputs"]
+        self.trace = False  # True: keep every call's events in self.events (polyarch run --trace)
+        self.events = []
+        self.reset_counters()
+
+    def reset_counters(self):
+        """Zero `counters`: calls, seconds, and bytes and seconds spent moving tensors."""
+        self.counters = {"calls": 0, "seconds": 0.0, "transfers": 0, "bytes_moved": 0, "transfer_seconds": 0.0,
+                         "segment_seconds": {d: 0.0 for d in self.devices}}
 
     def _check_inputs(self, args):
         if len(args) != len(self.inputs):
@@ -142,14 +157,32 @@ class Bundle:
         return out
 
     def __call__(self, *args):
+        """Run the bundle. numpy arrays (or anything np.asarray takes) in, numpy out; torch
+        tensors in, torch tensors out (sharing the host arrays' memory, through DLPack)."""
+        as_torch = any(hasattr(a, "detach") and hasattr(a, "numpy") for a in args)
         args = self._check_inputs(args)
+        clock = time.perf_counter
+        t_call = clock()
+        events, c = [], self.counters
         env = {f"in{i}": a for i, a in enumerate(args)}
         located = {k: None for k in env}  # None: on the host
+
+        def moved(src, dst, nbytes, t0, what):
+            nbytes = int(nbytes)
+            dt = clock() - t0
+            c["transfers"] += 1
+            c["bytes_moved"] += nbytes
+            c["transfer_seconds"] += dt
+            events.append({"name": what, "kind": "transfer", "track": f"{src} -> {dst}", "start": t0 - t_call,
+                           "dur": dt, "bytes": nbytes})
+
         for step in self.manifest["schedule"]:
             if step["op"] == "transfer":
                 v = env[step["src"]]
                 if step["from"] != "host":
+                    t0 = clock()
                     v = to_host(self.devices[step["from"]], v, _raw(v))
+                    moved(step["from"], "host", v.nbytes, t0, f"{step['src']} to host")
                 env[step["dst"]] = v
                 located[step["dst"]] = None  # uploaded by the next call on its device
                 continue
@@ -159,13 +192,25 @@ class Bundle:
             for name, spec in zip(step["args"], seg["inputs"]):
                 v = env[name]
                 if not isinstance(v, np.ndarray) and located[name] != seg["device"]:
+                    t0 = clock()
                     v = to_host(self.devices[located[name]], v, _raw(v))
+                    moved(located[name], "host", v.nbytes, t0, f"{name} to host")
                 if isinstance(v, np.ndarray) and v.dtype != np.dtype(spec["dtype"]):
                     v = v.astype(spec["dtype"])  # narrow types travel widened to some devices
+                if isinstance(v, np.ndarray) and _kind(seg["device"]) != "cpu":
+                    t0 = clock()
+                    nbytes = v.nbytes
+                    v = _rt().asdevicearray(dev, v)
+                    moved("host", seg["device"], nbytes, t0, f"{name} to {seg['device']}")
                 call_args.append(v)
+            t0 = clock()
             res = fn(*call_args)
             if not isinstance(res, (tuple, list)):
                 res = (res,)
+            dt = clock() - t0
+            c["segment_seconds"][seg["device"]] += dt
+            events.append({"name": seg["name"], "kind": "segment", "track": seg["device"], "start": t0 - t_call,
+                           "dur": dt, "bytes": 0})
             for name, r in zip(step["results"], res):
                 env[name] = r
                 located[name] = seg["device"]
@@ -173,8 +218,40 @@ class Bundle:
         for name, spec in zip(self.manifest["outputs"], self.outputs):
             v = env[name]
             dev = self.devices[located[name]] if located.get(name) else None
-            outs.append(to_host(dev, v, np.dtype(spec["dtype"])))
+            t0 = clock()
+            host = to_host(dev, v, np.dtype(spec["dtype"]))
+            if dev is not None and _kind(located[name]) != "cpu":
+                moved(located[name], "host", host.nbytes, t0, f"output {name}")
+            outs.append(host)
+        c["calls"] += 1
+        c["seconds"] += clock() - t_call
+        if self.trace:
+            call = c["calls"] - 1
+            self.events.extend(dict(e, call=call, start=e["start"] + t_call) for e in events)
+        if as_torch:
+            import torch
+
+            outs = [torch.from_dlpack(o) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def write_trace(self, path):
+        """The recorded events (set `trace = True` first) as a Chrome/Perfetto trace."""
+        import json
+
+        tracks = list(dict.fromkeys(e["track"] for e in self.events))
+        t0 = min((e["start"] for e in self.events), default=0.0)
+        out = [{"ph": "M", "pid": 0, "name": "process_name", "args": {"name": f"polyarch run {self.path}"}}]
+        out += [{"ph": "M", "pid": 0, "tid": i, "name": "thread_name", "args": {"name": t}} for i, t in enumerate(tracks)]
+        for e in self.events:
+            out.append({"ph": "X", "pid": 0, "tid": tracks.index(e["track"]), "name": e["name"], "cat": e["kind"],
+                        "ts": round((e["start"] - t0) * 1e6, 3), "dur": round(e["dur"] * 1e6, 3),
+                        "args": {"call": e["call"], "bytes": e["bytes"]}})
+        with open(path, "w") as f:
+            json.dump({"traceEvents": out, "displayTimeUnit": "ms", "otherData": {"counters": self.counters}}, f, indent=1)
+
+
+def _kind(device_name):
+    return DeviceSpec.parse(device_name).kind
 
 
 def _raw(v):

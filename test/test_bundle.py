@@ -35,6 +35,38 @@ def test_manifest_lists_and_hashes_every_member(bundle):
         assert s["member"].endswith(".vmfb") and s["device"] in m["devices"]
 
 
+def test_members_start_on_4096_byte_boundaries_and_load_without_copy(bundle):
+    import struct
+
+    with zipfile.ZipFile(bundle) as zf, open(bundle, "rb") as f:
+        for info in zf.infolist():
+            f.seek(info.header_offset + 26)
+            n, e = struct.unpack("<HH", f.read(4))
+            assert (info.header_offset + 30 + n + e) % 4096 == 0, info.filename
+    b = polyarch.runtime.load(bundle)
+    assert all(b._members.aligned.values())
+
+
+def test_unaligned_bundle_still_loads_and_matches(bundle, tmp_path, mlp):
+    from conftest import eager
+
+    plain = tmp_path / "plain.pab"
+    _rewrite(bundle, plain, lambda name, data: data)  # plain zip: members unaligned
+    b = polyarch.runtime.load(plain)
+    assert not all(b._members.aligned.values())
+    model, inputs = mlp
+    np.testing.assert_allclose(b(*[t.numpy() for t in inputs]), eager(model, inputs), atol=1e-4, rtol=0)
+
+
+def test_compressed_member_rejected(bundle, tmp_path):
+    bad = tmp_path / "deflated.pab"
+    with zipfile.ZipFile(bundle) as zin, zipfile.ZipFile(bad, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            zout.writestr(name, zin.read(name))
+    with pytest.raises(BundleError, match="is compressed; bundles store members as is"):
+        polyarch.runtime.load(bad)
+
+
 def test_corrupted_member_rejected(bundle, tmp_path):
     bad = tmp_path / "bad.pab"
     vmfb = next(n for n in fmt.read_manifest(bundle)["members"] if n.endswith(".vmfb"))
@@ -97,3 +129,20 @@ def test_runtime_imports_no_torch_and_no_compiler():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_counters_and_torch_in_torch_out(bundle, mlp):
+    import torch
+
+    from conftest import eager
+
+    model, inputs = mlp
+    b = polyarch.runtime.load(bundle)
+    out = b(*inputs)  # torch in
+    assert isinstance(out, torch.Tensor)  # torch out (from the host array, no copy)
+    np.testing.assert_allclose(out.numpy(), eager(model, inputs), atol=1e-4, rtol=0)
+    c = b.counters
+    assert c["calls"] == 1 and c["transfers"] >= 2 and c["bytes_moved"] > 0
+    assert set(c["segment_seconds"]) == {"cpu", "vulkan"} and all(t > 0 for t in c["segment_seconds"].values())
+    b.reset_counters()
+    assert b.counters["calls"] == 0

@@ -80,3 +80,31 @@ def test_corrupt_bundle_one_line(tmp_path):
 def test_help_teaches():
     r = polyarch("compile", "--help")
     assert "KIND[:ORDINAL][@ARCH]" in r.stdout and "Examples:" in r.stdout and "--pin" in r.stdout
+
+
+def test_run_trace_and_counters(mlp_bundle, tmp_path):
+    import json
+
+    trace = tmp_path / "run.json"
+    r = polyarch("run", str(mlp_bundle), "-n", "2", "--trace", str(trace))
+    assert r.returncode == 0, r.stderr
+    assert "per call:" in r.stdout and "MB moved" in r.stdout
+    data = json.loads(trace.read_text())
+    xs = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert {e["args"]["call"] for e in xs} == {0, 1}
+    segs = [e for e in xs if e["cat"] == "segment"]
+    names = {e["args"]["name"] for e in data["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"cpu", "vulkan"} <= names
+    from polyarch.runtime.bundle import read_manifest
+
+    assert len(segs) == 2 * len(read_manifest(mlp_bundle)["segments"])  # every segment, every call
+    moves = [e for e in xs if e["cat"] == "transfer"]
+    assert moves and all(e["args"]["bytes"] > 0 for e in moves)
+    assert data["otherData"]["counters"]["calls"] == 2
+
+
+def test_inspect_ops_names_source_lines(mlp_bundle):
+    r = polyarch("inspect", str(mlp_bundle), "--ops")
+    assert r.returncode == 0, r.stderr
+    assert "torch.aten.mm (fc2) at " in r.stdout and "linear.py" in r.stdout
+    assert "torch.aten.relu at " in r.stdout and "mlp.py:14" in r.stdout

@@ -201,13 +201,16 @@ def plan(model, inputs, devices, pins, objective, solver, profiles, explain, sho
 @click.option("-o", "--output", "outputs", multiple=True, type=click.Path(dir_okay=False), metavar="FILE.npy",
               help="Save each output to a .npy file.")
 @click.option("-n", "--repeat", type=int, default=1, show_default=True, help="Run this many times and report the median time.")
-def run(bundle, inputs, outputs, repeat):
+@click.option("--trace", "trace_out", type=click.Path(dir_okay=False), metavar="FILE.json",
+              help="Write a Chrome/Perfetto trace of the runs: each segment on its device, each transfer with its bytes.")
+def run(bundle, inputs, outputs, repeat, trace_out):
     """Load BUNDLE on this host's devices and run it.
 
     \b
     Examples:
       polyarch run mlp.pab
       polyarch run minilm.pab -i ids.npy -i mask.npy -o hidden.npy -n 20
+      polyarch run minilm.pab -n 5 --trace run.json     # open in ui.perfetto.dev
     """
     import numpy as np
 
@@ -230,11 +233,14 @@ def run(bundle, inputs, outputs, repeat):
                     args.append(rng.integers(0, 100, spec["shape"]).astype(dt))
                 else:
                     args.append(rng.standard_normal(spec["shape"]).astype(dt))
+        b.trace = bool(trace_out)
         times = []
         for _ in range(max(1, repeat)):
             t = time.perf_counter()
             res = b(*args)
             times.append(time.perf_counter() - t)
+        if trace_out:
+            b.write_trace(trace_out)
     except PolyarchError as e:
         _fail(e)
     res = res if isinstance(res, tuple) else (res,)
@@ -245,12 +251,19 @@ def run(bundle, inputs, outputs, repeat):
             np.save(outputs[i], r)
     times.sort()
     click.echo(f"time: median {times[len(times) // 2] * 1000:.3f} ms over {len(times)} run(s)")
+    c = b.counters
+    click.echo(f"per call: {c['transfers'] / c['calls']:.0f} transfer(s), {c['bytes_moved'] / c['calls'] / 1e6:.3f} MB moved in "
+               f"{c['transfer_seconds'] / c['calls'] * 1000:.3f} ms; segments: "
+               + ", ".join(f"{d} {t / c['calls'] * 1000:.3f} ms" for d, t in c["segment_seconds"].items()))
+    if trace_out:
+        click.echo(f"wrote {trace_out}")
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def inspect(bundle, as_json):
+@click.option("--ops", "show_ops", is_flag=True, help="Every op: source line, module path, segment, device, predicted time.")
+def inspect(bundle, as_json, show_ops):
     """Describe BUNDLE: signature, segments, devices, predicted cost, sizes; checks every hash.
 
     \b
@@ -278,6 +291,10 @@ def inspect(bundle, as_json):
     for s in m["segments"]:
         size = m["members"][s["member"]]["size"]
         click.echo(f"    {s['name']:8s} {s['device']:10s} {s['ops']:5d} ops  predicted {s['predicted_us'] / 1000:8.3f} ms  {size / 1e6:8.2f} MB  {s['member']}")
+        if show_ops:
+            for op in s.get("op_list", []):
+                where = " ".join(x for x in (f"({op['path']})" if op["path"] else "", f"at {op['source']}" if op["source"] else "") if x)
+                click.echo(f"        {op['predicted_us']:10.2f} us  {op['op']} {where}")
     transfers = [s for s in m["schedule"] if s["op"] == "transfer"]
     if transfers:
         click.echo(f"  transfers: {len(transfers)}, {sum(t['bytes'] for t in transfers) / 1e6:.3f} MB per call")
