@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_minilm.py
 	$(VENV)/bin/python bench/cost_model.py
 	$(VENV)/bin/python bench/plan_regret.py --profile out/bench/profile.json
+	$(VENV)/bin/python bench/bundle_load.py
 
 clean:
 	rm -rf out test/passes/Output .pytest_cache
