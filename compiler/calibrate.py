@@ -38,6 +38,13 @@ TRANSFERS = [1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24, 1 << 26]
 QUICK = {"MATMULS": MATMULS[:4] + MATMULS[5:7], "ELEMENTWISE": ELEMENTWISE[:4], "TRANSFERS": TRANSFERS[:5], "CONVS": CONVS[:3]}
 
 
+def _sizes(quick):
+    """(matmuls, convolutions, elementwise sizes, transfer sizes) of the suite."""
+    if quick:
+        return QUICK["MATMULS"], QUICK["CONVS"], QUICK["ELEMENTWISE"], QUICK["TRANSFERS"]
+    return MATMULS, CONVS, ELEMENTWISE, TRANSFERS
+
+
 def _mm_func(m, k, n):
     t = lambda a, b: f"tensor<{a}x{b}xf32>"
     return f"""
@@ -95,9 +102,7 @@ def _chain_func(k):
 
 
 def suite_mlir(quick=False):
-    mms = QUICK["MATMULS"] if quick else MATMULS
-    adds = QUICK["ELEMENTWISE"] if quick else ELEMENTWISE
-    convs = QUICK["CONVS"] if quick else CONVS
+    mms, convs, adds, _ = _sizes(quick)
     funcs = [_mm_func(*s) for s in mms] + [_conv_func(*s) for s in convs] + [_add_func(n) for n in adds] + [_chain_func(k) for k in CHAIN]
     return "module {" + "".join(funcs) + "\n}\n"
 
@@ -149,6 +154,7 @@ def measure(spec, vmfb, like=None, progress=None, quick=False):
     up = lambda a: rt.asdevicearray(dev, a)
     sync = lambda r: r._buffer_view  # calls are synchronous (IREE's default execution model)
     raw = {"matmul": [], "conv": [], "elementwise": [], "chain": {}, "upload": [], "download": []}
+    mms, convs, adds, transfers = _sizes(quick)
 
     # Every kernel once before any timing: drivers may compile pipelines lazily or in
     # background threads (lavapipe does), which would pollute the first measurements.
@@ -156,13 +162,13 @@ def measure(spec, vmfb, like=None, progress=None, quick=False):
     for k in CHAIN:
         a, w = up(rng.standard_normal((8, 8), np.float32)), up(rng.standard_normal((8, 8), np.float32) * 0.1)
         jobs.append((("chain", k), mod[f"chain_{k}"], (a, w)))
-    for m, k, n in (QUICK["MATMULS"] if quick else MATMULS):
+    for m, k, n in mms:
         a, b = up(rng.standard_normal((m, k), np.float32)), up(rng.standard_normal((k, n), np.float32))
         jobs.append((("matmul", (m, k, n)), mod[f"mm_{m}_{k}_{n}"], (a, b)))
-    for n, c, h, w, f in (QUICK["CONVS"] if quick else CONVS):
+    for n, c, h, w, f in convs:
         x, k = up(rng.standard_normal((n, c, h, w), np.float32)), up(rng.standard_normal((f, c, 3, 3), np.float32))
         jobs.append((("conv", (n, c, h, w, f)), mod[f"conv_{n}_{c}_{h}_{w}_{f}"], (x, k)))
-    for n in (QUICK["ELEMENTWISE"] if quick else ELEMENTWISE):
+    for n in adds:
         a, b = up(rng.standard_normal(n, np.float32)), up(rng.standard_normal(n, np.float32))
         jobs.append((("elementwise", n), mod[f"add_{n}"], (a, b)))
     for _, f, args in jobs:
@@ -185,14 +191,14 @@ def measure(spec, vmfb, like=None, progress=None, quick=False):
     times.update({key: statistics.median(v) for key, v in samples.items()})
 
     raw["chain"] = {k: times[("chain", k)] for k in CHAIN}
-    for m, k, n in (QUICK["MATMULS"] if quick else MATMULS):
+    for m, k, n in mms:
         raw["matmul"].append({"m": m, "k": k, "n": n, "s": times[("matmul", (m, k, n))], "flops": 2 * m * k * n})
-    for n, c, h, w, f in (QUICK["CONVS"] if quick else CONVS):
+    for n, c, h, w, f in convs:
         raw["conv"].append({"shape": [n, c, h, w, f], "s": times[("conv", (n, c, h, w, f))],
                             "flops": 2 * n * f * (h - 2) * (w - 2) * c * 9, "outputs": n * f * (h - 2) * (w - 2)})
-    for n in (QUICK["ELEMENTWISE"] if quick else ELEMENTWISE):
+    for n in adds:
         raw["elementwise"].append({"n": n, "s": times[("elementwise", n)], "bytes": 12 * n})
-    for nbytes in (QUICK["TRANSFERS"] if quick else TRANSFERS):
+    for nbytes in transfers:
         host = np.ones(nbytes // 4, np.float32)
         raw["upload"].append({"bytes": nbytes, "s": _time(lambda: sync(rt.asdevicearray(dev, host)))})
         darr = rt.asdevicearray(dev, host)

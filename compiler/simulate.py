@@ -185,17 +185,11 @@ def timeline(report, requests=1):
 
 
 def write_chrome_trace(path, events, report):
-    tracks = list(dict.fromkeys(report.devices + [e["track"] for e in events]))
-    tid = {t: i for i, t in enumerate(tracks)}
-    out = [{"ph": "M", "pid": 0, "name": "process_name", "args": {"name": "polyarch plan (predicted)"}}]
-    out += [{"ph": "M", "pid": 0, "tid": tid[t], "name": "thread_name", "args": {"name": t}} for t in tracks]
-    for e in events:
-        out.append({"ph": "X", "pid": 0, "tid": tid[e["track"]], "name": e["name"], "cat": e["kind"],
-                    "ts": round(e["start"] * 1e6, 3), "dur": round(e["dur"] * 1e6, 3),
-                    "args": {"request": e["request"], "bytes": e["bytes"]}})
-    with open(path, "w") as f:
-        json.dump({"traceEvents": out, "displayTimeUnit": "ms",
-                   "otherData": {"plan": report.plan, "profiles": {d: p.name for d, p in report.profiles.items()}}}, f, indent=1)
+    from ..runtime.trace import write_chrome_trace as write
+
+    write(path, "polyarch plan (predicted)",
+          [dict(e, args={"request": e["request"], "bytes": e["bytes"]}) for e in events], tracks=report.devices,
+          other={"plan": report.plan, "profiles": {d: p.name for d, p in report.profiles.items()}})
 
 
 def write_gantt(path, events, report):

@@ -498,9 +498,7 @@ def solve(pb, solver="auto"):
         raise ValueError("chain-dp needs a chain dataflow (each op reads only the previous op's results)")
     if name == "mincut" and pb.D != 2:
         raise ValueError(f"mincut needs exactly two devices, not {pb.D}")
-    run = {"one": lambda: [0] * pb.n, "brute": lambda: brute(pb, obj), "chain-dp": lambda: chain_dp(pb, obj),
-           "mincut": lambda: mincut(pb, obj), "heft": lambda: _heft_best(pb, obj)}[name]
-    assign = run()
+    assign = _run_solver(name, pb, obj)
     algo = ALGORITHMS[name]
     if pb.capacity and over_capacity(pb, assign):
         assign = _repair_capacity(pb, obj, assign)
@@ -556,6 +554,12 @@ def _pair_mincuts(pb, obj):
     return out
 
 
+def _run_solver(name, pb, obj):
+    if name == "one":
+        return [0] * pb.n
+    return {"brute": brute, "chain-dp": chain_dp, "mincut": mincut, "heft": _heft_best}[name](pb, obj)
+
+
 def _heft_best(pb, obj, check=None):
     """Local search from several starts: the HEFT-style list schedule, each single-device
     plan, the best contiguous split of each device pair, and each pair's exact min-cut
@@ -585,9 +589,7 @@ def _repair_capacity(pb, obj, assign):
         pen.comp = [[x + t * base[d] * (wb[i] + 1) if x != INF else INF for d, x in enumerate(row)] for i, row in enumerate(pb.comp)]
         pen.capacity = None
         pobj = Objective(pen, obj.norms)
-        name = choose_solver(pen, pobj)
-        return {"brute": lambda: brute(pen, pobj), "chain-dp": lambda: chain_dp(pen, pobj),
-                "mincut": lambda: mincut(pen, pobj)}.get(name, lambda: _heft_best(pen, pobj))()
+        return _run_solver(choose_solver(pen, pobj), pen, pobj)
 
     t, lo, good = 1e-3, 0.0, None
     for _ in range(40):

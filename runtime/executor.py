@@ -236,18 +236,11 @@ class Bundle:
 
     def write_trace(self, path):
         """The recorded events (set `trace = True` first) as a Chrome/Perfetto trace."""
-        import json
+        from .trace import write_chrome_trace
 
-        tracks = list(dict.fromkeys(e["track"] for e in self.events))
-        t0 = min((e["start"] for e in self.events), default=0.0)
-        out = [{"ph": "M", "pid": 0, "name": "process_name", "args": {"name": f"polyarch run {self.path}"}}]
-        out += [{"ph": "M", "pid": 0, "tid": i, "name": "thread_name", "args": {"name": t}} for i, t in enumerate(tracks)]
-        for e in self.events:
-            out.append({"ph": "X", "pid": 0, "tid": tracks.index(e["track"]), "name": e["name"], "cat": e["kind"],
-                        "ts": round((e["start"] - t0) * 1e6, 3), "dur": round(e["dur"] * 1e6, 3),
-                        "args": {"call": e["call"], "bytes": e["bytes"]}})
-        with open(path, "w") as f:
-            json.dump({"traceEvents": out, "displayTimeUnit": "ms", "otherData": {"counters": self.counters}}, f, indent=1)
+        write_chrome_trace(path, f"polyarch run {self.path}",
+                           [dict(e, args={"call": e["call"], "bytes": e["bytes"]}) for e in self.events],
+                           other={"counters": self.counters})
 
 
 def _kind(device_name):

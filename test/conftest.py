@@ -9,6 +9,14 @@ EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from conftest import ...`
 
 
+def cli(*args, cwd=None):
+    """Run the installed `polyarch` console script, as a user would."""
+    import subprocess
+
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "polyarch"), *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
 def example(name):
     """Load examples/<name>.py by path, under a unique module name (no sys.path games)."""
     import importlib.util

@@ -1,18 +1,11 @@
 """The CLI as a user runs it: real subprocesses of the installed console scripts."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-BIN = os.path.dirname(sys.executable)
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
-
-def polyarch(*args, cwd=None):
-    return subprocess.run([os.path.join(BIN, "polyarch"), *args], capture_output=True, text=True, cwd=cwd)
+from conftest import EXAMPLES, cli as polyarch
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,16 @@
 """Device profiles, calibration, plan --explain, fleet simulation, and objectives end to end."""
 
 import json
-import re
 import os
-import subprocess
-import sys
+import re
 
 import numpy as np
 import pytest
 
+from conftest import EXAMPLES, cli as polyarch
 from polyarch.compiler import profiles as P
 from polyarch.errors import PolyarchError
 
-BIN = os.path.dirname(sys.executable)
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
-
-def polyarch(*args):
-    return subprocess.run([os.path.join(BIN, "polyarch"), *args], capture_output=True, text=True)
 
 
 def test_builtin_profiles_cite_sources_and_round_trip(tmp_path):
