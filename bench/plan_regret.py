@@ -61,8 +61,7 @@ def build_plans(args, outdir, say):
 
     from torch_mlir import ir
 
-    from polyarch.compiler.bundle import write_bundle
-    from polyarch.compiler.driver import build_manifest, compile_segments, plan_text
+    from polyarch.compiler.driver import build_bundle
     from polyarch.compiler.importer import import_model
     from polyarch.dialects import polyarch as pa
     from polyarch.passes import run_pipeline
@@ -109,12 +108,8 @@ def build_plans(args, outdir, say):
                 if pins is None:
                     chosen_placement = tuple(op.attributes[pa.DEVICE].value for op in placeable_ops(main_func(m)))
                 run_pipeline(m, [("outline-segments", {})])
-                vmfbs = compile_segments(m)
-                manifest = build_manifest(m, sig, vmfbs)
-                members = {s["member"]: vmfbs[s["name"]][0] for s in manifest["segments"]}
-                members["plan.mlir"] = plan_text(m).encode()
-            bundle = f"{name}-{len([r for r in rows if r['model'] == name])}.pab"
-            write_bundle(os.path.join(outdir, bundle), manifest, members)
+                bundle = f"{name}-{len([r for r in rows if r['model'] == name])}.pab"
+                manifest = build_bundle([(None, m)], sig, os.path.join(outdir, bundle))["plans"][0]
             rows.append({"model": name, "plan": label, "bundle": bundle, "inputs": inputs,
                          "predicted_ms": manifest["plan"]["predicted_us"] / 1e3, "segments": len(manifest["segments"]),
                          "algorithm": manifest["plan"]["algorithm"], "devices": sorted({s["device"] for s in manifest["segments"]})})

@@ -28,29 +28,57 @@ def _quiet(msg):
 
 def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None, objective="latency", solver="auto", profiles=()):
     """Import and partition without compiling: -> (ir.Module after the three passes, signature)."""
+    plans, sig = plan_many(model, example_inputs, [devices], pins=pins, progress=progress, objective=objective,
+                           solver=solver, profiles=profiles)
+    return plans[0][1], sig
+
+
+def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progress=None, objective="latency",
+              solver="auto", profiles=()):
+    """Import once, partition once per device set. -> ([(plan name, module)], signature).
+    A plan's name is its device set joined by '+', e.g. "vulkan+cpu"."""
     from torch_mlir import ir
 
     from ..passes import run_pipeline
     from .importer import import_model
 
     progress = progress or _quiet
-    specs = parse_devices(devices)
+    sets = [parse_devices(d) for d in device_sets]
+    names = ["+".join(s.name for s in specs) for specs in sets]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise PolyarchError(f"plan {sorted(dup)[0]} is given twice", fix="give each --plans device set once")
     t = time.time()
-    module, sig = import_model(model, example_inputs)
+    base, sig = import_model(model, example_inputs)
     progress(f"imported {type(model).__name__} into the torch dialect in {time.time() - t:.1f}s")
-    t = time.time()
-    with module.context, ir.Location.unknown():
-        run_pipeline(
-            module,
-            [
-                ("annotate-costs", {"devices": [s.name for s in specs], "profile": list(profiles)}),
-                ("assign-devices", {"devices": [s.name for s in specs], "pin": list(pins), "objective": objective,
-                                    "solver": solver, "profile": list(profiles)}),
-                ("outline-segments", {}),
-            ],
-        )
-    progress(f"partitioned over {', '.join(s.name for s in specs)} in {time.time() - t:.1f}s")
-    return module, sig
+    out = []
+    for i, (name, specs) in enumerate(zip(names, sets)):
+        t = time.time()
+        plan_pins = list(pins)
+        if len(sets) > 1:  # a pin to a device outside this plan's set applies to the other plans only
+            plan_pins = [p for p in pins if DeviceSpec.parse(p.rpartition("=")[2]).name in {s.name for s in specs}]
+            for p in sorted(set(pins) - set(plan_pins)):
+                progress(f"plan {name}: pin {p} does not apply (no such device in this plan)")
+        with base.context, ir.Location.unknown():
+            # Clones share the context's weight blobs: a plan costs IR, not weights.
+            module = base if i == len(sets) - 1 else ir.Module.parse("module {}")
+            if module is not base:
+                for op in base.body.operations:
+                    op.operation.clone(ip=ir.InsertionPoint(module.body))
+                for attr in base.operation.attributes:
+                    module.operation.attributes[attr.name] = attr.attr
+            run_pipeline(
+                module,
+                [
+                    ("annotate-costs", {"devices": [s.name for s in specs], "profile": list(profiles)}),
+                    ("assign-devices", {"devices": [s.name for s in specs], "pin": plan_pins, "objective": objective,
+                                        "solver": solver, "profile": list(profiles)}),
+                    ("outline-segments", {}),
+                ],
+            )
+        progress(f"partitioned over {', '.join(s.name for s in specs)} in {time.time() - t:.1f}s")
+        out.append((name, module))
+    return out, sig
 
 
 def segments_of(module):
@@ -140,9 +168,16 @@ def _iree_error(stderr, segment, device):
     return PolyarchError(f"IREE could not compile segment {segment} for {device}: {first}")
 
 
-def compile_segments(module, jobs=None, progress=None, extra_flags=()):
-    """Compile every segment with iree-compile, in parallel. -> {segment name: vmfb bytes}."""
+def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_dir=None, scope_prefix=""):
+    """Compile every segment with iree-compile, in parallel.
+    -> {segment name: (vmfb bytes, iree-compile command, parameter archive path or None)}.
+
+    params_dir: export each segment's weights (constants of parameters.MIN_BYTES or more)
+    to `<params_dir>/<scope>.irpa`, scope `<scope_prefix><segment>`, instead of inlining
+    them in the module (compiler/parameters.py merges the archives)."""
     from torch_mlir import ir
+
+    from . import parameters
 
     progress = progress or _quiet
     segs = segments_of(module)
@@ -162,21 +197,27 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=()):
             out = os.path.join(tmp, f"{name}.vmfb")
             spec = DeviceSpec.parse(device)
             cmd = [tool, src, "--iree-input-type=torch", *iree_flags(spec), *extra_flags, "-o", out]
+            archive = None
+            if params_dir:
+                archive = os.path.join(params_dir, f"{scope_prefix}{name}.irpa")
+                cmd[-2:-2] = parameters.export_flags(scope_prefix + name, archive)
             t = time.time()
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 raise _iree_error(r.stderr, name, device)
             with open(out, "rb") as f:
                 data = f.read()
-            return name, device, data, time.time() - t, cmd
+            return name, device, data, time.time() - t, cmd, archive
 
         results = {}
         done = 0
         with ThreadPoolExecutor(jobs) as pool:
-            for name, device, data, secs, cmd in pool.map(one, inputs):
+            for name, device, data, secs, cmd, archive in pool.map(one, inputs):
                 done += 1
-                progress(f"[{done}/{len(inputs)}] compiled {name} for {device} in {secs:.1f}s ({len(data) / 1e6:.1f} MB)")
-                results[name] = (data, cmd)
+                weights = f" + {os.path.getsize(archive) / 1e6:.1f} MB weights" if archive and os.path.exists(archive) else ""
+                progress(f"[{done}/{len(inputs)}] compiled {scope_prefix}{name} for {device} in {secs:.1f}s "
+                         f"({len(data) / 1e6:.1f} MB{weights})")
+                results[name] = (data, cmd, archive)
     return results
 
 
@@ -192,22 +233,23 @@ def _versions():
     return out
 
 
-def build_manifest(module, sig, vmfbs):
-    from .. import __version__
+def plan_manifest(module, vmfbs, name=None, member_prefix="", scopes=None):
+    """The manifest entry of one placement plan (module after outline-segments).
+    scopes: {parameter scope: {module key: content key}} from parameters.merge."""
     from ..passes.common import body_ops, module_path, source_line
 
     steps, outputs = schedule_of(module)
-    plan_attr = module.operation.attributes[pa.PLAN]
+    devices = [a.value for a in module.operation.attributes[pa.DEVICES]]
     segments = []
-    for name, device, fn in segments_of(module):
+    for seg, device, fn in segments_of(module):
         ftype = fn.type
         ops, _ = body_ops(fn)
-        data, cmd = vmfbs[name]
-        segments.append({
-            "name": name,
+        data, cmd, archive = vmfbs[seg]
+        entry = {
+            "name": seg,
             "device": device,
-            "member": f"{name}.{device.replace(':', '_').replace('@', '_')}.vmfb",
-            "function": name,
+            "member": f"{member_prefix}{seg}.{device.replace(':', '_').replace('@', '_')}.vmfb",
+            "function": seg,
             "inputs": [_tensor_desc(t) for t in ftype.inputs],
             "outputs": [_tensor_desc(t) for t in ftype.results],
             "predicted_us": fn.attributes[pa.TIME_US].value,
@@ -217,20 +259,79 @@ def build_manifest(module, sig, vmfbs):
                  "predicted_us": op.attributes[pa.TIME_US][device].value if pa.TIME_US in op.attributes and device in op.attributes[pa.TIME_US] else 0.0}
                 for op in ops if pa.DEVICE in op.attributes
             ],
-            "iree_flags": [c for c in cmd[2:] if c.startswith("--")],
-        })
+            "iree_flags": [c for c in cmd[2:] if c.startswith("--") and "--iree-parameter-export=" not in c],
+        }
+        scope = os.path.splitext(os.path.basename(archive))[0] if archive else None
+        if scopes and scopes.get(scope):
+            entry["parameters"] = {"scope": scope, "keys": scopes[scope]}
+        segments.append(entry)
     return {
-        "polyarch_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "compiler": _versions(),
-        "signature": sig,
-        "devices": [a.value for a in module.operation.attributes[pa.DEVICES]],
-        "plan": attr_to_py(plan_attr),
+        "name": name or "+".join(devices),
+        "devices": devices,
+        "plan": attr_to_py(module.operation.attributes[pa.PLAN]),
         "profiles": attr_to_py(module.operation.attributes[pa.PROFILES]) if pa.PROFILES in module.operation.attributes else {},
         "segments": segments,
         "schedule": steps,
         "outputs": outputs,
     }
+
+
+def _manifest(sig, plans, parameters=None):
+    from .. import __version__
+
+    out = {
+        "polyarch_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "compiler": _versions(),
+        "signature": sig,
+        "plans": plans,
+    }
+    if parameters:
+        out["parameters"] = parameters
+    return out
+
+
+PARAMS_MEMBER = "weights.irpa"
+
+
+def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), externalize=True):
+    """Compile every plan's segments and write one bundle. plans: [(name or None, module)].
+    externalize: weights go to one shared parameter archive (each distinct value once)
+    rather than inline in every module. -> the manifest written."""
+    from . import parameters
+    from .bundle import write_bundle
+
+    progress = progress or _quiet
+    with tempfile.TemporaryDirectory(prefix="polyarch-params-") as tmp:
+        compiled = []
+        for i, (name, module) in enumerate(plans):
+            prefix = f"p{i}_" if len(plans) > 1 else ""
+            if len(plans) > 1:
+                progress(f"plan {i + 1}/{len(plans)}: {name}")
+            vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=extra_flags,
+                                     params_dir=tmp if externalize else None, scope_prefix=prefix)
+            compiled.append((name, module, vmfbs, prefix))
+        scopes, summary = {}, None
+        members = {}
+        if externalize:
+            archives = {prefix + seg: v[2] for _, _, vmfbs, prefix in compiled for seg, v in vmfbs.items()}
+            archive = os.path.join(tmp, PARAMS_MEMBER)
+            scopes, summary = parameters.merge(archives, archive)
+            if summary:
+                summary["member"] = PARAMS_MEMBER
+                members[PARAMS_MEMBER] = archive  # streamed from the file, not read into memory
+                progress(f"weights: {summary['count']} distinct parameters, {os.path.getsize(archive) / 1e6:.1f} MB "
+                         f"({summary['references']} references, {summary['referenced_bytes'] / 1e6:.1f} MB before sharing)")
+        plan_entries = []
+        for name, module, vmfbs, prefix in compiled:
+            member_prefix = name.replace(":", "_").replace("@", "_") + "/" if len(plans) > 1 else ""
+            entry = plan_manifest(module, vmfbs, name=name, member_prefix=member_prefix, scopes=scopes)
+            plan_entries.append(entry)
+            for seg in entry["segments"]:
+                members[seg["member"]] = vmfbs[seg["name"]][0]
+            members[f"{member_prefix}plan.mlir"] = plan_text(module).encode()
+        manifest = _manifest(sig, plan_entries, summary)
+        return write_bundle(output, manifest, members)
 
 
 def attr_to_py(attr):
@@ -252,11 +353,14 @@ def plan_text(module):
 
 
 def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jobs=None, progress=None, iree_extra_flags=(),
-            objective="latency", solver="auto", profiles=()):
+            objective="latency", solver="auto", profiles=(), plans=None):
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs) or torch.export.ExportedProgram
     devices        device specs, e.g. ["cpu", "vulkan"] or ["cpu", "cuda@sm_86"]
+    plans          several device sets, one placement plan each, in one bundle sharing the weights,
+                   e.g. [["cuda", "cpu"], ["vulkan", "cpu"], ["cpu"]]; the runtime runs the fastest
+                   predicted plan whose devices it finds (replaces `devices`)
     output         bundle path (default: <ModelClass>.pab in the current directory)
     pins           ["PATTERN=DEVICE", ...]: op names or module path prefixes forced onto a device
     objective      latency | throughput | cost | energy | "latency:1,energy:0.5" (see passes/assign_devices.py)
@@ -265,20 +369,15 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
     jobs           parallel iree-compile processes (default: one per core)
     progress       callable(str) for progress lines; True prints them to stderr
     """
-    from .bundle import write_bundle
-
     if progress is True:
         progress = _stderr_progress
     progress = progress or _quiet
     t0 = time.time()
-    module, sig = plan(model, example_inputs, devices=devices, pins=pins, progress=progress, objective=objective,
-                       solver=solver, profiles=profiles)
-    vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
-    manifest = build_manifest(module, sig, vmfbs)
-    members = {s["member"]: vmfbs[s["name"]][0] for s in manifest["segments"]}
-    members["plan.mlir"] = plan_text(module).encode()
+    modules, sig = plan_many(model, example_inputs, plans or [devices], pins=pins, progress=progress,
+                             objective=objective, solver=solver, profiles=profiles)
     output = output or f"{type(model).__name__}.pab"
-    write_bundle(output, manifest, members)
+    manifest = build_bundle(modules, sig, output, jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
     size = os.path.getsize(output)
-    progress(f"wrote {output} ({size / 1e6:.1f} MB, {len(manifest['segments'])} segments) in {time.time() - t0:.1f}s")
+    segs = sum(len(p["segments"]) for p in manifest["plans"])
+    progress(f"wrote {output} ({size / 1e6:.1f} MB, {len(manifest['plans'])} plan(s), {segs} segments) in {time.time() - t0:.1f}s")
     return output

@@ -3,10 +3,15 @@
 A bundle is a zip archive whose members are stored uncompressed, each member's data
 starting at a multiple of 4096 bytes in the file (schema 2; the local header's extra
 field carries the padding), so that the runtime maps modules straight from the file:
-  manifest.json          versioned description: signature, devices, segments, schedule,
-                         predicted costs, and the SHA-256 and size of every other member
-  <segment>.<device>.vmfb  one IREE module per segment and target
-  plan.mlir              the partitioned module (weights elided), for people to read
+  manifest.json          versioned description: signature, placement plans (each: devices,
+                         segments, schedule, predicted costs), parameters, and the SHA-256
+                         and size of every other member
+  weights.irpa           the weights, an IREE parameter archive holding each distinct value
+                         once, keyed by content (schema 3; absent when weights are inline)
+  [<plan>/]<segment>.<device>.vmfb  one IREE module per segment and target; a segment's
+                         manifest entry maps its parameter keys to the archive's keys
+  [<plan>/]plan.mlir     the partitioned module (weights elided), for people to read
+The plan prefix appears when a bundle holds several plans (`polyarch compile --plans`).
 """
 
 import hashlib
@@ -18,7 +23,7 @@ import zipfile
 from ..errors import BundleError
 
 FORMAT = "polyarch-bundle"
-SCHEMA_VERSION = 2  # 2: members 4096-aligned (1: unaligned, still read, by copying)
+SCHEMA_VERSION = 3  # 3: plans + shared parameter archive; 2: members 4096-aligned; 1: unaligned (read by copying)
 MANIFEST = "manifest.json"
 ALIGN = 4096
 PAD_EXTRA_ID = 0x5041  # zip extra field used for alignment padding ("PA")
@@ -51,9 +56,21 @@ def read_manifest(path):
             f"'{path}' has manifest schema {version}, newer than this runtime reads ({SCHEMA_VERSION})",
             fix="upgrade polyarch on this host, or recompile with this version",
         )
-    for key in ("signature", "devices", "segments", "schedule", "outputs", "members"):
+    plan_keys = ("devices", "segments", "schedule", "outputs")
+    if version < 3 and "plans" not in manifest:  # one plan at the top level: the same data, one level up
+        missing = [k for k in plan_keys if k not in manifest]
+        if not missing:
+            first = {k: manifest.pop(k) for k in (*plan_keys, "plan", "profiles") if k in manifest}
+            first["name"] = "+".join(dict.fromkeys(s["device"] for s in first["segments"]))
+            manifest["plans"] = [first]
+    for key in ("signature", "plans", "members"):
         if key not in manifest:
             raise BundleError(f"the manifest of '{path}' lacks '{key}'", fix="recompile it with `polyarch compile`")
+    for plan in manifest["plans"]:
+        for key in plan_keys:
+            if key not in plan:
+                raise BundleError(f"plan '{plan.get('name')}' in the manifest of '{path}' lacks '{key}'",
+                                  fix="recompile it with `polyarch compile`")
     return manifest
 
 

@@ -1,5 +1,6 @@
 """Run a bundle's schedule: segments in order, tensors moved between devices via host memory."""
 
+import logging
 import time
 
 import numpy as np
@@ -93,32 +94,46 @@ def to_host(device, value, dtype):
     return host
 
 
-class Bundle:
-    """A loaded bundle: call it with numpy arrays (or anything np.asarray takes)."""
+log = logging.getLogger("polyarch.runtime")
 
-    def __init__(self, path, devices=None):
+
+class Bundle:
+    """A loaded bundle: call it with numpy arrays (or anything np.asarray takes).
+
+    path     the .pab file (mapped, not read: modules and weights are used in place)
+    devices  optional {bundle device name: local device spec}, e.g. {"vulkan": "vulkan:1"}
+    plan     the name of the placement plan to run (see `plans`); default: the plan with
+             the lowest predicted time whose devices are all present on this host
+    strict   True: if that plan (the named one, or else the best of all) cannot run here,
+             raise DeviceError instead of falling back to another plan
+    The plan chosen and why is in `plan_name` and `choice`, and logged (logger
+    "polyarch.runtime", INFO; a fallback is a WARNING)."""
+
+    def __init__(self, path, devices=None, plan=None, strict=False):
         rt = _rt()
         self.path = str(path)
         self.manifest = read_manifest(self.path)
         # The file is mapped, not read: aligned members become modules without a copy.
         self._members = MappedMembers(self.path, self.manifest)
+        self.plans = [p["name"] for p in self.manifest["plans"]]
         remap = dict(devices or {})
-        unknown = set(remap) - set(self.manifest["devices"])
+        known = {d for p in self.manifest["plans"] for d in p["devices"]}
+        unknown = set(remap) - known
         if unknown:
             raise DeviceError(f"devices={remap} names {', '.join(sorted(unknown))}, which the bundle does not use",
-                              fix=f"map the bundle's devices: {', '.join(self.manifest['devices'])}")
-        self.devices = {}
-        for name in self.manifest["devices"]:
-            if not any(s["device"] == name for s in self.manifest["segments"]):
-                continue
-            self.devices[name] = create_device(remap.get(name, name))
+                              fix=f"map the bundle's devices: {', '.join(sorted(known))}")
+        self.plan, self.devices = self._choose(plan, strict, remap)
+        self.plan_name = self.plan["name"]
         self.instance = rt.VmInstance()
         self._functions = {}
         self._contexts = []
-        for seg in self.manifest["segments"]:
+        params = self._parameter_archive()
+        for seg in self.plan["segments"]:
             dev = self.devices[seg["device"]]
             config = rt.Config(device=dev)
             ctx = rt.SystemContext(config=config)
+            if "parameters" in seg:
+                ctx.add_vm_module(self._parameters_module(ctx, params, seg))
             view = self._members.views[seg["member"]]
             if self._members.aligned[seg["member"]]:
                 vm = rt.VmModule.wrap_buffer(ctx.instance, view)
@@ -132,6 +147,91 @@ class Bundle:
         self.trace = False  # True: keep every call's events in self.events (polyarch run --trace)
         self.events = []
         self.reset_counters()
+
+    def _choose(self, name, strict, remap):
+        """-> (plan dict, {device name: HalDevice}) for the plan to run, probing devices
+        in order of the plans' predicted times and keeping only the chosen plan's."""
+        plans = self.manifest["plans"]
+        if name is not None and name not in self.plans:
+            raise DeviceError(f"the bundle has no plan '{name}'", fix=f"choose one of: {', '.join(self.plans)}")
+        order = sorted(range(len(plans)), key=lambda i: (plans[i].get("plan", {}).get("predicted_us", 0.0), i))
+        wanted = plans[self.plans.index(name)] if name is not None else plans[order[0]]
+        probed, skipped = {}, []
+
+        def devices_of(plan):
+            out = {}
+            for d in dict.fromkeys(s["device"] for s in plan["segments"]):
+                if d not in probed:
+                    try:
+                        probed[d] = create_device(remap.get(d, d))
+                    except DeviceError as e:
+                        probed[d] = e
+                if isinstance(probed[d], DeviceError):
+                    return None, probed[d]
+                out[d] = probed[d]
+            return out, None
+
+        candidates = [wanted] + [plans[i] for i in order if plans[i] is not wanted]
+        for plan in candidates:
+            devs, err = devices_of(plan)
+            if devs is not None:
+                break
+            skipped.append((plan, err))
+            if strict:
+                raise DeviceError(
+                    f"plan '{plan['name']}' of {self.path} cannot run here: {err.what}",
+                    fix=f"{err.fix}; or load without strict to fall back to another plan ({', '.join(self.plans)})"
+                    if getattr(err, "fix", None) else "load without strict to fall back to another plan",
+                )
+        else:
+            reasons = "; ".join(f"'{p['name']}': {e.what}" for p, e in skipped)
+            raise DeviceError(f"no plan of {self.path} can run on this host ({reasons})",
+                              fix=getattr(skipped[0][1], "fix", None))
+        why = "named" if name is not None and plan is wanted else (
+            "the lowest predicted time" if plan is wanted else "the fastest predicted plan whose devices are present")
+        pred = plan.get("plan", {}).get("predicted_us")
+        self.choice = f"plan '{plan['name']}' ({why}" + (f", predicted {pred / 1e3:.3f} ms" if pred else "") + ")"
+        if skipped:
+            self.choice += "; skipped " + "; ".join(f"'{p['name']}' ({e.what})" for p, e in skipped)
+            log.warning("%s: %s", self.path, self.choice)
+        else:
+            log.info("%s: %s", self.path, self.choice)
+        return plan, devs
+
+    def _parameter_archive(self):
+        """The bundle's shared parameter archive, indexed in place: {content key: (file handle, offset, length)}."""
+        meta = self.manifest.get("parameters")
+        if not meta:
+            return None
+        rt = _rt()
+        view = self._members.views[meta["member"]]
+        handle = rt.FileHandle.wrap_memory(view, readable=True, writable=False)
+        index = rt.ParameterIndex()
+        try:
+            index.load_from_file_handle(handle, meta.get("format", "irpa"))
+        except Exception as e:
+            raise BundleError(f"the parameter archive '{meta['member']}' of {self.path} is unreadable: {e}",
+                              fix="recompile it with `polyarch compile`")
+        entries = {}
+        for key, entry in index.items():
+            fh, offset = entry.file_storage[:2]
+            entries[key] = (handle, offset, entry.length)
+        return entries
+
+    def _parameters_module(self, ctx, archive, seg):
+        """The io_parameters module that serves a segment's keys from the shared archive."""
+        rt = _rt()
+        if archive is None:
+            raise BundleError(f"segment {seg['name']} of {self.path} reads parameters but the bundle has no archive",
+                              fix="recompile it with `polyarch compile`")
+        index = rt.ParameterIndex()
+        for key, content in seg["parameters"]["keys"].items():
+            if content not in archive:
+                raise BundleError(f"parameter {content} (for {seg['name']}::{key}) is missing from {self.path}",
+                                  fix="recompile it with `polyarch compile`")
+            handle, offset, length = archive[content]
+            index.add_from_file_handle(key, handle, length, offset)
+        return rt.create_io_parameters_module(ctx.instance, index.create_provider(scope=seg["parameters"]["scope"]))
 
     def reset_counters(self):
         """Zero `counters`: calls, seconds, and bytes and seconds spent moving tensors."""
@@ -176,7 +276,7 @@ class Bundle:
             events.append({"name": what, "kind": "transfer", "track": f"{src} -> {dst}", "start": t0 - t_call,
                            "dur": dt, "bytes": nbytes})
 
-        for step in self.manifest["schedule"]:
+        for step in self.plan["schedule"]:
             if step["op"] == "transfer":
                 v = env[step["src"]]
                 if step["from"] != "host":
@@ -215,7 +315,7 @@ class Bundle:
                 env[name] = r
                 located[name] = seg["device"]
         outs = []
-        for name, spec in zip(self.manifest["outputs"], self.outputs):
+        for name, spec in zip(self.plan["outputs"], self.outputs):
             v = env[name]
             dev = self.devices[located[name]] if located.get(name) else None
             t0 = clock()
@@ -258,9 +358,11 @@ def _fmt(spec):
     return "x".join(str(d) for d in spec["shape"]) + "x" + spec["dtype"]
 
 
-def load(path, devices=None):
+def load(path, devices=None, plan=None, strict=False):
     """Load a bundle for execution on this host. -> a callable Bundle.
 
     devices: optional {bundle device name: local device spec} to run a segment on
-    another device of the same kind, e.g. {"vulkan": "vulkan:1"}."""
-    return Bundle(path, devices=devices)
+    another device of the same kind, e.g. {"vulkan": "vulkan:1"}.
+    plan: the placement plan to run (default: the fastest predicted one this host can run).
+    strict: raise DeviceError rather than fall back when that plan's devices are missing."""
+    return Bundle(path, devices=devices, plan=plan, strict=strict)

@@ -31,8 +31,8 @@ def test_manifest_lists_and_hashes_every_member(bundle):
     assert names == set(m["members"]) | {"manifest.json"}
     assert "plan.mlir" in names
     assert m["schema_version"] == fmt.SCHEMA_VERSION
-    for s in m["segments"]:
-        assert s["member"].endswith(".vmfb") and s["device"] in m["devices"]
+    for s in m["plans"][0]["segments"]:
+        assert s["member"].endswith(".vmfb") and s["device"] in m["plans"][0]["devices"]
 
 
 def test_members_start_on_4096_byte_boundaries_and_load_without_copy(bundle):

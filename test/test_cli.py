@@ -37,7 +37,7 @@ def test_run_with_npy_files_matches_eager(mlp_bundle, tmp_path):
 def test_inspect(mlp_bundle):
     r = polyarch("inspect", str(mlp_bundle))
     assert r.returncode == 0, r.stderr
-    for text in ("inputs:  x 32x256xfloat32", "devices: cpu, vulkan", "seg_0", "vulkan", "predicted", "all SHA-256 verified"):
+    for text in ("inputs:  x 32x256xfloat32", "plan 'cpu+vulkan' over cpu, vulkan", "weights: weights.irpa", "seg_0", "vulkan", "predicted", "all SHA-256 verified"):
         assert text in r.stdout
 
 
@@ -90,7 +90,7 @@ def test_run_trace_and_counters(mlp_bundle, tmp_path):
     assert {"cpu", "vulkan"} <= names
     from polyarch.runtime.bundle import read_manifest
 
-    assert len(segs) == 2 * len(read_manifest(mlp_bundle)["segments"])  # every segment, every call
+    assert len(segs) == 2 * len(read_manifest(mlp_bundle)["plans"][0]["segments"])  # every segment, every call
     moves = [e for e in xs if e["cat"] == "transfer"]
     assert moves and all(e["args"]["bytes"] > 0 for e in moves)
     assert data["otherData"]["counters"]["calls"] == 2

@@ -132,6 +132,6 @@ def test_objectives_compile_and_match_eager(objective, tmp_path):
     path = polyarch.compile(model, inputs, devices=["cpu", "vulkan"], objective=objective,
                             output=str(tmp_path / "g.pab"))
     b = polyarch.runtime.load(path)
-    assert b.manifest["plan"]["objective"] == objective
-    assert {s["device"] for s in b.manifest["segments"]} == {"cpu", "vulkan"}
+    assert b.plan["plan"]["objective"] == objective
+    assert {s["device"] for s in b.plan["segments"]} == {"cpu", "vulkan"}
     np.testing.assert_allclose(b(*[t.numpy() for t in inputs]), eager(model, inputs), atol=2e-4, rtol=0)

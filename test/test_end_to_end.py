@@ -20,14 +20,14 @@ def _run(tmp_path, model, inputs, devices, pins=(), name="m"):
 
 
 def _devices_used(run):
-    return {s["device"] for s in run.manifest["segments"]}
+    return {s["device"] for s in run.plan["segments"]}
 
 
 def test_mlp_split_cpu_vulkan(tmp_path, mlp):
     model, inputs = mlp
     run, out = _run(tmp_path, model, inputs, ["cpu", "vulkan"], pins=["fc1=cpu", "fc2=vulkan", "fc3=cpu"])
     assert _devices_used(run) == {"cpu", "vulkan"}
-    assert [s["device"] for s in run.manifest["segments"]] == ["cpu", "vulkan", "cpu"]
+    assert [s["device"] for s in run.plan["segments"]] == ["cpu", "vulkan", "cpu"]
     np.testing.assert_allclose(out, eager(model, inputs), atol=TOL, rtol=0)
 
 
@@ -35,14 +35,14 @@ def test_cnn_split_cpu_vulkan(tmp_path, cnn):
     model, inputs = cnn
     run, out = _run(tmp_path, model, inputs, ["cpu", "vulkan"], pins=["conv1=vulkan", "head=cpu"])
     assert _devices_used(run) == {"cpu", "vulkan"}
-    assert any(s["op"] == "transfer" for s in run.manifest["schedule"])
+    assert any(s["op"] == "transfer" for s in run.plan["schedule"])
     np.testing.assert_allclose(out, eager(model, inputs), atol=TOL, rtol=0)
 
 
 def test_cnn_cpu_only(tmp_path, cnn):
     model, inputs = cnn
     run, out = _run(tmp_path, model, inputs, ["cpu"])
-    assert len(run.manifest["segments"]) == 1
+    assert len(run.plan["segments"]) == 1
     np.testing.assert_allclose(out, eager(model, inputs), atol=TOL, rtol=0)
 
 
@@ -96,7 +96,7 @@ def test_narrow_input_to_vulkan_is_widened(tmp_path):
     m = torch.ones(4, 1, 1, 16, dtype=torch.bool)
     m[1:, :, :, 8:] = False
     run, out = _run(tmp_path, Masked(), (x, m), ["vulkan"])
-    seg_dtypes = [i["dtype"] for i in run.manifest["segments"][0]["inputs"]]
+    seg_dtypes = [i["dtype"] for i in run.plan["segments"][0]["inputs"]]
     assert "int32" in seg_dtypes and "bool" not in seg_dtypes
     np.testing.assert_allclose(out, eager(Masked(), (x, m)), atol=1e-5, rtol=0)
 

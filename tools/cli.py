@@ -120,11 +120,19 @@ def cli():
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Bundle to write (default: MODEL's name with .pab).")
 @click.option("-j", "--jobs", type=int, default=None, help="Parallel IREE compiles (default: one per core).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
-def compile(model, inputs, devices, pins, objective, solver, profiles, output, jobs, quiet):
+@click.option("--plans", "plans", multiple=True, metavar="SPEC,SPEC,...",
+              help="One placement plan per device set, repeatable, all in one bundle sharing one copy of the "
+                   "weights (replaces --device). At load the runtime runs the fastest predicted plan whose "
+                   "devices it finds, or the one named with `polyarch run --plan` (`--strict`: no fallback).")
+def compile(model, inputs, devices, pins, objective, solver, profiles, output, jobs, quiet, plans):
     """Compile MODEL into a .pab bundle for the given devices.
+
+    Weights are stored once, in an IREE parameter archive inside the bundle,
+    whatever the number of segments or plans that use them.
 
     \b
     Examples:
+      polyarch compile examples/mlp.py --plans cuda,cpu --plans vulkan,cpu --plans cpu -o mlp.pab
       polyarch compile examples/mlp.py --input 8x64xf32 --device cpu --device vulkan -o mlp.pab
       polyarch compile examples/minilm.py --input 4x64xi64 --input 4x64xi64 -d cpu -d vulkan -o m.pab
       polyarch compile model.py:Net -i 1x3x32x32xf32 -d cpu -d vulkan --pin torch.aten.convolution=vulkan
@@ -136,8 +144,11 @@ def compile(model, inputs, devices, pins, objective, solver, profiles, output, j
         ex = _example_inputs(inputs, ns)
         output = output or os.path.splitext(os.path.basename(model.partition(":")[0]))[0] + ".pab"
         progress = None if quiet else (lambda msg: click.echo(f"polyarch: {msg}", err=True))
+        if plans and devices:
+            raise PolyarchError("--plans and --device both given", fix="give the device sets with --plans only")
+        device_sets = [[d.strip() for d in p.split(",") if d.strip()] for p in plans] or None
         do_compile(m, ex, devices=_devices(devices, profiles), output=output, pins=pins, jobs=jobs, progress=progress,
-                   objective=objective, solver=solver, profiles=profiles)
+                   objective=objective, solver=solver, profiles=profiles, plans=device_sets)
     except PolyarchError as e:
         _fail(e)
     click.echo(output)
@@ -203,11 +214,17 @@ def plan(model, inputs, devices, pins, objective, solver, profiles, explain, sho
 @click.option("-n", "--repeat", type=int, default=1, show_default=True, help="Run this many times and report the median time.")
 @click.option("--trace", "trace_out", type=click.Path(dir_okay=False), metavar="FILE.json",
               help="Write a Chrome/Perfetto trace of the runs: each segment on its device, each transfer with its bytes.")
-def run(bundle, inputs, outputs, repeat, trace_out):
+@click.option("--plan", "plan_name", metavar="NAME",
+              help="Run this placement plan (see `polyarch inspect`). Default: the fastest predicted plan whose "
+                   "devices are present; the choice is printed.")
+@click.option("--strict", is_flag=True,
+              help="Fail if that plan's devices are missing, instead of falling back to another plan.")
+def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict):
     """Load BUNDLE on this host's devices and run it.
 
     \b
     Examples:
+      polyarch run multi.pab --plan vulkan+cpu --strict
       polyarch run mlp.pab
       polyarch run minilm.pab -i ids.npy -i mask.npy -o hidden.npy -n 20
       polyarch run minilm.pab -n 5 --trace run.json     # open in ui.perfetto.dev
@@ -216,9 +233,12 @@ def run(bundle, inputs, outputs, repeat, trace_out):
 
     from ..runtime import load
 
+    import logging
+
+    logging.getLogger("polyarch.runtime").addHandler(logging.NullHandler())  # the choice is printed below
     try:
         t = time.perf_counter()
-        b = load(bundle)
+        b = load(bundle, plan=plan_name, strict=strict)
         load_s = time.perf_counter() - t
         if inputs:
             args = [np.load(p) for p in inputs]
@@ -245,6 +265,7 @@ def run(bundle, inputs, outputs, repeat, trace_out):
         _fail(e)
     res = res if isinstance(res, tuple) else (res,)
     click.echo(f"loaded {bundle} in {load_s * 1000:.1f} ms on {', '.join(f'{k} ({v})' for k, v in b.devices.items())}")
+    click.echo(f"running {b.choice}")
     for i, r in enumerate(res):
         click.echo(f"output {i}: {'x'.join(map(str, r.shape))}x{r.dtype}  mean {float(np.mean(r)):.6g}  std {float(np.std(r)):.6g}")
         if i < len(outputs):
@@ -284,20 +305,30 @@ def inspect(bundle, as_json, show_ops):
     click.echo(f"  compiled with {', '.join(f'{k} {v}' for k, v in m['compiler'].items())}")
     click.echo(f"  inputs:  {', '.join(i['name'] + ' ' + fmt(i) for i in m['signature']['inputs'])}")
     click.echo(f"  outputs: {', '.join(o['name'] + ' ' + fmt(o) for o in m['signature']['outputs'])}")
-    click.echo(f"  devices: {', '.join(m['devices'])}")
-    p = m["plan"]
-    click.echo(f"  plan: {p['objective']} ({p['algorithm']}); predicted {p['predicted_us'] / 1000:.3f} ms, {p['transfer_bytes'] / 1e6:.3f} MB transferred")
-    click.echo("  segments:")
-    for s in m["segments"]:
-        size = m["members"][s["member"]]["size"]
-        click.echo(f"    {s['name']:8s} {s['device']:10s} {s['ops']:5d} ops  predicted {s['predicted_us'] / 1000:8.3f} ms  {size / 1e6:8.2f} MB  {s['member']}")
-        if show_ops:
-            for op in s.get("op_list", []):
-                where = " ".join(x for x in (f"({op['path']})" if op["path"] else "", f"at {op['source']}" if op["source"] else "") if x)
-                click.echo(f"        {op['predicted_us']:10.2f} us  {op['op']} {where}")
-    transfers = [s for s in m["schedule"] if s["op"] == "transfer"]
-    if transfers:
-        click.echo(f"  transfers: {len(transfers)}, {sum(t['bytes'] for t in transfers) / 1e6:.3f} MB per call")
+    params = m.get("parameters")
+    if params:
+        size = m["members"][params["member"]]["size"]
+        click.echo(f"  weights: {params['member']}, {params['count']} distinct parameters, {size / 1e6:.2f} MB "
+                   f"({params['references']} references, {params['referenced_bytes'] / 1e6:.2f} MB if each were stored "
+                   f"where it is used)")
+    else:
+        click.echo("  weights: inline in each module")
+    for i, plan in enumerate(m["plans"]):
+        p = plan.get("plan", {})
+        click.echo(f"  plan '{plan['name']}' over {', '.join(plan['devices'])}: {p.get('objective', '?')} ({p.get('algorithm', '?')}); "
+                   f"predicted {p.get('predicted_us', 0) / 1000:.3f} ms, {p.get('transfer_bytes', 0) / 1e6:.3f} MB transferred")
+        for s in plan["segments"]:
+            size = m["members"][s["member"]]["size"]
+            nparams = len(s.get("parameters", {}).get("keys", {}))
+            click.echo(f"    {s['name']:8s} {s['device']:10s} {s['ops']:5d} ops  predicted {s['predicted_us'] / 1000:8.3f} ms  "
+                       f"{size / 1e6:8.2f} MB  {nparams:3d} params  {s['member']}")
+            if show_ops:
+                for op in s.get("op_list", []):
+                    where = " ".join(x for x in (f"({op['path']})" if op["path"] else "", f"at {op['source']}" if op["source"] else "") if x)
+                    click.echo(f"        {op['predicted_us']:10.2f} us  {op['op']} {where}")
+        transfers = [s for s in plan["schedule"] if s["op"] == "transfer"]
+        if transfers:
+            click.echo(f"    transfers: {len(transfers)}, {sum(t['bytes'] for t in transfers) / 1e6:.3f} MB per call")
     total = sum(v["size"] for v in m["members"].values())
     click.echo(f"  members: {len(m['members'])}, {total / 1e6:.2f} MB, all SHA-256 verified")
 
