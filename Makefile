@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/cost_model.py
 	$(VENV)/bin/python bench/plan_regret.py --profile out/bench/profile.json
 	$(VENV)/bin/python bench/bundle_load.py
+	$(VENV)/bin/python bench/stream.py
 
 clean:
 	rm -rf out test/passes/Output .pytest_cache

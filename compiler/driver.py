@@ -196,7 +196,10 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
             name, device, src = item
             out = os.path.join(tmp, f"{name}.vmfb")
             spec = DeviceSpec.parse(device)
-            cmd = [tool, src, "--iree-input-type=torch", *iree_flags(spec), *extra_flags, "-o", out]
+            # async-external: each function also comes as `NAME$async(args, wait fence, signal fence)`,
+            # which the runtime chains (runtime/executor.py)
+            cmd = [tool, src, "--iree-input-type=torch", "--iree-execution-model=async-external", *iree_flags(spec),
+                   *extra_flags, "-o", out]
             archive = None
             if params_dir:
                 archive = os.path.join(params_dir, f"{scope_prefix}{name}.irpa")

@@ -71,9 +71,47 @@ def _importer_with_module_paths(ctx):
                 return loc
             return ir.Location.name(path, childLoc=loc or ir.Location.unknown(self._c), context=self._c)
 
-    importer = FxImporter(context=ctx)
+    importer = FxImporter(context=ctx, hooks=_zero_copy_literals())
     importer._cc = _ModulePathCache(ctx, py_attr_tracker=importer._py_attr_tracker)
     return importer
+
+
+def _zero_copy_literals():
+    """FxImporter hooks under which weights enter the IR as resources referencing the
+    tensors' own memory. torch-mlir's default path copies each through `tensor.tolist()`:
+    some 30 bytes of Python objects per element at its peak, so a 1B-parameter model
+    needs more than 24 GiB for that alone. Tensors it cannot view (fake tensors, bf16,
+    single elements) take the default path."""
+    import numpy as np
+    import torch
+    from torch_mlir import ir
+    from torch_mlir.extras.fx_importer import FxImporterHooks, create_mlir_tensor_type
+
+    as_numpy = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
+                torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8}
+
+    class ZeroCopyLiterals(FxImporterHooks):
+        def __init__(self):
+            self._attrs = {}  # id(tensor) -> (tensor, attribute): a tensor used twice is one resource
+
+        def resolve_literal(self, gni, literal, info):
+            if not isinstance(literal, torch.Tensor) or literal.dtype not in as_numpy or literal.numel() <= 1:
+                return None
+            cached = self._attrs.get(id(literal))
+            if cached is None or cached[0] is not literal:
+                try:
+                    array = literal.detach().contiguous().numpy()  # shares the tensor's memory
+                except Exception:
+                    return None
+                shape = "_".join(str(d) for d in literal.shape)
+                attr = ir.DenseResourceElementsAttr.get_from_buffer(
+                    array, f"torch_tensor_{shape}_{literal.dtype}", create_mlir_tensor_type(literal))
+                cached = self._attrs[id(literal)] = (literal, attr)
+            op = ir.Operation.create("torch.vtensor.literal", results=[gni._cc.tensor_to_vtensor_type(literal)],
+                                     attributes={"value": cached[1]})
+            return op.result
+
+    return ZeroCopyLiterals()
 
 
 def _one_line(exc):
@@ -129,6 +167,20 @@ def export(model, example_inputs):
                             fix="make the model exportable (no data-dependent Python control flow), or pass an ExportedProgram") from e
 
 
+# What fx.export_and_import(output_type="torch") runs after importing. Run here because
+# torch-mlir's runner first prints the whole module, weights included as hex, for its
+# error report: about 4x the weight bytes of transient memory.
+BACKEND_PIPELINE = ("builtin.module(func.func(torch-match-quantized-custom-ops), "
+                    "torchdynamo-export-to-torch-backend-pipeline{ extra-library=})")
+
+
+def _lower_to_backend_contract(module):
+    from torch_mlir.passmanager import PassManager
+
+    with module.context:
+        PassManager.parse(BACKEND_PIPELINE).run(module.operation)
+
+
 def import_model(model, example_inputs=()):
     """-> (torch-dialect ir.Module in a polyarch context, signature dict)."""
     from torch_mlir import fx
@@ -141,7 +193,8 @@ def import_model(model, example_inputs=()):
     ctx = make_context()
     importer = _importer_with_module_paths(ctx)
     try:
-        module = fx.export_and_import(ep, output_type="torch", fx_importer=importer, func_name="main")
+        module = fx.export_and_import(ep, output_type="raw", fx_importer=importer, func_name="main")
+        _lower_to_backend_contract(module)
     except Exception as e:
         raise PolyarchError(f"torch-mlir could not lower the model to the torch backend contract: {_one_line(e)}",
                             fix="the op named is not supported by torch-mlir 20261001; rewrite it with supported ops or file an issue") from e

@@ -87,7 +87,7 @@ class MappedMembers:
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         except (zipfile.BadZipFile, OSError, ValueError) as e:
             raise BundleError(f"'{path}' is corrupt: {e}", fix="recompile it or copy it again")
-        self.views, self.aligned = {}, {}
+        self.views, self.aligned, self.starts = {}, {}, {}
         whole = memoryview(self._map)
         for name, meta in manifest["members"].items():
             info = infos.get(name)
@@ -106,6 +106,16 @@ class MappedMembers:
                 raise BundleError(f"member '{name}' of '{path}' fails its SHA-256 check (corrupt bundle)", fix="recompile it or copy it again")
             self.views[name] = view
             self.aligned[name] = start % ALIGN == 0
+            self.starts[name] = start
+
+    def drop_pages(self, name):
+        """Let the kernel take back the resident pages of a member (after its data has been
+        copied elsewhere, e.g. weights loaded into device memory). The mapping stays valid:
+        a later read faults the pages in again from the file."""
+        start, size = self.starts[name], len(self.views[name])
+        first = start - start % mmap.PAGESIZE
+        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED") and size:
+            self._map.madvise(mmap.MADV_DONTNEED, first, start + size - first)
 
     def close(self):
         self.views.clear()

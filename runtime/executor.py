@@ -125,8 +125,10 @@ class Bundle:
         self.plan, self.devices = self._choose(plan, strict, remap)
         self.plan_name = self.plan["name"]
         self.instance = rt.VmInstance()
-        self._functions = {}
+        self._async = {}  # segment -> (VmContext, its `$async` function, manifest entry)
         self._contexts = []
+        self._sems = {d: dev.create_semaphore(0) for d, dev in self.devices.items()}  # one timeline per device
+        self._ticks = {d: 0 for d in self.devices}
         params = self._parameter_archive()
         for seg in self.plan["segments"]:
             dev = self.devices[seg["device"]]
@@ -141,7 +143,15 @@ class Bundle:
                 vm = rt.VmModule.copy_buffer(ctx.instance, view)
             ctx.add_vm_module(vm)
             self._contexts.append(ctx)
-            self._functions[seg["name"]] = (ctx.modules[vm.name][seg["function"]], seg)
+            fn = vm.lookup_function(seg["function"] + "$async")
+            if fn is None:
+                raise BundleError(f"module {seg['member']} of {self.path} exports no {seg['function']}$async",
+                                  fix="recompile it with `polyarch compile` (IREE 3.13 or newer)")
+            self._async[seg["name"]] = (ctx.vm_context, fn, seg)
+        if params is not None:
+            # The modules' initialisers have loaded their parameters into device memory: the
+            # archive's pages (read for the hash check) need not stay resident.
+            self._members.drop_pages(self.manifest["parameters"]["member"])
         sig = self.manifest["signature"]
         self.inputs, self.outputs = sig["inputs"], sig["outputs"]
         self.trace = False  # True: keep every call's events in self.events (polyarch run --trace)
@@ -258,77 +268,120 @@ class Bundle:
 
     def __call__(self, *args):
         """Run the bundle. numpy arrays (or anything np.asarray takes) in, numpy out; torch
-        tensors in, torch tensors out (sharing the host arrays' memory, through DLPack)."""
+        tensors in, torch tensors out (sharing the host arrays' memory, through DLPack).
+        Each segment runs to completion before the next (timed per segment, see counters);
+        for a stream of requests, `stream` overlaps them."""
+        return self._collect(self._submit(args, wait_each=True))
+
+    def stream(self, requests, depth=2):
+        """Run a stream of requests pipelined: yields each request's outputs, in order.
+
+        requests: an iterable of argument tuples (or of single arrays for one-input bundles).
+        depth: requests in flight at once. Segments are invoked through IREE's async entry
+        points and chained with fences on their device; the host only waits where a tensor
+        must cross devices or an output is read back, so while one request's later segments
+        run on one device, the next request's earlier segments run on another, and its
+        transfers overlap that compute. Counters count these calls; per-device segment
+        seconds are not measured in this mode (the trace shows issue -> observed completion)."""
+        from collections import deque
+
+        window = deque()
+        for req in requests:
+            window.append(self._submit(req if isinstance(req, (tuple, list)) else (req,), wait_each=False))
+            if len(window) >= max(1, depth):
+                yield self._collect(window.popleft())
+        while window:
+            yield self._collect(window.popleft())
+
+    def _submit(self, args, wait_each):
+        """Issue every step of one call; -> the call in flight (outputs not yet read back)."""
+        rt = _rt()
         as_torch = any(hasattr(a, "detach") and hasattr(a, "numpy") for a in args)
         args = self._check_inputs(args)
         clock = time.perf_counter
-        t_call = clock()
-        events, c = [], self.counters
+        call = _Call(clock(), as_torch)
         env = {f"in{i}": a for i, a in enumerate(args)}
-        located = {k: None for k in env}  # None: on the host
-
-        def moved(src, dst, nbytes, t0, what):
-            nbytes = int(nbytes)
-            dt = clock() - t0
-            c["transfers"] += 1
-            c["bytes_moved"] += nbytes
-            c["transfer_seconds"] += dt
-            events.append({"name": what, "kind": "transfer", "track": f"{src} -> {dst}", "start": t0 - t_call,
-                           "dur": dt, "bytes": nbytes})
-
         for step in self.plan["schedule"]:
-            if step["op"] == "transfer":
-                v = env[step["src"]]
-                if step["from"] != "host":
-                    t0 = clock()
-                    v = to_host(self.devices[step["from"]], v, _raw(v))
-                    moved(step["from"], "host", v.nbytes, t0, f"{step['src']} to host")
-                env[step["dst"]] = v
-                located[step["dst"]] = None  # uploaded by the next call on its device
+            if step["op"] == "transfer":  # a tensor leaves its device: read back when a consumer needs it
+                env[step["dst"]] = env[step["src"]]
                 continue
-            fn, seg = self._functions[step["segment"]]
-            dev = self.devices[seg["device"]]
-            call_args = []
+            seg_name = step["segment"]
+            vm_ctx, vm_fn, seg = self._async[seg_name]
+            dname = seg["device"]
+            dev = self.devices[dname]
+            sem = self._sems[dname]
+            bvs, waits = [], []
             for name, spec in zip(step["args"], seg["inputs"]):
                 v = env[name]
-                if not isinstance(v, np.ndarray) and located[name] != seg["device"]:
-                    t0 = clock()
-                    v = to_host(self.devices[located[name]], v, _raw(v))
-                    moved(located[name], "host", v.nbytes, t0, f"{name} to host")
-                if isinstance(v, np.ndarray) and v.dtype != np.dtype(spec["dtype"]):
+                if isinstance(v, _OnDevice) and v.device != dname:
+                    v = env[name] = self._to_host(v, call, f"{name} to host")
+                if isinstance(v, _OnDevice):
+                    bvs.append(v.bv)
+                    waits.append((sem, v.tick))
+                    continue
+                if v.dtype != np.dtype(spec["dtype"]):
                     v = v.astype(spec["dtype"])  # narrow types travel widened to some devices
-                if isinstance(v, np.ndarray) and _kind(seg["device"]) != "cpu":
-                    t0 = clock()
-                    nbytes = v.nbytes
-                    v = _rt().asdevicearray(dev, v)
-                    moved("host", seg["device"], nbytes, t0, f"{name} to {seg['device']}")
-                call_args.append(v)
+                t0 = clock()
+                bvs.append(rt.asdevicearray(dev, v)._buffer_view)
+                if _kind(dname) != "cpu":
+                    call.moved("host", dname, v.nbytes, t0, clock(), f"{name} to {dname}", self.counters)
+            # A device's timeline must be signalled in order: each call also waits for the
+            # device's previous one (which orders the segments of pipelined calls, too).
+            waits.append((sem, self._ticks[dname]))
+            wait = rt.HalFence(len(waits))
+            for s_, tick in waits:
+                wait.insert(s_, tick)
+            self._ticks[dname] += 1
+            tick = self._ticks[dname]
+            signal = rt.HalFence.create_at(sem, tick)
+            arg_list = rt.VmVariantList(len(bvs) + 2)
+            for bv in bvs:
+                arg_list.push_ref(bv)
+            arg_list.push_ref(wait)
+            arg_list.push_ref(signal)
+            rets = rt.VmVariantList(len(step["results"]))
             t0 = clock()
-            res = fn(*call_args)
-            if not isinstance(res, (tuple, list)):
-                res = (res,)
-            dt = clock() - t0
-            c["segment_seconds"][seg["device"]] += dt
-            events.append({"name": seg["name"], "kind": "segment", "track": seg["device"], "start": t0 - t_call,
-                           "dur": dt, "bytes": 0})
-            for name, r in zip(step["results"], res):
-                env[name] = r
-                located[name] = seg["device"]
+            vm_ctx.invoke(vm_fn, arg_list, rets)
+            event = {"name": seg_name, "kind": "segment", "track": dname, "start": t0 - call.t0, "dur": 0.0, "bytes": 0}
+            if wait_each:
+                sem.wait(tick)
+                event["dur"] = clock() - t0
+                self.counters["segment_seconds"][dname] += event["dur"]
+            call.events.append(event)
+            for i, name in enumerate(step["results"]):
+                env[name] = _OnDevice(dname, rets.get_as_object(i, rt.HalBufferView), tick, event)
+        call.env = env
+        return call
+
+    def _to_host(self, v, call, what):
+        """Wait for a tensor's producer on its device, then read it back into host memory."""
+        clock = time.perf_counter
+        t0 = clock()
+        self._sems[v.device].wait(v.tick)
+        if not v.event["dur"]:  # completion observed now (an upper bound in stream mode)
+            v.event["dur"] = clock() - call.t0 - v.event["start"]
+        t1 = clock()
+        dev = self.devices[v.device]
+        host = to_host(dev, _rt().DeviceArray(dev, v.bv), _raw(v.bv))
+        if _kind(v.device) != "cpu":
+            call.moved(v.device, "host", host.nbytes, t1, clock(), what, self.counters)
+        return host
+
+    def _collect(self, call):
+        """Wait for a call's outputs, read them back, account for it. -> its outputs."""
         outs = []
         for name, spec in zip(self.plan["outputs"], self.outputs):
-            v = env[name]
-            dev = self.devices[located[name]] if located.get(name) else None
-            t0 = clock()
-            host = to_host(dev, v, np.dtype(spec["dtype"]))
-            if dev is not None and _kind(located[name]) != "cpu":
-                moved(located[name], "host", host.nbytes, t0, f"output {name}")
-            outs.append(host)
+            v = call.env[name]
+            if isinstance(v, _OnDevice):
+                v = self._to_host(v, call, f"output {name}")
+            outs.append(v.astype(spec["dtype"]) if v.dtype != np.dtype(spec["dtype"]) else v)
+        c = self.counters
         c["calls"] += 1
-        c["seconds"] += clock() - t_call
+        c["seconds"] += time.perf_counter() - call.t0
         if self.trace:
-            call = c["calls"] - 1
-            self.events.extend(dict(e, call=call, start=e["start"] + t_call) for e in events)
-        if as_torch:
+            n = c["calls"] - 1
+            self.events.extend(dict(e, call=n, start=e["start"] + call.t0) for e in call.events)
+        if call.as_torch:
             import torch
 
             outs = [torch.from_dlpack(o) for o in outs]
@@ -343,15 +396,37 @@ class Bundle:
                            other={"counters": self.counters})
 
 
+class _OnDevice:
+    """A tensor on a device: its buffer view, valid once the device's timeline reaches `tick`."""
+
+    __slots__ = ("device", "bv", "tick", "event")
+
+    def __init__(self, device, bv, tick, event):
+        self.device, self.bv, self.tick, self.event = device, bv, tick, event
+
+
+class _Call:
+    """One call in flight: its start time, trace events, and values by schedule name."""
+
+    def __init__(self, t0, as_torch):
+        self.t0, self.as_torch, self.events, self.env = t0, as_torch, [], {}
+
+    def moved(self, src, dst, nbytes, t0, t1, what, counters):
+        nbytes = int(nbytes)
+        counters["transfers"] += 1
+        counters["bytes_moved"] += nbytes
+        counters["transfer_seconds"] += t1 - t0
+        self.events.append({"name": what, "kind": "transfer", "track": f"{src} -> {dst}", "start": t0 - self.t0,
+                            "dur": t1 - t0, "bytes": nbytes})
+
+
 def _kind(device_name):
     return DeviceSpec.parse(device_name).kind
 
 
-def _raw(v):
-    if isinstance(v, np.ndarray):
-        return v.dtype
-    rt = _rt()
-    return np.dtype(rt.HalElementType.map_to_dtype(v._buffer_view.element_type))
+def _raw(bv):
+    """The numpy dtype of a buffer view's elements."""
+    return np.dtype(_rt().HalElementType.map_to_dtype(bv.element_type))
 
 
 def _fmt(spec):
