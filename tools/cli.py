@@ -43,6 +43,31 @@ def _load_model(target):
     raise PolyarchError(f"{path} defines none of {', '.join(names)}", fix="name the model: MODEL.py:ATTR (a class, factory or nn.Module)")
 
 
+def _local_sources(module_names):
+    """Source files of newly imported modules that belong to the user's project: not the
+    standard library, not installed packages, not polyarch itself."""
+    import sysconfig
+
+    skip = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                          sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"],
+                                          os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
+    out = set()
+    for name in module_names:
+        f = getattr(sys.modules.get(name), "__file__", None)
+        if f and f.endswith(".py") and os.path.isabs(f) and os.path.isfile(f):  # torch has modules with made-up names
+            real = os.path.realpath(f)
+            if not any(real == s or real.startswith(s + os.sep) for s in skip):
+                out.add(os.path.abspath(f))
+    return out
+
+
+def _write_depfile(path, target, deps):
+    """A Makefile-style depfile (what Ninja and CMake's DEPFILE read)."""
+    esc = lambda p: os.path.abspath(p).replace("\\", "\\\\").replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$")
+    with open(path, "w") as f:
+        f.write(f"{esc(target)}: " + " \\\n  ".join(esc(d) for d in dict.fromkeys(deps)) + "\n")
+
+
 def _example_inputs(inputs, namespace):
     from ..compiler.importer import example_from_spec
 
@@ -120,11 +145,14 @@ def cli():
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Bundle to write (default: MODEL's name with .pab).")
 @click.option("-j", "--jobs", type=int, default=None, help="Parallel IREE compiles (default: one per core).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@click.option("--depfile", type=click.Path(dir_okay=False), metavar="FILE.d",
+              help="Also write a Makefile-style depfile: the bundle depends on the model file, the local Python "
+                   "modules it imports and the profiles (CMake's polyarch_add_bundle uses it).")
 @click.option("--plans", "plans", multiple=True, metavar="SPEC,SPEC,...",
               help="One placement plan per device set, repeatable, all in one bundle sharing one copy of the "
                    "weights (replaces --device). At load the runtime runs the fastest predicted plan whose "
                    "devices it finds, or the one named with `polyarch run --plan` (`--strict`: no fallback).")
-def compile(model, inputs, devices, pins, objective, solver, profiles, output, jobs, quiet, plans):
+def compile(model, inputs, devices, pins, objective, solver, profiles, output, jobs, quiet, depfile, plans):
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -140,7 +168,9 @@ def compile(model, inputs, devices, pins, objective, solver, profiles, output, j
     from ..compiler.driver import compile as do_compile
 
     try:
+        before = set(sys.modules)
         m, ns = _load_model(model)
+        local = _local_sources(set(sys.modules) - before)
         ex = _example_inputs(inputs, ns)
         output = output or os.path.splitext(os.path.basename(model.partition(":")[0]))[0] + ".pab"
         progress = None if quiet else (lambda msg: click.echo(f"polyarch: {msg}", err=True))
@@ -149,6 +179,8 @@ def compile(model, inputs, devices, pins, objective, solver, profiles, output, j
         device_sets = [[d.strip() for d in p.split(",") if d.strip()] for p in plans] or None
         do_compile(m, ex, devices=_devices(devices, profiles), output=output, pins=pins, jobs=jobs, progress=progress,
                    objective=objective, solver=solver, profiles=profiles, plans=device_sets)
+        if depfile:
+            _write_depfile(depfile, output, [model.partition(":")[0], *sorted(local), *profiles])
     except PolyarchError as e:
         _fail(e)
     click.echo(output)
