@@ -17,7 +17,6 @@ For a host without the compiler (e.g. a GPU box): `--export DIR` builds the bund
 DIR/plans.json here; `--measure DIR` there times them with the runtime alone."""
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -32,12 +31,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 MODELS = ("mlp", "cnn", "gpt_block")
-
-
-def clone(ir, module):
-    buf = io.BytesIO()
-    module.operation.write_bytecode(buf)
-    return ir.Module.parse(buf.getvalue(), context=module.context)
 
 
 def timed(bundle, args, min_s=0.5, max_reps=300):
@@ -61,7 +54,7 @@ def build_plans(args, outdir, say):
 
     from torch_mlir import ir
 
-    from polyarch.compiler.driver import build_bundle
+    from polyarch.compiler.driver import build_bundle, clone_module
     from polyarch.compiler.importer import import_model
     from polyarch.dialects import polyarch as pa
     from polyarch.passes import run_pipeline
@@ -99,7 +92,7 @@ def build_plans(args, outdir, say):
                 rows[-len([r for r in rows if r["model"] == name])]["plan"] += f" (= {label})"
                 continue  # the same placement as the chosen plan: one bundle, timed once
             with base.context, ir.Location.unknown():
-                m = clone(ir, base)
+                m = clone_module(base)
                 if pins is not None:
                     for op, d in zip(placeable_ops(main_func(m)), pins):
                         op.attributes[pa.PIN] = ir.StringAttr.get(d)

@@ -60,13 +60,7 @@ def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progre
             for p in sorted(set(pins) - set(plan_pins)):
                 progress(f"plan {name}: pin {p} does not apply (no such device in this plan)")
         with base.context, ir.Location.unknown():
-            # Clones share the context's weight blobs: a plan costs IR, not weights.
-            module = base if i == len(sets) - 1 else ir.Module.parse("module {}")
-            if module is not base:
-                for op in base.body.operations:
-                    op.operation.clone(ip=ir.InsertionPoint(module.body))
-                for attr in base.operation.attributes:
-                    module.operation.attributes[attr.name] = attr.attr
+            module = base if i == len(sets) - 1 else clone_module(base)
             run_pipeline(
                 module,
                 [
@@ -79,6 +73,19 @@ def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progre
         progress(f"partitioned over {', '.join(s.name for s in specs)} in {time.time() - t:.1f}s")
         out.append((name, module))
     return out, sig
+
+
+def clone_module(module):
+    """A copy of a module in its context. Clones share the context's weight blobs (dense
+    resources), so a copy costs IR, not weights. Call inside `with module.context`."""
+    from torch_mlir import ir
+
+    copy = ir.Module.parse("module {}")
+    for op in module.body.operations:
+        op.operation.clone(ip=ir.InsertionPoint(copy.body))
+    for attr in module.operation.attributes:
+        copy.operation.attributes[attr.name] = attr.attr
+    return copy
 
 
 def segments_of(module):
