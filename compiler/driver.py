@@ -50,7 +50,7 @@ def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progre
         raise PolyarchError(f"plan {sorted(dup)[0]} is given twice", fix="give each --plans device set once")
     t = time.time()
     base, sig = import_model(model, example_inputs)
-    progress(f"imported {type(model).__name__} into the torch dialect in {time.time() - t:.1f}s")
+    progress(f"imported {_model_name(model)} into the torch dialect in {time.time() - t:.1f}s")
     out = []
     for i, (name, specs) in enumerate(zip(names, sets)):
         t = time.time()
@@ -73,6 +73,12 @@ def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progre
         progress(f"partitioned over {', '.join(s.name for s in specs)} in {time.time() - t:.1f}s")
         out.append((name, module))
     return out, sig
+
+
+def _model_name(model):
+    if isinstance(model, (str, os.PathLike)):  # an ONNX file
+        return os.path.splitext(os.path.basename(os.fspath(model)))[0]
+    return type(model).__name__
 
 
 def clone_module(module):
@@ -366,7 +372,9 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
             objective="latency", solver="auto", profiles=(), plans=None):
     """Compile a model into a bundle. Returns the bundle's path.
 
-    model          torch.nn.Module (with example_inputs) or torch.export.ExportedProgram
+    model          torch.nn.Module (with example_inputs), torch.export.ExportedProgram, or the path of
+                   an .onnx file (example_inputs then optional: arrays or "DIMSxDTYPE" specs that fix
+                   symbolic input dimensions)
     devices        device specs, e.g. ["cpu", "vulkan"] or ["cpu", "cuda@sm_86"]
     plans          several device sets, one placement plan each, in one bundle sharing the weights,
                    e.g. [["cuda", "cpu"], ["vulkan", "cpu"], ["cpu"]]; the runtime runs the fastest
@@ -385,7 +393,7 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
     t0 = time.time()
     modules, sig = plan_many(model, example_inputs, plans or [devices], pins=pins, progress=progress,
                              objective=objective, solver=solver, profiles=profiles)
-    output = output or f"{type(model).__name__}.pab"
+    output = output or f"{_model_name(model)}.pab"
     manifest = build_bundle(modules, sig, output, jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
     size = os.path.getsize(output)
     segs = sum(len(p["segments"]) for p in manifest["plans"])

@@ -6,6 +6,7 @@ Every op carries its source as an MLIR location: a name (the nn.Module path, e.g
 'encoder.layer.0.attention.self') around the file:line call stack of the FX node;
 passes use it for pins and error messages."""
 
+import os
 import re
 
 from ..errors import PolyarchError
@@ -181,11 +182,94 @@ def _lower_to_backend_contract(module):
         PassManager.parse(BACKEND_PIPELINE).run(module.operation)
 
 
+def is_onnx(model):
+    return isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx")
+
+
+def import_onnx(path, example_inputs=()):
+    """An ONNX model file -> (torch-dialect ir.Module, signature), through torch-mlir's ONNX
+    importer and its onnx -> torch lowering. example_inputs (arrays, tensors or DIMSxDTYPE
+    specs, optional) fix the shapes of inputs whose dimensions are symbolic in the file."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+    from torch_mlir.extras import onnx_importer
+
+    from ..dialects.polyarch import make_context
+
+    path = os.fspath(path)
+    try:
+        proto = onnx.load(path)
+    except FileNotFoundError:
+        raise PolyarchError(f"no ONNX model at '{path}'", fix="check the path")
+    except Exception as e:
+        raise PolyarchError(f"'{path}' is not a readable ONNX model: {_one_line(e)}", fix="re-export it (torch.onnx.export)")
+    inits = {i.name for i in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in inits]
+    if example_inputs and len(example_inputs) != len(graph_inputs):
+        raise PolyarchError(f"{path} has {len(graph_inputs)} input(s) ({', '.join(i.name for i in graph_inputs)}), "
+                            f"{len(example_inputs)} shape(s) given", fix="give one --input per model input, in order")
+    for i, (vi, ex) in enumerate(zip(graph_inputs, example_inputs or [None] * len(graph_inputs))):
+        dims = vi.type.tensor_type.shape.dim
+        if ex is not None:
+            shape = _spec_shape(ex) if isinstance(ex, str) else list(ex.shape)
+            if len(shape) != len(dims):
+                raise PolyarchError(f"input '{vi.name}' of {path} has rank {len(dims)}, the shape given has rank {len(shape)}",
+                                    fix="give a shape of the model's rank")
+            for d, n in zip(dims, shape):
+                if d.HasField("dim_value") and d.dim_value != n:
+                    raise PolyarchError(f"input '{vi.name}' of {path} has dimension {d.dim_value} where {n} was given",
+                                        fix="only symbolic dimensions can be set")
+                d.ClearField("dim_param")
+                d.dim_value = int(n)
+        free = [d.dim_param or "?" for d in dims if not d.HasField("dim_value")]
+        if free:
+            raise PolyarchError(f"input '{vi.name}' of {path} has symbolic dimension(s) {', '.join(free)}",
+                                fix=f"fix them with --input (e.g. --input {'x'.join('1' if not d.HasField('dim_value') else str(d.dim_value) for d in dims)}x...)")
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        ctx = make_context()
+        info = onnx_importer.ModelInfo(proto)
+        module = info.create_module(context=ctx)
+        onnx_importer.NodeImporter.define_function(info.main_graph, module.operation).import_all()
+    except Exception as e:
+        raise PolyarchError(f"torch-mlir could not import {path}: {_one_line(e)}",
+                            fix="the ONNX op named is not supported by torch-mlir 20261001's importer") from e
+    from torch_mlir import ir
+    from torch_mlir.passmanager import PassManager
+
+    try:
+        with ctx:
+            PassManager.parse("builtin.module(torch-onnx-to-torch-backend-pipeline)").run(module.operation)
+    except Exception as e:
+        raise PolyarchError(f"torch-mlir could not lower {path} to the torch backend contract: {_one_line(e)}",
+                            fix="the ONNX op named is not supported by torch-mlir 20261001; re-export with another opset or file an issue") from e
+    funcs = [op for op in module.body.operations if op.operation.name == "func.func"]
+    with ctx:
+        funcs[0].attributes["sym_name"] = ir.StringAttr.get("main")
+
+    def desc(vi):
+        t = vi.type.tensor_type
+        return {"name": vi.name, "shape": [d.dim_value for d in t.shape.dim],
+                "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name}
+
+    return module, {"inputs": [desc(v) for v in graph_inputs], "outputs": [desc(v) for v in proto.graph.output]}
+
+
+def _spec_shape(spec):
+    *dims, _ = spec.split("x")
+    return [int(d) for d in dims]
+
+
 def import_model(model, example_inputs=()):
-    """-> (torch-dialect ir.Module in a polyarch context, signature dict)."""
+    """-> (torch-dialect ir.Module in a polyarch context, signature dict). `model` is an
+    nn.Module, an ExportedProgram, or the path of an ONNX model."""
     from torch_mlir import fx
 
     from ..dialects.polyarch import make_context
+
+    if is_onnx(model):
+        return import_onnx(model, example_inputs)
 
     ep = export(model, example_inputs)
     _persist_buffers(ep)

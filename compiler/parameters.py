@@ -5,7 +5,8 @@ iree-compile does the externalising: `iree-flow-outline-constants` (run as the
 preprocessing pipeline, after torch input conversion) turns inline constants into
 globals, and the parameter export moves every global of at least MIN_BYTES into an
 archive under the segment's own scope. `merge` then hashes each exported value and
-writes each distinct value once; the manifest maps (scope, key in the module) -> hash,
+writes each distinct value once; the manifest maps (scope, key in the module) -> hash
+(or, for a splat, its pattern and length),
 and the runtime builds each segment's parameter provider from that map (runtime/bundle.py).
 A weight used by ops in two segments (tied embeddings, or a plan per device set) is
 thus stored once.
@@ -17,6 +18,7 @@ from ..errors import PolyarchError
 
 MIN_BYTES = 1024  # constants smaller than this stay inline in the module
 FORMAT = "irpa"
+SPLAT = "splat:"  # content keys of splat parameters: "splat:<pattern hex>:<length>"
 
 
 def export_flags(scope, archive_path):
@@ -55,9 +57,9 @@ def merge(archives, output):
             raise PolyarchError(f"could not read the parameters IREE exported for {scope} ({path}): {e}")
         keep.append(index)
         for key, entry in index.items():
-            if entry.is_splat:
-                raise PolyarchError(f"parameter {scope}::{key} is a splat; polyarch stores data parameters only",
-                                    fix="report this model: IREE exported a splat constant")
+            if entry.is_splat:  # a repeated pattern (IREE hoists some splat constants): no data to store
+                scopes[scope][key] = f"{SPLAT}{bytes(entry.splat_pattern).hex()}:{entry.length}"
+                continue
             view = entry.file_view
             h = content_key(view)
             scopes[scope][key] = h

@@ -231,11 +231,15 @@ class Bundle:
     def _parameters_module(self, ctx, archive, seg):
         """The io_parameters module that serves a segment's keys from the shared archive."""
         rt = _rt()
-        if archive is None:
+        if archive is None and any(not c.startswith("splat:") for c in seg["parameters"]["keys"].values()):
             raise BundleError(f"segment {seg['name']} of {self.path} reads parameters but the bundle has no archive",
                               fix="recompile it with `polyarch compile`")
         index = rt.ParameterIndex()
         for key, content in seg["parameters"]["keys"].items():
+            if content.startswith("splat:"):  # "splat:<pattern hex>:<length>" (compiler/parameters.py)
+                _, pattern, length = content.split(":")
+                index.add_splat(key, bytes.fromhex(pattern), int(length))
+                continue
             if content not in archive:
                 raise BundleError(f"parameter {content} (for {seg['name']}::{key}) is missing from {self.path}",
                                   fix="recompile it with `polyarch compile`")

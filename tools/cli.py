@@ -21,6 +21,10 @@ def _load_model(target):
     """MODEL.py[:ATTR] -> (nn.Module, module namespace). ATTR is a class, factory or instance;
     default: Model, then build, then model."""
     path, _, attr = target.partition(":")
+    if path.endswith(".onnx"):
+        if not os.path.isfile(path):
+            raise PolyarchError(f"no ONNX model '{path}'", fix="check the path")
+        return os.path.abspath(path), None
     if not os.path.isfile(path):
         raise PolyarchError(f"no model file '{path}'", fix="give a Python file, e.g. examples/mlp.py or examples/mlp.py:MLP")
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
@@ -71,6 +75,8 @@ def _write_depfile(path, target, deps):
 def _example_inputs(inputs, namespace):
     from ..compiler.importer import example_from_spec
 
+    if namespace is None:  # an ONNX model: shapes come from the file, --input fixes symbolic ones
+        return tuple(inputs)
     if inputs:
         return tuple(example_from_spec(s, seed=i) for i, s in enumerate(inputs))
     if hasattr(namespace, "example_inputs"):
@@ -136,7 +142,8 @@ def cli():
       polyarch run     minilm.pab
 
     MODEL is a Python file, optionally with :ATTR naming a class, factory or
-    nn.Module in it (default: Model, build or model).
+    nn.Module in it (default: Model, build or model), or an ONNX file (model.onnx;
+    --input fixes its symbolic dimensions).
     """
 
 
