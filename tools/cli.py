@@ -171,6 +171,7 @@ def compile(model, inputs, devices, pins, objective, solver, profiles, output, j
       polyarch compile examples/mlp.py --input 8x64xf32 --device cpu --device vulkan -o mlp.pab
       polyarch compile examples/minilm.py --input 4x64xi64 --input 4x64xi64 -d cpu -d vulkan -o m.pab
       polyarch compile model.py:Net -i 1x3x32x32xf32 -d cpu -d vulkan --pin torch.aten.convolution=vulkan
+      polyarch compile model.onnx -i 8x128xi64 -d cpu -d vulkan -o m.pab    # ONNX; -i fixes symbolic dims
     """
     from ..compiler.driver import compile as do_compile
 
