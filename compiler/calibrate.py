@@ -202,7 +202,7 @@ def measure(spec, vmfb, like=None, progress=None, quick=False):
         host = np.ones(nbytes // 4, np.float32)
         raw["upload"].append({"bytes": nbytes, "s": _time(lambda: sync(rt.asdevicearray(dev, host)))})
         darr = rt.asdevicearray(dev, host)
-        raw["download"].append({"bytes": nbytes, "s": _time(lambda: to_host(dev, darr, np.float32))})
+        raw["download"].append({"bytes": nbytes, "s": _time(lambda: to_host(dev, darr))})
     return fit(spec, raw, base, progress, quick), raw
 
 

@@ -249,9 +249,10 @@ def _versions():
     return out
 
 
-def plan_manifest(module, vmfbs, name=None, member_prefix="", scopes=None):
+def plan_manifest(module, vmfbs, name=None, member_prefix="", scopes=None, scope_prefix=""):
     """The manifest entry of one placement plan (module after outline-segments).
-    scopes: {parameter scope: {module key: content key}} from parameters.merge."""
+    scopes: {parameter scope: {module key: content key}} from parameters.merge, where a
+    segment's scope is `<scope_prefix><segment>` (as compile_segments exports it)."""
     from ..passes.common import body_ops, module_path, source_line
 
     steps, outputs = schedule_of(module)
@@ -260,7 +261,7 @@ def plan_manifest(module, vmfbs, name=None, member_prefix="", scopes=None):
     for seg, device, fn in segments_of(module):
         ftype = fn.type
         ops, _ = body_ops(fn)
-        data, cmd, archive = vmfbs[seg]
+        data, cmd, _ = vmfbs[seg]
         entry = {
             "name": seg,
             "device": device,
@@ -277,7 +278,7 @@ def plan_manifest(module, vmfbs, name=None, member_prefix="", scopes=None):
             ],
             "iree_flags": [c for c in cmd[2:] if c.startswith("--") and "--iree-parameter-export=" not in c],
         }
-        scope = os.path.splitext(os.path.basename(archive))[0] if archive else None
+        scope = scope_prefix + seg
         if scopes and scopes.get(scope):
             entry["parameters"] = {"scope": scope, "keys": scopes[scope]}
         segments.append(entry)
@@ -341,7 +342,7 @@ def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), e
         plan_entries = []
         for name, module, vmfbs, prefix in compiled:
             member_prefix = name.replace(":", "_").replace("@", "_") + "/" if len(plans) > 1 else ""
-            entry = plan_manifest(module, vmfbs, name=name, member_prefix=member_prefix, scopes=scopes)
+            entry = plan_manifest(module, vmfbs, name=name, member_prefix=member_prefix, scopes=scopes, scope_prefix=prefix)
             plan_entries.append(entry)
             for seg in entry["segments"]:
                 members[seg["member"]] = vmfbs[seg["name"]][0]

@@ -209,7 +209,7 @@ def import_onnx(path, example_inputs=()):
     if example_inputs and len(example_inputs) != len(graph_inputs):
         raise PolyarchError(f"{path} has {len(graph_inputs)} input(s) ({', '.join(i.name for i in graph_inputs)}), "
                             f"{len(example_inputs)} shape(s) given", fix="give one --input per model input, in order")
-    for i, (vi, ex) in enumerate(zip(graph_inputs, example_inputs or [None] * len(graph_inputs))):
+    for vi, ex in zip(graph_inputs, example_inputs or [None] * len(graph_inputs)):
         dims = vi.type.tensor_type.shape.dim
         if ex is not None:
             shape = _spec_shape(ex) if isinstance(ex, str) else list(ex.shape)

@@ -87,7 +87,7 @@ class MappedMembers:
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         except (zipfile.BadZipFile, OSError, ValueError) as e:
             raise BundleError(f"'{path}' is corrupt: {e}", fix="recompile it or copy it again")
-        self.views, self.aligned, self.starts = {}, {}, {}
+        self.views, self.starts = {}, {}  # member -> memoryview of its bytes, its offset in the file
         whole = memoryview(self._map)
         for name, meta in manifest["members"].items():
             info = infos.get(name)
@@ -105,8 +105,12 @@ class MappedMembers:
             if len(view) != meta["size"] or sha256(view) != meta["sha256"]:
                 raise BundleError(f"member '{name}' of '{path}' fails its SHA-256 check (corrupt bundle)", fix="recompile it or copy it again")
             self.views[name] = view
-            self.aligned[name] = start % ALIGN == 0
             self.starts[name] = start
+
+    @property
+    def aligned(self):
+        """{member: whether its data starts on an ALIGN boundary (schema 2 and later)}."""
+        return {name: start % ALIGN == 0 for name, start in self.starts.items()}
 
     def drop_pages(self, name):
         """Let the kernel take back the resident pages of a member (after its data has been

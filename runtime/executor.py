@@ -64,11 +64,9 @@ def _aligned_empty(nbytes):
     return raw[off : off + size]
 
 
-def to_host(device, value, dtype):
-    """A DeviceArray (or numpy array) as a numpy array of `dtype`, owned by the host."""
+def to_host(device, value):
+    """A DeviceArray as a numpy array (of its own dtype), owned by the host."""
     rt = _rt()
-    if isinstance(value, np.ndarray):
-        return value
     bv = value._buffer_view
     shape = list(bv.shape)
     if value._is_mappable():
@@ -88,10 +86,12 @@ def to_host(device, value, dtype):
         rt.HalFence.create_at(sem, 1).wait()
         raw_dtype = rt.HalElementType.map_to_dtype(bv.element_type)
         host = staging[:n].view(raw_dtype).reshape(shape)
-    host = np.array(host, copy=True)
-    if host.dtype != dtype:
-        host = host.astype(dtype)
-    return host
+    return np.array(host, copy=True)
+
+
+def _is_torch(a):
+    """A torch tensor, recognised without importing torch."""
+    return hasattr(a, "detach") and hasattr(a, "numpy")
 
 
 log = logging.getLogger("polyarch.runtime")
@@ -259,7 +259,7 @@ class Bundle:
             )
         out = []
         for i, (a, spec) in enumerate(zip(args, self.inputs)):
-            if hasattr(a, "detach") and hasattr(a, "numpy"):  # a torch tensor, without importing torch
+            if _is_torch(a):
                 a = a.detach().cpu().numpy()
             a = np.ascontiguousarray(a)
             if list(a.shape) != spec["shape"] or a.dtype != np.dtype(spec["dtype"]):
@@ -300,7 +300,7 @@ class Bundle:
     def _submit(self, args, wait_each):
         """Issue every step of one call; -> the call in flight (outputs not yet read back)."""
         rt = _rt()
-        as_torch = any(hasattr(a, "detach") and hasattr(a, "numpy") for a in args)
+        as_torch = any(_is_torch(a) for a in args)
         args = self._check_inputs(args)
         clock = time.perf_counter
         call = _Call(clock(), as_torch)
@@ -360,13 +360,12 @@ class Bundle:
     def _to_host(self, v, call, what):
         """Wait for a tensor's producer on its device, then read it back into host memory."""
         clock = time.perf_counter
-        t0 = clock()
         self._sems[v.device].wait(v.tick)
         if not v.event["dur"]:  # completion observed now (an upper bound in stream mode)
             v.event["dur"] = clock() - call.t0 - v.event["start"]
         t1 = clock()
         dev = self.devices[v.device]
-        host = to_host(dev, _rt().DeviceArray(dev, v.bv), _raw(v.bv))
+        host = to_host(dev, _rt().DeviceArray(dev, v.bv))
         if _kind(v.device) != "cpu":
             call.moved(v.device, "host", host.nbytes, t1, clock(), what, self.counters)
         return host
@@ -426,11 +425,6 @@ class _Call:
 
 def _kind(device_name):
     return DeviceSpec.parse(device_name).kind
-
-
-def _raw(bv):
-    """The numpy dtype of a buffer view's elements."""
-    return np.dtype(_rt().HalElementType.map_to_dtype(bv.element_type))
 
 
 def _fmt(spec):

@@ -20,8 +20,10 @@ def _fail(e):
 def _load_model(target):
     """MODEL.py[:ATTR] -> (nn.Module, module namespace). ATTR is a class, factory or instance;
     default: Model, then build, then model."""
+    from ..compiler.importer import is_onnx
+
     path, _, attr = target.partition(":")
-    if path.endswith(".onnx"):
+    if is_onnx(path):
         if not os.path.isfile(path):
             raise PolyarchError(f"no ONNX model '{path}'", fix="check the path")
         return os.path.abspath(path), None
@@ -353,7 +355,7 @@ def inspect(bundle, as_json, show_ops):
                    f"where it is used)")
     else:
         click.echo("  weights: inline in each module")
-    for i, plan in enumerate(m["plans"]):
+    for plan in m["plans"]:
         p = plan.get("plan", {})
         click.echo(f"  plan '{plan['name']}' over {', '.join(plan['devices'])}: {p.get('objective', '?')} ({p.get('algorithm', '?')}); "
                    f"predicted {p.get('predicted_us', 0) / 1000:.3f} ms, {p.get('transfer_bytes', 0) / 1e6:.3f} MB transferred")
