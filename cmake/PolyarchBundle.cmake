@@ -1,5 +1,6 @@
 # polyarch_add_bundle(NAME <target> SOURCE <model.py> [ENTRY <attr>]
-#                     [INPUTS <DIMSxDTYPE>...] [DEVICES <spec>...] [PLANS <spec,spec>...]
+#                     [INPUTS <DIMSxDTYPE>...] [DYNAMIC_DIMS <INPUT:DIM[:MAX]>...]
+#                     [DEVICES <spec>...] [PLANS <spec,spec>...]
 #                     [PINS <PATTERN=DEVICE>...] [PROFILES <profile.json>...]
 #                     [OBJECTIVE <obj>] OUTPUT <bundle.pab>)
 #
@@ -18,7 +19,7 @@ endif()
 
 function(polyarch_add_bundle)
   cmake_parse_arguments(PARSE_ARGV 0 PB "" "NAME;SOURCE;ENTRY;OUTPUT;OBJECTIVE"
-                        "INPUTS;DEVICES;PLANS;PINS;PROFILES")
+                        "INPUTS;DYNAMIC_DIMS;DEVICES;PLANS;PINS;PROFILES")
   if(PB_UNPARSED_ARGUMENTS)
     message(FATAL_ERROR "polyarch_add_bundle: unknown arguments: ${PB_UNPARSED_ARGUMENTS}")
   endif()
@@ -42,6 +43,9 @@ function(polyarch_add_bundle)
   set(args compile "${model}" -o "${output}" --depfile "${output}.d" -q)
   foreach(x IN LISTS PB_INPUTS)
     list(APPEND args -i "${x}")
+  endforeach()
+  foreach(x IN LISTS PB_DYNAMIC_DIMS)
+    list(APPEND args --dynamic-dim "${x}")
   endforeach()
   foreach(x IN LISTS PB_DEVICES)
     list(APPEND args -d "${x}")

@@ -26,17 +26,18 @@ def _quiet(msg):
     pass
 
 
-def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None, objective="latency", solver="auto", profiles=()):
+def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None, objective="latency", solver="auto", profiles=(),
+         dynamic_dims=()):
     """Import and partition without compiling: -> (ir.Module after the three passes, signature)."""
     plans, sig = plan_many(model, example_inputs, [devices], pins=pins, progress=progress, objective=objective,
-                           solver=solver, profiles=profiles)
+                           solver=solver, profiles=profiles, dynamic_dims=dynamic_dims)
     return plans[0][1], sig
 
 
 def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progress=None, objective="latency",
-              solver="auto", profiles=()):
+              solver="auto", profiles=(), dynamic_dims=()):
     """Import once, partition once per device set. -> ([(plan name, module)], signature).
-    A plan's name is its device set joined by '+', e.g. "vulkan+cpu"."""
+    A plan's name is its device set joined by '+', e.g. "vulkan+cpu". dynamic_dims: see compile."""
     from torch_mlir import ir
 
     from ..passes import run_pipeline
@@ -49,8 +50,10 @@ def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progre
     if dup:
         raise PolyarchError(f"plan {sorted(dup)[0]} is given twice", fix="give each --plans device set once")
     t = time.time()
-    base, sig = import_model(model, example_inputs)
+    base, sig = import_model(model, example_inputs, dynamic_dims)
     progress(f"imported {_model_name(model)} into the torch dialect in {time.time() - t:.1f}s")
+    for desc in dynamic_summary(sig):
+        progress(desc)
     out = []
     for i, (name, specs) in enumerate(zip(names, sets)):
         t = time.time()
@@ -73,6 +76,17 @@ def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progre
         progress(f"partitioned over {', '.join(s.name for s in specs)} in {time.time() - t:.1f}s")
         out.append((name, module))
     return out, sig
+
+
+def dynamic_summary(sig):
+    """One line per dynamic input dimension: where it is, its bound, the size costs are predicted at."""
+    out = []
+    for i, inp in enumerate(sig["inputs"]):
+        for d in inp.get("dynamic", ()):
+            top = "unbounded" if d.get("max") is None else f"up to {d['max']}"
+            out.append(f"input {i} ('{inp['name']}') dimension {d['dim']} is dynamic: {d.get('min', 1)} {top}"
+                       f" (symbol {d.get('symbol', d.get('expr'))}; costs predicted at {inp['shape'][d['dim']]})")
+    return out
 
 
 def _model_name(model):
@@ -370,7 +384,7 @@ def plan_text(module):
 
 
 def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jobs=None, progress=None, iree_extra_flags=(),
-            objective="latency", solver="auto", profiles=(), plans=None):
+            objective="latency", solver="auto", profiles=(), plans=None, dynamic_dims=()):
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs), torch.export.ExportedProgram, or the path of
@@ -387,13 +401,16 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
     profiles       device profile JSON files (polyarch calibrate); default: built-in spec-sheet profiles
     jobs           parallel iree-compile processes (default: one per core)
     progress       callable(str) for progress lines; True prints them to stderr
+    dynamic_dims   ["INPUT:DIM[:MAX]", ...]: dimensions that stay dynamic (nn.Module only), e.g.
+                   ["input0:0:64"]: the bundle then takes any size from 1 to MAX (default 1024) there;
+                   costs are predicted at the example's size
     """
     if progress is True:
         progress = _stderr_progress
     progress = progress or _quiet
     t0 = time.time()
     modules, sig = plan_many(model, example_inputs, plans or [devices], pins=pins, progress=progress,
-                             objective=objective, solver=solver, profiles=profiles)
+                             objective=objective, solver=solver, profiles=profiles, dynamic_dims=dynamic_dims)
     output = output or f"{_model_name(model)}.pab"
     manifest = build_bundle(modules, sig, output, jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
     size = os.path.getsize(output)

@@ -20,6 +20,22 @@ _INPUT = re.compile(r"^(?P<dims>(\d+x)*)(?P<dtype>[a-z0-9]+)$")
 INPUT_HELP = "write an input as DIMSxDTYPE, e.g. 4x64xi64 or 1x3x224x224xf32 (dtypes: " + ", ".join(_DTYPES) + ")"
 
 
+DEFAULT_MAX = 1024
+_DYNAMIC = re.compile(r"^(?P<input>[A-Za-z_][A-Za-z0-9_.]*):(?P<dim>\d+)(?::(?P<max>\d+))?(?:=(?P<name>[A-Za-z_]\w*))?$")
+DYNAMIC_HELP = (f"write a dynamic dimension as INPUT:DIM[:MAX][=NAME]: INPUT is an input's name or inputN (N counts "
+                f"from 0), DIM its dimension, MAX the largest size the bundle accepts (default {DEFAULT_MAX}); "
+                "dimensions given the same NAME must be equal, e.g. input0:0:64=batch input1:0:64=batch for "
+                "two inputs sharing a batch of 1 to 64")
+
+
+def parse_dynamic_dim(text):
+    """'input0:0:64=batch' -> ('input0', 0, 64, 'batch'); MAX defaults to DEFAULT_MAX, NAME to None."""
+    m = _DYNAMIC.match(str(text).strip())
+    if not m or (m["max"] is not None and int(m["max"]) < 1):
+        raise PolyarchError(f"bad dynamic dimension '{text}'", fix=DYNAMIC_HELP)
+    return m["input"], int(m["dim"]), int(m["max"]) if m["max"] else DEFAULT_MAX, m["name"]
+
+
 def parse_input_spec(text):
     """'4x64xi64' -> ((4, 64), 'int64')."""
     m = _INPUT.match(text.strip())
@@ -126,11 +142,37 @@ def _one_line(exc):
 
 
 def signature_of(ep):
-    """Input and output names/shapes/dtypes of the user-visible signature."""
+    """Input and output names/shapes/dtypes of the user-visible signature. A dynamic
+    dimension has its example size in `shape` and an entry in `dynamic`:
+    {"dim", "symbol" (inputs whose dims share a symbol must agree), "min", "max"
+    (None: unbounded)}; an output's entry has the size's expression instead."""
     import torch
 
-    def desc(node_or_spec, val):
-        return {"shape": list(val.shape), "dtype": str(val.dtype).replace("torch.", "")}
+    ranges = {str(k): v for k, v in ep.range_constraints.items()}
+
+    def bound(x):
+        try:
+            return int(x)
+        except (TypeError, ValueError, OverflowError):
+            return None  # int_oo: no upper bound
+
+    def desc(val, output=False):
+        shape, dynamic = [], []
+        for i, d in enumerate(val.shape):
+            if isinstance(d, torch.SymInt):
+                expr = str(d.node.expr)
+                shape.append(int(d.node.hint))
+                if output or expr not in ranges:
+                    dynamic.append({"dim": i, "expr": expr})
+                else:
+                    r = ranges[expr]
+                    dynamic.append({"dim": i, "symbol": expr, "min": bound(r.lower), "max": bound(r.upper)})
+            else:
+                shape.append(int(d))
+        out = {"shape": shape, "dtype": str(val.dtype).replace("torch.", "")}
+        if dynamic:
+            out["dynamic"] = dynamic
+        return out
 
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     inputs = []
@@ -139,33 +181,113 @@ def signature_of(ep):
             val = placeholders[spec.arg.name].meta["val"]
             if not isinstance(val, torch.Tensor):
                 raise PolyarchError(f"input '{spec.arg.name}' is not a tensor", fix="pass only tensors as example inputs")
-            inputs.append({"name": spec.arg.name, **desc(spec, val)})
+            inputs.append({"name": spec.arg.name, **desc(val)})
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     outputs = []
     for i, a in enumerate(out_node.args[0]):
         val = a.meta.get("val") if hasattr(a, "meta") else None
         if isinstance(val, torch.Tensor):
-            outputs.append({"name": f"output{i}", **desc(None, val)})
+            outputs.append({"name": f"output{i}", **desc(val, output=True)})
     return {"inputs": inputs, "outputs": outputs}
 
 
-def export(model, example_inputs):
-    """nn.Module + example inputs -> ExportedProgram (an ExportedProgram is returned as is)."""
+def _input_names(model, n):
+    import inspect
+
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return (params + [f"input{i}" for i in range(len(params), n)])[:n]
+
+
+def _dynamic_shapes(model, example_inputs, dynamic_dims):
+    """--dynamic-dim specs -> (torch.export dynamic_shapes, example inputs). An example of
+    size 1 in a dynamic dimension is repeated to size 2 for tracing (torch.export would
+    otherwise fix the dimension to 1)."""
+    import torch
+    from torch.export import Dim
+
+    names = _input_names(model, len(example_inputs))
+    shapes = [None] * len(example_inputs)
+    examples = list(example_inputs)
+    named = {}  # NAME -> (Dim, max): dimensions sharing a name share one symbol
+    for text in dynamic_dims:
+        ref, dim, top, dim_name = parse_dynamic_dim(text)
+        idx = _input_index(ref, names)
+        if idx is None:
+            raise PolyarchError(f"--dynamic-dim {text}: the model has no input '{ref}'",
+                                fix=f"name one of {', '.join(names) or 'no inputs'}, or inputN by position")
+        x = examples[idx]
+        if not isinstance(x, torch.Tensor) or dim >= x.dim():
+            raise PolyarchError(f"--dynamic-dim {text}: input '{names[idx]}' has rank {getattr(x, 'ndim', 0)}, no dimension {dim}",
+                                fix=f"give a dimension below {getattr(x, 'ndim', 0)}")
+        if x.shape[dim] > top:
+            raise PolyarchError(f"--dynamic-dim {text}: the example's size {x.shape[dim]} is above the bound {top}",
+                                fix="raise MAX or give a smaller example")
+        if x.shape[dim] == 1:
+            examples[idx] = x = torch.cat([x, x], dim)
+        if dim_name is None:
+            spec = Dim.DYNAMIC(min=1, max=top)
+        else:
+            if dim_name in named and named[dim_name][1] != top:
+                raise PolyarchError(f"--dynamic-dim {text}: '{dim_name}' was given the bound {named[dim_name][1]} before",
+                                    fix="give dimensions that share a name the same MAX")
+            spec = named.setdefault(dim_name, (Dim(dim_name, min=1, max=top), top))[0]
+        shapes[idx] = {**(shapes[idx] or {}), dim: spec}
+    return tuple(shapes), tuple(examples)
+
+
+def _input_index(ref, names):
+    """An input's position from its name or 'inputN' (a real name wins); None if neither."""
+    if ref in names:
+        return names.index(ref)
+    m = re.fullmatch(r"input(\d+)", ref)
+    return int(m[1]) if m and int(m[1]) < len(names) else None
+
+
+def export(model, example_inputs, dynamic_dims=()):
+    """nn.Module + example inputs -> ExportedProgram (an ExportedProgram is returned as is;
+    its dynamic dimensions, if it was exported with any, are kept).
+    dynamic_dims: INPUT:DIM[:MAX] specs (see DYNAMIC_HELP)."""
     import torch
 
     if isinstance(model, torch.export.ExportedProgram):
+        if dynamic_dims:
+            raise PolyarchError("--dynamic-dim applies to an nn.Module; an ExportedProgram keeps the dynamic dimensions it was exported with",
+                                fix="export it with dynamic_shapes=..., or pass the nn.Module")
         return model
     if not isinstance(model, torch.nn.Module):
         raise PolyarchError(f"cannot compile a {type(model).__name__}", fix="pass a torch.nn.Module or a torch.export.ExportedProgram")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     model = model.eval()
+    dynamic_shapes = None
+    if dynamic_dims:
+        dynamic_shapes, example_inputs = _dynamic_shapes(model, tuple(example_inputs), dynamic_dims)
+    import contextlib
+    import torch.fx.experimental._config as fx_config
+
+    # Size-oblivious tracing: a dynamic dimension's range then includes 1 (torch.export
+    # otherwise assumes >= 2 and may specialise code for it).
+    oblivious = fx_config.patch(backed_size_oblivious=True) if dynamic_dims else contextlib.nullcontext()
     try:
-        with torch.no_grad():
-            return torch.export.export(model, tuple(example_inputs), strict=False)
+        with torch.no_grad(), oblivious:
+            return torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export's errors are long; keep the first line and the cause
+        if dynamic_dims and ("Constraint" in type(e).__name__ or "specializ" in str(e) or "dynamic" in str(e).lower()):
+            raise PolyarchError(f"a dimension marked dynamic ({', '.join(dynamic_dims)}) cannot stay dynamic in {type(model).__name__}: "
+                                f"{_first_lines(e)}",
+                                fix="the model fixes that size (a reshape to a constant, an op against a fixed-size tensor): "
+                                    "drop that --dynamic-dim, or make the model size-generic") from e
         raise PolyarchError(f"torch.export failed for {type(model).__name__}: {_one_line(e)}",
                             fix="make the model exportable (no data-dependent Python control flow), or pass an ExportedProgram") from e
+
+
+def _first_lines(exc, n=3):
+    lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip() and not l.strip().startswith(("-", "For more"))]
+    return " ".join(lines[:n])
 
 
 # What fx.export_and_import(output_type="torch") runs after importing. Run here because
@@ -261,25 +383,130 @@ def _spec_shape(spec):
     return [int(d) for d in dims]
 
 
-def import_model(model, example_inputs=()):
+def _name_dynamic_dims(sig, dynamic_dims):
+    """Put the NAME of INPUT:DIM:MAX=NAME specs on the signature's dynamic entries (for messages)."""
+    names = [i["name"] for i in sig["inputs"]]
+    for text in dynamic_dims:
+        ref, dim, _, name = parse_dynamic_dim(text)
+        idx = _input_index(ref, names)
+        if name and idx is not None:
+            for d in sig["inputs"][idx].get("dynamic", ()):
+                if d["dim"] == dim:
+                    d["name"] = name
+
+
+def _record_nominal_shapes(module, sig):
+    """Turn torch-mlir's symbolic shape bindings into polyarch.shapes / polyarch.arg_shapes
+    (every dynamic dim at its example size, for the cost model) and drop the binding ops.
+    A result torch-mlir left unbound takes the sizes of a same-rank operand, else every
+    dynamic dim takes the first symbol's example size."""
+    from torch_mlir import ir
+
+    from ..dialects import polyarch as pa
+
+    values = {d["symbol"]: s for i in sig["inputs"] for d in i.get("dynamic", ()) if "symbol" in d
+              for s in [i["shape"][d["dim"]]]}
+    default = next(iter(values.values()), 1)
+    main = next(op for op in module.body.operations if op.operation.name == "func.func")
+    block = main.regions[0].blocks[0]
+    names, bound, drop = {}, {}, []
+
+    def evaluate(e, syms):
+        if isinstance(e, ir.AffineConstantExpr):
+            return e.value
+        if isinstance(e, ir.AffineSymbolExpr):
+            return syms[e.position]
+        a, b = evaluate(e.lhs, syms), evaluate(e.rhs, syms)
+        if isinstance(e, ir.AffineAddExpr):
+            return a + b
+        if isinstance(e, ir.AffineMulExpr):
+            return a * b
+        if isinstance(e, ir.AffineFloorDivExpr):
+            return a // b
+        if isinstance(e, ir.AffineCeilDivExpr):
+            return -(-a // b)
+        if isinstance(e, ir.AffineModExpr):
+            return a % b
+        raise ValueError(str(e))
+
+    with module.context:
+        for op in block.operations:
+            name = op.operation.name
+            if name == "torch.symbolic_int":
+                names[op.results[0]] = values.get(op.attributes["symbol_name"].value, default)
+                drop.append(op)
+            elif name == "torch.bind_symbolic_shape":
+                syms = [names.get(v, default) for v in list(op.operands)[1:]]
+                try:
+                    bound[op.operands[0]] = [evaluate(e, syms) for e in op.attributes["shape_expressions"].value.results]
+                except (ValueError, ZeroDivisionError):
+                    pass
+                drop.append(op)
+        names.clear()
+        for op in reversed(drop):  # the bindings before the symbols they use
+            op.operation.erase()
+
+        def shape_of(v):
+            info = pa.tensor_info(v.type)
+            if info is None:
+                return []
+            shape = info[0]
+            if -1 not in shape:
+                return shape
+            if v in bound and len(bound[v]) == len(shape):
+                return bound[v]
+            for o in v.owner.operands if not isinstance(v.owner, ir.Block) else ():
+                oi = pa.tensor_info(o.type)
+                if oi and len(oi[0]) == len(shape) and -1 in oi[0]:
+                    known = pa.nominal_shape(o)
+                    return [k if d == -1 else d for d, k in zip(shape, known)]
+            return [default if d == -1 else d for d in shape]
+
+        def record(op, vals, attr):
+            if any(-1 in (pa.tensor_info(v.type) or ([],))[0] for v in vals):
+                op.attributes[attr] = ir.ArrayAttr.get([ir.DenseI64ArrayAttr.get(shape_of(v)) for v in vals])
+
+        record(main, list(block.arguments), pa.ARG_SHAPES)
+        for op in block.operations:
+            record(op, list(op.results), pa.SHAPES)
+
+
+def import_model(model, example_inputs=(), dynamic_dims=()):
     """-> (torch-dialect ir.Module in a polyarch context, signature dict). `model` is an
-    nn.Module, an ExportedProgram, or the path of an ONNX model."""
+    nn.Module, an ExportedProgram, or the path of an ONNX model. dynamic_dims:
+    INPUT:DIM[:MAX] specs of dimensions that stay dynamic (nn.Module only)."""
     from torch_mlir import fx
 
     from ..dialects.polyarch import make_context
 
     if is_onnx(model):
+        if dynamic_dims:
+            raise PolyarchError("--dynamic-dim is not supported for ONNX models yet",
+                                fix="compile the PyTorch model with --dynamic-dim, or fix the ONNX model's symbolic dimensions with --input")
         return import_onnx(model, example_inputs)
 
-    ep = export(model, example_inputs)
+    ep = export(model, example_inputs, dynamic_dims)
     _persist_buffers(ep)
     sig = signature_of(ep)
+    _name_dynamic_dims(sig, dynamic_dims)
+    dynamic = any("dynamic" in i for i in sig["inputs"])
     ctx = make_context()
     importer = _importer_with_module_paths(ctx)
     try:
-        module = fx.export_and_import(ep, output_type="raw", fx_importer=importer, func_name="main")
+        try:
+            module = fx.export_and_import(ep, output_type="raw", fx_importer=importer, func_name="main",
+                                          import_symbolic_shape_expressions=dynamic)
+        except NotImplementedError:
+            if not dynamic:
+                raise
+            # torch-mlir cannot write every size expression (e.g. FloorDiv) as an affine map:
+            # import without them; the sizes costs are predicted at are then estimated.
+            importer = _importer_with_module_paths(ctx)
+            module = fx.export_and_import(ep, output_type="raw", fx_importer=importer, func_name="main")
         _lower_to_backend_contract(module)
     except Exception as e:
         raise PolyarchError(f"torch-mlir could not lower the model to the torch backend contract: {_one_line(e)}",
                             fix="the op named is not supported by torch-mlir 20261001; rewrite it with supported ops or file an issue") from e
+    if dynamic:
+        _record_nominal_shapes(module, sig)
     return module, sig

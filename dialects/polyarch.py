@@ -6,6 +6,9 @@ Attributes (on torch-dialect ops inside @main, and on outlined functions):
   polyarch.time_us   {<device> = f64, ...} predicted us per device   annotate-costs{devices=...}
   polyarch.reason    why the op is not on its fastest device         assign-devices
   polyarch.pin       "<device>" set by the user on an op              (input)
+  polyarch.shapes    [array<i64: ...>, ...] per result: the sizes of dynamic (?) dims
+                     at the example inputs, which costs are predicted at  (import)
+  polyarch.arg_shapes  the same for a function's arguments                  (import)
 Module attributes:
   polyarch.devices   ["cpu", "vulkan"]                                assign-devices
   polyarch.profiles  {<device> = "profile name"}                     annotate-costs{devices=...}
@@ -59,6 +62,43 @@ def tensor_info(type_):
         return None
     dims = [int(d) if d not in ("?", "") else -1 for d in m.group(1).split(",")] if m.group(1) else []
     return dims, m.group(2)
+
+
+SHAPES = "polyarch.shapes"
+ARG_SHAPES = "polyarch.arg_shapes"
+
+
+def nominal_shape(value):
+    """The shape of a tensor value with its dynamic dims at their example sizes (recorded
+    at import as polyarch.shapes / polyarch.arg_shapes); a dynamic dim with no record
+    counts as 1. None for non-tensors."""
+    from torch_mlir import ir
+
+    info = tensor_info(value.type)
+    if info is None:
+        return None
+    shape = info[0]
+    if -1 not in shape:
+        return shape
+    owner = value.owner
+    if isinstance(owner, ir.Block):
+        op, attr, index = owner.owner, ARG_SHAPES, ir.BlockArgument(value).arg_number
+    else:
+        op, attr, index = owner, SHAPES, ir.OpResult(value).result_number
+    try:
+        recorded = list(op.attributes[attr][index])
+    except (KeyError, IndexError):
+        recorded = None
+    if recorded is None or len(recorded) != len(shape):
+        return [max(d, 1) for d in shape]
+    return [r if d == -1 else d for d, r in zip(shape, recorded)]
+
+
+def set_nominal_shapes(ir, op, values, attr=SHAPES):
+    """Record the nominal shapes of `values` (results or arguments of `op`) on `op`."""
+    shapes = [nominal_shape(v) if is_tensor(v) else [] for v in values]
+    if any(-1 in (tensor_info(v.type) or ([],))[0] for v in values):
+        op.attributes[attr] = ir.ArrayAttr.get([ir.DenseI64ArrayAttr.get(s) for s in shapes])
 
 
 def is_tensor(value):

@@ -44,18 +44,17 @@ TRANSCENDENTAL = {"exp", "log", "tanh", "sigmoid", "gelu", "erf", "rsqrt", "sqrt
 
 
 def _numel(value):
-    info = pa.tensor_info(value.type)
-    if info is None:
+    shape = pa.nominal_shape(value)
+    if shape is None:
         return 0
     n = 1
-    for d in info[0]:
+    for d in shape:
         n *= max(d, 1)
     return n
 
 
 def _shape(value):
-    info = pa.tensor_info(value.type)
-    return info[0] if info else []
+    return pa.nominal_shape(value) or []
 
 
 def op_cost(op):

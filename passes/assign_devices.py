@@ -31,7 +31,7 @@ from ..errors import PolyarchError
 from ..runtime.devices import parse_devices
 from . import solver as S
 from .annotate_costs import op_seconds
-from .common import body_ops, describe, is_rematerialisable, main_func, module_path, tensor_bytes, element_types
+from .common import body_ops, describe, is_rematerialisable, main_func, module_path, remat_set, tensor_bytes, element_types
 
 OPTIONS = {
     "devices": "comma-separated device specs",
@@ -115,8 +115,9 @@ def _users(value):
     return [u.owner.operation for u in value.uses]
 
 
-def _remat_ancestors(op):
-    """The rematerialised ops (weights included) an op pulls into its segment."""
+def _remat_ancestors(op, remat=None):
+    """The rematerialised ops (weights included) an op pulls into its segment. remat: the
+    function's remat_set, if known (faster than deciding op by op)."""
     stack, seen = list(op.operands), set()
     while stack:
         owner = stack.pop().owner
@@ -124,22 +125,23 @@ def _remat_ancestors(op):
             continue
         o = owner.operation
         seen.add(o)
-        if is_rematerialisable(o):
+        if (o in remat) if remat is not None else is_rematerialisable(o):
             yield o
             stack.extend(o.operands)
 
 
-def _weights_of(op):
+def _weights_of(op, remat=None):
     """{literal op: bytes} of the weights an op reads (directly or through rematerialised ops)."""
-    return {o: tensor_bytes(o.results[0]) for o in _remat_ancestors(op) if o.name == "torch.vtensor.literal"}
+    return {o: tensor_bytes(o.results[0]) for o in _remat_ancestors(op, remat) if o.name == "torch.vtensor.literal"}
 
 
-def _remat_element_types(op):
+def _remat_element_types(op, remat=None):
     """Element types computed by the rematerialised ops an op pulls into its segment
-    (e.g. an si64 arange behind a causal mask): the device compiles them too."""
+    (e.g. an si64 arange behind a causal mask): the device compiles them too. A size
+    query (torch.aten.size.int, from dynamic shapes) reads no elements of its tensor."""
     out = set()
-    for o in _remat_ancestors(op):
-        if o.name != "torch.vtensor.literal":
+    for o in _remat_ancestors(op, remat):
+        if o.name not in ("torch.vtensor.literal", "torch.aten.size.int"):
             for t in list(o.operands) + list(o.results):
                 info = pa.tensor_info(t.type)
                 if info:
@@ -147,9 +149,9 @@ def _remat_element_types(op):
     return out
 
 
-def support_reason(op, spec):
+def support_reason(op, spec, remat=None):
     """Why device `spec` cannot run this placed op (with what it pulls in), or None."""
-    ets = element_types(op) | _remat_element_types(op)
+    ets = element_types(op) | _remat_element_types(op, remat)
     in_ets = {pa.tensor_info(v.type)[1] for v in op.operands if pa.is_tensor(v)}
     return unsupported_reason(spec, ets, op.operation.name, in_ets)
 
@@ -172,7 +174,8 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
     pins = _parse_pins(pin, names)
     main = main_func(module)
     ops, term = body_ops(main)
-    placed = [op for op in ops if not is_rematerialisable(op)]
+    remat = remat_set(main)
+    placed = [op for op in ops if op.operation not in remat]
     index = {op.operation: i for i, op in enumerate(placed)}
     n, D = len(placed), len(specs)
 
@@ -183,7 +186,7 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
         dev_pin, pin_why = _pin_of(op, pins)
         given = op.attributes[pa.TIME_US] if pa.TIME_US in op.attributes else None
         for j, s in enumerate(specs):
-            reason = support_reason(op, s)
+            reason = support_reason(op, s, remat)
             if reason:
                 times[i][j], why_not[i][j] = INF, f"{s.name} cannot run it: {reason}"
             elif dev_pin is not None and dev_pin != s.name:
@@ -249,7 +252,7 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
     problem = S.Problem(
         devices=names, comp=times, values=values, link=link, host=host,
         watts=[p.watts for p in locs], price=[p.price_per_hour for p in locs], weights=weights,
-        weight_bytes=[_weights_of(op) for op in placed], capacity=[profs[nm].mem_capacity for nm in names],
+        weight_bytes=[_weights_of(op, remat) for op in placed], capacity=[profs[nm].mem_capacity for nm in names],
     )
     try:
         choice, algorithm, m = S.solve(problem, solver) if n else ([], S.ALGORITHMS["one"], S.metrics(problem, []))

@@ -30,15 +30,43 @@ def is_rematerialisable(op):
     `outline-segments` clones them into every segment that uses them. That covers
     torch.constant.*, torch.vtensor.literal (weights), ops computed from constants
     alone (weight transposes, arange: IREE folds them at compile time), and ops whose
-    results are all non-tensors (lists, scalars)."""
-    op = op.operation
+    results are all non-tensors (lists, scalars, size queries)."""
+    root = op.operation
+    known = _remat_by_kind(root)
+    if known is not None:
+        return known
+    # A tensor op is rematerialisable when everything it is computed from is: walk its
+    # ancestors with an explicit stack (a chain of placed ops is as deep as the model);
+    # any block argument or ancestor that is not rematerialisable decides it.
+    done, stack = set(), [root]
+    while stack:
+        o = stack.pop()
+        if o in done:
+            continue
+        done.add(o)
+        parents = []
+        for v in o.operands:
+            if _is_block_arg(v):
+                return False
+            parent = v.owner.operation
+            kind = _remat_by_kind(parent)
+            if kind is False:
+                return False
+            if kind is None:
+                parents.append(parent)
+        stack.extend(reversed(parents))  # first operand first: the activation path, not the weights'
+    return True
+
+
+def _remat_by_kind(op):
+    """True/False where the op's kind decides, None where its operands do."""
     if op.name == "torch.vtensor.literal":
         return True
     if len(op.regions) or op.name in TERMINATORS or op.name.startswith("func."):
         return False
     if not any(pa.is_tensor(r) for r in op.results):
         return True
-    return all(not _is_block_arg(v) and is_rematerialisable(v.owner) for v in op.operands)
+    return None
 
 
 def _is_block_arg(value):
@@ -47,9 +75,25 @@ def _is_block_arg(value):
     return isinstance(value.owner, ir.Block)
 
 
+def remat_set(func):
+    """The rematerialisable ops of a single-block function, in one pass over it (program
+    order is topological, so each op's operands are decided before it)."""
+    ops, _ = body_ops(func)
+    out = set()
+    for op in ops:
+        o = op.operation
+        kind = _remat_by_kind(o)
+        if kind is None:
+            kind = all(not _is_block_arg(v) and v.owner.operation in out for v in o.operands)
+        if kind:
+            out.add(o)
+    return out
+
+
 def placeable_ops(func):
     ops, _ = body_ops(func)
-    return [op for op in ops if not is_rematerialisable(op)]
+    remat = remat_set(func)
+    return [op for op in ops if op.operation not in remat]
 
 
 _NAME = re.compile(r'^loc\((?:callsite\()?"([^"]+)"\(')
@@ -88,11 +132,10 @@ def tensor_bytes(value):
     info = pa.tensor_info(value.type)
     if info is None:
         return 0
-    shape, et = info
     n = 1
-    for d in shape:
+    for d in pa.nominal_shape(value):
         n *= max(d, 1)
-    return n * ELEMENT_BYTES.get(et, 4)
+    return n * ELEMENT_BYTES.get(info[1], 4)
 
 
 def element_types(op):

@@ -11,6 +11,9 @@ function converts them with torch.aten.to.dtype inside, and the runtime casts ho
 arrays to the segment's declared types. f64 tensors cross every boundary as f32
 (IREE demotes f64 inside, but sizes f64 results wrongly at the function boundary).
 
+Dynamic dims stay dynamic (`?`) across boundaries; their example sizes
+(polyarch.shapes) go with the segment's arguments, the calls and the transfers.
+
 Constants, weights and glue (lists, scalars) are rematerialised: cloned into each
 segment that uses them, never passed between segments. @main becomes a sequence of
 func.call @seg_N, with a "polyarch.transfer" wherever a tensor crosses devices."""
@@ -19,15 +22,15 @@ from ..compiler.targets import BOUNDARY, WIDEN, has_narrow_storage
 from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
 from ..errors import PolyarchError
-from .common import body_ops, describe, is_rematerialisable, main_func
+from .common import body_ops, describe, main_func, remat_set
 
 OPTIONS = {}
 
 
-def _segments(ops):
+def _segments(ops, remat):
     segs = []
     for op in ops:
-        if is_rematerialisable(op):
+        if op.operation in remat:
             continue
         if pa.DEVICE not in op.attributes:
             raise PolyarchError(f"{describe(op)} has no {pa.DEVICE}", fix="run assign-devices before outline-segments")
@@ -45,7 +48,8 @@ def run(module):
 
     main = main_func(module)
     ops, term = body_ops(main)
-    segs = _segments(ops)
+    remat = remat_set(main)
+    segs = _segments(ops, remat)
     f64 = ir.F64Type.get()
     # values -> the value that stands for them in @main after outlining
     main_value = {}
@@ -57,38 +61,25 @@ def run(module):
     main_ip = ir.InsertionPoint(term)
     module_ip = ir.InsertionPoint(main)
 
+    # What each segment reads from outside (first, for all segments: a later segment may
+    # read a tensor of an earlier one through glue, which the earlier one must then return).
+    needs = [_needs(ir, sops, remat) for _, sops in segs]
+    read_elsewhere = {v for inputs, _ in needs for v in inputs}
+    returned = set(term.operands)
+
     for k, (dev, sops) in enumerate(segs):
         members = {op.operation for op in sops}
-        # Inputs: tensors from outside the segment (args or other segments), reached directly or through glue.
-        inputs, remat = [], []
-        seen_remat = set()
-
-        def need(v):
-            owner = v.owner
-            if isinstance(owner, ir.Block) or (owner.operation not in members and not is_rematerialisable(owner)):
-                if v not in inputs:
-                    inputs.append(v)
-                return
-            if owner.operation in members:
-                return
-            if owner.operation in seen_remat:
-                return
-            seen_remat.add(owner.operation)
-            for o in owner.operands:
-                need(o)
-            remat.append(owner)
-
-        for op in sops:
-            for o in op.operands:
-                need(o)
-        # Outputs: results used outside the segment (later segments, glue outside, or the return).
+        inputs, glue = needs[k]
+        # Outputs: results read by ops placed elsewhere, by another segment (directly or
+        # through glue) or returned. Glue in @main itself is erased.
         outputs = []
         for op in sops:
             for r in op.results:
-                for u in r.uses:
-                    user = u.owner.operation
-                    if user not in members and r not in outputs:
-                        outputs.append(r)
+                if r in outputs:
+                    continue
+                if r in read_elsewhere or r in returned or any(
+                        u.owner.operation not in members and u.owner.operation not in remat for u in r.uses):
+                    outputs.append(r)
         for v in inputs:
             if not pa.is_tensor(v):
                 raise PolyarchError(f"a non-tensor value crosses into segment {k} ({dev})", fix="report this model to polyarch; glue ops should be rematerialised")
@@ -100,11 +91,13 @@ def run(module):
         fn.attributes[pa.DEVICE] = ir.StringAttr.get(dev)
         total = sum(op.attributes[pa.TIME_US][dev].value for op in sops if pa.TIME_US in op.attributes)
         fn.attributes[pa.TIME_US] = ir.FloatAttr.get(f64, round(total, 3))
+        pa.set_nominal_shapes(ir, fn, inputs, pa.ARG_SHAPES)
         block = fn.add_entry_block()
         ip = ir.InsertionPoint(block)
         mapping = {v: (_convert(ir, a, v.type, ip) if a.type != v.type else a) for v, a in zip(inputs, block.arguments)}
-        # Clone in original program order: rematerialised ops first-needed order is already topological.
-        order = remat_sorted(remat, ops) + list(sops)
+        # Clone in original program order (topological): glue may read a member's result
+        # (a size query on a dynamic tensor), so it cannot all go first.
+        order = program_order(glue + list(sops), ops)
         for op in order:
             new = op.operation.clone(ip=ip)
             for i, o in enumerate(op.operands):
@@ -123,11 +116,13 @@ def run(module):
                 key = (mv, dev)
                 if key not in transfers:
                     t = pa.create_transfer(ir, mv, src or pa.HOST, dev, main_ip, result_type=want)
+                    pa.set_nominal_shapes(ir, t.owner, [mv])
                     transfers[key] = t
                     where[t] = dev
                 mv = transfers[key]
             args.append(mv)
         call = func.CallOp(out_types, ir.FlatSymbolRefAttr.get(name), args, ip=main_ip)
+        pa.set_nominal_shapes(ir, call.operation, outputs)
         for v, r in zip(outputs, call.results):
             main_value[v] = r
             where[r] = dev
@@ -142,9 +137,34 @@ def run(module):
         op.operation.erase()
 
 
-def remat_sorted(remat, ops):
+def _needs(ir, sops, remat):
+    """(inputs, glue) of a segment: the tensors it reads from outside (arguments or other
+    segments), directly or through glue, and the glue ops to clone into it."""
+    members = {op.operation for op in sops}
+    inputs, glue, seen = [], [], set()
+
+    def need(v):
+        owner = v.owner
+        if isinstance(owner, ir.Block) or (owner.operation not in members and owner.operation not in remat):
+            if v not in inputs:
+                inputs.append(v)
+            return
+        if owner.operation in members or owner.operation in seen:
+            return
+        seen.add(owner.operation)
+        for o in owner.operands:
+            need(o)
+        glue.append(owner)
+
+    for op in sops:
+        for o in op.operands:
+            need(o)
+    return inputs, glue
+
+
+def program_order(some, ops):
     pos = {op.operation: i for i, op in enumerate(ops)}
-    return sorted(remat, key=lambda op: pos[op.operation])
+    return sorted(some, key=lambda op: pos[op.operation])
 
 
 # torch ScalarType codes for the dtypes that widening converts between
@@ -161,7 +181,7 @@ def _boundary_type(ir, type_, widen):
     to = BOUNDARY.get(et) or (WIDEN.get(et) if widen else None)
     if not to:
         return type_
-    return ir.Type.parse(f"!torch.vtensor<[{','.join(map(str, shape))}],{to}>")
+    return ir.Type.parse(f"!torch.vtensor<[{','.join('?' if d == -1 else str(d) for d in shape)}],{to}>")
 
 
 def _convert(ir, value, to_type, ip):

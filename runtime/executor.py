@@ -255,18 +255,36 @@ class Bundle:
     def _check_inputs(self, args):
         if len(args) != len(self.inputs):
             raise BundleError(
-                f"{self.path} takes {len(self.inputs)} input(s) ({', '.join(_fmt(i) for i in self.inputs)}), got {len(args)}"
+                f"{self.path} takes {len(self.inputs)} input(s) ({', '.join(format_spec(i) for i in self.inputs)}), got {len(args)}"
             )
-        out = []
+        out, symbols = [], {}
         for i, (a, spec) in enumerate(zip(args, self.inputs)):
             if _is_torch(a):
                 a = a.detach().cpu().numpy()
             a = np.ascontiguousarray(a)
-            if list(a.shape) != spec["shape"] or a.dtype != np.dtype(spec["dtype"]):
-                raise BundleError(
-                    f"input {i} ('{spec['name']}'): expected {_fmt(spec)}, got {'x'.join(map(str, a.shape))}x{a.dtype}",
-                    fix="the bundle was compiled for static shapes; recompile with matching --input specs",
-                )
+            got = f"{'x'.join(map(str, a.shape))}x{a.dtype}"
+            dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
+            if a.ndim != len(spec["shape"]) or a.dtype != np.dtype(spec["dtype"]) or any(
+                    n != want for k, (n, want) in enumerate(zip(a.shape, spec["shape"])) if k not in dynamic):
+                fix = ("the dimensions marked ? are dynamic; the others are fixed at compile time (recompile with matching "
+                       "--input specs, or --dynamic-dim for another dimension)" if dynamic else
+                       "the bundle was compiled for static shapes; recompile with matching --input specs, or with "
+                       "--dynamic-dim INPUT:DIM[:MAX] for a dimension that varies")
+                raise BundleError(f"input {i} ('{spec['name']}'): expected {format_spec(spec)}, got {got}", fix=fix)
+            for k, d in dynamic.items():
+                n, lo, hi = a.shape[k], d.get("min") or 0, d.get("max")
+                if n < lo or (hi is not None and n > hi):
+                    raise BundleError(
+                        f"input {i} ('{spec['name']}'): dimension {k} is {n}; this bundle accepts {lo} to {hi} there",
+                        fix=f"split the request into pieces of at most {hi}, or recompile with a larger bound "
+                            f"(--dynamic-dim {spec['name']}:{k}:MAX)")
+                sym = d.get("symbol")
+                if sym in symbols and symbols[sym][0] != n:
+                    j, kk, m = symbols[sym][1:]
+                    raise BundleError(
+                        f"input {i} ('{spec['name']}') dimension {k} is {n} but input {j} dimension {kk} is {m}; "
+                        f"the model needs them equal (both are {d.get('name') or sym})", fix="give inputs of matching sizes")
+                symbols.setdefault(sym, (n, i, k, n))
             out.append(a)
         return out
 
@@ -427,8 +445,13 @@ def _kind(device_name):
     return DeviceSpec.parse(device_name).kind
 
 
-def _fmt(spec):
-    return "x".join(str(d) for d in spec["shape"]) + "x" + spec["dtype"]
+def format_spec(spec):
+    """'4x64xint64', with '?' for a dynamic dimension and its range: '?x64xint64 (dim 0: 1..64)'."""
+    dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
+    text = "x".join("?" if k in dynamic else str(n) for k, n in enumerate(spec["shape"])) + "x" + spec["dtype"]
+    ranges = [f"dim {k}: {d.get('min', 1)}..{d.get('max') if d.get('max') is not None else 'any'}"
+              for k, d in dynamic.items() if "symbol" in d]
+    return text + (f" ({', '.join(ranges)})" if ranges else "")
 
 
 def load(path, devices=None, plan=None, strict=False):

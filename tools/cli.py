@@ -92,6 +92,13 @@ _model_options = [
     click.option("-i", "--input", "inputs", multiple=True, metavar="DIMSxDTYPE",
                  help="Shape and dtype of each model input, in order, e.g. 4x64xi64 or 1x3x32x32xf32. "
                       "Default: the model file's example_inputs()."),
+    click.option("--dynamic-dim", "dynamic_dims", multiple=True, metavar="INPUT:DIM[:MAX][=NAME]",
+                 help="Keep a dimension dynamic through partitioning and IREE, repeatable: INPUT is an input's name "
+                      "or inputN (from 0), DIM its dimension, MAX the largest size the bundle accepts (default 1024); "
+                      "dimensions given the same NAME must be equal (checked at run time). E.g. --dynamic-dim "
+                      "input0:0:64 for any batch from 1 to 64; --dynamic-dim input_ids:0:16=batch --dynamic-dim "
+                      "attention_mask:0:16=batch for two inputs sharing one batch. Costs are predicted at the "
+                      "--input (example) size. PyTorch models only."),
     click.option("-d", "--device", "devices", multiple=True, metavar="SPEC",
                  help="Target device, repeatable: KIND[:ORDINAL][@ARCH] with KIND cpu, vulkan, cuda, rocm "
                       "(e.g. cpu, vulkan, cuda:1@sm_86, rocm@gfx942). Default: the devices of the --profile "
@@ -161,7 +168,7 @@ def cli():
               help="One placement plan per device set, repeatable, all in one bundle sharing one copy of the "
                    "weights (replaces --device). At load the runtime runs the fastest predicted plan whose "
                    "devices it finds, or the one named with `polyarch run --plan` (`--strict`: no fallback).")
-def compile(model, inputs, devices, pins, objective, solver, profiles, output, jobs, quiet, depfile, plans):
+def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, output, jobs, quiet, depfile, plans):
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -174,6 +181,8 @@ def compile(model, inputs, devices, pins, objective, solver, profiles, output, j
       polyarch compile examples/minilm.py --input 4x64xi64 --input 4x64xi64 -d cpu -d vulkan -o m.pab
       polyarch compile model.py:Net -i 1x3x32x32xf32 -d cpu -d vulkan --pin torch.aten.convolution=vulkan
       polyarch compile model.onnx -i 8x128xi64 -d cpu -d vulkan -o m.pab    # ONNX; -i fixes symbolic dims
+      polyarch compile examples/mlp.py -i 8x64xf32 --dynamic-dim input0:0:256 -o mlp.pab  # batch 1..256
+      polyarch compile examples/minilm.py --dynamic-dim input_ids:0:16=b --dynamic-dim attention_mask:0:16=b
     """
     from ..compiler.driver import compile as do_compile
 
@@ -188,7 +197,7 @@ def compile(model, inputs, devices, pins, objective, solver, profiles, output, j
             raise PolyarchError("--plans and --device both given", fix="give the device sets with --plans only")
         device_sets = [[d.strip() for d in p.split(",") if d.strip()] for p in plans] or None
         do_compile(m, ex, devices=_devices(devices, profiles), output=output, pins=pins, jobs=jobs, progress=progress,
-                   objective=objective, solver=solver, profiles=profiles, plans=device_sets)
+                   objective=objective, solver=solver, profiles=profiles, plans=device_sets, dynamic_dims=dynamic_dims)
         if depfile:
             _write_depfile(depfile, output, [model.partition(":")[0], *sorted(local), *profiles])
     except PolyarchError as e:
@@ -208,7 +217,8 @@ def compile(model, inputs, devices, pins, objective, solver, profiles, output, j
 @click.option("--requests", type=int, default=None, metavar="N",
               help="Simulate N calls in the timeline (default: 1; 4 for the throughput objective, pipelined).")
 @click.option("--mlir", "mlir_out", type=click.Path(dir_okay=False), help="Also write the partitioned module here.")
-def plan(model, inputs, devices, pins, objective, solver, profiles, explain, show_ops, trace_out, gantt_out, requests, mlir_out):
+def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, explain, show_ops, trace_out, gantt_out,
+         requests, mlir_out):
     """Show where each part of MODEL would run, without compiling.
 
     With --profile files for devices this host does not have, this simulates a
@@ -227,7 +237,8 @@ def plan(model, inputs, devices, pins, objective, solver, profiles, explain, sho
         m, ns = _load_model(model)
         ex = _example_inputs(inputs, ns)
         devs = _devices(devices, profiles)
-        module, sig = do_plan(m, ex, devices=devs, pins=pins, objective=objective, solver=solver, profiles=profiles)
+        module, sig = do_plan(m, ex, devices=devs, pins=pins, objective=objective, solver=solver, profiles=profiles,
+                              dynamic_dims=dynamic_dims)
         report = simulate.explain(module, profiles)
         for line in report.lines(explain=explain, ops=show_ops):
             click.echo(line)
@@ -334,6 +345,7 @@ def inspect(bundle, as_json, show_ops):
       polyarch inspect minilm.pab
     """
     from ..runtime.bundle import verify
+    from ..runtime.executor import format_spec as fmt
 
     try:
         m = verify(bundle)
@@ -342,7 +354,6 @@ def inspect(bundle, as_json, show_ops):
     if as_json:
         click.echo(json.dumps(m, indent=1, sort_keys=True))
         return
-    fmt = lambda s: "x".join(map(str, s["shape"])) + "x" + s["dtype"]
     click.echo(f"{bundle}: polyarch bundle schema {m['schema_version']}, made by polyarch {m['polyarch_version']} on {m['created']}")
     click.echo(f"  compiled with {', '.join(f'{k} {v}' for k, v in m['compiler'].items())}")
     click.echo(f"  inputs:  {', '.join(i['name'] + ' ' + fmt(i) for i in m['signature']['inputs'])}")

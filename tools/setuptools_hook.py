@@ -15,7 +15,7 @@ wheel (or sdist install, or editable install) compiles it into the package:
     entry = "Model"                     # class, factory or nn.Module in it (optional)
     inputs = ["4x64xi64", "4x64xi64"]   # as `polyarch compile --input` (optional)
     devices = ["cpu", "vulkan"]         # or: plans = [["vulkan", "cpu"], ["cpu"]]
-    pins = ["encoder.layer.0=cpu"]      # optional; also: profiles, objective
+    pins = ["encoder.layer.0=cpu"]      # optional; also: dynamic_dims, profiles, objective
     output = "mypkg/model.pab"          # where the bundle goes inside the built package
 
 At run time the package loads it with `polyarch.runtime.load(importlib.resources.files(
@@ -38,7 +38,7 @@ try:
 except ImportError:  # Python < 3.11
     import tomli as tomllib
 
-KEYS = {"source", "entry", "inputs", "devices", "plans", "pins", "profiles", "objective", "output"}
+KEYS = {"source", "entry", "inputs", "dynamic_dims", "devices", "plans", "pins", "profiles", "objective", "output"}
 
 
 def bundles_of(project_dir):
@@ -69,6 +69,8 @@ def compile_args(table, project_dir, output, depfile):
     args = ["compile", model, "-o", output, "--depfile", depfile, "-q"]
     for x in table.get("inputs", []):
         args += ["-i", x]
+    for x in table.get("dynamic_dims", []):
+        args += ["--dynamic-dim", x]
     for x in table.get("devices", []):
         args += ["-d", x]
     for plan in table.get("plans", []):
