@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/plan_regret.py --profile out/bench/profile.json
 	$(VENV)/bin/python bench/bundle_load.py
 	$(VENV)/bin/python bench/stream.py
+	$(VENV)/bin/python bench/ray_overhead.py
 
 clean:
 	rm -rf out test/passes/Output .pytest_cache

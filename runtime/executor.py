@@ -106,11 +106,14 @@ class Bundle:
              the lowest predicted time whose devices are all present on this host
     strict   True: if that plan (the named one, or else the best of all) cannot run here,
              raise DeviceError instead of falling back to another plan
+    only_devices  load only the segments of these bundle devices (a Ray worker's share,
+             runtime/ray_executor.py)
     The plan chosen and why is in `plan_name` and `choice`, and logged (logger
     "polyarch.runtime", INFO; a fallback is a WARNING)."""
 
-    def __init__(self, path, devices=None, plan=None, strict=False):
+    def __init__(self, path, devices=None, plan=None, strict=False, only_devices=None):
         rt = _rt()
+        self._only = set(only_devices) if only_devices is not None else None  # a Ray worker's share
         self.path = str(path)
         self.manifest = read_manifest(self.path)
         # The file is mapped, not read: aligned members become modules without a copy.
@@ -131,6 +134,8 @@ class Bundle:
         self._ticks = {d: 0 for d in self.devices}
         params = self._parameter_archive()
         for seg in self.plan["segments"]:
+            if self._only is not None and seg["device"] not in self._only:
+                continue
             dev = self.devices[seg["device"]]
             config = rt.Config(device=dev)
             ctx = rt.SystemContext(config=config)
@@ -171,6 +176,8 @@ class Bundle:
         def devices_of(plan):
             out = {}
             for d in dict.fromkeys(s["device"] for s in plan["segments"]):
+                if self._only is not None and d not in self._only:
+                    continue
                 if d not in probed:
                     try:
                         probed[d] = create_device(remap.get(d, d))
@@ -305,19 +312,10 @@ class Bundle:
         run on one device, the next request's earlier segments run on another, and its
         transfers overlap that compute. Counters count these calls; per-device segment
         seconds are not measured in this mode (the trace shows issue -> observed completion)."""
-        from collections import deque
-
-        window = deque()
-        for req in requests:
-            window.append(self._submit(req if isinstance(req, (tuple, list)) else (req,), wait_each=False))
-            if len(window) >= max(1, depth):
-                yield self._collect(window.popleft())
-        while window:
-            yield self._collect(window.popleft())
+        return pipelined(lambda args: self._submit(args, wait_each=False), self._collect, requests, depth)
 
     def _submit(self, args, wait_each):
         """Issue every step of one call; -> the call in flight (outputs not yet read back)."""
-        rt = _rt()
         as_torch = any(_is_torch(a) for a in args)
         args = self._check_inputs(args)
         clock = time.perf_counter
@@ -327,53 +325,61 @@ class Bundle:
             if step["op"] == "transfer":  # a tensor leaves its device: read back when a consumer needs it
                 env[step["dst"]] = env[step["src"]]
                 continue
-            seg_name = step["segment"]
-            vm_ctx, vm_fn, seg = self._async[seg_name]
-            dname = seg["device"]
-            dev = self.devices[dname]
-            sem = self._sems[dname]
-            bvs, waits = [], []
-            for name, spec in zip(step["args"], seg["inputs"]):
-                v = env[name]
-                if isinstance(v, _OnDevice) and v.device != dname:
-                    v = env[name] = self._to_host(v, call, f"{name} to host")
-                if isinstance(v, _OnDevice):
-                    bvs.append(v.bv)
-                    waits.append((sem, v.tick))
-                    continue
-                if v.dtype != np.dtype(spec["dtype"]):
-                    v = v.astype(spec["dtype"])  # narrow types travel widened to some devices
-                t0 = clock()
-                bvs.append(rt.asdevicearray(dev, v)._buffer_view)
-                if _kind(dname) != "cpu":
-                    call.moved("host", dname, v.nbytes, t0, clock(), f"{name} to {dname}", self.counters)
-            # A device's timeline must be signalled in order: each call also waits for the
-            # device's previous one (which orders the segments of pipelined calls, too).
-            waits.append((sem, self._ticks[dname]))
-            wait = rt.HalFence(len(waits))
-            for s_, tick in waits:
-                wait.insert(s_, tick)
-            self._ticks[dname] += 1
-            tick = self._ticks[dname]
-            signal = rt.HalFence.create_at(sem, tick)
-            arg_list = rt.VmVariantList(len(bvs) + 2)
-            for bv in bvs:
-                arg_list.push_ref(bv)
-            arg_list.push_ref(wait)
-            arg_list.push_ref(signal)
-            rets = rt.VmVariantList(len(step["results"]))
-            t0 = clock()
-            vm_ctx.invoke(vm_fn, arg_list, rets)
-            event = {"name": seg_name, "kind": "segment", "track": dname, "start": t0 - call.t0, "dur": 0.0, "bytes": 0}
-            if wait_each:
-                sem.wait(tick)
-                event["dur"] = clock() - t0
-                self.counters["segment_seconds"][dname] += event["dur"]
-            call.events.append(event)
-            for i, name in enumerate(step["results"]):
-                env[name] = _OnDevice(dname, rets.get_as_object(i, rt.HalBufferView), tick, event)
+            self._invoke(step, env, call, wait_each)
         call.env = env
         return call
+
+    def _invoke(self, step, env, call, wait_each):
+        """Issue one segment call of the schedule: its arguments from `env` (host arrays,
+        uploaded; tensors of another device, read back first; tensors of this device,
+        chained by fence), its results into `env` as tensors on the device."""
+        rt = _rt()
+        clock = time.perf_counter
+        seg_name = step["segment"]
+        vm_ctx, vm_fn, seg = self._async[seg_name]
+        dname = seg["device"]
+        dev = self.devices[dname]
+        sem = self._sems[dname]
+        bvs, waits = [], []
+        for name, spec in zip(step["args"], seg["inputs"]):
+            v = env[name]
+            if isinstance(v, _OnDevice) and v.device != dname:
+                v = env[name] = self._to_host(v, call, f"{name} to host")
+            if isinstance(v, _OnDevice):
+                bvs.append(v.bv)
+                waits.append((sem, v.tick))
+                continue
+            if v.dtype != np.dtype(spec["dtype"]):
+                v = v.astype(spec["dtype"])  # narrow types travel widened to some devices
+            t0 = clock()
+            bvs.append(rt.asdevicearray(dev, v)._buffer_view)
+            if _kind(dname) != "cpu":
+                call.moved("host", dname, v.nbytes, t0, clock(), f"{name} to {dname}", self.counters)
+        # A device's timeline must be signalled in order: each call also waits for the
+        # device's previous one (which orders the segments of pipelined calls, too).
+        waits.append((sem, self._ticks[dname]))
+        wait = rt.HalFence(len(waits))
+        for s_, tick in waits:
+            wait.insert(s_, tick)
+        self._ticks[dname] += 1
+        tick = self._ticks[dname]
+        signal = rt.HalFence.create_at(sem, tick)
+        arg_list = rt.VmVariantList(len(bvs) + 2)
+        for bv in bvs:
+            arg_list.push_ref(bv)
+        arg_list.push_ref(wait)
+        arg_list.push_ref(signal)
+        rets = rt.VmVariantList(len(step["results"]))
+        t0 = clock()
+        vm_ctx.invoke(vm_fn, arg_list, rets)
+        event = {"name": seg_name, "kind": "segment", "track": dname, "start": t0 - call.t0, "dur": 0.0, "bytes": 0}
+        if wait_each:
+            sem.wait(tick)
+            event["dur"] = clock() - t0
+            self.counters["segment_seconds"][dname] += event["dur"]
+        call.events.append(event)
+        for i, name in enumerate(step["results"]):
+            env[name] = _OnDevice(dname, rets.get_as_object(i, rt.HalBufferView), tick, event)
 
     def _to_host(self, v, call, what):
         """Wait for a tensor's producer on its device, then read it back into host memory."""
@@ -441,6 +447,19 @@ class _Call:
                             "dur": t1 - t0, "bytes": nbytes})
 
 
+def pipelined(submit, collect, requests, depth):
+    """Yield collect(call) for each request in order, keeping `depth` submitted calls in flight."""
+    from collections import deque
+
+    window = deque()
+    for req in requests:
+        window.append(submit(tuple(req) if isinstance(req, (tuple, list)) else (req,)))
+        if len(window) >= max(1, depth):
+            yield collect(window.popleft())
+    while window:
+        yield collect(window.popleft())
+
+
 def _kind(device_name):
     return DeviceSpec.parse(device_name).kind
 
@@ -454,11 +473,17 @@ def format_spec(spec):
     return text + (f" ({', '.join(ranges)})" if ranges else "")
 
 
-def load(path, devices=None, plan=None, strict=False):
+def load(path, devices=None, plan=None, strict=False, cluster=None):
     """Load a bundle for execution on this host. -> a callable Bundle.
 
     devices: optional {bundle device name: local device spec} to run a segment on
     another device of the same kind, e.g. {"vulkan": "vulkan:1"}.
     plan: the placement plan to run (default: the fastest predicted one this host can run).
-    strict: raise DeviceError rather than fall back when that plan's devices are missing."""
+    strict: raise DeviceError rather than fall back when that plan's devices are missing.
+    cluster: a Ray address ("ray://HOST:10001"): run each device's segments in a Ray actor
+    on a node that offers that device -> a RayBundle (see runtime/ray_executor.py)."""
+    if cluster is not None:
+        from .ray_executor import RayBundle
+
+        return RayBundle(path, cluster, plan=plan, devices=devices)
     return Bundle(path, devices=devices, plan=plan, strict=strict)

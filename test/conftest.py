@@ -14,7 +14,7 @@ def cli(*args, cwd=None):
     import subprocess
 
     return subprocess.run([os.path.join(os.path.dirname(sys.executable), "polyarch"), *args],
-                          capture_output=True, text=True, cwd=cwd)
+                          capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
 def example(name):

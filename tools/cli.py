@@ -272,7 +272,10 @@ def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles
                    "devices are present; the choice is printed.")
 @click.option("--strict", is_flag=True,
               help="Fail if that plan's devices are missing, instead of falling back to another plan.")
-def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict):
+@click.option("--cluster", metavar="ADDRESS",
+              help="Run on a Ray cluster (ray://HOST:10001, or HOST:PORT from one of its nodes): one actor per "
+                   "device, on a node that offers it as the resource polyarch_<device> (see the README).")
+def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict, cluster):
     """Load BUNDLE on this host's devices and run it.
 
     \b
@@ -281,6 +284,7 @@ def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict):
       polyarch run mlp.pab
       polyarch run minilm.pab -i ids.npy -i mask.npy -o hidden.npy -n 20
       polyarch run minilm.pab -n 5 --trace run.json     # open in ui.perfetto.dev
+      polyarch run minilm.pab --cluster ray://head:10001  # one Ray actor per device
     """
     import numpy as np
 
@@ -290,8 +294,11 @@ def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict):
 
     logging.getLogger("polyarch.runtime").addHandler(logging.NullHandler())  # the choice is printed below
     try:
+        if cluster and (trace_out or strict):
+            raise PolyarchError("--trace and --strict are not supported with --cluster",
+                                fix="drop them (on a cluster the plan is the fastest one whose devices some node offers)")
         t = time.perf_counter()
-        b = load(bundle, plan=plan_name, strict=strict)
+        b = load(bundle, plan=plan_name, strict=strict, cluster=cluster)
         load_s = time.perf_counter() - t
         if inputs:
             args = [np.load(p) for p in inputs]
@@ -314,10 +321,17 @@ def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict):
             times.append(time.perf_counter() - t)
         if trace_out:
             b.write_trace(trace_out)
+        if cluster:
+            workers = b.worker_counters()
+            b.close()
     except PolyarchError as e:
         _fail(e)
     res = res if isinstance(res, tuple) else (res,)
-    click.echo(f"loaded {bundle} in {load_s * 1000:.1f} ms on {', '.join(f'{k} ({v})' for k, v in b.devices.items())}")
+    if cluster:
+        where = ", ".join(f"{d} (actor pid {p['pid']} on {p['host']})" for d, p in b.placement.items())
+        click.echo(f"loaded {bundle} in {load_s * 1000:.1f} ms on Ray cluster {cluster}: {where}")
+    else:
+        click.echo(f"loaded {bundle} in {load_s * 1000:.1f} ms on {', '.join(f'{k} ({v})' for k, v in b.devices.items())}")
     click.echo(f"running {b.choice}")
     for i, r in enumerate(res):
         click.echo(f"output {i}: {'x'.join(map(str, r.shape))}x{r.dtype}  mean {float(np.mean(r)):.6g}  std {float(np.std(r)):.6g}")
@@ -326,6 +340,10 @@ def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict):
     times.sort()
     click.echo(f"time: median {times[len(times) // 2] * 1000:.3f} ms over {len(times)} run(s)")
     c = b.counters
+    if cluster:
+        click.echo(f"per call: {c['transfers'] / c['calls']:.0f} tensor(s) handed between actors; segments: "
+                   + ", ".join(f"{d} {w['segment_seconds'][d] / c['calls'] * 1000:.3f} ms" for d, w in workers.items()))
+        return
     click.echo(f"per call: {c['transfers'] / c['calls']:.0f} transfer(s), {c['bytes_moved'] / c['calls'] / 1e6:.3f} MB moved in "
                f"{c['transfer_seconds'] / c['calls'] * 1000:.3f} ms; segments: "
                + ", ".join(f"{d} {t / c['calls'] * 1000:.3f} ms" for d, t in c["segment_seconds"].items()))
