@@ -27,12 +27,6 @@ if ! command -v cmake >/dev/null 2>&1; then  # for find_package(polyarch) and it
   fi
 fi
 
-if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then  # the Ray test's loopback-only namespace
-  echo "setup: installing iproute2"
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2
-fi
-
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $PY"
   "$PY" -m venv .venv

@@ -2,8 +2,10 @@
 actor of its own; results equal the single-process runtime's bit for bit (same compiled
 code on the same device kinds). The clusters are started and stopped here, one node with
 127.0.0.1 as its address offering cpu and vulkan (lavapipe), two units of each (two
-bundles at a time): two actors, two worker processes per bundle. The Ray Client test is
-in test_ray_client.py (its cluster runs in a loopback-only network namespace)."""
+bundles at a time): two actors, two worker processes per bundle. Ray's servers listen on
+every interface, so the cluster and this process (while the module runs) are in a network
+namespace that has only loopback: nothing of it can be reached from, or reach, another
+host. The Ray Client test is in test_ray_client.py."""
 
 import numpy as np
 import pytest
@@ -25,13 +27,22 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def cluster():
-    addresses, stop = start_local_cluster(["cpu", "vulkan"], object_store_mb=128, units=2)
+    from conftest import enter_loopback_only_network
+
     try:
-        # The GCS address: this process joins as a driver. ray:// (Ray Client) goes through a
-        # proxy that starts a server process per connection; bench/ray_overhead.py uses it.
-        yield addresses["gcs"]
+        leave = enter_loopback_only_network()
+    except OSError as e:
+        pytest.skip(f"the Ray tests run in a loopback-only network namespace, which needs root here ({e})")
+    try:
+        addresses, stop = start_local_cluster(["cpu", "vulkan"], object_store_mb=128, units=2)
+        try:
+            # The GCS address: this process joins as a driver. ray:// (Ray Client) goes through
+            # a proxy that starts a server process per connection: test_ray_client.py.
+            yield addresses["gcs"]
+        finally:
+            stop()
     finally:
-        stop()
+        leave()
 
 
 @pytest.fixture(scope="module")

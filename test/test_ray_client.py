@@ -1,11 +1,11 @@
 """Ray Client (`cluster="ray://HOST:PORT"`): a driver that is not a node of the cluster.
 
-Ray's servers listen on every interface, so this cluster and its driver run in a network
-namespace that has only loopback (`unshare -n`): nothing of it can be reached from, or
-reach, another host. A module of its own, so that test_ray.py's cluster has stopped
-before this one starts (`ray stop` ends every Ray process of the user)."""
+Ray's servers listen on every interface, so this cluster and its driver run in a process
+of their own, in a network namespace that has only loopback: nothing of it can be
+reached from, or reach, another host. A module of its own, so that test_ray.py's cluster
+has stopped before this one starts (`ray stop` ends every Ray process of the user)."""
 
-import shutil
+import os
 import subprocess
 import sys
 
@@ -16,6 +16,9 @@ from polyarch.compiler import driver
 
 LOOPBACK_SCRIPT = r"""
 import glob, os, sys
+sys.path.insert(0, sys.argv[2])
+from conftest import enter_loopback_only_network
+enter_loopback_only_network()
 import numpy as np
 import polyarch
 from polyarch.runtime.ray_executor import start_local_cluster
@@ -43,15 +46,18 @@ finally:
 
 
 def test_ray_client_in_a_loopback_only_network(tmp_path):
-    if not shutil.which("unshare") or not shutil.which("ip") or subprocess.run(["unshare", "-n", "true"],
-                                                                                capture_output=True).returncode:
-        pytest.skip("needs `unshare -n` (root, util-linux) and `ip` (iproute2) for a loopback-only network namespace")
+    from conftest import enter_loopback_only_network
+
+    try:  # can this process make a network namespace? (the script's own process will)
+        enter_loopback_only_network()()
+    except OSError as e:
+        pytest.skip(f"the Ray tests run in a loopback-only network namespace, which needs root here ({e})")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
     path = tmp_path / "mlp.pab"
     driver.compile(model, (torch.randn(7, 32),), ["cpu", "vulkan"], output=str(path), pins=["0=cpu", "2=vulkan"])
     script = tmp_path / "loopback.py"
     script.write_text(LOOPBACK_SCRIPT)
-    r = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable,
-                        str(script), str(path)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(script), str(path), os.path.dirname(os.path.abspath(__file__))],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "RAY-CLIENT-OK" in r.stdout, r.stdout[-2000:] + r.stderr[-8000:]
