@@ -29,6 +29,7 @@ driver), as in a single process."""
 
 import itertools
 import os
+import shutil
 import tempfile
 import time
 
@@ -67,14 +68,19 @@ class _Worker:
         from .executor import Bundle
 
         device = self.device
-        # Ray hands large byte objects over zero-copy; the bundle must be a file to map.
-        self._dir = tempfile.mkdtemp(prefix="polyarch-ray-")
-        path = os.path.join(self._dir, filename)
-        with open(path, "wb") as f:
-            f.write(data)
-        del data
-        remap = {device: local_spec} if local_spec else None
-        self.bundle = Bundle(path, devices=remap, plan=plan, strict=True, only_devices=[device])
+        # Ray hands large byte objects over zero-copy; the bundle must be a file to map. The
+        # loaded bundle keeps its mapping, so the file goes as soon as it is loaded (an
+        # actor ended by ray.kill runs no clean-up).
+        folder = tempfile.mkdtemp(prefix="polyarch-ray-bundle-")
+        try:
+            path = os.path.join(folder, filename)
+            with open(path, "wb") as f:
+                f.write(data)
+            del data
+            remap = {device: local_spec} if local_spec else None
+            self.bundle = Bundle(path, devices=remap, plan=plan, strict=True, only_devices=[device])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def where(self):
         import socket
@@ -106,11 +112,6 @@ class _Worker:
 
     def counters(self):
         return self.bundle.counters
-
-    def __del__(self):
-        import shutil
-
-        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
 
 
 class _RayCall:
@@ -344,7 +345,6 @@ def start_local_cluster(devices, object_store_mb=256, units=1):
 
     stop() runs `ray stop`, which ends every Ray process of this user on the machine."""
     import json
-    import shutil
     import socket
     import subprocess
     import sys

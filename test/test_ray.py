@@ -85,6 +85,11 @@ def test_ray_matches_single_process(on_ray, mlp_bundle):
         # two tensors cross devices per call (cpu -> vulkan -> cpu), through the object store
         assert b.counters["transfers"] == 2 * b.counters["calls"]
         per_worker = b.worker_counters()
+        # the actors' copies of the bundle are gone once loaded (the mappings stay)
+        import glob
+        import tempfile
+
+        assert not glob.glob(f"{tempfile.gettempdir()}/polyarch-ray-bundle-*")
         assert per_worker["vulkan"]["segment_seconds"]["vulkan"] > 0
         assert per_worker["cpu"]["segment_seconds"]["cpu"] > 0
 
