@@ -50,7 +50,7 @@ def segment_module(name, device, chunks, profile_files):
     from polyarch.passes.assign_devices import support_reason
     from polyarch.dialects import polyarch as pa
     from polyarch.passes import annotate_costs, outline_segments
-    from polyarch.passes.common import element_types, main_func, placeable_ops
+    from polyarch.passes.common import element_types, main_func, placeable_ops, remat_set
     from polyarch.runtime.devices import DeviceSpec
 
     mod = importlib.import_module(name)
@@ -64,7 +64,8 @@ def segment_module(name, device, chunks, profile_files):
         annotate_costs.run(module, devices=[device], profile=profile_files)
         placed = placeable_ops(main_func(module))
         times = [op.attributes[pa.TIME_US][device].value for op in placed]
-        ok = [support_reason(op, spec) is None for op in placed]
+        remat = remat_set(main_func(module))
+        ok = [support_reason(op, spec, remat) is None for op in placed]
         total = sum(ok)
         seen, last, flip = 0, None, False
         f64 = ir.F64Type.get()

@@ -59,7 +59,7 @@ def build_plans(args, outdir, say):
     from polyarch.dialects import polyarch as pa
     from polyarch.passes import run_pipeline
     from polyarch.passes.assign_devices import support_reason
-    from polyarch.passes.common import main_func, placeable_ops
+    from polyarch.passes.common import main_func, placeable_ops, remat_set
     from polyarch.runtime.devices import DeviceSpec
 
     A, B = args.devices.split(",")
@@ -75,7 +75,8 @@ def build_plans(args, outdir, say):
         with base.context, ir.Location.unknown():
             placed = placeable_ops(main_func(base))
             n = len(placed)
-            can = {d: [support_reason(op, DeviceSpec.parse(d)) is None for op in placed] for d in (A, B)}
+            remat = remat_set(main_func(base))
+            can = {d: [support_reason(op, DeviceSpec.parse(d), remat) is None for op in placed] for d in (A, B)}
         cuts = sorted(set(round(i * n / min(n, args.cuts)) for i in range(min(n, args.cuts) + 1)))
         plans = {None: "chosen by assign-devices"}
         for first, second in ((A, B), (B, A)):

@@ -31,7 +31,7 @@ from ..errors import PolyarchError
 from ..runtime.devices import parse_devices
 from . import solver as S
 from .annotate_costs import op_seconds
-from .common import body_ops, describe, is_rematerialisable, main_func, module_path, remat_set, tensor_bytes, element_types
+from .common import body_ops, describe, main_func, module_path, remat_set, tensor_bytes, element_types
 
 OPTIONS = {
     "devices": "comma-separated device specs",
@@ -115,9 +115,9 @@ def _users(value):
     return [u.owner.operation for u in value.uses]
 
 
-def _remat_ancestors(op, remat=None):
+def _remat_ancestors(op, remat):
     """The rematerialised ops (weights included) an op pulls into its segment. remat: the
-    function's remat_set, if known (faster than deciding op by op)."""
+    function's remat_set."""
     stack, seen = list(op.operands), set()
     while stack:
         owner = stack.pop().owner
@@ -125,17 +125,17 @@ def _remat_ancestors(op, remat=None):
             continue
         o = owner.operation
         seen.add(o)
-        if (o in remat) if remat is not None else is_rematerialisable(o):
+        if o in remat:
             yield o
             stack.extend(o.operands)
 
 
-def _weights_of(op, remat=None):
+def _weights_of(op, remat):
     """{literal op: bytes} of the weights an op reads (directly or through rematerialised ops)."""
     return {o: tensor_bytes(o.results[0]) for o in _remat_ancestors(op, remat) if o.name == "torch.vtensor.literal"}
 
 
-def _remat_element_types(op, remat=None):
+def _remat_element_types(op, remat):
     """Element types computed by the rematerialised ops an op pulls into its segment
     (e.g. an si64 arange behind a causal mask): the device compiles them too. A size
     query (torch.aten.size.int, from dynamic shapes) reads no elements of its tensor."""
@@ -149,8 +149,9 @@ def _remat_element_types(op, remat=None):
     return out
 
 
-def support_reason(op, spec, remat=None):
-    """Why device `spec` cannot run this placed op (with what it pulls in), or None."""
+def support_reason(op, spec, remat):
+    """Why device `spec` cannot run this placed op (with what it pulls in), or None.
+    remat: the remat_set of the op's function."""
     ets = element_types(op) | _remat_element_types(op, remat)
     in_ets = {pa.tensor_info(v.type)[1] for v in op.operands if pa.is_tensor(v)}
     return unsupported_reason(spec, ets, op.operation.name, in_ets)

@@ -24,40 +24,6 @@ def body_ops(func):
     return ops[:-1], ops[-1]
 
 
-def is_rematerialisable(op):
-    """Constants, constant-foldable ops and glue: not placed on any device.
-
-    `outline-segments` clones them into every segment that uses them. That covers
-    torch.constant.*, torch.vtensor.literal (weights), ops computed from constants
-    alone (weight transposes, arange: IREE folds them at compile time), and ops whose
-    results are all non-tensors (lists, scalars, size queries)."""
-    root = op.operation
-    known = _remat_by_kind(root)
-    if known is not None:
-        return known
-    # A tensor op is rematerialisable when everything it is computed from is: walk its
-    # ancestors with an explicit stack (a chain of placed ops is as deep as the model);
-    # any block argument or ancestor that is not rematerialisable decides it.
-    done, stack = set(), [root]
-    while stack:
-        o = stack.pop()
-        if o in done:
-            continue
-        done.add(o)
-        parents = []
-        for v in o.operands:
-            if _is_block_arg(v):
-                return False
-            parent = v.owner.operation
-            kind = _remat_by_kind(parent)
-            if kind is False:
-                return False
-            if kind is None:
-                parents.append(parent)
-        stack.extend(reversed(parents))  # first operand first: the activation path, not the weights'
-    return True
-
-
 def _remat_by_kind(op):
     """True/False where the op's kind decides, None where its operands do."""
     if op.name == "torch.vtensor.literal":
@@ -76,8 +42,14 @@ def _is_block_arg(value):
 
 
 def remat_set(func):
-    """The rematerialisable ops of a single-block function, in one pass over it (program
-    order is topological, so each op's operands are decided before it)."""
+    """The rematerialisable ops of a single-block function: constants, constant-foldable
+    ops and glue, not placed on any device.
+
+    `outline-segments` clones them into every segment that uses them. That covers
+    torch.constant.*, torch.vtensor.literal (weights), ops computed from constants
+    alone (weight transposes, arange: IREE folds them at compile time), and ops whose
+    results are all non-tensors (lists, scalars, size queries). Decided in one pass over
+    the function (program order is topological, so each op's operands come before it)."""
     ops, _ = body_ops(func)
     out = set()
     for op in ops:
