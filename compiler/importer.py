@@ -462,13 +462,9 @@ def _record_nominal_shapes(module, sig):
                     return [k if d == -1 else d for d, k in zip(shape, known)]
             return [default if d == -1 else d for d in shape]
 
-        def record(op, vals, attr):
-            if any(-1 in (pa.tensor_info(v.type) or ([],))[0] for v in vals):
-                op.attributes[attr] = ir.ArrayAttr.get([ir.DenseI64ArrayAttr.get(shape_of(v)) for v in vals])
-
-        record(main, list(block.arguments), pa.ARG_SHAPES)
+        pa.set_nominal_shapes(ir, main, list(block.arguments), pa.ARG_SHAPES, shape_of)
         for op in block.operations:
-            record(op, list(op.results), pa.SHAPES)
+            pa.set_nominal_shapes(ir, op, list(op.results), pa.SHAPES, shape_of)
 
 
 def import_model(model, example_inputs=(), dynamic_dims=()):

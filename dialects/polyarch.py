@@ -94,10 +94,11 @@ def nominal_shape(value):
     return [r if d == -1 else d for d, r in zip(shape, recorded)]
 
 
-def set_nominal_shapes(ir, op, values, attr=SHAPES):
-    """Record the nominal shapes of `values` (results or arguments of `op`) on `op`."""
-    shapes = [nominal_shape(v) if is_tensor(v) else [] for v in values]
+def set_nominal_shapes(ir, op, values, attr=SHAPES, shape_of=nominal_shape):
+    """Record the nominal shapes of `values` (results or arguments of `op`) on `op`, if
+    any is dynamic; shape_of(value) gives each tensor's (default: what is recorded)."""
     if any(-1 in (tensor_info(v.type) or ([],))[0] for v in values):
+        shapes = [shape_of(v) if is_tensor(v) else [] for v in values]
         op.attributes[attr] = ir.ArrayAttr.get([ir.DenseI64ArrayAttr.get(s) for s in shapes])
 
 

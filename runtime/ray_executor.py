@@ -168,6 +168,7 @@ class RayBundle:
         self.plan = self._choose(plan, ray.cluster_resources())
         self.plan_name = self.plan["name"]
         self.devices = list(dict.fromkeys(s["device"] for s in self.plan["segments"]))
+        self._seg_device = {s["name"]: s["device"] for s in self.plan["segments"]}
         remap = dict(devices or {})
         actor = ray.remote(_Worker)
         self.workers = {d: actor.options(num_cpus=0, resources={resource_name(d): 1}).remote(d) for d in self.devices}
@@ -237,19 +238,15 @@ class RayBundle:
         """Per schedule step: the results another device or the caller reads (returned
         through the object store); the rest stay in the actor."""
         sched = self.plan["schedule"]
-        device_of = {}
-        for step in sched:
-            if step["op"] == "call":
-                seg = next(s for s in self.plan["segments"] if s["name"] == step["segment"])
-                for r in step["results"]:
-                    device_of[r] = seg["device"]
+        device_of = {r: self._seg_device[step["segment"]] for step in sched if step["op"] == "call"
+                     for r in step["results"]}
         wanted = set(self.plan["outputs"])
         for step in sched:
             if step["op"] == "transfer":
                 wanted.add(step["src"])
             else:
-                seg = next(s for s in self.plan["segments"] if s["name"] == step["segment"])
-                wanted.update(a for a in step["args"] if device_of.get(a, seg["device"]) != seg["device"])
+                d = self._seg_device[step["segment"]]
+                wanted.update(a for a in step["args"] if device_of.get(a, d) != d)
         return [[r for r in step.get("results", ()) if r in wanted] for step in sched]
 
     def reset_counters(self):
@@ -271,13 +268,12 @@ class RayBundle:
         call_id = next(self._ids)
         t0 = time.perf_counter()
         env = {f"in{i}": (None, a) for i, a in enumerate(args)}  # name -> (device holding it, value or ref)
-        seg_device = {s["name"]: s["device"] for s in self.plan["segments"]}
         for index, step in enumerate(self.plan["schedule"]):
             if step["op"] == "transfer":
                 env[step["dst"]] = (None, env[step["src"]][1])
                 self.counters["transfers"] += 1
                 continue
-            d = seg_device[step["segment"]]
+            d = self._seg_device[step["segment"]]
             call_args = [_Local(n) if env[n][0] == d else env[n][1] for n in step["args"]]
             exports = self._exports[index]
             refs = self.workers[d].run.options(num_returns=max(1, len(exports))).remote(call_id, index, exports, *call_args)

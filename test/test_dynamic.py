@@ -15,7 +15,7 @@ from polyarch.compiler import driver, importer
 from polyarch.errors import PolyarchError
 from polyarch.runtime import bundle as rb
 from polyarch.runtime.bundle import BundleError
-from conftest import cli, eager, example
+from conftest import ROOT, cli, eager, example
 
 MLP_PINS = ["fc1=cpu", "fc2=vulkan", "fc3=cpu"]
 
@@ -143,7 +143,7 @@ def test_same_name_needs_the_same_bound():
 
 def test_cli_dynamic_dim_and_onnx_refusal(tmp_path):
     out = tmp_path / "mlp.pab"
-    r = cli("compile", "examples/mlp.py", "-i", "8x256xf32", "--dynamic-dim", "input0:0:16", "-o", str(out), cwd=_root())
+    r = cli("compile", "examples/mlp.py", "-i", "8x256xf32", "--dynamic-dim", "input0:0:16", "-o", str(out), cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "input 0 ('x') dimension 0 is dynamic: 1 up to 16 (symbol" in r.stderr
     assert "costs predicted at 8" in r.stderr
@@ -156,8 +156,3 @@ def test_cli_dynamic_dim_and_onnx_refusal(tmp_path):
     r = cli("compile", str(onnx), "--dynamic-dim", "input0:0")
     assert r.returncode != 0 and "--dynamic-dim is not supported for ONNX models yet" in r.stderr
 
-
-def _root():
-    import os
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
