@@ -4,6 +4,7 @@
 """
 
 import datetime
+import json
 import os
 import re
 import subprocess
@@ -27,33 +28,81 @@ def _quiet(msg):
 
 
 def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None, objective="latency", solver="auto", profiles=(),
-         dynamic_dims=()):
-    """Import and partition without compiling: -> (ir.Module after the three passes, signature)."""
+         dynamic_dims=(), calibrate=True, details=None):
+    """Import and partition without compiling: -> (ir.Module after the three passes, signature).
+    details: a dict to fill with "profiles" (the DeviceProfiles used) and "devices" (per
+    device: identity, profile name, where the profile came from)."""
     plans, sig = plan_many(model, example_inputs, [devices], pins=pins, progress=progress, objective=objective,
-                           solver=solver, profiles=profiles, dynamic_dims=dynamic_dims)
+                           solver=solver, profiles=profiles, dynamic_dims=dynamic_dims, calibrate=calibrate, details=details)
     return plans[0][1], sig
 
 
 def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progress=None, objective="latency",
-              solver="auto", profiles=(), dynamic_dims=()):
+              solver="auto", profiles=(), dynamic_dims=(), calibrate=True, details=None):
     """Import once, partition once per device set. -> ([(plan name, module)], signature).
-    A plan's name is its device set joined by '+', e.g. "vulkan+cpu". dynamic_dims: see compile."""
-    from torch_mlir import ir
-
-    from ..passes import run_pipeline
+    A plan's name is its device set joined by '+', e.g. "vulkan+cpu". dynamic_dims: see
+    compile; calibrate, details: see plan."""
     from .importer import import_model
 
     progress = progress or _quiet
-    sets = [parse_devices(d) for d in device_sets]
-    names = ["+".join(s.name for s in specs) for specs in sets]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise PolyarchError(f"plan {sorted(dup)[0]} is given twice", fix="give each --plans device set once")
+    sets = _device_sets(device_sets)
     t = time.time()
     base, sig = import_model(model, example_inputs, dynamic_dims)
     progress(f"imported {_model_name(model)} into the torch dialect in {time.time() - t:.1f}s")
     for desc in dynamic_summary(sig):
         progress(desc)
+    priced = price_devices(sets, profiles, calibrate, progress)
+    if details is not None:
+        details.update(priced)
+    return partition(base, sets, pins, progress, objective, solver, priced), sig
+
+
+def _device_sets(device_sets):
+    sets = [parse_devices(d) for d in device_sets]
+    names = ["+".join(s.name for s in specs) for specs in sets]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise PolyarchError(f"plan {sorted(dup)[0]} is given twice", fix="give each --plans device set once")
+    return sets
+
+
+def price_devices(sets, profiles, calibrate, progress):
+    """Identify the devices of all plans, choose each one's profile (measured where the
+    host has the device: compiler/measured.py) and read what was measured wrong on it.
+    -> {"profiles": [DeviceProfile], "devices": {name: info}, "verdicts": {name: verdicts}}"""
+    from . import measured
+
+    names = list(dict.fromkeys(s.name for specs in sets for s in specs))
+    profs, info = measured.resolve_profiles(names, profiles, calibrate, progress)
+    verdicts = {}
+    for d in names:
+        ident = info[d]["identity"]
+        progress(f"{d}: {describe_identity(ident)}; priced by {info[d]['profile']} ({info[d]['source']})")
+        verdicts[d] = measured.load_verdicts(ident) if ident else {"wrong_ops": {}, "corrections": {}}
+        if not info[d]["source"].startswith("measured"):
+            # corrections are relative to the measured profile's predictions: another profile starts afresh
+            verdicts[d]["corrections"] = {}
+        if verdicts[d]["wrong_ops"]:
+            progress(f"{d}: {len(verdicts[d]['wrong_ops'])} op kind(s) measured wrong there before are kept off it")
+    return {"profiles": profs, "devices": info, "verdicts": verdicts}
+
+
+def describe_identity(ident):
+    from ..runtime.identity import describe
+
+    return describe(ident)
+
+
+def partition(base, sets, pins, progress, objective, solver, priced, keep_base=False):
+    """Run the three passes once per device set on (a copy of) the imported module."""
+    import json
+
+    from torch_mlir import ir
+
+    from ..passes import run_pipeline
+
+    names = ["+".join(s.name for s in specs) for specs in sets]
+    verdicts = [{"device": d, **v} for d, v in priced["verdicts"].items()]
     out = []
     for i, (name, specs) in enumerate(zip(names, sets)):
         t = time.time()
@@ -62,20 +111,23 @@ def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progre
             plan_pins = [p for p in pins if DeviceSpec.parse(p.rpartition("=")[2]).name in {s.name for s in specs}]
             for p in sorted(set(pins) - set(plan_pins)):
                 progress(f"plan {name}: pin {p} does not apply (no such device in this plan)")
+        devs = [s.name for s in specs]
         with base.context, ir.Location.unknown():
-            module = base if i == len(sets) - 1 else clone_module(base)
+            module = base if (i == len(sets) - 1 and not keep_base) else clone_module(base)
             run_pipeline(
                 module,
                 [
-                    ("annotate-costs", {"devices": [s.name for s in specs], "profile": list(profiles)}),
-                    ("assign-devices", {"devices": [s.name for s in specs], "pin": plan_pins, "objective": objective,
-                                        "solver": solver, "profile": list(profiles)}),
+                    ("annotate-costs", {"devices": devs, "profile": list(priced["profiles"]), "verdicts": verdicts}),
+                    ("assign-devices", {"devices": devs, "pin": plan_pins, "objective": objective,
+                                        "solver": solver, "profile": list(priced["profiles"]), "verdicts": verdicts}),
                     ("outline-segments", {}),
                 ],
             )
-        progress(f"partitioned over {', '.join(s.name for s in specs)} in {time.time() - t:.1f}s")
+            info = {d: priced["devices"][d] for d in devs}
+            module.operation.attributes[pa.DEVICE_INFO] = ir.StringAttr.get(json.dumps(info, sort_keys=True))
+        progress(f"partitioned over {', '.join(devs)} in {time.time() - t:.1f}s")
         out.append((name, module))
-    return out, sig
+    return out
 
 
 def dynamic_summary(sig):
@@ -103,8 +155,10 @@ def clone_module(module):
     copy = ir.Module.parse("module {}")
     for op in module.body.operations:
         op.operation.clone(ip=ir.InsertionPoint(copy.body))
-    for attr in module.operation.attributes:
-        copy.operation.attributes[attr.name] = attr.attr
+    attrs = module.operation.attributes
+    for i in range(len(attrs)):
+        named = attrs[i]
+        copy.operation.attributes[named.name] = named.attr
     return copy
 
 
@@ -178,6 +232,12 @@ def _iree_compile_tool():
     return find_tool("iree-compile")
 
 
+def run_iree_compile(cmd):
+    """Run one iree-compile command line (cmd[1] is the source, after `-o` the output);
+    -> the CompletedProcess. Every segment and verification probe goes through here."""
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 _ERR = re.compile(r"^(?P<loc>[^\n]*?):(?P<line>\d+):\d+: error: (?P<msg>.*)$", re.M)
 
 
@@ -232,7 +292,7 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
                 archive = os.path.join(params_dir, f"{scope_prefix}{name}.irpa")
                 cmd[-2:-2] = parameters.export_flags(scope_prefix + name, archive)
             t = time.time()
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = run_iree_compile(cmd)
             if r.returncode != 0:
                 raise _iree_error(r.stderr, name, device)
             with open(out, "rb") as f:
@@ -301,6 +361,8 @@ def plan_manifest(module, vmfbs, name=None, member_prefix="", scopes=None, scope
         "devices": devices,
         "plan": attr_to_py(module.operation.attributes[pa.PLAN]),
         "profiles": attr_to_py(module.operation.attributes[pa.PROFILES]) if pa.PROFILES in module.operation.attributes else {},
+        "device_info": json.loads(module.operation.attributes[pa.DEVICE_INFO].value)
+        if pa.DEVICE_INFO in module.operation.attributes else {},
         "segments": segments,
         "schedule": steps,
         "outputs": outputs,
@@ -384,7 +446,7 @@ def plan_text(module):
 
 
 def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jobs=None, progress=None, iree_extra_flags=(),
-            objective="latency", solver="auto", profiles=(), plans=None, dynamic_dims=()):
+            objective="latency", solver="auto", profiles=(), plans=None, dynamic_dims=(), calibrate=True, verify=True):
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs), torch.export.ExportedProgram, or the path of
@@ -393,27 +455,78 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
     devices        device specs, e.g. ["cpu", "vulkan"] or ["cpu", "cuda@sm_86"]
     plans          several device sets, one placement plan each, in one bundle sharing the weights,
                    e.g. [["cuda", "cpu"], ["vulkan", "cpu"], ["cpu"]]; the runtime runs the fastest
-                   predicted plan whose devices it finds (replaces `devices`)
+                   plan whose devices it finds (replaces `devices`)
     output         bundle path (default: <ModelClass>.pab in the current directory)
     pins           ["PATTERN=DEVICE", ...]: op names or module path prefixes forced onto a device
     objective      latency | throughput | cost | energy | "latency:1,energy:0.5" (see passes/assign_devices.py)
     solver         auto | brute | chain-dp | mincut | heft
-    profiles       device profile JSON files (polyarch calibrate); default: built-in spec-sheet profiles
+    profiles       device profile JSON files (polyarch calibrate); a device without one is priced by
+                   its measured profile cached on this host (compiler/measured.py), else by its built-in
+                   spec-sheet profile if this host lacks it
+    calibrate      True: a device of this host with no cached profile is calibrated now (quick suite,
+                   about 15 s a device here) and the result cached; False: estimates instead
+    verify         True: every plan whose devices this host has is run on the example inputs and checked
+                   (each off-CPU segment against the same segment on llvm-cpu, the whole against
+                   PyTorch eager) and timed; ops measured wrong are kept off their device (and
+                   remembered for this device), the measured times correct the cost model, and the
+                   model is re-planned until the plan stops changing (at most MAX_ROUNDS compiles).
+                   A bundle known to be wrong is never written. False: cross-compiles.
     jobs           parallel iree-compile processes (default: one per core)
     progress       callable(str) for progress lines; True prints them to stderr
     dynamic_dims   ["INPUT:DIM[:MAX]", ...]: dimensions that stay dynamic (nn.Module only), e.g.
                    ["input0:0:64"]: the bundle then takes any size from 1 to MAX (default 1024) there;
                    costs are predicted at the example's size
     """
+    from .importer import import_model
+
     if progress is True:
         progress = _stderr_progress
     progress = progress or _quiet
     t0 = time.time()
-    modules, sig = plan_many(model, example_inputs, plans or [devices], pins=pins, progress=progress,
-                             objective=objective, solver=solver, profiles=profiles, dynamic_dims=dynamic_dims)
     output = output or f"{_model_name(model)}.pab"
-    manifest = build_bundle(modules, sig, output, jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
+    sets = _device_sets(plans or [devices])
+    t = time.time()
+    base, sig = import_model(model, example_inputs, dynamic_dims)
+    progress(f"imported {_model_name(model)} into the torch dialect in {time.time() - t:.1f}s")
+    for desc in dynamic_summary(sig):
+        progress(desc)
+    priced = price_devices(sets, profiles, calibrate, progress)
+    with tempfile.TemporaryDirectory(prefix="polyarch-rounds-") as tmp:
+        if verify:
+            from . import grounding
+
+            path, manifest = grounding.ground(model, example_inputs, base, sig, sets, pins, objective, solver, priced,
+                                              tmp, jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
+        else:
+            path = os.path.join(tmp, "bundle.pab")
+            manifest = build_bundle(partition(base, sets, pins, progress, objective, solver, priced), sig, path,
+                                    jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
+            for p in manifest["plans"]:
+                p["verification"] = {"status": "not verified (verify=False / --no-verify)"}
+        rewrite_bundle(path, output, manifest)
     size = os.path.getsize(output)
     segs = sum(len(p["segments"]) for p in manifest["plans"])
     progress(f"wrote {output} ({size / 1e6:.1f} MB, {len(manifest['plans'])} plan(s), {segs} segments) in {time.time() - t0:.1f}s")
     return output
+
+
+def rewrite_bundle(src, dst, manifest):
+    """Write the bundle at `src` to `dst` with a new manifest (members unchanged, streamed)."""
+    import shutil
+    import zipfile
+
+    from ..runtime.bundle import MANIFEST
+    from .bundle import write_bundle
+
+    with tempfile.TemporaryDirectory(prefix="polyarch-pack-", dir=os.path.dirname(os.path.abspath(src))) as tmp:
+        members = {}
+        with zipfile.ZipFile(src) as zf:
+            for i, name in enumerate(zf.namelist()):
+                if name == MANIFEST:
+                    continue
+                path = os.path.join(tmp, str(i))
+                with zf.open(name) as f, open(path, "wb") as out:
+                    shutil.copyfileobj(f, out, 64 << 20)
+                members[name] = path
+        keep = {k: v for k, v in manifest.items() if k not in ("members", "format", "schema_version")}
+        write_bundle(dst, keep, members)

@@ -192,20 +192,27 @@ def load_all(paths):
     return out
 
 
+def match(spec, given):
+    """The given profile that best describes a device spec (same name, then same kind and
+    arch, then same kind), or None."""
+    s = DeviceSpec.parse(spec)
+    best, rank = None, 0
+    for p in given:
+        ps = DeviceSpec.parse(p.device)
+        r = 3 if ps == s else 2 if (ps.kind, ps.arch) == (s.kind, s.arch) else 1 if ps.kind == s.kind else 0
+        if r > rank:
+            best, rank = p, r
+    return best
+
+
 def resolve(specs, profiles=()):
-    """{spec name: DeviceProfile} for each target: the given profile whose device matches
-    best (same name, then same kind and arch, then same kind), else the built-in one."""
+    """{spec name: DeviceProfile} for each target: the given profile that matches it best
+    (see match), else the built-in one."""
     given = load_all(profiles)
     out = {}
     for s in specs:
         s = DeviceSpec.parse(s)
-        best, rank = None, 0
-        for p in given:
-            ps = DeviceSpec.parse(p.device)
-            r = 3 if ps == s else 2 if (ps.kind, ps.arch) == (s.kind, s.arch) else 1 if ps.kind == s.kind else 0
-            if r > rank:
-                best, rank = p, r
-        out[s.name] = best or replace(BUILTIN[s.kind], device=s.name)
+        out[s.name] = match(s, given) or replace(BUILTIN[s.kind], device=s.name)
     return out
 
 

@@ -14,6 +14,8 @@ Module attributes:
   polyarch.profiles  {<device> = "profile name"}                     annotate-costs{devices=...}
   polyarch.plan      {algorithm, objective, predicted_us, bottleneck_us,
                       cost_usd_per_1m, energy_j, transfer_bytes}      assign-devices
+  polyarch.device_info  JSON text: per device its identity on the compiling host (or
+                      null), the profile that priced it and where that came from    driver
 Ops:
   %y = "polyarch.transfer"(%x) {from = "vulkan", to = "cpu"} : (T) -> T'
        Moves a tensor between two devices ("host" for @main's inputs); only in @main
@@ -36,6 +38,7 @@ PIN = "polyarch.pin"
 DEVICES = "polyarch.devices"
 PLAN = "polyarch.plan"
 PROFILES = "polyarch.profiles"
+DEVICE_INFO = "polyarch.device_info"
 TRANSFER = "polyarch.transfer"
 HOST = "host"
 

@@ -26,7 +26,7 @@ PASSES = {
     )
 }
 
-LIST_OPTIONS = {"pin", "profile"}
+LIST_OPTIONS = {"pin", "profile", "verdicts"}
 
 
 def parse_pipeline(text):

@@ -5,6 +5,9 @@ Options:
   devices=cpu,vulkan        devices to predict times for (none: costs only)
   profile=FILE.json         (repeatable) device profiles; devices without one use the
                             built-in spec-sheet profile of their kind (compiler/profiles.py)
+  verdicts=FILE.json        (repeatable) what was measured on a device (compiler/verify.py):
+                            its "corrections" {matmul|conv|other: factor} multiply the
+                            predicted times of ops of that class there
 
     polyarch.cost = {bytes_read = R : i64, bytes_written = W : i64, flops = F : i64}
     polyarch.time_us = {cpu = T0 : f64, vulkan = T1 : f64}
@@ -19,9 +22,10 @@ operands (weights included), bytes_written the tensor results. Views cost nothin
 gathers (embedding, index) read only the rows they fetch."""
 
 from ..dialects import polyarch as pa
-from .common import main_func, placeable_ops, tensor_bytes
+from .common import load_verdicts, main_func, placeable_ops, tensor_bytes
 
-OPTIONS = {"devices": "comma-separated device specs", "profile": "device profile JSON file (repeatable)"}
+OPTIONS = {"devices": "comma-separated device specs", "profile": "device profile JSON file (repeatable)",
+           "verdicts": "measured corrections JSON file (repeatable)"}
 
 VIEWS = {
     "view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "flatten", "expand", "broadcast_to",
@@ -144,7 +148,7 @@ def result_element_type(op):
     return "f32"
 
 
-def run(module, devices=(), profile=()):
+def run(module, devices=(), profile=(), verdicts=()):
     from torch_mlir import ir
 
     from ..compiler import profiles as P
@@ -154,8 +158,11 @@ def run(module, devices=(), profile=()):
         devices = [d for d in devices.split(",") if d]
     if isinstance(profile, str):
         profile = [profile]
+    if isinstance(verdicts, (str, dict)):
+        verdicts = [verdicts]
     specs = parse_devices(devices) if devices else []
     resolved = P.resolve(specs, profile)
+    corrections = {d: v["corrections"] for d, v in load_verdicts(verdicts).items()}
     i64 = ir.IntegerType.get_signless(64)
     f64 = ir.F64Type.get()
     for op in placeable_ops(main_func(module)):
@@ -165,10 +172,18 @@ def run(module, devices=(), profile=()):
         )
         if specs:
             op.attributes[pa.TIME_US] = ir.DictAttr.get(
-                {name: ir.FloatAttr.get(f64, round(op_seconds(op, p) * 1e6, 4)) for name, p in resolved.items()}
+                {name: ir.FloatAttr.get(f64, round(op_seconds(op, p) * correction(op, corrections.get(name)) * 1e6, 4))
+                 for name, p in resolved.items()}
             )
     if specs:
         module.operation.attributes[pa.PROFILES] = ir.DictAttr.get({name: ir.StringAttr.get(p.name) for name, p in resolved.items()})
+
+
+def correction(op, factors):
+    """The measured correction of an op's predicted time on a device: factors[class]."""
+    if not factors:
+        return 1.0
+    return float(factors.get(op_class(op) or "other", 1.0))
 
 
 def cost_of(op):

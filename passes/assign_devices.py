@@ -11,6 +11,11 @@ Options:
                             relative to its best single-device plan)
   solver=auto               auto, brute, chain-dp, mincut or heft (passes/solver.py)
   profile=FILE.json         (repeatable) device profiles, as for annotate-costs
+  verdicts=FILE.json        (repeatable) what was measured on a device (compiler/verify.py):
+                            ops whose fingerprint is in its "wrong_ops" never go there
+                            (they were measured wrong on it); "corrections" as for
+                            annotate-costs, and "transfer" multiplies the time of
+                            moving a tensor to or from the device
 
 Per-op device times come from annotate-costs (polyarch.time_us; computed here with
 the same profiles if absent). An op a device cannot run (e.g. i64 tensors on default
@@ -30,8 +35,9 @@ from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..runtime.devices import parse_devices
 from . import solver as S
-from .annotate_costs import op_seconds
-from .common import body_ops, describe, main_func, module_path, remat_set, tensor_bytes, element_types
+from .annotate_costs import correction, op_seconds
+from .common import (body_ops, describe, element_types, load_verdicts, main_func, module_path, op_fingerprint, remat_set,
+                     tensor_bytes)
 
 OPTIONS = {
     "devices": "comma-separated device specs",
@@ -39,6 +45,7 @@ OPTIONS = {
     "objective": "latency | throughput | cost | energy | NAME:WEIGHT,NAME:WEIGHT",
     "solver": "auto | brute | chain-dp | mincut | heft",
     "profile": "device profile JSON file (repeatable)",
+    "verdicts": "measured verdicts JSON file (repeatable)",
 }
 
 INF = math.inf
@@ -157,7 +164,7 @@ def support_reason(op, spec, remat):
     return unsupported_reason(spec, ets, op.operation.name, in_ets)
 
 
-def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", profile=()):
+def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", profile=(), verdicts=()):
     from torch_mlir import ir
 
     if isinstance(devices, str):
@@ -166,6 +173,9 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
         pin = [pin]
     if isinstance(profile, str):
         profile = [profile]
+    if isinstance(verdicts, (str, dict)):
+        verdicts = [verdicts]
+    measured = load_verdicts(verdicts)
     weights = parse_objective(objective)
     if solver not in ("auto", *S.ALGORITHMS) or solver == "one":
         raise PolyarchError(f"unknown solver '{solver}'", fix="use auto, brute, chain-dp, mincut or heft")
@@ -186,16 +196,20 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
     for i, op in enumerate(placed):
         dev_pin, pin_why = _pin_of(op, pins)
         given = op.attributes[pa.TIME_US] if pa.TIME_US in op.attributes else None
+        fingerprint = op_fingerprint(op) if measured else None
         for j, s in enumerate(specs):
             reason = support_reason(op, s, remat)
-            if reason:
+            wrong = measured.get(s.name, {}).get("wrong_ops", {}).get(fingerprint)
+            if wrong:
+                times[i][j], why_not[i][j] = INF, f"{s.name} cannot run it: {wrong.get('reason', 'measured wrong there')}"
+            elif reason:
                 times[i][j], why_not[i][j] = INF, f"{s.name} cannot run it: {reason}"
             elif dev_pin is not None and dev_pin != s.name:
                 times[i][j], why_not[i][j] = INF, pin_why
             elif given is not None and s.name in given:
                 times[i][j] = given[s.name].value * 1e-6
             else:
-                times[i][j] = op_seconds(op, profs[s.name])
+                times[i][j] = op_seconds(op, profs[s.name]) * correction(op, measured.get(s.name, {}).get("corrections"))
         if dev_pin is not None and dev_pin in names and times[i][names.index(dev_pin)] == INF:
             raise PolyarchError(
                 f"{describe(op)} is pinned to {dev_pin}, which cannot run it ({why_not[i][names.index(dev_pin)]})",
@@ -243,12 +257,16 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
     host_prof = P.host_profile(profs)
     locs = [profs[nm] for nm in names] + [host_prof]
 
+    # measured corrections of transfer time (compiler/grounding.py), per device; 1 for the host
+    tcorr = [float(measured.get(nm, {}).get("corrections", {}).get("transfer", 1.0)) for nm in names] + [1.0]
+
     def link(a, b, nbytes):
         # A tensor moved to a device also means a segment call there: its call overhead
         # (submit + wait) is charged with the transfer.
         pa_, pb_ = (None if a == host else locs[a]), (None if b == host else locs[b])
         t = link_time(pa_, pb_, nbytes)
-        return t + locs[b].call_s if (a != b and nbytes and b < D) else t
+        t = t + locs[b].call_s if (a != b and nbytes and b < D) else t
+        return t * max(tcorr[a], tcorr[b])
 
     problem = S.Problem(
         devices=names, comp=times, values=values, link=link, host=host,

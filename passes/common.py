@@ -120,3 +120,57 @@ def element_types(op):
         if info:
             ts.add(info[1])
     return ts
+
+
+def _constant_value(value):
+    """The Python-ish text of a constant scalar or list operand (torch.constant.*,
+    torch.prim.ListConstruct of constants), or None."""
+    owner = value.owner
+    if not hasattr(owner, "operation"):
+        return None
+    o = owner.operation
+    if o.name.startswith("torch.constant."):
+        return str(o.attributes["value"]) if "value" in o.attributes else o.name.rsplit(".", 1)[1]
+    if o.name == "torch.prim.ListConstruct":
+        items = [_constant_value(v) for v in o.operands]
+        return None if any(i is None for i in items) else "[" + ",".join(items) + "]"
+    return None
+
+
+def op_fingerprint(op):
+    """What makes an op compute what it computes, as one line: its name, its tensor operand
+    and result types and its constant operands (strides, groups, dims...). Two ops with
+    the same fingerprint are the same computation on different data: an op measured wrong
+    on a device is recorded by it (compiler/verify.py) and kept off that device
+    (assign-devices)."""
+    args = []
+    for v in op.operands:
+        if pa.is_tensor(v):
+            args.append(str(v.type))
+        else:
+            c = _constant_value(v)
+            args.append(c if c is not None else str(v.type))
+    results = ",".join(str(r.type) for r in op.results)
+    return f"{op.operation.name}({', '.join(args)}) -> {results}"
+
+
+def load_verdicts(items):
+    """Measured facts about devices, for annotate-costs and assign-devices: each item a dict
+    or the path of a JSON file {"device": NAME, "wrong_ops": {fingerprint: {"reason": ...}},
+    "corrections": {"matmul"|"conv"|"other": factor}}. -> {device: {"wrong_ops", "corrections"}}."""
+    import json
+
+    out = {}
+    for item in items or ():
+        if isinstance(item, str):
+            try:
+                with open(item) as f:
+                    item = json.load(f)
+            except (OSError, ValueError) as e:
+                raise PolyarchError(f"cannot read verdicts file {item}: {e}", fix="give a JSON file as compiler/verify.py writes")
+        if not isinstance(item, dict) or "device" not in item:
+            raise PolyarchError("a verdicts entry needs a 'device'", fix='write {"device": "vulkan", "wrong_ops": {...}}')
+        d = out.setdefault(item["device"], {"wrong_ops": {}, "corrections": {}})
+        d["wrong_ops"].update(item.get("wrong_ops", {}))
+        d["corrections"].update(item.get("corrections", {}))
+    return out

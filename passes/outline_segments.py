@@ -85,27 +85,14 @@ def run(module):
                 raise PolyarchError(f"a non-tensor value crosses into segment {k} ({dev})", fix="report this model to polyarch; glue ops should be rematerialised")
         name = f"seg_{k}"
         widen = not has_narrow_storage(DeviceSpec.parse(dev))
-        in_types = [_boundary_type(ir, v.type, widen) for v in inputs]
-        out_types = [_boundary_type(ir, v.type, widen) for v in outputs]
-        fn = func.FuncOp(name, (in_types, out_types), ip=module_ip)
+        # Clone in original program order (topological): glue may read a member's result
+        # (a size query on a dynamic tensor), so it cannot all go first.
+        fn, in_types, out_types = make_function(ir, name, inputs, outputs, program_order(glue + list(sops), ops), widen,
+                                                module_ip)
         fn.attributes[pa.DEVICE] = ir.StringAttr.get(dev)
         total = sum(op.attributes[pa.TIME_US][dev].value for op in sops if pa.TIME_US in op.attributes)
         fn.attributes[pa.TIME_US] = ir.FloatAttr.get(f64, round(total, 3))
         pa.set_nominal_shapes(ir, fn, inputs, pa.ARG_SHAPES)
-        block = fn.add_entry_block()
-        ip = ir.InsertionPoint(block)
-        mapping = {v: (_convert(ir, a, v.type, ip) if a.type != v.type else a) for v, a in zip(inputs, block.arguments)}
-        # Clone in original program order (topological): glue may read a member's result
-        # (a size query on a dynamic tensor), so it cannot all go first.
-        order = program_order(glue + list(sops), ops)
-        for op in order:
-            new = op.operation.clone(ip=ip)
-            for i, o in enumerate(op.operands):
-                if o in mapping:
-                    new.operands[i] = mapping[o]
-            for old_r, new_r in zip(op.results, new.results):
-                mapping[old_r] = new_r
-        func.ReturnOp([_convert(ir, mapping[v], t, ip) if t != v.type else mapping[v] for v, t in zip(outputs, out_types)], ip=ip)
 
         # In @main: transfers for inputs living elsewhere, then the call.
         args = []
@@ -135,6 +122,30 @@ def run(module):
         term.operands[i] = main_value[v]
     for op in reversed(ops):
         op.operation.erase()
+
+
+def make_function(ir, name, inputs, outputs, order, widen, ip):
+    """func.func @name(inputs) -> outputs at `ip`, its body clones of `order` (ops in program
+    order, glue included), with the boundary types of the device (see _boundary_type).
+    -> (function, input types, output types)."""
+    from torch_mlir.dialects import func
+
+    in_types = [_boundary_type(ir, v.type, widen) for v in inputs]
+    out_types = [_boundary_type(ir, v.type, widen) for v in outputs]
+    fn = func.FuncOp(name, (in_types, out_types), ip=ip)
+    block = fn.add_entry_block()
+    body = ir.InsertionPoint(block)
+    mapping = {v: (_convert(ir, a, v.type, body) if a.type != v.type else a) for v, a in zip(inputs, block.arguments)}
+    for op in order:
+        new = op.operation.clone(ip=body)
+        for i, o in enumerate(op.operands):
+            if o in mapping:
+                new.operands[i] = mapping[o]
+        for old_r, new_r in zip(op.results, new.results):
+            mapping[old_r] = new_r
+    func.ReturnOp([_convert(ir, mapping[v], t, body) if t != v.type else mapping[v] for v, t in zip(outputs, out_types)],
+                  ip=body)
+    return fn, in_types, out_types
 
 
 def _needs(ir, sops, remat):

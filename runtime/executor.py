@@ -169,7 +169,8 @@ class Bundle:
         plans = self.manifest["plans"]
         if name is not None and name not in self.plans:
             raise DeviceError(f"the bundle has no plan '{name}'", fix=f"choose one of: {', '.join(self.plans)}")
-        order = sorted(range(len(plans)), key=lambda i: (plans[i].get("plan", {}).get("predicted_us", 0.0), i))
+        # measured times (compile-time verification on the devices at hand) before predictions
+        order = sorted(range(len(plans)), key=lambda i: (plan_time_us(plans[i]), i))
         wanted = plans[self.plans.index(name)] if name is not None else plans[order[0]]
         probed, skipped = {}, []
 
@@ -204,10 +205,12 @@ class Bundle:
             reasons = "; ".join(f"'{p['name']}': {e.what}" for p, e in skipped)
             raise DeviceError(f"no plan of {self.path} can run on this host ({reasons})",
                               fix=getattr(skipped[0][1], "fix", None))
+        which = "measured" if plan.get("measured_us") else "predicted"
         why = "named" if name is not None and plan is wanted else (
-            "the lowest predicted time" if plan is wanted else "the fastest predicted plan whose devices are present")
+            f"the lowest {which} time" if plan is wanted else f"the fastest {which} plan whose devices are present")
         pred = plan.get("plan", {}).get("predicted_us")
-        self.choice = f"plan '{plan['name']}' ({why}" + (f", predicted {pred / 1e3:.3f} ms" if pred else "") + ")"
+        self.choice = f"plan '{plan['name']}' ({why}" + (f", predicted {pred / 1e3:.3f} ms" if pred else "") + (
+            f", measured {plan['measured_us'] / 1e3:.3f} ms when compiled" if plan.get("measured_us") else "") + ")"
         if skipped:
             self.choice += "; skipped " + "; ".join(f"'{p['name']}' ({e.what})" for p, e in skipped)
             log.warning("%s: %s", self.path, self.choice)
@@ -458,6 +461,11 @@ def pipelined(submit, collect, requests, depth):
             yield collect(window.popleft())
     while window:
         yield collect(window.popleft())
+
+
+def plan_time_us(plan):
+    """A plan's expected time per call: measured at compile time where it was, else predicted."""
+    return plan.get("measured_us") or plan.get("plan", {}).get("predicted_us", 0.0)
 
 
 def _kind(device_name):

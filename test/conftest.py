@@ -1,9 +1,12 @@
 import os
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One measurement cache per test session (profiles calibrated once, ops measured wrong), never the user's.
+os.environ["POLYARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="polyarch-test-cache-")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from conftest import ...`

@@ -32,7 +32,9 @@ def test_cnn_onnx_split_cpu_vulkan_matches_onnxruntime(tmp_path, cnn):
     r = cli("compile", path, "-d", "cpu", "-d", "vulkan", "--pin", "torch.aten.convolution=vulkan", "-o", out)
     assert r.returncode == 0, r.stderr
     b = polyarch.runtime.load(out)
-    assert {s["device"] for s in b.plan["segments"]} == {"cpu", "vulkan"}
+    # the convolutions on vulkan; the rest wherever measurement put it (moving tensors off lavapipe is slow)
+    assert "vulkan" in {s["device"] for s in b.plan["segments"]}
+    assert b.plan["verification"]["status"] == "verified"
     xs = x[0].numpy()
     np.testing.assert_allclose(b(xs), ort(path, {"x": xs}), atol=ATOL, rtol=0)
 

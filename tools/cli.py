@@ -116,8 +116,13 @@ _model_options = [
                       "DP on chains, min-cut for two devices) and HEFT-style list scheduling + local search "
                       "otherwise; the plan says which was used."),
     click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), metavar="FILE.json",
-                 help="Device profile(s) from `polyarch calibrate` (or written by hand, see compiler/profiles.py). "
-                      "Devices without one use the built-in spec-sheet profile of their kind. Repeatable."),
+                 help="Device profile(s) from `polyarch calibrate -o` (or written by hand, see compiler/profiles.py). "
+                      "Without one, a device this host has is priced by its measured profile (cached per user by "
+                      "`polyarch calibrate`, or measured now), a device it lacks by its built-in spec sheet. Repeatable."),
+    click.option("--no-calibrate", "no_calibrate", is_flag=True,
+                 help="Do not calibrate a present device that has no cached profile (about 15 s a device): price it "
+                      "by an estimate instead (a software Vulkan such as lavapipe by a CPU-emulation estimate, never "
+                      "a GPU's spec sheet)."),
 ]
 
 
@@ -164,15 +169,30 @@ def cli():
 @click.option("--depfile", type=click.Path(dir_okay=False), metavar="FILE.d",
               help="Also write a Makefile-style depfile: the bundle depends on the model file, the local Python "
                    "modules it imports and the profiles (CMake's polyarch_add_bundle uses it).")
+@click.option("--no-verify", "no_verify", is_flag=True,
+              help="Do not run the compiled plan here: no check against llvm-cpu and PyTorch eager, no measured "
+                   "re-planning (for cross-compiles; by default a device this host lacks is not verified anyway).")
 @click.option("--plans", "plans", multiple=True, metavar="SPEC,SPEC,...",
               help="One placement plan per device set, repeatable, all in one bundle sharing one copy of the "
                    "weights (replaces --device). At load the runtime runs the fastest predicted plan whose "
                    "devices it finds, or the one named with `polyarch run --plan` (`--strict`: no fallback).")
-def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, output, jobs, quiet, depfile, plans):
+def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, no_calibrate, output, jobs, quiet,
+            depfile, no_verify, plans):
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
     whatever the number of segments or plans that use them.
+
+    Plans are grounded in the devices at hand: each device this host has is
+    identified and priced by its measured profile (calibrated once, then
+    cached); after compiling, each plan runs on the example inputs, every
+    off-CPU segment is checked against the same segment on llvm-cpu and the
+    whole against PyTorch eager. Ops that compute wrong on a device are kept
+    off it (remembered for that device), measured times correct the cost
+    model, and the model is re-planned until the plan stops changing. A plan
+    over several devices that is slower than the CPU alone is replaced by the
+    CPU alone (unless --pin asks otherwise). A bundle known to be wrong is
+    never written.
 
     \b
     Examples:
@@ -197,7 +217,8 @@ def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profi
             raise PolyarchError("--plans and --device both given", fix="give the device sets with --plans only")
         device_sets = [[d.strip() for d in p.split(",") if d.strip()] for p in plans] or None
         do_compile(m, ex, devices=_devices(devices, profiles), output=output, pins=pins, jobs=jobs, progress=progress,
-                   objective=objective, solver=solver, profiles=profiles, plans=device_sets, dynamic_dims=dynamic_dims)
+                   objective=objective, solver=solver, profiles=profiles, plans=device_sets, dynamic_dims=dynamic_dims,
+                   calibrate=not no_calibrate, verify=not no_verify)
         if depfile:
             _write_depfile(depfile, output, [model.partition(":")[0], *sorted(local), *profiles])
     except PolyarchError as e:
@@ -217,8 +238,8 @@ def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profi
 @click.option("--requests", type=int, default=None, metavar="N",
               help="Simulate N calls in the timeline (default: 1; 4 for the throughput objective, pipelined).")
 @click.option("--mlir", "mlir_out", type=click.Path(dir_okay=False), help="Also write the partitioned module here.")
-def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, explain, show_ops, trace_out, gantt_out,
-         requests, mlir_out):
+def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, no_calibrate, explain, show_ops, trace_out,
+         gantt_out, requests, mlir_out):
     """Show where each part of MODEL would run, without compiling.
 
     With --profile files for devices this host does not have, this simulates a
@@ -230,18 +251,23 @@ def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles
       polyarch plan examples/minilm.py --profile profile.json --objective energy
       polyarch plan examples/minilm.py --profile h100.json --profile cpu.json --trace t.json --gantt t.png
     """
-    from ..compiler.driver import plan as do_plan, plan_text
+    from ..compiler.driver import describe_identity, plan as do_plan, plan_text
     from ..compiler import simulate
 
     try:
         m, ns = _load_model(model)
         ex = _example_inputs(inputs, ns)
         devs = _devices(devices, profiles)
+        details = {}
+        progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
         module, sig = do_plan(m, ex, devices=devs, pins=pins, objective=objective, solver=solver, profiles=profiles,
-                              dynamic_dims=dynamic_dims)
-        report = simulate.explain(module, profiles)
+                              dynamic_dims=dynamic_dims, calibrate=not no_calibrate, details=details, progress=progress)
+        report = simulate.explain(module, details["profiles"])
         for line in report.lines(explain=explain, ops=show_ops):
             click.echo(line)
+        if explain:
+            for d, info in details["devices"].items():
+                click.echo(f"device {d}: {describe_identity(info['identity'])}; priced by {info['profile']} ({info['source']})")
         if trace_out or gantt_out:
             n = requests or (4 if report.objective == "throughput" else 1)
             events = simulate.timeline(report, requests=n)
@@ -386,12 +412,18 @@ def inspect(bundle, as_json, show_ops):
         click.echo("  weights: inline in each module")
     for plan in m["plans"]:
         p = plan.get("plan", {})
+        measured = f", measured {plan['measured_us'] / 1000:.3f} ms when compiled" if plan.get("measured_us") else ""
         click.echo(f"  plan '{plan['name']}' over {', '.join(plan['devices'])}: {p.get('objective', '?')} ({p.get('algorithm', '?')}); "
-                   f"predicted {p.get('predicted_us', 0) / 1000:.3f} ms, {p.get('transfer_bytes', 0) / 1e6:.3f} MB transferred")
+                   f"predicted {p.get('predicted_us', 0) / 1000:.3f} ms{measured}, {p.get('transfer_bytes', 0) / 1e6:.3f} MB transferred")
+        for line in _device_lines(plan):
+            click.echo(f"    {line}")
+        for line in _verification_lines(plan.get("verification")):
+            click.echo(f"    {line}")
         for s in plan["segments"]:
             size = m["members"][s["member"]]["size"]
             nparams = len(s.get("parameters", {}).get("keys", {}))
-            click.echo(f"    {s['name']:8s} {s['device']:10s} {s['ops']:5d} ops  predicted {s['predicted_us'] / 1000:8.3f} ms  "
+            got = f"  measured {s['measured_us'] / 1000:8.3f} ms" if s.get("measured_us") else ""
+            click.echo(f"    {s['name']:8s} {s['device']:10s} {s['ops']:5d} ops  predicted {s['predicted_us'] / 1000:8.3f} ms{got}  "
                        f"{size / 1e6:8.2f} MB  {nparams:3d} params  {s['member']}")
             if show_ops:
                 for op in s.get("op_list", []):
@@ -402,6 +434,43 @@ def inspect(bundle, as_json, show_ops):
             click.echo(f"    transfers: {len(transfers)}, {sum(t['bytes'] for t in transfers) / 1e6:.3f} MB per call")
     total = sum(v["size"] for v in m["members"].values())
     click.echo(f"  members: {len(m['members'])}, {total / 1e6:.2f} MB, all SHA-256 verified")
+
+
+def _device_lines(plan):
+    from ..compiler.driver import describe_identity
+
+    for d, info in plan.get("device_info", {}).items():
+        yield (f"device {d}: {describe_identity(info.get('identity')) if info.get('identity') else 'not on the compiling host'}"
+               f"; priced by {info.get('profile')} ({info.get('source')})")
+
+
+def _verification_lines(v):
+    if not v:
+        yield "verification: none recorded (bundle made before polyarch verified plans)"
+        return
+    status = v.get("status", "?")
+    line = f"verification: {status}" + (f" against {v['against']}" if v.get("against") else "")
+    whole = v.get("whole")
+    if whole:
+        line += f"; max error {whole['max_rel_error']:.2e} of the largest output vs {whole['against']} (tolerance {whole['tolerance']:g})"
+    yield line
+    for name, seg in v.get("segments", {}).items():
+        if "max_rel_error" in seg:
+            yield f"  {name} on {seg['device']}: max error {seg['max_rel_error']:.2e} vs llvm-cpu"
+    rounds = v.get("rounds", [])
+    for r in rounds:
+        parts = [f"{n}: {'/'.join(e['segments'])} {e['status']}"
+                 + (f", measured {e['measured_us'] / 1000:.3f} ms" if e.get("measured_us") else "")
+                 + f", predicted {e['predicted_us'] / 1000:.3f} ms" for n, e in r["plans"].items()]
+        yield f"  round {r['round']}: " + "; ".join(parts)
+        for w in r.get("wrong_ops", []):
+            yield f"    measured wrong, moved off its device: {w}"
+    single = v.get("single_device")
+    if single and single.get("replaced"):
+        yield (f"  {single['device']} alone measured {single['measured_us'] / 1000:.3f} ms, faster than "
+               f"{'+'.join(single['replaced']['devices'])} ({single['replaced']['measured_us'] / 1000:.3f} ms): runs on {single['device']} alone")
+    elif single:
+        yield f"  {single['device']} alone measured {(single.get('measured_us') or 0) / 1000:.3f} ms (slower; the split is kept)"
 
 
 @cli.command()
@@ -424,18 +493,29 @@ def calibrate(devices, output, quick, like, kernels):
     (launch and call overhead) and a host<->device transfer sweep (link
     bandwidth and latency). Takes 10-60 s per device.
 
+    The profiles are also stored in this user's cache ($POLYARCH_CACHE_DIR, else
+    $XDG_CACHE_HOME/polyarch, else ~/.cache/polyarch), keyed by the device's identity
+    and the IREE version: `compile` and `plan` then use them without --profile.
+
     \b
     Examples:
       polyarch calibrate --device cpu --device vulkan -o profile.json
       polyarch plan examples/minilm.py --profile profile.json --explain
       polyarch compile examples/minilm.py --profile profile.json -o m.pab
     """
-    from ..compiler import calibrate as C, profiles as P
+    from ..compiler import calibrate as C, measured as M, profiles as P
+    from ..runtime.identity import identify
 
     try:
         progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
         profs = C.calibrate(list(devices), like=list(like) or None, progress=progress, quick=quick, kernels=kernels)
         P.save(output, profs)
+        cached = []
+        for d, prof in zip(devices, profs):
+            ident = identify(d)
+            if ident is not None:
+                M.store_profile(ident, prof)
+                cached.append(d)
     except PolyarchError as e:
         _fail(e)
     for p in profs:
@@ -443,6 +523,8 @@ def calibrate(devices, output, quick, like, kernels):
                    f"call {p.call_s * 1e6:.1f} us, dispatch {p.launch_s * 1e6:.2f} us, "
                    f"link {p.link_bw / 1e9:.2f} GB/s + {p.link_latency_s * 1e6:.1f} us")
     click.echo(f"wrote {output}")
+    if cached:
+        click.echo(f"cached for compile and plan (used without --profile): {', '.join(cached)} in {M.cache_dir()}")
 
 
 def main():

@@ -1,0 +1,276 @@
+"""Plans grounded in the devices at hand: compile, verify, measure, re-plan.
+
+    round k: partition (profiles + what was measured so far) -> compile -> verify and time
+             every plan (compiler/verify.py)
+             - ops measured wrong: recorded as verdicts for that device identity (cached,
+               so the next compile avoids them at once), re-plan, recompile
+             - all right: the measured segment times correct the cost model per device and
+               op class; re-plan; stop when the plan no longer changes (or MAX_ROUNDS)
+    then     a plan that uses several devices is measured against the same model on the
+             CPU alone; if the CPU alone is faster, the plan runs on the CPU alone (adding a
+             device never makes a model slower). Not done where the user pinned ops.
+
+The result is the fastest verified round; a bundle known to be wrong is never returned."""
+
+import os
+
+import numpy as np
+
+from ..errors import PolyarchError
+from . import measured
+from .verify import verify_plan
+
+MAX_ROUNDS = 4
+# a plan on one device replaces a multi-device one when faster by more than this factor
+SINGLE_MARGIN = 1.02
+CORRECTION_RANGE = (1e-3, 1e4)
+# segments shorter than this (measured) do not correct op classes: the runtime's own
+# per-segment overhead (~0.05-0.1 ms in Python here) would swamp their ops
+MIN_SEGMENT_US = 300.0
+
+
+def example_arrays(example_inputs, sig):
+    """The example inputs as numpy arrays; for inputs given only as shapes (ONNX), zeros for
+    integers (a valid index for any table) and a fixed normal sample for floats."""
+    out = []
+    rng = np.random.default_rng(0)
+    for i, spec in enumerate(sig["inputs"]):
+        x = example_inputs[i] if i < len(example_inputs or ()) else None
+        if x is not None and not isinstance(x, str):
+            out.append(np.ascontiguousarray(x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)))
+            continue
+        dt = np.dtype(spec["dtype"])
+        if dt.kind in "biu":
+            out.append(np.zeros(spec["shape"], dt))
+        else:
+            out.append(rng.standard_normal(spec["shape"]).astype(dt))
+    return out
+
+
+def eager_outputs(model, inputs):
+    """PyTorch's own outputs on the example inputs (a list of arrays), or None when the
+    model is not at hand as PyTorch (an ONNX file)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if not isinstance(model, torch.nn.Module):
+        return None
+    from torch.utils import _pytree
+
+    with torch.no_grad():
+        out = model(*[torch.from_numpy(np.array(x)) for x in inputs])
+    return [t.detach().cpu().numpy() for t in _pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _placement(modules):
+    """What identifies a plan: every segment's device and op count, per plan."""
+    from .driver import segments_of
+    from ..passes.common import body_ops
+    from ..dialects import polyarch as pa
+
+    key = []
+    for name, module in modules:
+        for seg, device, fn in segments_of(module):
+            key.append((name, device, tuple(op.operation.name for op in body_ops(fn)[0] if pa.DEVICE in op.attributes)))
+    return tuple(key)
+
+
+def _record_wrong(priced, record, progress):
+    """Culprits of a wrong plan -> verdicts (in this compile and in the per-host cache)."""
+    n = 0
+    for c in record["culprits"]:
+        device = record["segments"][c["segment"]]["device"]
+        ident = priced["devices"][device]["identity"]
+        err = "no single op wrong alone (fused code)" if c.get("fused") else f"max error {c['max_rel_error']:.2g} of max output"
+        reason = (f"measured wrong on {device} ({ident['name'] if ident else device}): {err} against llvm-cpu; "
+                  f"IREE {measured.iree_version()}")
+        wrong = priced["verdicts"][device]["wrong_ops"]
+        if c["fingerprint"] not in wrong:
+            n += 1
+        wrong[c["fingerprint"]] = {"op": c["op"], "path": c["path"], "reason": reason, "error": c["max_rel_error"],
+                                   "date": measured.now()}
+        if ident:  # a fact about the device, whatever profile priced it
+            cached = measured.load_verdicts(ident)
+            cached["wrong_ops"][c["fingerprint"]] = wrong[c["fingerprint"]]
+            measured.store_verdicts(ident, cached)
+    progress(f"{n} op kind(s) measured wrong; re-planning without them there")
+    return n
+
+
+def _update_corrections(priced, plan_manifest, record):
+    """Per device and op class, measured / predicted over the plan's segments (time-weighted),
+    folded into the corrections the next partition uses (and the per-host cache)."""
+    profs = {p.device: p for p in priced["profiles"]}
+    acc = {}
+    for seg in plan_manifest["segments"]:
+        got = record["segments"].get(seg["name"], {}).get("measured_us")
+        pred = seg["predicted_us"]
+        if not got or pred <= 0 or got < MIN_SEGMENT_US:
+            continue  # a short segment measures the runtime's overhead more than its ops
+        call_us = profs[seg["device"]].call_s * 1e6 if seg["device"] in profs else 0.0
+        ratio = max(got - call_us, 0.1 * got) / pred
+        for op in seg["op_list"]:
+            klass = _klass(op["op"])
+            w = op["predicted_us"]
+            a = acc.setdefault(seg["device"], {}).setdefault(klass, [0.0, 0.0])
+            a[0] += w * ratio
+            a[1] += w
+    # What the segments do not explain (moving tensors, waiting on devices) against what the
+    # plan predicted for its transfers: the "transfer" correction of the devices off the CPU.
+    seg_meas = sum(record["segments"].get(s["name"], {}).get("measured_us") or 0.0 for s in plan_manifest["segments"])
+    seg_pred = sum(s["predicted_us"] for s in plan_manifest["segments"])
+    pred_rest = plan_manifest["plan"]["predicted_us"] - seg_pred
+    off_cpu = {s["device"] for s in plan_manifest["segments"] if not s["device"].startswith("cpu")}
+    if off_cpu and pred_rest > 0 and record.get("measured_us"):
+        rest = max(record["measured_us"] - seg_meas, 0.0)
+        for device in off_cpu:
+            acc.setdefault(device, {})["transfer"] = [rest, pred_rest]
+    changed = {}
+    for device, classes in acc.items():
+        corr = priced["verdicts"][device]["corrections"]
+        for klass, (num, den) in classes.items():
+            if den <= 0:
+                continue
+            factor = num / den
+            lo, hi = CORRECTION_RANGE
+            corr[klass] = min(hi, max(lo, corr.get(klass, 1.0) * factor))
+            changed.setdefault(device, {})[klass] = round(corr[klass], 4)
+        info = priced["devices"][device]
+        if info["identity"] and info["source"].startswith("measured"):
+            cached = measured.load_verdicts(info["identity"])
+            cached["corrections"] = dict(corr)
+            measured.store_verdicts(info["identity"], cached)
+    return changed
+
+
+def _klass(op_name):
+    from ..passes.annotate_costs import CONVS, MATMULS
+
+    base = op_name.split(".")[2] if op_name.startswith("torch.aten.") else op_name
+    return "conv" if base in CONVS else "matmul" if base in MATMULS else "other"
+
+
+def ground(model, example_inputs, base, sig, sets, pins, objective, solver, priced, tmp, jobs=None, progress=None,
+           extra_flags=()):
+    """The compile loop above. -> (path of the chosen bundle in tmp, its manifest with
+    verification, measured times and the rounds' history)."""
+    from .driver import build_bundle, partition
+
+    progress = progress or (lambda m: None)
+    inputs = example_arrays(example_inputs, sig)
+    expected = eager_outputs(model, inputs)
+    history, best, seen = [], None, set()
+    for rnd in range(1, MAX_ROUNDS + 1):
+        modules = partition(base, sets, pins, progress, objective, solver, priced, keep_base=True)
+        key = _placement(modules)
+        if key in seen:
+            progress(f"round {rnd}: the plan is one already measured; done")
+            break
+        seen.add(key)
+        path = os.path.join(tmp, f"round{rnd}.pab")
+        manifest = build_bundle(modules, sig, path, jobs=jobs, progress=progress, extra_flags=extra_flags)
+        records = {name: verify_plan(module, name, path, inputs, expected, jobs=jobs, progress=progress)
+                   for name, module in modules}
+        wrong = [(n, r) for n, r in records.items() if r["status"] == "wrong"]
+        entry = {"round": rnd, "plans": {}}
+        for p in manifest["plans"]:
+            r = records[p["name"]]
+            entry["plans"][p["name"]] = {"segments": [f"{s['name']}:{s['device']}" for s in p["segments"]],
+                                         "predicted_us": p["plan"]["predicted_us"], "measured_us": r.get("measured_us"),
+                                         "status": r["status"]}
+        history.append(entry)
+        if wrong:
+            found = 0
+            for name, r in wrong:
+                if not r["culprits"]:
+                    w = r.get("whole", {})
+                    raise PolyarchError(
+                        f"plan {name} computes wrong ({w.get('max_rel_error', float('nan')):.2g} of the largest output "
+                        f"against {w.get('against', 'the reference')}) and no device segment is to blame",
+                        fix="the CPU code itself differs from PyTorch: report the model; `--no-verify` writes the "
+                            "bundle anyway")
+                found += _record_wrong(priced, r, progress)
+            entry["wrong_ops"] = [c["describe"] for _, r in wrong for c in r["culprits"]]
+            if not found:
+                raise PolyarchError("verification found the same ops wrong again after re-planning",
+                                    fix="report the model; `--no-verify` skips verification")
+            continue
+        score = sum(r.get("measured_us") or 0.0 for r in records.values())
+        for p in manifest["plans"]:
+            _attach(p, records[p["name"]])
+        if best is None or score < best[0]:
+            best = (score, path, manifest, modules)
+        changed = {}
+        for p in manifest["plans"]:
+            if records[p["name"]].get("measured_us"):
+                changed.update(_update_corrections(priced, p, records[p["name"]]))
+        entry["corrections"] = changed
+        progress(f"round {rnd}: measured " + ", ".join(
+            f"{p['name']} {p.get('measured_us', 0) / 1e3:.3f} ms (predicted {p['plan']['predicted_us'] / 1e3:.3f} ms)"
+            for p in manifest["plans"]) + "; re-planning with the measured times")
+    if best is None:
+        raise PolyarchError(f"no plan verified right within {MAX_ROUNDS} rounds",
+                            fix="compile for cpu alone, or with --no-verify to write an unverified bundle")
+    _, path, manifest, modules = best
+    if not pins:
+        path, manifest, modules = _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs, expected,
+                                                       path, manifest, modules, jobs, progress, extra_flags)
+    # the final prediction: the chosen placement re-costed with every correction measured
+    final = partition(base, sets, pins, lambda m: None, objective, solver, priced, keep_base=True)
+    for p, (_, module) in zip(manifest["plans"], final):
+        if _placement([(p["name"], module)]) == _placement([(p["name"], m) for n, m in modules if n == p["name"]]):
+            from .driver import attr_to_py
+            from ..dialects import polyarch as pa
+
+            p["plan"]["predicted_corrected_us"] = attr_to_py(module.operation.attributes[pa.PLAN])["predicted_us"]
+        p["verification"]["rounds"] = history
+    return path, manifest
+
+
+def _attach(plan, record):
+    """Put a verification record into a plan's manifest entry."""
+    plan["verification"] = {k: v for k, v in record.items() if k not in ("segments", "measured_us")}
+    plan["verification"]["segments"] = {n: {k: v for k, v in s.items() if k != "measured_us"}
+                                        for n, s in record.get("segments", {}).items()}
+    if record.get("measured_us"):
+        plan["measured_us"] = record["measured_us"]
+    for seg in plan["segments"]:
+        got = record.get("segments", {}).get(seg["name"], {}).get("measured_us")
+        if got:
+            seg["measured_us"] = got
+
+
+def _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs, expected, path, manifest,
+                         modules, jobs, progress, extra_flags):
+    """Measure each multi-device plan against the CPU alone; keep the faster (see the module doc)."""
+    from .driver import _device_sets, build_bundle, partition
+
+    if len(sets) != 1:
+        return path, manifest, modules  # several plans: each already competes at load by measured time
+    plan = manifest["plans"][0]
+    used = {s["device"] for s in plan["segments"]}
+    cpu = [s.name for s in sets[0] if s.kind == "cpu"]
+    if len(used) < 2 or not cpu or not plan.get("measured_us"):
+        return path, manifest, modules
+    progress(f"measuring {cpu[0]} alone against the {'+'.join(sorted(used))} plan")
+    single = partition(base, _device_sets([[cpu[0]]]), (), progress, objective, solver, priced, keep_base=True)
+    alt = os.path.join(tmp, "single.pab")
+    alt_manifest = build_bundle([(plan["name"], single[0][1])], sig, alt, jobs=jobs, progress=progress,
+                                extra_flags=extra_flags)
+    rec = verify_plan(single[0][1], plan["name"], alt, inputs, expected, jobs=jobs, progress=progress)
+    multi_us, single_us = plan["measured_us"], rec.get("measured_us")
+    if rec["status"] != "verified" or not single_us or single_us * SINGLE_MARGIN >= multi_us:
+        progress(f"kept the {'+'.join(sorted(used))} plan: {multi_us / 1e3:.3f} ms measured, {cpu[0]} alone "
+                 f"{(single_us or 0) / 1e3:.3f} ms")
+        plan.setdefault("verification", {})["single_device"] = {"device": cpu[0], "measured_us": single_us}
+        return path, manifest, modules
+    progress(f"{cpu[0]} alone measured faster ({single_us / 1e3:.3f} ms) than the {'+'.join(sorted(used))} plan "
+             f"({multi_us / 1e3:.3f} ms): the bundle runs on {cpu[0]} alone")
+    new = alt_manifest["plans"][0]
+    _attach(new, rec)
+    new["verification"]["single_device"] = {"device": cpu[0], "measured_us": single_us,
+                                            "replaced": {"devices": sorted(used), "measured_us": multi_us}}
+    return alt, alt_manifest, single

@@ -1,0 +1,159 @@
+"""What this host has measured about its devices, cached per user and per device identity.
+
+    $POLYARCH_CACHE_DIR, else $XDG_CACHE_HOME/polyarch, else ~/.cache/polyarch
+      profiles/<identity key>-iree<version>.json   the device's profile (polyarch calibrate)
+      verdicts/<identity key>-iree<version>.json   ops measured wrong on the device, and
+                                                   per-op-class corrections of predicted times
+
+The key is the device's identity (runtime/identity.py: name, type, driver and version,
+CPU model and ISA) and the IREE version: another driver, device or IREE release starts
+afresh. `resolve_profiles` is what compile and plan use to price the devices of a plan."""
+
+import datetime
+import json
+import os
+from dataclasses import replace
+
+from ..errors import PolyarchError
+from ..runtime.devices import DeviceSpec
+from ..runtime.identity import describe, identify, is_software
+from . import profiles as P
+
+CACHE_ENV = "POLYARCH_CACHE_DIR"
+VERDICT_SCHEMA = "polyarch-verdicts/1"
+OP_CLASSES = ("matmul", "conv", "other")
+
+
+def cache_dir():
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "polyarch")
+
+
+def iree_version():
+    """The IREE release measurements are valid for: the runtime's (which runs them) and
+    the compiler's (which made the code), when they differ."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    vs = []
+    for pkg in ("iree-base-runtime", "iree-base-compiler"):
+        try:
+            vs.append(version(pkg))
+        except PackageNotFoundError:
+            pass
+    vs = list(dict.fromkeys(vs))
+    return "+".join(vs) or "unknown"
+
+
+def _path(what, ident):
+    return os.path.join(cache_dir(), what, f"{ident['key']}-iree{iree_version()}.json")
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # a damaged cache entry is measured again, not trusted
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_profile(ident):
+    """The cached measured profile of this device, or None."""
+    obj = _read(_path("profiles", ident))
+    if not obj or obj.get("identity", {}).get("key") != ident["key"] or obj.get("iree") != iree_version():
+        return None
+    try:
+        return P.from_json(obj["profile"], f"cached profile {_path('profiles', ident)}")
+    except (PolyarchError, KeyError):
+        return None
+
+
+def store_profile(ident, profile):
+    _write(_path("profiles", ident), {"identity": ident, "iree": iree_version(), "profile": profile.to_json()})
+
+
+def load_verdicts(ident):
+    """{"wrong_ops": {fingerprint: {op, reason, error, date}}, "corrections": {class: factor}}."""
+    obj = _read(_path("verdicts", ident)) if ident else None
+    if not obj or obj.get("schema") != VERDICT_SCHEMA or obj.get("identity") != ident["key"]:
+        return {"wrong_ops": {}, "corrections": {}}
+    return {"wrong_ops": dict(obj.get("wrong_ops", {})), "corrections": dict(obj.get("corrections", {}))}
+
+
+def store_verdicts(ident, verdicts):
+    _write(_path("verdicts", ident), {"schema": VERDICT_SCHEMA, "identity": ident["key"], "iree": iree_version(),
+                                      "device": describe(ident), **verdicts})
+
+
+# A software Vulkan (lavapipe, SwiftShader) priced without calibration: it runs on the
+# host's CPU cores, far slower than they do natively (measured here with lavapipe: matmul
+# ~1-9 GFLOP/s, a call 0.1-8 ms). Never a GPU's spec sheet.
+SOFTWARE_VULKAN = P.DeviceProfile(
+    name="vulkan-cpu-emulation", device="vulkan",
+    peak_flops={"f32": 2e9, "f16": 2e9, "bf16": 2e9, "i8": 2e9},
+    mem_bw=4e9, launch_s=1e-4, call_s=1e-3, mem_capacity=4 * P.GiB,
+    link_bw=2e9, link_latency_s=1e-4, watts=65.0, price_per_hour=0.0, op_efficiency={"conv": 0.1},
+    source="estimate for a Vulkan CPU emulation (lavapipe measured at ~1-9 GFLOP/s, 0.1-8 ms a call); run "
+           "`polyarch calibrate` to measure it",
+)
+
+
+def resolve_profiles(specs, given=(), calibrate=True, progress=None):
+    """Price every device of a compile. -> ([DeviceProfile] in spec order, {device: info}) with
+    info = {"identity": dict or None, "profile": name, "source": how it was chosen}.
+
+    Per device, the first that applies: a --profile file for it; for a device this host
+    has, its cached measured profile, else (calibrate=True) a quick calibration now,
+    stored in the cache; a software Vulkan without either gets SOFTWARE_VULKAN; a device
+    the host lacks gets its built-in spec-sheet profile (cross-compiles, fleet simulation)."""
+    from . import calibrate as C
+
+    progress = progress or (lambda m: None)
+    files = P.load_all(given)
+    out, info = [], {}
+    skipped = []
+    for spec in [DeviceSpec.parse(s) for s in specs]:
+        ident = identify(spec)
+        explicit = P.match(spec, files)
+        if explicit is not None:
+            prof, source = replace(explicit, device=spec.name), "given (--profile)"
+        elif ident is None:
+            prof, source = replace(P.BUILTIN[spec.kind], device=spec.name), "spec sheet (device not on this host)"
+        else:
+            cached = load_profile(ident)
+            if cached is not None:
+                prof, source = replace(cached, device=spec.name), "measured on this host (cached)"
+            elif calibrate:
+                progress(f"{spec.name}: no measured profile for {describe(ident)}; calibrating it (quick suite, "
+                         f"stored in {cache_dir()})")
+                measured = C.calibrate([spec.name], progress=progress, quick=True)[0]
+                store_profile(ident, measured)
+                prof, source = measured, "measured on this host (calibrated now)"
+            elif is_software(ident):
+                prof, source = replace(SOFTWARE_VULKAN, device=spec.name), "CPU-emulation estimate (not calibrated)"
+                skipped.append(spec.name)
+            else:
+                prof, source = replace(P.BUILTIN[spec.kind], device=spec.name), "spec sheet (not calibrated)"
+                skipped.append(spec.name)
+        out.append(prof)
+        info[spec.name] = {"identity": ident, "profile": prof.name, "source": source}
+    if skipped:
+        progress(f"not calibrating {', '.join(skipped)} (--no-calibrate): priced by estimates; measure with "
+                 f"`polyarch calibrate {' '.join('-d ' + s for s in skipped)}`, or compile without --no-calibrate")
+    return out, info
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

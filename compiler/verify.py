@@ -1,0 +1,272 @@
+"""Verify and measure a compiled plan on the devices at hand.
+
+For one plan of a bundle (compiled, not yet delivered):
+1. A reference: the same partitioned module with every segment compiled for llvm-cpu,
+   run on the example inputs; every tensor that crosses a segment boundary is kept.
+2. Each segment whose device is present and not the CPU runs on the reference's inputs
+   and is compared with the reference's outputs (error = max |out - ref| / max |ref|,
+   tolerances by dtype below; integers and booleans must match exactly).
+3. A segment that disagrees is narrowed down to its ops: a probe module returns every
+   intermediate tensor of the segment on llvm-cpu, another holds one function per op for
+   the device; each op runs alone on the reference's values of its operands. Ops out of
+   tolerance are the culprits (if none is wrong alone, a fused kernel is: every op of the
+   segment is then a culprit).
+4. The whole plan runs on the example inputs and is compared with PyTorch eager (when the
+   model is at hand) or the reference; the call and each segment are timed.
+
+Nothing here changes the plan: the driver (compiler/driver.py) turns culprits into
+"measured wrong" verdicts, re-plans and recompiles."""
+
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from ..dialects import polyarch as pa
+from ..runtime.devices import DeviceSpec
+
+# max |out - ref| / max |ref| allowed per dtype; integer and bool tensors must be equal
+TOLERANCE = {"float32": 1e-3, "float64": 1e-3, "float16": 1e-2, "bfloat16": 2e-2}
+
+
+def tolerance(dtype):
+    return TOLERANCE.get(np.dtype(dtype).name if not isinstance(dtype, str) else dtype, 0.0)
+
+
+def rel_error(out, ref):
+    """max |out - ref| / max |ref| (0 for equal tensors; inf where shapes or NaNs differ).
+    Integer and bool tensors: the fraction of elements that differ."""
+    out, ref = np.asarray(out), np.asarray(ref)
+    if out.shape != ref.shape:
+        return float("inf")
+    if ref.dtype.kind in "biu" or out.dtype.kind in "biu":
+        return float(np.mean(out.astype(np.int64) != ref.astype(np.int64))) if ref.size else 0.0
+    o, r = out.astype(np.float64), ref.astype(np.float64)
+    if not np.array_equal(np.isnan(o), np.isnan(r)):
+        return float("inf")
+    finite = ~np.isnan(r)
+    if not finite.any():
+        return 0.0
+    diff = np.abs(o[finite] - r[finite])
+    if np.isinf(diff).any() or np.isnan(diff).any():
+        return float("inf") if not np.array_equal(o[finite], r[finite]) else 0.0
+    scale = max(float(np.abs(r[finite]).max()), 1e-30)
+    return float(diff.max()) / scale
+
+
+def _time_calls(fn, budget_s=2.0, max_reps=20):
+    """Median seconds of fn() after one warm-up call, within about budget_s."""
+    fn()
+    ts, start = [], time.perf_counter()
+    while len(ts) < 3 or (time.perf_counter() - start < budget_s and len(ts) < max_reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+        if ts[-1] > budget_s:
+            break
+    return statistics.median(ts)
+
+
+def reference_module(module):
+    """A copy of a partitioned module whose segments all run on the CPU (the reference)."""
+    from torch_mlir import ir
+
+    from .driver import clone_module, segments_of
+
+    with module.context, ir.Location.unknown():
+        ref = clone_module(module)
+        for _, _, fn in segments_of(ref):
+            fn.attributes[pa.DEVICE] = ir.StringAttr.get("cpu")
+        ref.operation.attributes[pa.DEVICES] = ir.ArrayAttr.get([ir.StringAttr.get("cpu")])
+    return ref
+
+
+def _host_env(bundle, call):
+    from ..runtime.executor import _OnDevice
+
+    return {k: (bundle._to_host(v, call, k) if isinstance(v, _OnDevice) else v) for k, v in call.env.items()}
+
+
+def _run_segment(bundle, step, env_in):
+    """Run one schedule step of a loaded bundle on given host arrays -> (outputs, seconds)."""
+    from ..runtime.executor import _Call
+
+    def once():
+        env = dict(env_in)
+        call = _Call(time.perf_counter(), False)
+        bundle._invoke(step, env, call, True)
+        return [bundle._to_host(env[r], call, r) for r in step["results"]]
+
+    outs = once()
+    return outs, _time_calls(once, budget_s=1.0, max_reps=10)
+
+
+def verify_plan(module, plan_name, bundle_path, inputs, expected, jobs=None, progress=None):
+    """Verify and time one plan of a written bundle. inputs: numpy example inputs;
+    expected: eager outputs (list of arrays) or None. -> record:
+      {"status": "verified" | "wrong" | "not verified: ...", "against": ..., "segments": {name: {...}},
+       "whole": {"max_rel_error", "tolerance", "against"}, "culprits": [...], "measured_us": float}"""
+    from ..runtime.executor import Bundle
+    from ..runtime.identity import identify
+    from .driver import build_bundle, segments_of
+
+    progress = progress or (lambda m: None)
+    segs = segments_of(module)
+    devices = list(dict.fromkeys(d for _, d, _ in segs))
+    missing = [d for d in devices if identify(d) is None]
+    if missing:
+        return {"status": f"not verified: {', '.join(missing)} not on this host"}
+    record = {"status": "verified", "segments": {}, "culprits": []}
+    b = Bundle(bundle_path, plan=plan_name, strict=True)
+    steps = {st["segment"]: st for st in b.plan["schedule"] if st["op"] == "call"}
+    off_cpu = [n for n, d, _ in segs if DeviceSpec.parse(d).kind != "cpu"]
+    with tempfile.TemporaryDirectory(prefix="polyarch-verify-") as tmp:
+        env_ref = None
+        if off_cpu:
+            ref_path = os.path.join(tmp, "reference.pab")
+            build_bundle([(plan_name, reference_module(module))], b.manifest["signature"], ref_path, jobs=jobs,
+                         externalize=False)
+            ref = Bundle(ref_path)
+            env_ref = _host_env(ref, ref._submit(inputs, wait_each=True))
+            record["against"] = "the same segments compiled for llvm-cpu" + (", and PyTorch eager" if expected else "")
+        else:
+            record["against"] = "PyTorch eager" if expected else "nothing (cpu only, no model at hand)"
+        for name, device, fn in segs:
+            if name not in off_cpu:
+                continue
+            step = steps[name]
+            outs, secs = _run_segment(b, step, {a: env_ref[a] for a in step["args"]})
+            errs = [rel_error(o, env_ref[r]) for o, r in zip(outs, step["results"])]
+            tols = [tolerance(env_ref[r].dtype) for r in step["results"]]
+            bad = [i for i, (e, t) in enumerate(zip(errs, tols)) if not e <= t]
+            worst = max(errs, default=0.0)
+            record["segments"][name] = {"device": device, "max_rel_error": worst, "ok": not bad,
+                                        "measured_us": round(secs * 1e6, 3)}
+            progress(f"verify {plan_name}: {name} on {device}: max error {worst:.2e} of max output "
+                     f"({'ok' if not bad else 'WRONG'}), {secs * 1e3:.3f} ms")
+            if bad:
+                record["status"] = "wrong"
+                culprits = locate(module, name, device, [env_ref[a] for a in step["args"]], tmp, progress)
+                record["culprits"].extend(dict(c, segment=name) for c in culprits)
+        if record["status"] == "wrong":
+            return record
+        # The whole plan, end to end, timed per call and per segment.
+        b.trace = True
+        outs = b(*inputs)
+        outs = list(outs) if isinstance(outs, tuple) else [outs]
+        want = expected if expected is not None else (
+            [env_ref[o] for o in b.plan["outputs"]] if env_ref is not None else None)
+        if want is not None:
+            errs = [rel_error(o, w) for o, w in zip(outs, want)]
+            tols = [tolerance(np.asarray(w).dtype) for w in want]
+            worst = max(errs, default=0.0)
+            ok = all(e <= t for e, t in zip(errs, tols))
+            record["whole"] = {"max_rel_error": worst, "tolerance": max(tols, default=0.0), "ok": ok,
+                               "against": "PyTorch eager" if expected is not None else "llvm-cpu reference"}
+            if not ok:
+                record["status"] = "wrong"
+                return record
+        b.events = []
+        seconds = _time_calls(lambda: b(*inputs))
+        per = {}
+        for e in b.events:
+            if e["kind"] == "segment":
+                per.setdefault(e["name"], []).append(e["dur"])
+        for name, _, _ in segs:
+            entry = record["segments"].setdefault(name, {"device": dict((n, d) for n, d, _ in segs)[name]})
+            if per.get(name):
+                entry["measured_us"] = round(statistics.median(per[name]) * 1e6, 3)
+        record["measured_us"] = round(seconds * 1e6, 3)
+    return record
+
+
+def locate(module, seg_name, device, args, tmp, progress=None):
+    """The ops of a segment that compute wrong on `device`, each run alone on reference
+    values of its operands. -> [{"fingerprint", "op", "path", "max_rel_error"}]."""
+    from torch_mlir import ir
+
+    from ..passes.common import body_ops, describe, module_path, op_fingerprint, remat_set
+    from ..passes.outline_segments import _needs, make_function, program_order
+    from ..compiler.targets import has_narrow_storage
+    from .driver import segments_of
+
+    progress = progress or (lambda m: None)
+    fn = next(f for n, _, f in segments_of(module) if n == seg_name)
+    spec = DeviceSpec.parse(device)
+    with module.context, ir.Location.unknown():
+        ops, _ = body_ops(fn)
+        remat = remat_set(fn)
+        computed = [op for op in ops if op.operation not in remat]
+        placed = [op for op in computed if pa.DEVICE in op.attributes and any(pa.is_tensor(r) for r in op.results)]
+        # llvm-cpu: every intermediate tensor of the segment on the segment's inputs
+        trace_vals = [r for op in computed for r in op.results if pa.is_tensor(r)]
+        trace = ir.Module.create()
+        make_function(ir, "trace", list(fn.regions[0].blocks[0].arguments), trace_vals, ops, False,
+                      ir.InsertionPoint(trace.body))
+        # the device: one function per op, its operands as arguments
+        probe = ir.Module.create()
+        probes = []
+        for i, op in enumerate(placed):
+            inputs, glue = _needs(ir, [op], remat)
+            outs = [r for r in op.results if pa.is_tensor(r)]
+            make_function(ir, f"op{i}", inputs, outs, program_order(glue + [op], ops), not has_narrow_storage(spec),
+                          ir.InsertionPoint(probe.body))
+            probes.append((op, inputs, outs))
+        index = {v: k for k, v in enumerate(trace_vals)}
+        arg_index = {a: k for k, a in enumerate(fn.regions[0].blocks[0].arguments)}
+        plan_ops = [(op, [("arg", arg_index[v]) if v in arg_index else ("val", index[v]) for v in inputs],
+                     [index[v] for v in outs], describe(op), module_path(op), op_fingerprint(op), op.operation.name)
+                    for op, inputs, outs in probes]
+    ref_vals = _run_module(trace, DeviceSpec.parse("cpu"), "trace", args, tmp, "trace")[0]
+    dev_calls = [(f"op{i}", [args[k] if src == "arg" else ref_vals[k] for src, k in ins]) for i, (_, ins, *_r) in enumerate(plan_ops)]
+    dev_outs = _run_module(probe, spec, None, dev_calls, tmp, "probe")
+    culprits = []
+    for (op, _, outs, desc, path, fp, name), got in zip(plan_ops, dev_outs):
+        errs = [rel_error(g, ref_vals[k]) for g, k in zip(got, outs)]
+        tol = min(tolerance(ref_vals[k].dtype) for k in outs)
+        worst = max(errs, default=0.0)
+        if not worst <= tol:
+            culprits.append({"fingerprint": fp, "op": name, "path": path, "describe": desc, "max_rel_error": worst})
+            progress(f"verify: {desc} computes wrong on {device} (max error {worst:.2e} of max output)")
+    if not culprits:  # no op is wrong alone: the segment's fused code is; keep all of it off the device
+        progress(f"verify: no op of {seg_name} is wrong alone on {device}; keeping the whole segment off it")
+        culprits = [{"fingerprint": fp, "op": name, "path": path, "describe": desc, "max_rel_error": None,
+                     "fused": True} for _, _, _, desc, path, fp, name in plan_ops]
+    return culprits
+
+
+def _run_module(module, spec, fn_name, calls, tmp, tag):
+    """Compile a probe module for a device and run it. calls: the arguments of `fn_name`,
+    or [(function, arguments)] -> the outputs (list of host arrays), or a list of them."""
+    import iree.runtime as rt
+
+    from ..runtime.executor import create_device, to_host
+    from .driver import _iree_compile_tool, run_iree_compile
+    from .targets import iree_flags
+
+    src, out = os.path.join(tmp, f"{tag}.{spec.kind}.mlirbc"), os.path.join(tmp, f"{tag}.{spec.kind}.vmfb")
+    with module.context:
+        with open(src, "wb") as f:
+            module.operation.write_bytecode(f)
+    r = run_iree_compile([_iree_compile_tool(), src, "--iree-input-type=torch", *iree_flags(spec), "-o", out])
+    if r.returncode:
+        from ..errors import PolyarchError
+
+        raise PolyarchError(f"IREE could not compile a verification probe for {spec.name}: "
+                            f"{(r.stderr.strip().splitlines() or ['?'])[0]}")
+    dev = create_device(spec)
+    ctx = rt.SystemContext(config=rt.Config(device=dev))
+    with open(out, "rb") as f:
+        ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, f.read()))
+    mod = ctx.modules.module
+
+    def call(name, args):
+        res = mod[name](*[rt.asdevicearray(dev, np.ascontiguousarray(a)) for a in args])
+        res = res if isinstance(res, (tuple, list)) else [res]
+        return [to_host(dev, x) for x in res]
+
+    if fn_name is not None:
+        return [call(fn_name, calls)]
+    return [call(name, args) for name, args in calls]

@@ -1,0 +1,213 @@
+"""Plans grounded in the devices at hand: identity, measured profiles (cached), verified
+segments (wrong ops found and planned around), measured re-planning.
+
+Real lavapipe and llvm-cpu throughout. Tolerance against eager: 1e-4 absolute on outputs
+of magnitude ~1 (f32; the verifier's own bar is 1e-3 of the largest output)."""
+
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import polyarch
+from conftest import cli, eager
+from polyarch.compiler import driver, measured, profiles as P
+from polyarch.runtime import identity as I
+
+TOL = 1e-4
+
+
+class Depthwise(torch.nn.Module):
+    """pointwise -> depthwise 3x3 (groups = channels) -> linear head: MobileNet's pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = torch.nn.Conv2d(16, 32, 1)
+        self.dw = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.head = torch.nn.Linear(32 * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.dw(torch.relu(self.pw(x)))).flatten(1))
+
+
+# A spec sheet that flatters Vulkan (as the issue's built-in iGPU sheet did lavapipe): the
+# partitioner then puts everything it may on Vulkan, and only measurement can correct it.
+FLATTERING = replace(P.BUILTIN["vulkan"], peak_flops={"f32": 1e15}, mem_bw=1e13, launch_s=0.0, call_s=0.0,
+                     link_bw=1e12, link_latency_s=0.0)
+
+
+class TanhMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(64, 256)
+        self.b = torch.nn.Linear(256, 8)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _model(cls):
+    torch.manual_seed(0)
+    return cls().eval()
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv(measured.CACHE_ENV, str(d))
+    return d
+
+
+def test_identity_of_this_hosts_devices():
+    cpu = I.identify("cpu")
+    assert cpu["type"] == "cpu" and cpu["cores"] >= 1 and cpu["key"].startswith("cpu-")
+    vk = I.identify("vulkan")
+    assert vk is not None, "the suite needs a Vulkan device (lavapipe)"
+    assert vk["name"] and vk["driver"]
+    if "llvmpipe" in vk["name"]:  # Mesa's lavapipe: the loader reports a CPU-type device
+        assert vk["type"] == "cpu-emulation" and I.is_software(vk)
+        assert "CPU emulation" in I.describe(vk)
+    assert I.identify("vulkan")["key"] == vk["key"]  # stable
+    assert I.identify("cuda") is None or I.identify("cuda")["kind"] == "cuda"
+
+
+def test_software_vulkan_is_never_priced_as_a_gpu(fresh_cache):
+    details = {}
+    ex = (torch.randn(8, 64),)
+    driver.plan(_model(TanhMLP), ex, ["cpu", "vulkan"], calibrate=False, details=details)
+    vk = details["devices"]["vulkan"]
+    if I.is_software(vk["identity"]):
+        assert vk["profile"] == "vulkan-cpu-emulation" and "not calibrated" in vk["source"]
+    assert not os.path.exists(fresh_cache / "profiles")  # nothing was measured
+
+
+def test_profile_cache_used_then_invalidated(fresh_cache, monkeypatch, tmp_path):
+    model, ex = _model(TanhMLP), (torch.randn(8, 64),)
+    lines = []
+
+    def compile_once(name):
+        lines.clear()
+        polyarch.compile(model, ex, devices=["cpu"], output=str(tmp_path / name), progress=lines.append)
+        return " | ".join(lines)
+
+    first = compile_once("a.pab")
+    assert "calibrating it" in first and "calibrated now" in first
+    stored = list((fresh_cache / "profiles").iterdir())
+    assert len(stored) == 1 and I.identify("cpu")["key"] in stored[0].name
+    second = compile_once("b.pab")
+    assert "calibrating" not in second and "measured on this host (cached)" in second
+    m = polyarch.runtime.load(str(tmp_path / "b.pab")).plan
+    assert m["device_info"]["cpu"]["source"] == "measured on this host (cached)"
+    # another IREE release: measured again
+    monkeypatch.setattr(measured, "iree_version", lambda: "99.0.0")
+    assert "calibrating it" in compile_once("c.pab")
+    monkeypatch.undo()
+    monkeypatch.setenv(measured.CACHE_ENV, str(fresh_cache))
+    assert "calibrating" not in compile_once("d.pab")
+    # another device identity (another CPU or driver): measured again
+    real = measured.identify
+
+    def other_cpu(spec):
+        ident = real(spec)
+        return dict(ident, key=ident["key"] + "x")
+
+    monkeypatch.setattr(measured, "identify", other_cpu)
+    assert "calibrating it" in compile_once("e.pab")
+
+
+def test_depthwise_on_cpu_and_vulkan_matches_eager(tmp_path):
+    """The default compile on cpu + vulkan of a MobileNet-style block is right, whatever
+    the devices do. With a flattering spec sheet the partitioner first puts the convolutions
+    on Vulkan; the depthwise one is wrong there on lavapipe (at this shape): found, moved,
+    recompiled."""
+    model, x = _model(Depthwise), torch.randn(2, 16, 16, 16)
+    out = polyarch.runtime.load(polyarch.compile(model, (x,), devices=["cpu", "vulkan"], output=str(tmp_path / "a.pab")))(x.numpy())
+    np.testing.assert_allclose(out, eager(model, (x,)), atol=TOL, rtol=0)
+
+    path = polyarch.compile(model, (x,), devices=["cpu", "vulkan"], profiles=[FLATTERING], output=str(tmp_path / "b.pab"))
+    run = polyarch.runtime.load(path)
+    np.testing.assert_allclose(run(x.numpy()), eager(model, (x,)), atol=TOL, rtol=0)
+    v = run.plan["verification"]
+    assert v["status"] == "verified"
+    if I.is_software(I.identify("vulkan")):  # the lavapipe bug this guards against
+        wrong = [w for r in v["rounds"] for w in r.get("wrong_ops", [])]
+        assert any("torch.aten.convolution (dw)" in w for w in wrong), v["rounds"]
+        for seg in run.plan["segments"]:
+            if seg["device"] == "vulkan":
+                assert not any(op["path"] == "dw" for op in seg["op_list"])
+
+
+def test_injected_wrong_segment_is_caught_and_replanned(tmp_path, monkeypatch, fresh_cache):
+    """A Vulkan back-end that computes tanh as sigmoid: verification must catch the segment,
+    name tanh, keep it off Vulkan (remembered for this device) and deliver a right bundle."""
+    from torch_mlir import ir
+
+    from polyarch.compiler import driver
+    from polyarch.dialects.polyarch import make_context
+
+    real = driver.run_iree_compile
+
+    def miscompiling(cmd):
+        if "--iree-hal-target-device=vulkan" in cmd:
+            src = cmd[1]
+            with make_context():
+                with open(src, "rb") as f:
+                    text = str(ir.Module.parse(f.read()))
+            if "torch.aten.tanh" in text:
+                bad = src + ".bad.mlir"
+                with open(bad, "w") as f:
+                    f.write(text.replace("torch.aten.tanh", "torch.aten.sigmoid"))
+                cmd = [cmd[0], bad, *cmd[2:]]
+        return real(cmd)
+
+    monkeypatch.setattr(driver, "run_iree_compile", miscompiling)
+    model, x = _model(TanhMLP), torch.randn(8, 64)
+    path = polyarch.compile(model, (x,), devices=["cpu", "vulkan"], profiles=[P.BUILTIN["vulkan"]], pins=["a=vulkan"],
+                            output=str(tmp_path / "m.pab"))
+    run = polyarch.runtime.load(path)
+    np.testing.assert_allclose(run(x.numpy()), eager(model, (x,)), atol=TOL, rtol=0)
+    rounds = run.plan["verification"]["rounds"]
+    assert rounds[0]["plans"]["cpu+vulkan"]["status"] == "wrong"
+    assert any("torch.aten.tanh" in w for w in rounds[0]["wrong_ops"])
+    assert [s["device"] for s in run.plan["segments"]][0] == "vulkan"  # the pinned layer stays there
+    for seg in run.plan["segments"]:
+        if seg["device"] == "vulkan":
+            assert "torch.aten.tanh" not in [op["op"] for op in seg["op_list"]]
+    cached = json.loads(next((fresh_cache / "verdicts").glob("vulkan-*.json")).read_text())
+    assert any(k.startswith("torch.aten.tanh(") for k in cached["wrong_ops"])
+    # the next compile avoids it at once: one round, no wrong segment
+    path = polyarch.compile(model, (x,), devices=["cpu", "vulkan"], profiles=[P.BUILTIN["vulkan"]], pins=["a=vulkan"],
+                            output=str(tmp_path / "n.pab"))
+    assert polyarch.runtime.load(path).plan["verification"]["rounds"][0]["plans"]["cpu+vulkan"]["status"] == "verified"
+
+
+def test_split_slower_than_cpu_alone_is_replaced(tmp_path):
+    """With an iGPU spec sheet the plan puts work on lavapipe; measured, the CPU alone is
+    faster, so the bundle runs on the CPU alone and says why."""
+    if not I.is_software(I.identify("vulkan")):
+        pytest.skip("needs a software Vulkan (slower than the CPU it runs on)")
+    model, x = _model(TanhMLP), torch.randn(256, 64)
+    path = polyarch.compile(model, (x,), devices=["cpu", "vulkan"], profiles=[P.BUILTIN["vulkan"]],
+                            output=str(tmp_path / "m.pab"))
+    run = polyarch.runtime.load(path)
+    assert {s["device"] for s in run.plan["segments"]} == {"cpu"}
+    assert run.plan["measured_us"] > 0
+    np.testing.assert_allclose(run(x.numpy()), eager(model, (x,)), atol=TOL, rtol=0)
+    r = cli("inspect", path)
+    assert r.returncode == 0, r.stderr
+    assert "device vulkan: " in r.stdout and "verification: verified" in r.stdout
+    assert "measured" in r.stdout
+
+
+def test_no_verify_and_no_calibrate_from_the_cli(tmp_path, fresh_cache):
+    model_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "mlp.py")
+    out = tmp_path / "m.pab"
+    r = cli("compile", model_file, "-d", "cpu", "-d", "vulkan", "--no-calibrate", "--no-verify", "-o", str(out),
+            cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "polyarch calibrate -d cpu -d vulkan" in r.stderr
+    r = cli("inspect", str(out))
+    assert "verification: not verified" in r.stdout
