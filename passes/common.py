@@ -48,17 +48,22 @@ def remat_set(func):
     `outline-segments` clones them into every segment that uses them. That covers
     torch.constant.*, torch.vtensor.literal (weights), ops computed from constants
     alone (weight transposes, arange: IREE folds them at compile time), and ops whose
-    results are all non-tensors (lists, scalars, size queries). Decided in one pass over
-    the function (program order is topological, so each op's operands come before it)."""
+    results are all non-tensors (lists, scalars, size queries). Glue over computed tensors
+    (the list of a `cat` of activations) is rematerialised too, but does not make the op
+    that reads it constant. Decided in one pass over the function (program order is
+    topological, so each op's operands come before it)."""
     ops, _ = body_ops(func)
-    out = set()
+    out, const = set(), set()  # const: computed from constants alone (glue over tensors is not)
     for op in ops:
         o = op.operation
         kind = _remat_by_kind(o)
+        from_consts = all(not _is_block_arg(v) and v.owner.operation in const for v in o.operands)
         if kind is None:
-            kind = all(not _is_block_arg(v) and v.owner.operation in out for v in o.operands)
+            kind = from_consts
         if kind:
             out.add(o)
+            if from_consts:
+                const.add(o)
     return out
 
 

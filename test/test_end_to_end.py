@@ -122,3 +122,24 @@ def test_unsupported_everywhere_is_one_clear_line(tmp_path):
     assert "torch.aten.embedding (emb)" in msg
     assert "test_end_to_end.py" not in msg or ":" in msg
     assert "Int64" in msg and "Fix:" in msg
+
+
+def test_cat_of_activations_is_computed_not_constant(tmp_path):
+    """torch.cat reads its tensors through a list (glue): the cat and what follows it are
+    computed ops, placed and costed, not constants (ViT's class token, Llama's rotate_half)."""
+    import torch
+
+    class Cat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = torch.cat([x, self.lin(x) * 2], 1) + 1  # mid-graph
+            return torch.cat([y, y.sin()], 0)  # final
+
+    torch.manual_seed(0)
+    m, x = Cat().eval(), torch.randn(4, 8)
+    run, out = _run(tmp_path, m, (x,), ["cpu"])
+    assert any(op["op"] == "torch.aten.cat" for s in run.plan["segments"] for op in s["op_list"])
+    np.testing.assert_allclose(out, eager(m, (x,)), atol=1e-5, rtol=0)
