@@ -26,6 +26,7 @@ import numpy as np
 
 from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
+from .calibrate import time_median
 
 # max |out - ref| / max |ref| allowed per dtype; integer and bool tensors must be equal
 TOLERANCE = {"float32": 1e-3, "float64": 1e-3, "float16": 1e-2, "bfloat16": 2e-2}
@@ -54,19 +55,6 @@ def rel_error(out, ref):
         return float("inf") if not np.array_equal(o[finite], r[finite]) else 0.0
     scale = max(float(np.abs(r[finite]).max()), 1e-30)
     return float(diff.max()) / scale
-
-
-def _time_calls(fn, budget_s=2.0, max_reps=20):
-    """Median seconds of fn() after one warm-up call, within about budget_s."""
-    fn()
-    ts, start = [], time.perf_counter()
-    while len(ts) < 3 or (time.perf_counter() - start < budget_s and len(ts) < max_reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-        if ts[-1] > budget_s:
-            break
-    return statistics.median(ts)
 
 
 def reference_module(module):
@@ -100,7 +88,7 @@ def _run_segment(bundle, step, env_in):
         return [bundle._to_host(env[r], call, r) for r in step["results"]]
 
     outs = once()
-    return outs, _time_calls(once, budget_s=1.0, max_reps=10)
+    return outs, time_median(once, min_s=1.0, max_reps=10)
 
 
 def verify_plan(module, plan_name, bundle_path, inputs, expected, jobs=None, progress=None):
@@ -119,7 +107,14 @@ def verify_plan(module, plan_name, bundle_path, inputs, expected, jobs=None, pro
     if missing:
         return {"status": f"not verified: {', '.join(missing)} not on this host"}
     record = {"status": "verified", "segments": {}, "culprits": []}
-    b = Bundle(bundle_path, plan=plan_name, strict=True)
+    try:
+        b = Bundle(bundle_path, plan=plan_name, strict=True)
+    except (ValueError, RuntimeError) as e:  # IREE refused a module or its parameters
+        from ..errors import PolyarchError
+
+        raise PolyarchError(f"plan {plan_name} compiled but does not load on {', '.join(devices)}: "
+                            f"{str(e).strip().splitlines()[0]}",
+                            fix="report the model to polyarch; `--no-verify` writes the bundle without trying it") from e
     steps = {st["segment"]: st for st in b.plan["schedule"] if st["op"] == "call"}
     off_cpu = [n for n, d, _ in segs if DeviceSpec.parse(d).kind != "cpu"]
     with tempfile.TemporaryDirectory(prefix="polyarch-verify-") as tmp:
@@ -169,7 +164,7 @@ def verify_plan(module, plan_name, bundle_path, inputs, expected, jobs=None, pro
                 record["status"] = "wrong"
                 return record
         b.events = []
-        seconds = _time_calls(lambda: b(*inputs))
+        seconds = time_median(lambda: b(*inputs), min_s=2.0, max_reps=20)
         per = {}
         for e in b.events:
             if e["kind"] == "segment":
@@ -189,8 +184,8 @@ def locate(module, seg_name, device, args, tmp, progress=None):
 
     from ..passes.common import body_ops, describe, module_path, op_fingerprint, remat_set
     from ..passes.outline_segments import _needs, make_function, program_order
-    from ..compiler.targets import has_narrow_storage
     from .driver import segments_of
+    from .targets import has_narrow_storage
 
     progress = progress or (lambda m: None)
     fn = next(f for n, _, f in segments_of(module) if n == seg_name)

@@ -130,6 +130,7 @@ class Bundle:
         self.instance = rt.VmInstance()
         self._async = {}  # segment -> (VmContext, its `$async` function, manifest entry)
         self._contexts = []
+        self._splat_buffers = []
         self._sems = {d: dev.create_semaphore(0) for d, dev in self.devices.items()}  # one timeline per device
         self._ticks = {d: 0 for d in self.devices}
         params = self._parameter_archive()
@@ -245,10 +246,16 @@ class Bundle:
             raise BundleError(f"segment {seg['name']} of {self.path} reads parameters but the bundle has no archive",
                               fix="recompile it with `polyarch compile`")
         index = rt.ParameterIndex()
+        keep = self._splat_buffers  # host copies of wide splats, alive as long as the bundle
         for key, content in seg["parameters"]["keys"].items():
             if content.startswith("splat:"):  # "splat:<pattern hex>:<length>" (compiler/parameters.py)
                 _, pattern, length = content.split(":")
-                index.add_splat(key, bytes.fromhex(pattern), int(length))
+                pattern, length = _fill_pattern(bytes.fromhex(pattern)), int(length)
+                if len(pattern) in (1, 2, 4):
+                    index.add_splat(key, pattern, length)
+                else:  # devices fill with 1-, 2- or 4-byte patterns only (Vulkan refuses an i64 splat)
+                    keep.append(np.frombuffer(pattern * (length // len(pattern)), np.uint8))
+                    index.add_buffer(key, keep[-1])
                 continue
             if content not in archive:
                 raise BundleError(f"parameter {content} (for {seg['name']}::{key}) is missing from {self.path}",
@@ -424,6 +431,14 @@ class Bundle:
         write_chrome_trace(path, f"polyarch run {self.path}",
                            [dict(e, args={"call": e["call"], "bytes": e["bytes"]}) for e in self.events],
                            other={"counters": self.counters})
+
+
+def _fill_pattern(pattern):
+    """The shortest pattern that repeats to `pattern` (an i64 zero fills as 4 zero bytes)."""
+    for n in (1, 2, 4):
+        if len(pattern) > n and len(pattern) % n == 0 and pattern == pattern[:n] * (len(pattern) // n):
+            return pattern[:n]
+    return pattern
 
 
 class _OnDevice:

@@ -172,3 +172,14 @@ def test_stream_pipelines_requests_and_matches_sequential_calls(bundle, mlp):
     # torch tensors through the stream too
     out = next(b.stream([(torch.from_numpy(xs[0]),)]))
     assert isinstance(out, torch.Tensor) and np.array_equal(out.numpy(), seq[0])
+
+
+def test_wide_splat_parameters_fill_with_short_patterns():
+    """Devices fill parameters with 1-, 2- or 4-byte patterns (Vulkan refuses 8): an i64 splat
+    whose bytes repeat is filled with the short pattern; other wide ones are materialised."""
+    from polyarch.runtime.executor import _fill_pattern
+
+    assert _fill_pattern(bytes(8)) == bytes(1)
+    assert _fill_pattern(bytes.fromhex("0000803f0000803f")) == bytes.fromhex("0000803f")
+    assert _fill_pattern(bytes.fromhex("0100000000000000")) == bytes.fromhex("0100000000000000")
+    assert _fill_pattern(bytes.fromhex("abab")) == bytes.fromhex("ab")
