@@ -21,6 +21,7 @@ lit: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_minilm.py
+	$(VENV)/bin/python bench/placement_truth.py
 	$(VENV)/bin/python bench/cost_model.py
 	$(VENV)/bin/python bench/plan_regret.py --profile out/bench/profile.json
 	$(VENV)/bin/python bench/bundle_load.py

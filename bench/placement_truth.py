@@ -7,8 +7,9 @@ compile calibrates the devices, later ones reuse it) and no flags:
   - the default compile (`polyarch.compile(model, inputs, devices=["cpu", "vulkan"])`)
   - the same model compiled for cpu alone and for vulkan alone (the single-device baselines)
 Each bundle is timed in a fresh process (a live lavapipe device slows CPU work in the same
-process), median of repeated calls after a warm-up; a bundle whose first call takes longer
-than --cap seconds is reported as "> cap" (never the best).
+process), median of repeated calls after a warm-up; the chosen and the cpu-alone bundles
+twice each, alternating, best of the two; a bundle whose first call takes longer than --cap
+seconds is reported as "> cap" (never the best).
 
 Reports per model: the plan (devices used), max |out - eager| / max |eager|, the chosen
 plan's time against the best single-device time, and predicted against measured time.
@@ -81,7 +82,10 @@ def build(name):
         return Logits.wrap(T.ViTForImageClassification(cfg).eval(), "logits"), (img(2, 64),)
     ids = torch.randint(0, 1000, (2, 64), generator=g)
     if name == "gpt2":
-        cfg = T.GPT2Config(vocab_size=1000, n_positions=128, n_embd=256, n_layer=4, n_head=4, use_cache=False)
+        # eager attention: torch-mlir 20261001 cannot lower GPT-2's sdpa path (a view of a transposed
+        # tensor: "Cannot view a tensor with shape [2, 64, 256] and strides (256, 512, 1)")
+        cfg = T.GPT2Config(vocab_size=1000, n_positions=128, n_embd=256, n_layer=4, n_head=4, use_cache=False,
+                           bos_token_id=0, eos_token_id=0, attn_implementation="eager")
         return Logits.wrap(T.GPT2LMHeadModel(cfg).eval(), "logits"), (ids,)
     if name == "llama":
         cfg = T.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -167,17 +171,21 @@ def main():
             except PolyarchError as e:
                 singles[dev] = None
                 row[f"{dev}_note"] = str(e).split(". Fix:")[0][:120]
-        secs, out = time_bundle(chosen, inputs_file, args.cap)
-        row["chosen_ms"] = secs * 1e3
-        row["max_rel_error"] = rel_err(out, ref)
-        for dev, path in singles.items():
-            if path is None:
-                row[f"{dev}_ms"] = None
+        # chosen and cpu alone timed twice, alternating (a passing load hits both alike); best of the two
+        timed = {"chosen": chosen, **{d: p for d, p in singles.items() if p}}
+        order = ["chosen", "cpu", "chosen", "cpu"] + [d for d in timed if d not in ("chosen", "cpu")]
+        got = {}
+        for key in order:
+            if key not in timed or got.get(key, 0) == float("inf"):
                 continue
-            s, o = time_bundle(path, inputs_file, args.cap)
-            row[f"{dev}_ms"] = s * 1e3 if s else float("inf")
+            s, o = time_bundle(timed[key], inputs_file, args.cap)
+            got[key] = min(got.get(key, float("inf")), s * 1e3 if s else float("inf"))
             if o is not None:
-                row[f"{dev}_error"] = rel_err(o, ref)
+                row[f"{key}_error"] = rel_err(o, ref)
+        row["chosen_ms"] = got["chosen"]
+        row["max_rel_error"] = row.pop("chosen_error")
+        for dev in singles:
+            row[f"{dev}_ms"] = got.get(dev)
         best = min(v for v in (row.get("cpu_ms"), row.get("vulkan_ms")) if v is not None)
         row["vs_best_single"] = row["chosen_ms"] / best
         row["pred_error"] = abs(row["predicted_ms"] - row["chosen_ms"]) / row["chosen_ms"]

@@ -126,8 +126,10 @@ def compile_suite(spec, quick=False):
             return f.read()
 
 
-def _time(fn, min_s=0.15, max_reps=40):
-    fn()  # warm-up (first call pays lazy initialisation)
+def time_median(fn, min_s=0.15, max_reps=40):
+    """Median seconds of fn(): one warm-up call (lazy initialisation), then at least 3 calls
+    and more while under min_s seconds in all."""
+    fn()
     ts = []
     start = time.perf_counter()
     while len(ts) < 3 or (time.perf_counter() - start < min_s and len(ts) < max_reps):
@@ -178,7 +180,7 @@ def measure(spec, vmfb, like=None, progress=None, quick=False):
     until = time.perf_counter() + 0.5
     while time.perf_counter() < until:
         sync(big[1](*big[2]))
-    times = {key: _time(lambda: sync(f(*args))) for key, f, args in jobs if key[0] != "chain"}
+    times = {key: time_median(lambda: sync(f(*args))) for key, f, args in jobs if key[0] != "chain"}
     # Overheads are small and noisy (thread wake-ups): the two chains alternate, many times.
     chains = [(key, f, args) for key, f, args in jobs if key[0] == "chain"]
     samples = {key: [] for key, _, _ in chains}
@@ -200,9 +202,9 @@ def measure(spec, vmfb, like=None, progress=None, quick=False):
         raw["elementwise"].append({"n": n, "s": times[("elementwise", n)], "bytes": 12 * n})
     for nbytes in transfers:
         host = np.ones(nbytes // 4, np.float32)
-        raw["upload"].append({"bytes": nbytes, "s": _time(lambda: sync(rt.asdevicearray(dev, host)))})
+        raw["upload"].append({"bytes": nbytes, "s": time_median(lambda: sync(rt.asdevicearray(dev, host)))})
         darr = rt.asdevicearray(dev, host)
-        raw["download"].append({"bytes": nbytes, "s": _time(lambda: to_host(dev, darr))})
+        raw["download"].append({"bytes": nbytes, "s": time_median(lambda: to_host(dev, darr))})
     return fit(spec, raw, base, progress, quick), raw
 
 

@@ -42,19 +42,24 @@ def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progre
     """Import once, partition once per device set. -> ([(plan name, module)], signature).
     A plan's name is its device set joined by '+', e.g. "vulkan+cpu". dynamic_dims: see
     compile; calibrate, details: see plan."""
-    from .importer import import_model
-
     progress = progress or _quiet
     sets = _device_sets(device_sets)
+    base, sig, priced = _import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibrate, progress)
+    if details is not None:
+        details.update(priced)
+    return partition(base, sets, pins, progress, objective, solver, priced), sig
+
+
+def _import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibrate, progress):
+    """-> (torch-dialect module, signature, price_devices(...)) for a compile or a plan."""
+    from .importer import import_model
+
     t = time.time()
     base, sig = import_model(model, example_inputs, dynamic_dims)
     progress(f"imported {_model_name(model)} into the torch dialect in {time.time() - t:.1f}s")
     for desc in dynamic_summary(sig):
         progress(desc)
-    priced = price_devices(sets, profiles, calibrate, progress)
-    if details is not None:
-        details.update(priced)
-    return partition(base, sets, pins, progress, objective, solver, priced), sig
+    return base, sig, price_devices(sets, profiles, calibrate, progress)
 
 
 def _device_sets(device_sets):
@@ -70,6 +75,7 @@ def price_devices(sets, profiles, calibrate, progress):
     """Identify the devices of all plans, choose each one's profile (measured where the
     host has the device: compiler/measured.py) and read what was measured wrong on it.
     -> {"profiles": [DeviceProfile], "devices": {name: info}, "verdicts": {name: verdicts}}"""
+    from ..runtime.identity import describe
     from . import measured
 
     names = list(dict.fromkeys(s.name for specs in sets for s in specs))
@@ -77,7 +83,7 @@ def price_devices(sets, profiles, calibrate, progress):
     verdicts = {}
     for d in names:
         ident = info[d]["identity"]
-        progress(f"{d}: {describe_identity(ident)}; priced by {info[d]['profile']} ({info[d]['source']})")
+        progress(f"{d}: {describe(ident)}; priced by {info[d]['profile']} ({info[d]['source']})")
         verdicts[d] = measured.load_verdicts(ident) if ident else {"wrong_ops": {}, "corrections": {}}
         if not info[d]["source"].startswith("measured"):
             # corrections are relative to the measured profile's predictions: another profile starts afresh
@@ -87,16 +93,8 @@ def price_devices(sets, profiles, calibrate, progress):
     return {"profiles": profs, "devices": info, "verdicts": verdicts}
 
 
-def describe_identity(ident):
-    from ..runtime.identity import describe
-
-    return describe(ident)
-
-
 def partition(base, sets, pins, progress, objective, solver, priced, keep_base=False):
     """Run the three passes once per device set on (a copy of) the imported module."""
-    import json
-
     from torch_mlir import ir
 
     from ..passes import run_pipeline
@@ -477,20 +475,13 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
                    ["input0:0:64"]: the bundle then takes any size from 1 to MAX (default 1024) there;
                    costs are predicted at the example's size
     """
-    from .importer import import_model
-
     if progress is True:
         progress = _stderr_progress
     progress = progress or _quiet
     t0 = time.time()
     output = output or f"{_model_name(model)}.pab"
     sets = _device_sets(plans or [devices])
-    t = time.time()
-    base, sig = import_model(model, example_inputs, dynamic_dims)
-    progress(f"imported {_model_name(model)} into the torch dialect in {time.time() - t:.1f}s")
-    for desc in dynamic_summary(sig):
-        progress(desc)
-    priced = price_devices(sets, profiles, calibrate, progress)
+    base, sig, priced = _import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibrate, progress)
     with tempfile.TemporaryDirectory(prefix="polyarch-rounds-") as tmp:
         if verify:
             from . import grounding

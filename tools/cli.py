@@ -251,7 +251,8 @@ def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles
       polyarch plan examples/minilm.py --profile profile.json --objective energy
       polyarch plan examples/minilm.py --profile h100.json --profile cpu.json --trace t.json --gantt t.png
     """
-    from ..compiler.driver import describe_identity, plan as do_plan, plan_text
+    from ..compiler.driver import plan as do_plan, plan_text
+    from ..runtime.identity import describe as describe_identity
     from ..compiler import simulate
 
     try:
@@ -437,7 +438,7 @@ def inspect(bundle, as_json, show_ops):
 
 
 def _device_lines(plan):
-    from ..compiler.driver import describe_identity
+    from ..runtime.identity import describe as describe_identity
 
     for d, info in plan.get("device_info", {}).items():
         yield (f"device {d}: {describe_identity(info.get('identity')) if info.get('identity') else 'not on the compiling host'}"
