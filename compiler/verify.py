@@ -17,6 +17,7 @@ For one plan of a bundle (compiled, not yet delivered):
 Nothing here changes the plan: the driver (compiler/driver.py) turns culprits into
 "measured wrong" verdicts, re-plans and recompiles."""
 
+import gc
 import os
 import statistics
 import tempfile
@@ -101,6 +102,7 @@ def verify_plan(module, plan_name, bundle_path, inputs, expected, jobs=None, pro
     from .driver import build_bundle, segments_of
 
     progress = progress or (lambda m: None)
+    gc.collect()  # bundles of earlier rounds release their devices (a live lavapipe slows the CPU)
     segs = segments_of(module)
     devices = list(dict.fromkeys(d for _, d, _ in segs))
     missing = [d for d in devices if identify(d) is None]
@@ -169,8 +171,8 @@ def verify_plan(module, plan_name, bundle_path, inputs, expected, jobs=None, pro
         for e in b.events:
             if e["kind"] == "segment":
                 per.setdefault(e["name"], []).append(e["dur"])
-        for name, _, _ in segs:
-            entry = record["segments"].setdefault(name, {"device": dict((n, d) for n, d, _ in segs)[name]})
+        for name, device, _ in segs:
+            entry = record["segments"].setdefault(name, {"device": device})
             if per.get(name):
                 entry["measured_us"] = round(statistics.median(per[name]) * 1e6, 3)
         record["measured_us"] = round(seconds * 1e6, 3)
