@@ -103,13 +103,21 @@ def _record_wrong(priced, record, progress):
 def _update_corrections(priced, plan_manifest, record):
     """Per device and op class, measured / predicted over the plan's segments (time-weighted),
     folded into the corrections the next partition uses (and the per-host cache)."""
+    from ..runtime.identity import is_software
+
     profs = {p.device: p for p in priced["profiles"]}
+    used = {s["device"] for s in plan_manifest["segments"]}
+    # a device emulated on the CPU's cores (lavapipe) slows CPU work in the same process while it
+    # is live: CPU segments measured beside one say little about the CPU alone
+    emulated = any(is_software(priced["devices"][d]["identity"]) for d in used)
     acc = {}
     for seg in plan_manifest["segments"]:
         got = record["segments"].get(seg["name"], {}).get("measured_us")
         pred = seg["predicted_us"]
         if not got or pred <= 0 or got < MIN_SEGMENT_US:
             continue  # a short segment measures the runtime's overhead more than its ops
+        if emulated and seg["device"].startswith("cpu"):
+            continue
         call_us = profs[seg["device"]].call_s * 1e6 if seg["device"] in profs else 0.0
         ratio = max(got - call_us, 0.1 * got) / pred
         for op in seg["op_list"]:
