@@ -62,7 +62,10 @@ def main():
     out = run(*args)
     err = float(np.abs(out - ref).max())
     used = sorted({s["device"] for s in run.plan["segments"]})
-    chosen_ms, cpu_ms = timed(run, args), timed(pa.runtime.load(cpu_bundle), args)
+    alone = pa.runtime.load(cpu_bundle)
+    chosen_ms, cpu_ms = float("inf"), float("inf")
+    for _ in range(2):  # alternating, best of two: a passing load hits both alike
+        chosen_ms, cpu_ms = min(chosen_ms, timed(run, args)), min(cpu_ms, timed(alone, args))
     print(f"demo: chosen plan for cpu + vulkan runs on {' + '.join(used)}: {chosen_ms:.1f} ms a call "
           f"(measured at compile: {run.plan.get('measured_us', 0) / 1000:.1f} ms); cpu alone: {cpu_ms:.1f} ms "
           f"-> {chosen_ms / cpu_ms:.2f}x the best single device; max |polyarch - torch eager| = {err:.2e}")
