@@ -5,7 +5,7 @@ Options:
   devices=cpu,vulkan        devices to predict times for (none: costs only)
   profile=FILE.json         (repeatable) device profiles; devices without one use the
                             built-in spec-sheet profile of their kind (compiler/profiles.py)
-  verdicts=FILE.json        (repeatable) what was measured on a device (compiler/verify.py):
+  verdicts=FILE.json        (repeatable) what was measured on a device (compiler/grounding.py):
                             its "corrections" {matmul|conv|other: factor} multiply the
                             predicted times of ops of that class there
 

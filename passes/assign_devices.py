@@ -11,7 +11,7 @@ Options:
                             relative to its best single-device plan)
   solver=auto               auto, brute, chain-dp, mincut or heft (passes/solver.py)
   profile=FILE.json         (repeatable) device profiles, as for annotate-costs
-  verdicts=FILE.json        (repeatable) what was measured on a device (compiler/verify.py):
+  verdicts=FILE.json        (repeatable) what was measured on a device (compiler/grounding.py):
                             ops whose fingerprint is in its "wrong_ops" never go there
                             (they were measured wrong on it); "corrections" as for
                             annotate-costs, and "transfer" multiplies the time of
