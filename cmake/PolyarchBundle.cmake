@@ -2,7 +2,11 @@
 #                     [INPUTS <DIMSxDTYPE>...] [DYNAMIC_DIMS <INPUT:DIM[:MAX]>...]
 #                     [DEVICES <spec>...] [PLANS <spec,spec>...]
 #                     [PINS <PATTERN=DEVICE>...] [PROFILES <profile.json>...]
-#                     [OBJECTIVE <obj>] OUTPUT <bundle.pab>)
+#                     [OBJECTIVE <obj>] [NO_VERIFY] [NO_CALIBRATE] OUTPUT <bundle.pab>)
+#
+# By default the compile measures the build host's devices (cached per user) and runs and
+# checks the bundle on them (see the README); NO_VERIFY skips the run (cross-compiles for
+# another host), NO_CALIBRATE prices an uncalibrated device by estimates.
 #
 # Adds a target <target> (built by default) that compiles the model into a .pab bundle
 # with `polyarch compile`. The build re-runs it only when its inputs change: the model
@@ -18,7 +22,7 @@ if(CMAKE_VERSION VERSION_LESS 3.20)
 endif()
 
 function(polyarch_add_bundle)
-  cmake_parse_arguments(PARSE_ARGV 0 PB "" "NAME;SOURCE;ENTRY;OUTPUT;OBJECTIVE"
+  cmake_parse_arguments(PARSE_ARGV 0 PB "NO_VERIFY;NO_CALIBRATE" "NAME;SOURCE;ENTRY;OUTPUT;OBJECTIVE"
                         "INPUTS;DYNAMIC_DIMS;DEVICES;PLANS;PINS;PROFILES")
   if(PB_UNPARSED_ARGUMENTS)
     message(FATAL_ERROR "polyarch_add_bundle: unknown arguments: ${PB_UNPARSED_ARGUMENTS}")
@@ -64,6 +68,12 @@ function(polyarch_add_bundle)
   endforeach()
   if(PB_OBJECTIVE)
     list(APPEND args --objective "${PB_OBJECTIVE}")
+  endif()
+  if(PB_NO_VERIFY)
+    list(APPEND args --no-verify)
+  endif()
+  if(PB_NO_CALIBRATE)
+    list(APPEND args --no-calibrate)
   endif()
   # The options as a file: a change of options changes it, and so re-runs the compile.
   set(options "${CMAKE_CURRENT_BINARY_DIR}/${PB_NAME}.options")

@@ -65,6 +65,8 @@ def test_consumer_builds_runs_and_rebuilds_only_on_change(consumer):
     with torch.no_grad():
         ref = mod.Model()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(polyarch.runtime.load(build / "mlp.pab")(x), ref, atol=1e-5, rtol=0)
+    assert polyarch.runtime.load(build / "mlp.pab").plan["verification"]["status"] == "verified"
+    assert polyarch.runtime.load(build / "mlp_unverified.pab").plan["verification"]["status"].startswith("not verified")
 
     # nothing changed: no compile
     out, again = build_and_stamp(build)

@@ -99,3 +99,17 @@ def test_bad_table_is_named(tmp_path):
         assert "unknown keys ['device']" in str(e) and "pyproject.toml" in str(e)
     else:
         raise AssertionError("an unknown key was accepted")
+
+
+def test_verify_and_calibrate_keys(tmp_path):
+    table = {"source": "m.py", "output": "p/m.pab", "devices": ["cpu"], "verify": False, "calibrate": False}
+    args = hook.compile_args(table, str(tmp_path), "out.pab", "out.d")
+    assert "--no-verify" in args and "--no-calibrate" in args
+    assert "--no-verify" not in hook.compile_args(dict(table, verify=True, calibrate=True), str(tmp_path), "o", "d")
+    (tmp_path / "pyproject.toml").write_text('[[tool.polyarch.bundle]]\nsource = "m.py"\noutput = "m.pab"\nverify = "no"\n')
+    try:
+        hook.bundles_of(str(tmp_path))
+    except ValueError as e:
+        assert "'verify' must be true or false" in str(e)
+    else:
+        raise AssertionError("a non-boolean verify was accepted")

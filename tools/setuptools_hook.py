@@ -16,6 +16,9 @@ wheel (or sdist install, or editable install) compiles it into the package:
     inputs = ["4x64xi64", "4x64xi64"]   # as `polyarch compile --input` (optional)
     devices = ["cpu", "vulkan"]         # or: plans = [["vulkan", "cpu"], ["cpu"]]
     pins = ["encoder.layer.0=cpu"]      # optional; also: dynamic_dims, profiles, objective
+    verify = false                      # optional (default true): do not run and check the bundle
+                                        # on this host's devices (cross-compiles); calibrate = false:
+                                        # price an uncalibrated device by estimates
     output = "mypkg/model.pab"          # where the bundle goes inside the built package
 
 At run time the package loads it with `polyarch.runtime.load(importlib.resources.files(
@@ -38,7 +41,8 @@ try:
 except ImportError:  # Python < 3.11
     import tomli as tomllib
 
-KEYS = {"source", "entry", "inputs", "dynamic_dims", "devices", "plans", "pins", "profiles", "objective", "output"}
+KEYS = {"source", "entry", "inputs", "dynamic_dims", "devices", "plans", "pins", "profiles", "objective", "output",
+        "verify", "calibrate"}
 
 
 def bundles_of(project_dir):
@@ -58,6 +62,9 @@ def bundles_of(project_dir):
                 raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1} needs '{key}'")
         if "devices" in t and "plans" in t:
             raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1}: give devices or plans, not both")
+        for key in ("verify", "calibrate"):
+            if not isinstance(t.get(key, True), bool):
+                raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1}: '{key}' must be true or false")
     return tables
 
 
@@ -81,6 +88,10 @@ def compile_args(table, project_dir, output, depfile):
         args += ["--profile", os.path.join(project_dir, x)]
     if table.get("objective"):
         args += ["--objective", table["objective"]]
+    if not table.get("verify", True):
+        args.append("--no-verify")
+    if not table.get("calibrate", True):
+        args.append("--no-calibrate")
     return args
 
 
