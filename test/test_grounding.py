@@ -165,7 +165,7 @@ def test_injected_wrong_segment_is_caught_and_replanned(tmp_path, monkeypatch, f
 
     monkeypatch.setattr(driver, "run_iree_compile", miscompiling)
     model, x = _model(TanhMLP), torch.randn(8, 64)
-    path = polyarch.compile(model, (x,), devices=["cpu", "vulkan"], profiles=[P.BUILTIN["vulkan"]], pins=["a=vulkan"],
+    path = polyarch.compile(model, (x,), devices=["cpu", "vulkan"], profiles=[FLATTERING], pins=["a=vulkan"],
                             output=str(tmp_path / "m.pab"))
     run = polyarch.runtime.load(path)
     np.testing.assert_allclose(run(x.numpy()), eager(model, (x,)), atol=TOL, rtol=0)
@@ -179,7 +179,7 @@ def test_injected_wrong_segment_is_caught_and_replanned(tmp_path, monkeypatch, f
     cached = json.loads(next((fresh_cache / "verdicts").glob("vulkan-*.json")).read_text())
     assert any(k.startswith("torch.aten.tanh(") for k in cached["wrong_ops"])
     # the next compile avoids it at once: one round, no wrong segment
-    path = polyarch.compile(model, (x,), devices=["cpu", "vulkan"], profiles=[P.BUILTIN["vulkan"]], pins=["a=vulkan"],
+    path = polyarch.compile(model, (x,), devices=["cpu", "vulkan"], profiles=[FLATTERING], pins=["a=vulkan"],
                             output=str(tmp_path / "n.pab"))
     assert polyarch.runtime.load(path).plan["verification"]["rounds"][0]["plans"]["cpu+vulkan"]["status"] == "verified"
 
