@@ -103,6 +103,7 @@ def _record_wrong(priced, record, progress):
 def _update_corrections(priced, plan_manifest, record):
     """Per device and op class, measured / predicted over the plan's segments (time-weighted),
     folded into the corrections the next partition uses (and the per-host cache)."""
+    from ..passes.annotate_costs import class_of
     from ..runtime.identity import is_software
 
     profs = {p.device: p for p in priced["profiles"]}
@@ -121,7 +122,7 @@ def _update_corrections(priced, plan_manifest, record):
         call_us = profs[seg["device"]].call_s * 1e6 if seg["device"] in profs else 0.0
         ratio = max(got - call_us, 0.1 * got) / pred
         for op in seg["op_list"]:
-            klass = _klass(op["op"])
+            klass = class_of(op["op"]) or "other"
             w = op["predicted_us"]
             a = acc.setdefault(seg["device"], {}).setdefault(klass, [0.0, 0.0])
             a[0] += w * ratio
@@ -152,13 +153,6 @@ def _update_corrections(priced, plan_manifest, record):
             cached["corrections"] = dict(corr)
             measured.store_verdicts(info["identity"], cached)
     return changed
-
-
-def _klass(op_name):
-    from ..passes.annotate_costs import CONVS, MATMULS
-
-    base = op_name.split(".")[2] if op_name.startswith("torch.aten.") else op_name
-    return "conv" if base in CONVS else "matmul" if base in MATMULS else "other"
 
 
 def ground(model, example_inputs, base, sig, sets, pins, objective, solver, priced, tmp, jobs=None, progress=None,

@@ -116,8 +116,12 @@ def launches(op):
 
 def op_class(op):
     """The profile's op_efficiency class of an op ("conv", "matmul"), or None."""
-    name = op.operation.name
-    base = name.split(".")[2] if name.startswith("torch.aten.") else name
+    return class_of(op.operation.name)
+
+
+def class_of(op_name):
+    """op_class by op name (as a manifest's op_list records it)."""
+    base = op_name.split(".")[2] if op_name.startswith("torch.aten.") else op_name
     return "conv" if base in CONVS else "matmul" if base in MATMULS else None
 
 
