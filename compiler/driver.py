@@ -75,7 +75,6 @@ def price_devices(sets, profiles, calibrate, progress):
     """Identify the devices of all plans, choose each one's profile (measured where the
     host has the device: compiler/measured.py) and read what was measured wrong on it.
     -> {"profiles": [DeviceProfile], "devices": {name: info}, "verdicts": {name: verdicts}}"""
-    from ..runtime.identity import describe
     from . import measured
 
     names = list(dict.fromkeys(s.name for specs in sets for s in specs))
@@ -83,7 +82,7 @@ def price_devices(sets, profiles, calibrate, progress):
     verdicts = {}
     for d in names:
         ident = info[d]["identity"]
-        progress(f"{d}: {describe(ident)}; priced by {info[d]['profile']} ({info[d]['source']})")
+        progress(measured.pricing_line(d, info[d]))
         verdicts[d] = measured.load_verdicts(ident) if ident else {"wrong_ops": {}, "corrections": {}}
         if not info[d]["source"].startswith("measured"):
             # corrections are relative to the measured profile's predictions: another profile starts afresh

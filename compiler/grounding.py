@@ -164,6 +164,7 @@ def ground(model, example_inputs, base, sig, sets, pins, objective, solver, pric
     progress = progress or (lambda m: None)
     inputs = example_arrays(example_inputs, sig)
     expected = eager_outputs(model, inputs)
+    present = {d for d, info in priced["devices"].items() if info["identity"]}
     history, best, seen = [], None, set()
     for rnd in range(1, MAX_ROUNDS + 1):
         modules = partition(base, sets, pins, progress, objective, solver, priced, keep_base=True)
@@ -174,7 +175,7 @@ def ground(model, example_inputs, base, sig, sets, pins, objective, solver, pric
         seen.add(key)
         path = os.path.join(tmp, f"round{rnd}.pab")
         manifest = build_bundle(modules, sig, path, jobs=jobs, progress=progress, extra_flags=extra_flags)
-        records = {name: verify_plan(module, name, path, inputs, expected, jobs=jobs, progress=progress)
+        records = {name: verify_plan(module, name, path, inputs, expected, present, jobs=jobs, progress=progress)
                    for name, module in modules}
         wrong = [(n, r) for n, r in records.items() if r["status"] == "wrong"]
         entry = {"round": rnd, "plans": {}}
@@ -278,7 +279,7 @@ def _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs
     alt = os.path.join(tmp, "single.pab")
     alt_manifest = build_bundle([(plan["name"], single[0][1])], sig, alt, jobs=jobs, progress=progress,
                                 extra_flags=extra_flags)
-    rec = verify_plan(single[0][1], plan["name"], alt, inputs, expected, jobs=jobs, progress=progress)
+    rec = verify_plan(single[0][1], plan["name"], alt, inputs, expected, {cpu[0]}, jobs=jobs, progress=progress)
     multi_us, single_us = plan["measured_us"], rec.get("measured_us")
     if rec["status"] != "verified" or not single_us or single_us * SINGLE_MARGIN >= multi_us:
         progress(f"kept the {'+'.join(sorted(used))} plan: {multi_us / 1e3:.3f} ms measured, {cpu[0]} alone "

@@ -155,5 +155,11 @@ def resolve_profiles(specs, given=(), calibrate=True, progress=None):
     return out, info
 
 
+def pricing_line(device, info):
+    """'DEVICE: <identity>; priced by PROFILE (SOURCE)', as compile, plan and inspect print it."""
+    who = describe(info.get("identity")) if info.get("identity") else "not on the compiling host"
+    return f"{device}: {who}; priced by {info.get('profile')} ({info.get('source')})"
+
+
 def now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

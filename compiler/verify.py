@@ -14,8 +14,8 @@ For one plan of a bundle (compiled, not yet delivered):
 4. The whole plan runs on the example inputs and is compared with PyTorch eager (when the
    model is at hand) or the reference; the call and each segment are timed.
 
-Nothing here changes the plan: the driver (compiler/driver.py) turns culprits into
-"measured wrong" verdicts, re-plans and recompiles."""
+Nothing here changes the plan: compiler/grounding.py turns culprits into "measured wrong"
+verdicts, re-plans and recompiles."""
 
 import gc
 import os
@@ -92,20 +92,20 @@ def _run_segment(bundle, step, env_in):
     return outs, time_median(once, min_s=1.0, max_reps=10)
 
 
-def verify_plan(module, plan_name, bundle_path, inputs, expected, jobs=None, progress=None):
+def verify_plan(module, plan_name, bundle_path, inputs, expected, present, jobs=None, progress=None):
     """Verify and time one plan of a written bundle. inputs: numpy example inputs;
-    expected: eager outputs (list of arrays) or None. -> record:
+    expected: eager outputs (list of arrays) or None; present: the devices this host has.
+    -> record:
       {"status": "verified" | "wrong" | "not verified: ...", "against": ..., "segments": {name: {...}},
        "whole": {"max_rel_error", "tolerance", "against"}, "culprits": [...], "measured_us": float}"""
     from ..runtime.executor import Bundle
-    from ..runtime.identity import identify
     from .driver import build_bundle, segments_of
 
     progress = progress or (lambda m: None)
     gc.collect()  # bundles of earlier rounds release their devices (a live lavapipe slows the CPU)
     segs = segments_of(module)
     devices = list(dict.fromkeys(d for _, d, _ in segs))
-    missing = [d for d in devices if identify(d) is None]
+    missing = [d for d in devices if d not in present]
     if missing:
         return {"status": f"not verified: {', '.join(missing)} not on this host"}
     record = {"status": "verified", "segments": {}, "culprits": []}

@@ -251,9 +251,9 @@ def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles
       polyarch plan examples/minilm.py --profile profile.json --objective energy
       polyarch plan examples/minilm.py --profile h100.json --profile cpu.json --trace t.json --gantt t.png
     """
-    from ..compiler.driver import plan as do_plan, plan_text
-    from ..runtime.identity import describe as describe_identity
     from ..compiler import simulate
+    from ..compiler.driver import plan as do_plan, plan_text
+    from ..compiler.measured import pricing_line
 
     try:
         m, ns = _load_model(model)
@@ -268,7 +268,7 @@ def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles
             click.echo(line)
         if explain:
             for d, info in details["devices"].items():
-                click.echo(f"device {d}: {describe_identity(info['identity'])}; priced by {info['profile']} ({info['source']})")
+                click.echo(f"device {pricing_line(d, info)}")
         if trace_out or gantt_out:
             n = requests or (4 if report.objective == "throughput" else 1)
             events = simulate.timeline(report, requests=n)
@@ -438,11 +438,10 @@ def inspect(bundle, as_json, show_ops):
 
 
 def _device_lines(plan):
-    from ..runtime.identity import describe as describe_identity
+    from ..compiler.measured import pricing_line
 
     for d, info in plan.get("device_info", {}).items():
-        yield (f"device {d}: {describe_identity(info.get('identity')) if info.get('identity') else 'not on the compiling host'}"
-               f"; priced by {info.get('profile')} ({info.get('source')})")
+        yield f"device {pricing_line(d, info)}"
 
 
 def _verification_lines(v):
