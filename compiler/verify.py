@@ -202,41 +202,38 @@ def locate(module, seg_name, device, args, tmp, progress=None):
         trace = ir.Module.create()
         make_function(ir, "trace", list(fn.regions[0].blocks[0].arguments), trace_vals, ops, False,
                       ir.InsertionPoint(trace.body))
-        # the device: one function per op, its operands as arguments
+        # the device: one function per op, its operands as arguments (each a segment argument or
+        # an intermediate of the trace), with what identifies the op in a culprit record
         probe = ir.Module.create()
+        index = {v: ("val", k) for k, v in enumerate(trace_vals)}
+        index.update({a: ("arg", k) for k, a in enumerate(fn.regions[0].blocks[0].arguments)})
         probes = []
         for i, op in enumerate(placed):
             inputs, glue = _needs(ir, [op], remat)
             outs = [r for r in op.results if pa.is_tensor(r)]
             make_function(ir, f"op{i}", inputs, outs, program_order(glue + [op], ops), not has_narrow_storage(spec),
                           ir.InsertionPoint(probe.body))
-            probes.append((op, inputs, outs))
-        index = {v: k for k, v in enumerate(trace_vals)}
-        arg_index = {a: k for k, a in enumerate(fn.regions[0].blocks[0].arguments)}
-        plan_ops = [(op, [("arg", arg_index[v]) if v in arg_index else ("val", index[v]) for v in inputs],
-                     [index[v] for v in outs], describe(op), module_path(op), op_fingerprint(op), op.operation.name)
-                    for op, inputs, outs in probes]
-    ref_vals = _run_module(trace, DeviceSpec.parse("cpu"), "trace", args, tmp, "trace")[0]
-    dev_calls = [(f"op{i}", [args[k] if src == "arg" else ref_vals[k] for src, k in ins]) for i, (_, ins, *_r) in enumerate(plan_ops)]
-    dev_outs = _run_module(probe, spec, None, dev_calls, tmp, "probe")
+            probes.append({"inputs": [index[v] for v in inputs], "outputs": [index[v][1] for v in outs],
+                           "record": {"fingerprint": op_fingerprint(op), "op": op.operation.name, "path": module_path(op),
+                                      "describe": describe(op)}})
+    (ref_vals,) = _run_module(trace, DeviceSpec.parse("cpu"), [("trace", args)], tmp, "trace")
+    dev_outs = _run_module(probe, spec, [(f"op{i}", [args[k] if src == "arg" else ref_vals[k] for src, k in p["inputs"]])
+                                         for i, p in enumerate(probes)], tmp, "probe")
     culprits = []
-    for (op, _, outs, desc, path, fp, name), got in zip(plan_ops, dev_outs):
-        errs = [rel_error(g, ref_vals[k]) for g, k in zip(got, outs)]
-        tol = min(tolerance(ref_vals[k].dtype) for k in outs)
-        worst = max(errs, default=0.0)
-        if not worst <= tol:
-            culprits.append({"fingerprint": fp, "op": name, "path": path, "describe": desc, "max_rel_error": worst})
-            progress(f"verify: {desc} computes wrong on {device} (max error {worst:.2e} of max output)")
+    for p, got in zip(probes, dev_outs):
+        worst = max((rel_error(g, ref_vals[k]) for g, k in zip(got, p["outputs"])), default=0.0)
+        if not worst <= min(tolerance(ref_vals[k].dtype) for k in p["outputs"]):
+            culprits.append(dict(p["record"], max_rel_error=worst))
+            progress(f"verify: {p['record']['describe']} computes wrong on {device} (max error {worst:.2e} of max output)")
     if not culprits:  # no op is wrong alone: the segment's fused code is; keep all of it off the device
         progress(f"verify: no op of {seg_name} is wrong alone on {device}; keeping the whole segment off it")
-        culprits = [{"fingerprint": fp, "op": name, "path": path, "describe": desc, "max_rel_error": None,
-                     "fused": True} for _, _, _, desc, path, fp, name in plan_ops]
+        culprits = [dict(p["record"], max_rel_error=None, fused=True) for p in probes]
     return culprits
 
 
-def _run_module(module, spec, fn_name, calls, tmp, tag):
-    """Compile a probe module for a device and run it. calls: the arguments of `fn_name`,
-    or [(function, arguments)] -> the outputs (list of host arrays), or a list of them."""
+def _run_module(module, spec, calls, tmp, tag):
+    """Compile a probe module for a device and run it. calls: [(function, arguments)]
+    -> each call's outputs (a list of host arrays)."""
     import iree.runtime as rt
 
     from ..runtime.executor import create_device, to_host
@@ -264,6 +261,4 @@ def _run_module(module, spec, fn_name, calls, tmp, tag):
         res = res if isinstance(res, (tuple, list)) else [res]
         return [to_host(dev, x) for x in res]
 
-    if fn_name is not None:
-        return [call(fn_name, calls)]
     return [call(name, args) for name, args in calls]
