@@ -384,10 +384,11 @@ def _manifest(sig, plans, parameters=None):
 PARAMS_MEMBER = "weights.irpa"
 
 
-def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), externalize=True):
+def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), externalize=True, verification=None):
     """Compile every plan's segments and write one bundle. plans: [(name or None, module)].
     externalize: weights go to one shared parameter archive (each distinct value once)
-    rather than inline in every module. -> the manifest written."""
+    rather than inline in every module. verification: a record every plan's manifest entry
+    gets as it is written. -> the manifest written."""
     from . import parameters
     from .bundle import write_bundle
 
@@ -420,6 +421,9 @@ def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), e
             for seg in entry["segments"]:
                 members[seg["member"]] = vmfbs[seg["name"]][0]
             members[f"{member_prefix}plan.mlir"] = plan_text(module).encode()
+        if verification is not None:
+            for entry in plan_entries:
+                entry["verification"] = dict(verification)
         manifest = _manifest(sig, plan_entries, summary)
         return write_bundle(output, manifest, members)
 
@@ -481,19 +485,17 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
     output = output or f"{_model_name(model)}.pab"
     sets = _device_sets(plans or [devices])
     base, sig, priced = _import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibrate, progress)
-    with tempfile.TemporaryDirectory(prefix="polyarch-rounds-") as tmp:
-        if verify:
-            from . import grounding
+    if verify:
+        from . import grounding
 
+        with tempfile.TemporaryDirectory(prefix="polyarch-rounds-") as tmp:
             path, manifest = grounding.ground(model, example_inputs, base, sig, sets, pins, objective, solver, priced,
                                               tmp, jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
-        else:
-            path = os.path.join(tmp, "bundle.pab")
-            manifest = build_bundle(partition(base, sets, pins, progress, objective, solver, priced), sig, path,
-                                    jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
-            for p in manifest["plans"]:
-                p["verification"] = {"status": "not verified (verify=False / --no-verify)"}
-        rewrite_bundle(path, output, manifest)
+            rewrite_bundle(path, output, manifest)  # with what was verified and measured
+    else:
+        manifest = build_bundle(partition(base, sets, pins, progress, objective, solver, priced), sig, output, jobs=jobs,
+                                progress=progress, extra_flags=iree_extra_flags,
+                                verification={"status": "not verified (verify=False / --no-verify)"})
     size = os.path.getsize(output)
     segs = sum(len(p["segments"]) for p in manifest["plans"])
     progress(f"wrote {output} ({size / 1e6:.1f} MB, {len(manifest['plans'])} plan(s), {segs} segments) in {time.time() - t0:.1f}s")
