@@ -9,6 +9,8 @@ Attributes (on torch-dialect ops inside @main, and on outlined functions):
   polyarch.shapes    [array<i64: ...>, ...] per result: the sizes of dynamic (?) dims
                      at the example inputs, which costs are predicted at  (import)
   polyarch.arg_shapes  the same for a function's arguments                  (import)
+  polyarch.lowering  "im2col": compile this convolution as im2col + matmul
+                     (compiler/tuning.py marks it, conv-to-matmul rewrites it)
 Module attributes:
   polyarch.devices   ["cpu", "vulkan"]                                assign-devices
   polyarch.profiles  {<device> = "profile name"}                     annotate-costs{devices=...}
@@ -39,6 +41,7 @@ DEVICES = "polyarch.devices"
 PLAN = "polyarch.plan"
 PROFILES = "polyarch.profiles"
 DEVICE_INFO = "polyarch.device_info"
+LOWERING = "polyarch.lowering"
 TRANSFER = "polyarch.transfer"
 HOST = "host"
 
