@@ -2,11 +2,14 @@
 #                     [INPUTS <DIMSxDTYPE>...] [DYNAMIC_DIMS <INPUT:DIM[:MAX]>...]
 #                     [DEVICES <spec>...] [PLANS <spec,spec>...]
 #                     [PINS <PATTERN=DEVICE>...] [PROFILES <profile.json>...]
-#                     [OBJECTIVE <obj>] [NO_VERIFY] [NO_CALIBRATE] OUTPUT <bundle.pab>)
+#                     [OBJECTIVE <obj>] [NO_VERIFY] [NO_CALIBRATE] [TUNE none|quick|full]
+#                     [IREE_FLAGS <flag>...] OUTPUT <bundle.pab>)
 #
 # By default the compile measures the build host's devices (cached per user) and runs and
 # checks the bundle on them (see the README); NO_VERIFY skips the run (cross-compiles for
-# another host), NO_CALIBRATE prices an uncalibrated device by estimates.
+# another host), NO_CALIBRATE prices an uncalibrated device by estimates. TUNE chooses how
+# much of the CPU code's lowering is measured on the build host (default quick);
+# IREE_FLAGS are added to every iree-compile.
 #
 # Adds a target <target> (built by default) that compiles the model into a .pab bundle
 # with `polyarch compile`. The build re-runs it only when its inputs change: the model
@@ -22,8 +25,8 @@ if(CMAKE_VERSION VERSION_LESS 3.20)
 endif()
 
 function(polyarch_add_bundle)
-  cmake_parse_arguments(PARSE_ARGV 0 PB "NO_VERIFY;NO_CALIBRATE" "NAME;SOURCE;ENTRY;OUTPUT;OBJECTIVE"
-                        "INPUTS;DYNAMIC_DIMS;DEVICES;PLANS;PINS;PROFILES")
+  cmake_parse_arguments(PARSE_ARGV 0 PB "NO_VERIFY;NO_CALIBRATE" "NAME;SOURCE;ENTRY;OUTPUT;OBJECTIVE;TUNE"
+                        "INPUTS;DYNAMIC_DIMS;DEVICES;PLANS;PINS;PROFILES;IREE_FLAGS")
   if(PB_UNPARSED_ARGUMENTS)
     message(FATAL_ERROR "polyarch_add_bundle: unknown arguments: ${PB_UNPARSED_ARGUMENTS}")
   endif()
@@ -75,6 +78,12 @@ function(polyarch_add_bundle)
   if(PB_NO_CALIBRATE)
     list(APPEND args --no-calibrate)
   endif()
+  if(PB_TUNE)
+    list(APPEND args --tune "${PB_TUNE}")
+  endif()
+  foreach(x IN LISTS PB_IREE_FLAGS)
+    list(APPEND args "--iree-flag=${x}")
+  endforeach()
   # The options as a file: a change of options changes it, and so re-runs the compile.
   set(options "${CMAKE_CURRENT_BINARY_DIR}/${PB_NAME}.options")
   list(JOIN args "\n" options_text)

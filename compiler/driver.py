@@ -235,36 +235,110 @@ def run_iree_compile(cmd):
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-_ERR = re.compile(r"^(?P<loc>[^\n]*?):(?P<line>\d+):\d+: error: (?P<msg>.*)$", re.M)
+# IREE 3.13 llvm-cpu refusals that a flag gets past, each retried once with it:
+# (what stderr says, the flags, what it is). Met on public models (docs/cpu-speed.md).
+KNOWN_RETRIES = {
+    "cpu": (
+        (re.compile(r"large vector sizes"), ("--iree-llvmcpu-fail-on-large-vector=false",),
+         "llvm-cpu's check on large vectors (EfficientNet's squeeze-excite)"),
+        # 64 KiB: half of the runtime's 128 KiB worker stack (--task_worker_stack_size), the rest
+        # left to the task system; a dispatch needing more still fails, with the error
+        (re.compile(r"exceeded stack allocation limit"), ("--iree-llvmcpu-stack-allocation-limit=65536",),
+         "llvm-cpu's 32 KiB stack limit per dispatch (EfficientNet-B0 once the large-vector check is off; MiniLM at -O3)"),
+    ),
+}
 
 
-def _iree_error(stderr, segment, device):
-    m = _ERR.search(stderr)
-    if m:
-        loc = m["loc"]
-        where = f"{os.path.basename(loc)}:{m['line']}" if loc not in ("-", "") else None
-        return PolyarchError(
-            f"IREE could not compile segment {segment} for {device}: {m['msg']}",
-            where,
-            f"keep the op at that line off {device} (polyarch compile --pin PATTERN=cpu), or choose another target arch",
-        )
-    first = next((l for l in stderr.splitlines() if l.strip()), "no output")
-    return PolyarchError(f"IREE could not compile segment {segment} for {device}: {first}")
+def compile_with_retries(cmd, kind, progress=None, what="a module"):
+    """run_iree_compile, and where IREE refuses for a known reason that a flag gets past
+    (KNOWN_RETRIES), again with that flag. -> (CompletedProcess, [retry notes], the command last run)."""
+    r, notes = run_iree_compile(cmd), []
+    for pattern, flags, why in KNOWN_RETRIES.get(kind, ()):
+        if r.returncode == 0:
+            break
+        if pattern.search(r.stderr) and not set(flags) <= set(cmd):
+            first = next((l for l in r.stderr.splitlines() if ": error: " in l), "").partition(": error: ")[2]
+            cmd = cmd[:-2] + list(flags) + cmd[-2:]
+            r = run_iree_compile(cmd)
+            notes.append({"error": first.strip(), "retried_with": list(flags), "known": why,
+                          "result": "compiled" if r.returncode == 0 else "failed again"})
+            if progress:
+                progress(f"{what}: IREE refused it ({first.strip()[:100]}); known IREE 3.13 limitation ({why}): "
+                         f"retried with {' '.join(flags)}: {notes[-1]['result']}")
+    return r, notes, cmd
 
 
-def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_dir=None, scope_prefix=""):
+_ERR = re.compile(r"^(?P<loc>[^\n]*?):(?P<line>\d+):\d+: (?P<kind>error|note): (?P<msg>.*)$", re.M)
+_LOC_FRAME = re.compile(r'"([^"]+)":(\d+):\d+')
+
+
+def _ops_at(fn, frames):
+    """The ops of a segment whose source call stack is `frames` [(file basename, line)], innermost first."""
+    from ..passes.common import body_ops
+
+    ops, _ = body_ops(fn)
+    out = []
+    for op in ops:
+        if not any(pa.is_tensor(r) for r in op.results):
+            continue  # glue (lists, scalars) shares the line of the op it feeds
+        stack = [(os.path.basename(f), int(l)) for f, l in _LOC_FRAME.findall(str(op.location))]
+        if stack and stack == frames[:len(stack)] and len(stack) == len(frames):
+            out.append(op)
+    return out
+
+
+def _iree_error(stderr, segment, device, fn=None, devices=()):
+    """A PolyarchError for a failed segment compile: the message, the module path of the op
+    IREE names (matched on its source call stack), and a fix the user can follow."""
+    from ..passes.common import describe
+
+    lines = list(_ERR.finditer(stderr))
+    first = next((m for m in lines if m["kind"] == "error"), None)
+    if first is None:
+        msg = next((l for l in stderr.splitlines() if l.strip()), "no output")
+        return PolyarchError(f"IREE could not compile segment {segment} for {device}: {msg}")
+    frames = [(os.path.basename(first["loc"]), int(first["line"]))]
+    for m in lines[lines.index(first) + 1:]:
+        if m["kind"] != "note" or "called from" not in m["msg"]:
+            break
+        frames.append((os.path.basename(m["loc"]), int(m["line"])))
+    where = f"{frames[0][0]}:{frames[0][1]}" if first["loc"] not in ("-", "") else None
+    ops = _ops_at(fn, frames) if fn is not None else []
+    if ops:
+        where = describe(ops[0]) + (f" (or one of {len(ops) - 1} more op(s) from the same source line: "
+                                    + ", ".join(describe(o) for o in ops[1:3]) + ("..." if len(ops) > 3 else "") + ")"
+                                    if len(ops) > 1 else "")
+    others = [d for d in devices if d != device]
+    from .tuning import tunable
+
+    if others:
+        fix = f"keep that op off {device}: polyarch compile --pin PATTERN={others[0]} (PATTERN: its module path)"
+    else:
+        fix = ("pass an IREE flag that avoids it with --iree-flag=FLAG (Python: iree_extra_flags=[...])"
+               + (", or compile with --tune none" if tunable(device) else "") + "; please report the op and the message")
+    return PolyarchError(f"IREE could not compile segment {segment} for {device}: {first['msg']}", where, fix)
+
+
+def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_dir=None, scope_prefix="", tuning=None):
     """Compile every segment with iree-compile, in parallel.
     -> {segment name: (vmfb bytes, iree-compile command, parameter archive path or None)}.
+
+    tuning: {segment name: choice} from compiler/tuning.py: its convolutions marked
+    `polyarch.lowering = "im2col"` are rewritten by conv-to-matmul, its extra flags added.
 
     params_dir: export each segment's weights (constants of parameters.MIN_BYTES or more)
     to `<params_dir>/<scope>.irpa`, scope `<scope_prefix><segment>`, instead of inlining
     them in the module (compiler/parameters.py merges the archives)."""
     from torch_mlir import ir
 
+    from ..passes import conv_to_matmul, pool_to_mean
     from . import parameters
 
     progress = progress or _quiet
+    tuning = tuning or {}
     segs = segments_of(module)
+    fns = {name: fn for name, _, fn in segs}
+    devices = sorted({d for _, d, _ in segs})
     tool = _iree_compile_tool()
     jobs = jobs or max(1, min(len(segs), os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="polyarch-") as tmp:
@@ -272,8 +346,12 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
         with module.context, ir.Location.unknown():
             for name, device, fn in segs:
                 src = os.path.join(tmp, f"{name}.mlirbc")
+                seg = _segment_module(ir, fn)
+                pool_to_mean.run(seg)  # works around an IREE 3.13 failure (passes/pool_to_mean.py)
+                if tuning.get(name, {}).get("im2col"):
+                    conv_to_matmul.run(seg, convs="marked")
                 with open(src, "wb") as f:
-                    _segment_module(ir, fn).operation.write_bytecode(f)
+                    seg.operation.write_bytecode(f)
                 inputs.append((name, device, src))
 
         def one(item):
@@ -283,15 +361,15 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
             # async-external: each function also comes as `NAME$async(args, wait fence, signal fence)`,
             # which the runtime chains (runtime/executor.py)
             cmd = [tool, src, "--iree-input-type=torch", "--iree-execution-model=async-external", *iree_flags(spec),
-                   *extra_flags, "-o", out]
+                   *tuning.get(name, {}).get("extra_flags", ()), *extra_flags, "-o", out]
             archive = None
             if params_dir:
                 archive = os.path.join(params_dir, f"{scope_prefix}{name}.irpa")
                 cmd[-2:-2] = parameters.export_flags(scope_prefix + name, archive)
             t = time.time()
-            r = run_iree_compile(cmd)
+            r, _, cmd = compile_with_retries(cmd, spec.kind, progress, f"{scope_prefix}{name} for {device}")
             if r.returncode != 0:
-                raise _iree_error(r.stderr, name, device)
+                raise _iree_error(r.stderr, name, device, fns[name], devices)
             with open(out, "rb") as f:
                 data = f.read()
             return name, device, data, time.time() - t, cmd, archive
@@ -384,12 +462,14 @@ def _manifest(sig, plans, parameters=None):
 PARAMS_MEMBER = "weights.irpa"
 
 
-def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), externalize=True, verification=None):
+def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), externalize=True, verification=None,
+                 tune="none"):
     """Compile every plan's segments and write one bundle. plans: [(name or None, module)].
     externalize: weights go to one shared parameter archive (each distinct value once)
     rather than inline in every module. verification: a record every plan's manifest entry
-    gets as it is written. -> the manifest written."""
-    from . import parameters
+    gets as it is written. tune: none | quick | full (compiler/tuning.py), each segment's
+    choice recorded in its manifest entry. -> the manifest written."""
+    from . import parameters, tuning
     from .bundle import write_bundle
 
     progress = progress or _quiet
@@ -399,13 +479,14 @@ def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), e
             prefix = f"p{i}_" if len(plans) > 1 else ""
             if len(plans) > 1:
                 progress(f"plan {i + 1}/{len(plans)}: {name}")
+            choices = tuning.tune_plan(module, tune, jobs=jobs, progress=progress)
             vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=extra_flags,
-                                     params_dir=tmp if externalize else None, scope_prefix=prefix)
-            compiled.append((name, module, vmfbs, prefix))
+                                     params_dir=tmp if externalize else None, scope_prefix=prefix, tuning=choices)
+            compiled.append((name, module, vmfbs, prefix, choices))
         scopes, summary = {}, None
         members = {}
         if externalize:
-            archives = {prefix + seg: v[2] for _, _, vmfbs, prefix in compiled for seg, v in vmfbs.items()}
+            archives = {prefix + seg: v[2] for _, _, vmfbs, prefix, _ in compiled for seg, v in vmfbs.items()}
             archive = os.path.join(tmp, PARAMS_MEMBER)
             scopes, summary = parameters.merge(archives, archive)
             if summary:
@@ -414,12 +495,14 @@ def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), e
                 progress(f"weights: {summary['count']} distinct parameters, {os.path.getsize(archive) / 1e6:.1f} MB "
                          f"({summary['references']} references, {summary['referenced_bytes'] / 1e6:.1f} MB before sharing)")
         plan_entries = []
-        for name, module, vmfbs, prefix in compiled:
+        for name, module, vmfbs, prefix, choices in compiled:
             member_prefix = name.replace(":", "_").replace("@", "_") + "/" if len(plans) > 1 else ""
             entry = plan_manifest(module, vmfbs, name=name, member_prefix=member_prefix, scopes=scopes, scope_prefix=prefix)
             plan_entries.append(entry)
             for seg in entry["segments"]:
                 members[seg["member"]] = vmfbs[seg["name"]][0]
+                if seg["name"] in choices:
+                    seg["tuning"] = choices[seg["name"]]
             members[f"{member_prefix}plan.mlir"] = plan_text(module).encode()
         if verification is not None:
             for entry in plan_entries:
@@ -447,7 +530,8 @@ def plan_text(module):
 
 
 def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jobs=None, progress=None, iree_extra_flags=(),
-            objective="latency", solver="auto", profiles=(), plans=None, dynamic_dims=(), calibrate=True, verify=True):
+            objective="latency", solver="auto", profiles=(), plans=None, dynamic_dims=(), calibrate=True, verify=True,
+            tune="quick"):
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs), torch.export.ExportedProgram, or the path of
@@ -472,6 +556,11 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
                    remembered for this device), the measured times correct the cost model, and the
                    model is re-planned until the plan stops changing (at most MAX_ROUNDS compiles).
                    A bundle known to be wrong is never written. False: cross-compiles.
+    tune           none | quick | full: per-segment lowering choices measured on this host's CPU
+                   (compiler/tuning.py; quick: each convolution shape as IREE's convolution or
+                   im2col + matmul; full: also whole segments with each candidate flag set),
+                   cached per host so that a recompile measures nothing
+    iree_extra_flags  flags added to every iree-compile command (after polyarch's own)
     jobs           parallel iree-compile processes (default: one per core)
     progress       callable(str) for progress lines; True prints them to stderr
     dynamic_dims   ["INPUT:DIM[:MAX]", ...]: dimensions that stay dynamic (nn.Module only), e.g.
@@ -483,6 +572,9 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
     progress = progress or _quiet
     t0 = time.time()
     output = output or f"{_model_name(model)}.pab"
+    from .tuning import check_mode
+
+    check_mode(tune)
     sets = _device_sets(plans or [devices])
     base, sig, priced = _import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibrate, progress)
     if verify:
@@ -490,11 +582,11 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
 
         with tempfile.TemporaryDirectory(prefix="polyarch-rounds-") as tmp:
             path, manifest = grounding.ground(model, example_inputs, base, sig, sets, pins, objective, solver, priced,
-                                              tmp, jobs=jobs, progress=progress, extra_flags=iree_extra_flags)
+                                              tmp, jobs=jobs, progress=progress, extra_flags=iree_extra_flags, tune=tune)
             rewrite_bundle(path, output, manifest)  # with what was verified and measured
     else:
         manifest = build_bundle(partition(base, sets, pins, progress, objective, solver, priced), sig, output, jobs=jobs,
-                                progress=progress, extra_flags=iree_extra_flags,
+                                progress=progress, extra_flags=iree_extra_flags, tune=tune,
                                 verification={"status": "not verified (verify=False / --no-verify)"})
     size = os.path.getsize(output)
     segs = sum(len(p["segments"]) for p in manifest["plans"])

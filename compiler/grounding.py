@@ -156,7 +156,7 @@ def _update_corrections(priced, plan_manifest, record):
 
 
 def ground(model, example_inputs, base, sig, sets, pins, objective, solver, priced, tmp, jobs=None, progress=None,
-           extra_flags=()):
+           extra_flags=(), tune="none"):
     """The compile loop above. -> (path of the chosen bundle in tmp, its manifest with
     verification, measured times and the rounds' history)."""
     from .driver import build_bundle, partition
@@ -174,7 +174,7 @@ def ground(model, example_inputs, base, sig, sets, pins, objective, solver, pric
             break
         seen.add(key)
         path = os.path.join(tmp, f"round{rnd}.pab")
-        manifest = build_bundle(modules, sig, path, jobs=jobs, progress=progress, extra_flags=extra_flags)
+        manifest = build_bundle(modules, sig, path, jobs=jobs, progress=progress, extra_flags=extra_flags, tune=tune)
         records = {name: verify_plan(module, name, path, inputs, expected, present, jobs=jobs, progress=progress)
                    for name, module in modules}
         wrong = [(n, r) for n, r in records.items() if r["status"] == "wrong"]
@@ -222,7 +222,7 @@ def ground(model, example_inputs, base, sig, sets, pins, objective, solver, pric
     _, path, manifest, modules = best
     if not pins:
         path, manifest, modules = _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs, expected,
-                                                       path, manifest, modules, jobs, progress, extra_flags)
+                                                       path, manifest, modules, jobs, progress, extra_flags, tune)
     # the final prediction: the chosen placement re-costed with every correction measured
     # (where re-planning gives another placement, the chosen plan's own prediction), plus the
     # runtime's measured overhead per call
@@ -263,7 +263,7 @@ def _attach(plan, record):
 
 
 def _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs, expected, path, manifest,
-                         modules, jobs, progress, extra_flags):
+                         modules, jobs, progress, extra_flags, tune):
     """Measure each multi-device plan against the CPU alone; keep the faster (see the module doc)."""
     from .driver import _device_sets, build_bundle, partition
 
@@ -278,7 +278,7 @@ def _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs
     single = partition(base, _device_sets([[cpu[0]]]), (), progress, objective, solver, priced, keep_base=True)
     alt = os.path.join(tmp, "single.pab")
     alt_manifest = build_bundle([(plan["name"], single[0][1])], sig, alt, jobs=jobs, progress=progress,
-                                extra_flags=extra_flags)
+                                extra_flags=extra_flags, tune=tune)
     rec = verify_plan(single[0][1], plan["name"], alt, inputs, expected, {cpu[0]}, jobs=jobs, progress=progress)
     multi_us, single_us = plan["measured_us"], rec.get("measured_us")
     if rec["status"] != "verified" or not single_us or single_us * SINGLE_MARGIN >= multi_us:

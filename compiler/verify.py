@@ -237,14 +237,15 @@ def _run_module(module, spec, calls, tmp, tag):
     import iree.runtime as rt
 
     from ..runtime.executor import create_device, to_host
-    from .driver import _iree_compile_tool, run_iree_compile
+    from .driver import _iree_compile_tool, compile_with_retries
     from .targets import iree_flags
 
     src, out = os.path.join(tmp, f"{tag}.{spec.kind}.mlirbc"), os.path.join(tmp, f"{tag}.{spec.kind}.vmfb")
     with module.context:
         with open(src, "wb") as f:
             module.operation.write_bytecode(f)
-    r = run_iree_compile([_iree_compile_tool(), src, "--iree-input-type=torch", *iree_flags(spec), "-o", out])
+    r, _, _ = compile_with_retries([_iree_compile_tool(), src, "--iree-input-type=torch", *iree_flags(spec), "-o", out],
+                                   spec.kind)
     if r.returncode:
         from ..errors import PolyarchError
 

@@ -176,8 +176,15 @@ def cli():
               help="One placement plan per device set, repeatable, all in one bundle sharing one copy of the "
                    "weights (replaces --device). At load the runtime runs the fastest predicted plan whose "
                    "devices it finds, or the one named with `polyarch run --plan` (`--strict`: no fallback).")
+@click.option("--tune", type=click.Choice(["none", "quick", "full"]), default="quick", show_default=True,
+              help="Lowering choices measured on this host's CPU, cached per host (a recompile measures nothing): "
+                   "quick: each convolution shape as IREE's convolution or as im2col + matmul, whichever is faster; "
+                   "full: also each cpu segment with each candidate flag set; none: IREE's defaults.")
+@click.option("--iree-flag", "iree_flags", multiple=True, metavar="FLAG",
+              help="Pass FLAG to every iree-compile (repeatable), after polyarch's own flags, e.g. "
+                   "--iree-flag=--iree-llvmcpu-enable-ukernels=all. Write it with '=' when FLAG starts with '-'.")
 def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, no_calibrate, output, jobs, quiet,
-            depfile, no_verify, plans):
+            depfile, no_verify, plans, tune, iree_flags):
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -203,6 +210,7 @@ def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profi
       polyarch compile model.onnx -i 8x128xi64 -d cpu -d vulkan -o m.pab    # ONNX; -i fixes symbolic dims
       polyarch compile examples/mlp.py -i 8x64xf32 --dynamic-dim input0:0:256 -o mlp.pab  # batch 1..256
       polyarch compile examples/minilm.py --dynamic-dim input_ids:0:16=b --dynamic-dim attention_mask:0:16=b
+      polyarch compile model.py -i 1x3x224x224xf32 --tune full --iree-flag=--iree-llvmcpu-enable-ukernels=all
     """
     from ..compiler.driver import compile as do_compile
 
@@ -218,7 +226,7 @@ def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profi
         device_sets = [[d.strip() for d in p.split(",") if d.strip()] for p in plans] or None
         do_compile(m, ex, devices=_devices(devices, profiles), output=output, pins=pins, jobs=jobs, progress=progress,
                    objective=objective, solver=solver, profiles=profiles, plans=device_sets, dynamic_dims=dynamic_dims,
-                   calibrate=not no_calibrate, verify=not no_verify)
+                   calibrate=not no_calibrate, verify=not no_verify, tune=tune, iree_extra_flags=iree_flags)
         if depfile:
             _write_depfile(depfile, output, [model.partition(":")[0], *sorted(local), *profiles])
     except PolyarchError as e:

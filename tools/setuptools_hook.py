@@ -19,6 +19,8 @@ wheel (or sdist install, or editable install) compiles it into the package:
     verify = false                      # optional (default true): do not run and check the bundle
                                         # on this host's devices (cross-compiles); calibrate = false:
                                         # price an uncalibrated device by estimates
+    tune = "none"                       # optional: none | quick (default) | full
+    iree_flags = ["--iree-llvmcpu-enable-ukernels=all"]   # optional: added to every iree-compile
     output = "mypkg/model.pab"          # where the bundle goes inside the built package
 
 At run time the package loads it with `polyarch.runtime.load(importlib.resources.files(
@@ -42,7 +44,7 @@ except ImportError:  # Python < 3.11
     import tomli as tomllib
 
 KEYS = {"source", "entry", "inputs", "dynamic_dims", "devices", "plans", "pins", "profiles", "objective", "output",
-        "verify", "calibrate"}
+        "verify", "calibrate", "tune", "iree_flags"}
 
 
 def bundles_of(project_dir):
@@ -65,6 +67,12 @@ def bundles_of(project_dir):
         for key in ("verify", "calibrate"):
             if not isinstance(t.get(key, True), bool):
                 raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1}: '{key}' must be true or false")
+        if t.get("tune", "quick") not in ("none", "quick", "full"):
+            raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1}: 'tune' must be \"none\", \"quick\" or \"full\"")
+        flags = t.get("iree_flags", [])
+        if not isinstance(flags, list) or not all(isinstance(f, str) and f.startswith("-") for f in flags):
+            raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1}: 'iree_flags' must be a list of flags "
+                             f"such as [\"--iree-llvmcpu-enable-ukernels=all\"]")
     return tables
 
 
@@ -92,6 +100,10 @@ def compile_args(table, project_dir, output, depfile):
         args.append("--no-verify")
     if not table.get("calibrate", True):
         args.append("--no-calibrate")
+    if table.get("tune"):
+        args += ["--tune", table["tune"]]
+    for x in table.get("iree_flags", []):
+        args.append(f"--iree-flag={x}")
     return args
 
 

@@ -1,0 +1,280 @@
+"""Per-segment tuning: try candidate lowerings on the device, keep the fastest, cache the choice.
+
+    tune="none"    IREE's default lowering and the device's flags (compiler/targets.py)
+    tune="quick"   (default) every distinct convolution of a cpu segment that conv-to-matmul can
+                   rewrite (by op fingerprint: shapes, strides, padding...) is compiled both ways,
+                   IREE's convolution and im2col + matmul, each run alone on this host's CPU;
+                   im2col is kept where it is at least 5% faster (WIN)
+    tune="full"    quick, then each cpu segment is compiled whole with every candidate flag set
+                   (FLAG_CANDIDATES) and timed on random inputs; the fastest is kept (by 5%)
+
+Choices are cached per device identity and IREE version (compiler/measured.py's cache,
+`tuning/<identity key>-iree<version>.json`): convolutions by op fingerprint, whole segments
+by the SHA-256 of their compiled source; a second compile measures nothing. Only devices
+of this host are tuned: a cpu spec with another arch (a cross-compile, `cpu@znver4`) keeps
+the defaults. Each segment's choice is recorded in the manifest (`segments[].tuning`).
+
+Why convolutions (docs/cpu-speed.md): IREE 3.13's llvm-cpu convolution
+tiling is 0.5x-4x the time of its own data-tiled matmul on the same FLOPs, depending on
+the shape (measured per shape on this host, so measured rather than guessed)."""
+
+import hashlib
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..dialects import polyarch as pa
+from ..errors import PolyarchError
+from ..runtime.devices import DeviceSpec
+
+MODES = ("none", "quick", "full")
+DEFAULT = "quick"
+WIN = 0.95  # a candidate replaces the default only when it takes at most this fraction of its time
+FLAG_CANDIDATES = {"cpu": {"default": (), "ukernels": ("--iree-llvmcpu-enable-ukernels=all",)}}
+SCHEMA = "polyarch-tuning/1"
+
+
+def check_mode(mode):
+    if mode not in MODES:
+        raise PolyarchError(f"unknown tuning mode {mode!r}", fix="use --tune none, quick or full")
+    return mode
+
+
+def tunable(device):
+    """True for a device this host can measure the choices on: the host's own CPU."""
+    spec = DeviceSpec.parse(device)
+    return spec.kind == "cpu" and spec.arch in (None, "host")
+
+
+def _cache_path(ident):
+    from .measured import _path
+
+    return _path("tuning", ident)
+
+
+def _load(ident):
+    from .measured import _read
+
+    obj = _read(_cache_path(ident))
+    if not obj or obj.get("schema") != SCHEMA or obj.get("identity") != ident["key"]:
+        return {"convs": {}, "segments": {}}
+    return {"convs": dict(obj.get("convs", {})), "segments": dict(obj.get("segments", {}))}
+
+
+def _store(ident, cache):
+    from .measured import _write, iree_version
+
+    _write(_cache_path(ident), {"schema": SCHEMA, "identity": ident["key"], "iree": iree_version(), **cache})
+
+
+def time_function(fn, args, budget_s=0.3, min_calls=5, max_calls=200):
+    """Median seconds of fn(*args) after two warm-up calls."""
+    for _ in range(2):
+        fn(*args)
+    ts, start = [], time.perf_counter()
+    while len(ts) < min_calls or (time.perf_counter() - start < budget_s and len(ts) < max_calls):
+        t = time.perf_counter()
+        fn(*args)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _random_args(types, seed=0):
+    """Host arrays for tensor types: floats N(0, 1), integers and booleans zero (valid indices)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in types:
+        shape, et = pa.tensor_info(t)
+        if et.startswith("f") or et == "bf16":
+            out.append(rng.standard_normal(shape).astype(np.float32 if et in ("f32", "f64", "bf16") else np.float16))
+        elif et == "i1":
+            out.append(np.zeros(shape, np.bool_))
+        else:
+            out.append(np.zeros(shape, {"si64": np.int64, "i64": np.int64, "si8": np.int8, "ui8": np.uint8,
+                                         "si16": np.int16}.get(et, np.int32)))
+    return out
+
+
+def _compile(module, device, tmp, tag, flags=(), rewrite=False):
+    """iree-compile a probe module (conv-to-matmul on marked convolutions first if rewrite).
+    -> vmfb path, or None with the first error line when IREE refuses it."""
+    from ..passes import conv_to_matmul
+    from .driver import _iree_compile_tool, compile_with_retries
+    from .targets import iree_flags
+
+    if rewrite:
+        conv_to_matmul.run(module, convs="marked")
+    src, out = os.path.join(tmp, f"{tag}.mlirbc"), os.path.join(tmp, f"{tag}.vmfb")
+    with module.context:
+        with open(src, "wb") as f:
+            module.operation.write_bytecode(f)
+    spec = DeviceSpec.parse(device)
+    r, _, _ = compile_with_retries([_iree_compile_tool(), src, "--iree-input-type=torch", *iree_flags(spec), *flags,
+                                    "-o", out], spec.kind)
+    if r.returncode:
+        return None, next((l for l in r.stderr.splitlines() if "error" in l), r.stderr.strip()[:200])
+    return out, None
+
+
+def _load_module(device, vmfb):
+    import iree.runtime as rt
+
+    from ..runtime.executor import create_device
+
+    dev = create_device(DeviceSpec.parse(device))
+    ctx = rt.SystemContext(config=rt.Config(device=dev))
+    with open(vmfb, "rb") as f:
+        ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, f.read()))
+    return dev, ctx.modules.module
+
+
+def _time_probe(device, vmfb, calls):
+    """calls: [(function name, host args)] -> {function name: median seconds}."""
+    import iree.runtime as rt
+
+    dev, mod = _load_module(device, vmfb)
+    out = {}
+    for name, args in calls:
+        dargs = [rt.asdevicearray(dev, a) for a in args]
+        f = mod[name]
+        out[name] = time_function(lambda *a: f(*a), dargs)
+    return out
+
+
+def _conv_probes(ir, module, items):
+    """Two probe modules (IREE's convolution; im2col) holding one function per convolution.
+    items: [(segment function, conv op)] -> (direct, im2col, [(name, arg types)])."""
+    from ..passes.common import body_ops, remat_set
+    from ..passes.outline_segments import _needs, make_function, program_order
+
+    mods = [ir.Module.create(), ir.Module.create()]
+    sigs = []
+    for i, (fn, op) in enumerate(items):
+        ops, _ = body_ops(fn)
+        inputs, glue = _needs(ir, [op], remat_set(fn))
+        for k, m in enumerate(mods):
+            new, in_types, _ = make_function(ir, f"conv{i}", inputs, [op.results[0]], program_order(glue + [op], ops),
+                                             False, ir.InsertionPoint(m.body))
+            if k == 1:
+                conv = [o for o in new.regions[0].blocks[0].operations if o.operation.name == "torch.aten.convolution"][-1]
+                conv.attributes[pa.LOWERING] = ir.StringAttr.get("im2col")
+        sigs.append((f"conv{i}", in_types))
+    return mods[0], mods[1], sigs
+
+
+def _measure_convs(module, device, items, tmp, jobs, progress):
+    """Time each convolution both ways on the device. -> [{"direct": us, "im2col": us}] per item."""
+    from torch_mlir import ir
+
+    with module.context, ir.Location.unknown():
+        direct, im2col, sigs = _conv_probes(ir, module, items)
+    progress(f"tune: timing {len(items)} convolution shape(s) on {device}, IREE's convolution against im2col + matmul")
+    with ThreadPoolExecutor(min(2, jobs)) as pool:
+        (d_path, d_err), (i_path, i_err) = pool.map(lambda a: _compile(*a), [
+            (direct, device, tmp, "conv-direct"), (im2col, device, tmp, "conv-im2col", (), True)])
+    if d_err or i_err:
+        raise PolyarchError(f"IREE could not compile the tuning probes for {device}: {d_err or i_err}",
+                            fix="compile with --tune none (and report the convolution shapes)")
+    calls = [(name, _random_args(types, seed=i)) for i, (name, types) in enumerate(sigs)]
+    td, ti = _time_probe(device, d_path, calls), _time_probe(device, i_path, calls)
+    return [{"direct_us": round(td[name] * 1e6, 1), "im2col_us": round(ti[name] * 1e6, 1)} for name, _ in calls]
+
+
+def _segment_digest(seg_module, flags):
+    import io
+
+    buf = io.BytesIO()
+    seg_module.operation.write_bytecode(buf)
+    return hashlib.sha256(buf.getvalue() + "\0".join(flags).encode()).hexdigest()[:24]
+
+
+def _tune_flags(fn, device, name, tmp, progress):
+    """Compile and time one segment function with each candidate flag set.
+    -> (chosen name, {name: us or error})."""
+    from torch_mlir import ir
+
+    from .driver import _segment_module
+
+    types = [a.type for a in fn.regions[0].blocks[0].arguments]
+    if any(pa.tensor_info(t) is None or -1 in pa.tensor_info(t)[0] for t in types):
+        return "default", {"skipped": "dynamic or non-tensor inputs"}
+    args = _random_args(types)
+    times = {}
+    for cand, flags in FLAG_CANDIDATES[DeviceSpec.parse(device).kind].items():
+        with fn.context, ir.Location.unknown():
+            seg = _segment_module(ir, fn)
+        path, err = _compile(seg, device, tmp, f"{name}-{cand}", flags, rewrite=True)
+        if err:
+            times[cand] = f"failed: {err}"
+            continue
+        times[cand] = round(_time_probe(device, path, [(name, args)])[name] * 1e6, 1)
+    ok = {k: v for k, v in times.items() if isinstance(v, float)}
+    best = min(ok, key=ok.get) if ok else "default"
+    if best != "default" and "default" in ok and ok[best] > WIN * ok["default"]:
+        best = "default"
+    progress(f"tune: {name} on {device}: " + ", ".join(f"{k} {v / 1e3:.2f} ms" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in times.items()) + f" -> {best}")
+    return best, times
+
+
+def tune_plan(module, mode=DEFAULT, jobs=None, progress=None):
+    """Choose each cpu segment's lowering (module after outline-segments): marks the
+    convolutions to compile as im2col + matmul (`polyarch.lowering`) in place.
+    -> {segment name: {"mode", "convs", "im2col", "flags", "extra_flags", "source"}}."""
+    from ..passes.common import op_fingerprint
+    from ..passes.conv_to_matmul import convolutions
+    from ..runtime.identity import identify
+    from .driver import _segment_module, segments_of
+
+    check_mode(mode)
+    progress = progress or (lambda m: None)
+    segs = [(n, d, fn) for n, d, fn in segments_of(module) if tunable(d)]
+    if mode == "none" or not segs:
+        return {}
+    from torch_mlir import ir
+
+    ident = identify("cpu")
+    cache = _load(ident)
+    jobs = jobs or max(1, os.cpu_count() or 1)
+    convs = {n: [(op, op_fingerprint(op)) for op in convolutions(fn)] for n, _, fn in segs}
+    firsts = {}
+    for n, d, fn in segs:
+        for op, fp in convs[n]:
+            if fp not in cache["convs"] and fp not in firsts:
+                firsts[fp] = (fn, op)
+    measured = bool(firsts)
+    with tempfile.TemporaryDirectory(prefix="polyarch-tune-") as tmp:
+        if firsts:
+            times = _measure_convs(module, "cpu", list(firsts.values()), tmp, jobs, progress)
+            for fp, t in zip(firsts, times):
+                t["choice"] = "im2col" if t["im2col_us"] <= WIN * t["direct_us"] else "direct"
+                cache["convs"][fp] = t
+        out = {}
+        with module.context, ir.Location.unknown():
+            for n, d, fn in segs:
+                marked = 0
+                for op, fp in convs[n]:
+                    if cache["convs"][fp]["choice"] == "im2col":
+                        op.attributes[pa.LOWERING] = ir.StringAttr.get("im2col")
+                        marked += 1
+                out[n] = {"mode": mode, "convs": len(convs[n]), "im2col": marked, "flags": "default", "extra_flags": [],
+                          "source": "measured now" if measured else "cached"}
+        if mode == "full":
+            for n, d, fn in segs:
+                with module.context, ir.Location.unknown():
+                    seg = _segment_module(ir, fn)
+                    key = _segment_digest(seg, ())
+                hit = cache["segments"].get(key)
+                if hit is None:
+                    best, times = _tune_flags(fn, d, n, tmp, progress)
+                    hit = cache["segments"][key] = {"flags": best, "times_us": times}
+                    out[n]["source"] = "measured now"
+                out[n]["flags"] = hit["flags"]
+                out[n]["extra_flags"] = list(FLAG_CANDIDATES["cpu"].get(hit["flags"], ()))
+    if measured or mode == "full":
+        _store(ident, cache)
+    return out
