@@ -22,6 +22,7 @@ lit: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_minilm.py
 	$(VENV)/bin/python bench/placement_truth.py
+	$(VENV)/bin/python bench/cpu_zoo.py
 	$(VENV)/bin/python bench/cost_model.py
 	$(VENV)/bin/python bench/plan_regret.py --profile out/bench/profile.json
 	$(VENV)/bin/python bench/bundle_load.py
