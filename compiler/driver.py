@@ -279,8 +279,8 @@ def _ops_at(fn, frames):
     ops, _ = body_ops(fn)
     out = []
     for op in ops:
-        if not any(pa.is_tensor(r) for r in op.results):
-            continue  # glue (lists, scalars) shares the line of the op it feeds
+        if pa.DEVICE not in op.attributes:
+            continue  # weights and glue (lists, scalars) share the line of the op they feed
         stack = [(os.path.basename(f), int(l)) for f, l in _LOC_FRAME.findall(str(op.location))]
         if stack and stack == frames[:len(stack)] and len(stack) == len(frames):
             out.append(op)
@@ -324,7 +324,7 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
     -> {segment name: (vmfb bytes, iree-compile command, parameter archive path or None)}.
 
     tuning: {segment name: choice} from compiler/tuning.py: its convolutions marked
-    `polyarch.lowering = "im2col"` are rewritten by conv-to-matmul, its extra flags added.
+    `polyarch.lowering` are rewritten by conv-to-matmul, its extra flags added.
 
     params_dir: export each segment's weights (constants of parameters.MIN_BYTES or more)
     to `<params_dir>/<scope>.irpa`, scope `<scope_prefix><segment>`, instead of inlining
@@ -345,17 +345,25 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
         inputs = []
         with module.context, ir.Location.unknown():
             for name, device, fn in segs:
-                src = os.path.join(tmp, f"{name}.mlirbc")
-                seg = _segment_module(ir, fn)
-                pool_to_mean.run(seg)  # works around an IREE 3.13 failure (passes/pool_to_mean.py)
-                if tuning.get(name, {}).get("im2col"):
-                    conv_to_matmul.run(seg, convs="marked")
-                with open(src, "wb") as f:
-                    seg.operation.write_bytecode(f)
-                inputs.append((name, device, src))
+                # the tuned lowering first; where IREE refuses it among its neighbours (it compiled
+                # alone when tuned; e.g. a fused dispatch over the stack limit): each kind of
+                # rewrite alone, then IREE's own lowering. Never a failed compile for tuning's sake.
+                kinds = sorted(tuning.get(name, {}).get("rewritten") or ())
+                variants = [tuple(kinds)] + ([(k,) for k in kinds] if len(kinds) > 1 else []) + ([()] if kinds else [])
+                srcs = []
+                for i, variant in enumerate(variants or [()]):
+                    srcs.append((variant, os.path.join(tmp, f"{name}.{i}.mlirbc")))
+                    seg = _segment_module(ir, fn)
+                    pool_to_mean.run(seg)  # works around an IREE 3.13 failure (passes/pool_to_mean.py)
+                    if variant:
+                        conv_to_matmul.run(seg, convs="marked", kinds=variant)
+                    with open(srcs[-1][1], "wb") as f:
+                        seg.operation.write_bytecode(f)
+                inputs.append((name, device, srcs))
 
         def one(item):
-            name, device, src = item
+            name, device, srcs = item
+            src = srcs[0][1]
             out = os.path.join(tmp, f"{name}.vmfb")
             spec = DeviceSpec.parse(device)
             # async-external: each function also comes as `NAME$async(args, wait fence, signal fence)`,
@@ -368,6 +376,17 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
                 cmd[-2:-2] = parameters.export_flags(scope_prefix + name, archive)
             t = time.time()
             r, _, cmd = compile_with_retries(cmd, spec.kind, progress, f"{scope_prefix}{name} for {device}")
+            for (tried, _), (variant, fallback) in zip(srcs, srcs[1:]):
+                if r.returncode == 0:
+                    break
+                err = next((l.partition(": error: ")[2] for l in r.stderr.splitlines() if ": error: " in l), "?").strip()
+                progress(f"{scope_prefix}{name} for {device}: IREE refused the tuned lowering ({'+'.join(tried)}: "
+                         f"{err[:100]}); trying {'+'.join(variant) or 'IREE' + chr(39) + 's own'}")
+                rec = tuning[name]
+                rec.setdefault("refused", []).append({"lowering": list(tried), "error": err[:200]})
+                rec["rewritten"] = {k: v for k, v in rec["rewritten"].items() if k in variant}
+                cmd[1] = fallback
+                r, _, cmd = compile_with_retries(cmd, spec.kind, progress, f"{scope_prefix}{name} for {device}")
             if r.returncode != 0:
                 raise _iree_error(r.stderr, name, device, fns[name], devices)
             with open(out, "rb") as f:

@@ -3,8 +3,9 @@
     tune="none"    IREE's default lowering and the device's flags (compiler/targets.py)
     tune="quick"   (default) every distinct convolution of a cpu segment that conv-to-matmul can
                    rewrite (by op fingerprint: shapes, strides, padding...) is compiled both ways,
-                   IREE's convolution and im2col + matmul, each run alone on this host's CPU;
-                   im2col is kept where it is at least 5% faster (WIN)
+                   IREE's convolution and the rewrite (im2col + matmul; a sum of taps for a
+                   depthwise one), each run alone on this host's CPU; the rewrite is kept where
+                   it is at least 5% faster (WIN)
     tune="full"    quick, then each cpu segment is compiled whole with every candidate flag set
                    (FLAG_CANDIDATES) and timed on random inputs; the fastest is kept (by 5%)
 
@@ -35,7 +36,7 @@ MODES = ("none", "quick", "full")
 DEFAULT = "quick"
 WIN = 0.95  # a candidate replaces the default only when it takes at most this fraction of its time
 FLAG_CANDIDATES = {"cpu": {"default": (), "ukernels": ("--iree-llvmcpu-enable-ukernels=all",)}}
-SCHEMA = "polyarch-tuning/1"
+SCHEMA = "polyarch-tuning/2"
 
 
 def check_mode(mode):
@@ -146,8 +147,11 @@ def _time_probe(device, vmfb, calls):
 
 
 def _conv_probes(ir, module, items):
-    """Two probe modules (IREE's convolution; im2col) holding one function per convolution.
-    items: [(segment function, conv op)] -> (direct, im2col, [(name, arg types)])."""
+    """Two probe modules (IREE's convolution; conv-to-matmul's rewrite: im2col, or taps for a
+    depthwise one) holding one function per convolution.
+    items: [(segment function, conv op)] -> (direct, rewritten, [(name, arg types)])."""
+    from ..passes.conv_to_matmul import conv_params
+
     from ..passes.common import body_ops, remat_set
     from ..passes.outline_segments import _needs, make_function, program_order
 
@@ -161,27 +165,28 @@ def _conv_probes(ir, module, items):
                                              False, ir.InsertionPoint(m.body))
             if k == 1:
                 conv = [o for o in new.regions[0].blocks[0].operations if o.operation.name == "torch.aten.convolution"][-1]
-                conv.attributes[pa.LOWERING] = ir.StringAttr.get("im2col")
+                conv.attributes[pa.LOWERING] = ir.StringAttr.get(conv_params(op)["lowering"])
         sigs.append((f"conv{i}", in_types))
     return mods[0], mods[1], sigs
 
 
 def _measure_convs(module, device, items, tmp, jobs, progress):
-    """Time each convolution both ways on the device. -> [{"direct": us, "im2col": us}] per item."""
+    """Time each convolution both ways on the device. -> [{"direct_us", "rewritten_us"}] per item."""
     from torch_mlir import ir
 
     with module.context, ir.Location.unknown():
-        direct, im2col, sigs = _conv_probes(ir, module, items)
-    progress(f"tune: timing {len(items)} convolution shape(s) on {device}, IREE's convolution against im2col + matmul")
+        direct, rewritten, sigs = _conv_probes(ir, module, items)
+    progress(f"tune: timing {len(items)} convolution shape(s) on {device}, IREE's convolution against "
+             "im2col + matmul (taps for depthwise)")
     with ThreadPoolExecutor(min(2, jobs)) as pool:
         (d_path, d_err), (i_path, i_err) = pool.map(lambda a: _compile(*a), [
-            (direct, device, tmp, "conv-direct"), (im2col, device, tmp, "conv-im2col", (), True)])
+            (direct, device, tmp, "conv-direct"), (rewritten, device, tmp, "conv-rewritten", (), True)])
     if d_err or i_err:
         raise PolyarchError(f"IREE could not compile the tuning probes for {device}: {d_err or i_err}",
                             fix="compile with --tune none (and report the convolution shapes)")
     calls = [(name, _random_args(types, seed=i)) for i, (name, types) in enumerate(sigs)]
     td, ti = _time_probe(device, d_path, calls), _time_probe(device, i_path, calls)
-    return [{"direct_us": round(td[name] * 1e6, 1), "im2col_us": round(ti[name] * 1e6, 1)} for name, _ in calls]
+    return [{"direct_us": round(td[name] * 1e6, 1), "rewritten_us": round(ti[name] * 1e6, 1)} for name, _ in calls]
 
 
 def _segment_digest(seg_module, flags):
@@ -224,9 +229,9 @@ def _tune_flags(fn, device, name, tmp, progress):
 def tune_plan(module, mode=DEFAULT, jobs=None, progress=None):
     """Choose each cpu segment's lowering (module after outline-segments): marks the
     convolutions to compile as im2col + matmul (`polyarch.lowering`) in place.
-    -> {segment name: {"mode", "convs", "im2col", "flags", "extra_flags", "source"}}."""
+    -> {segment name: {"mode", "convs", "rewritten": {lowering: count}, "flags", "extra_flags", "source"}}."""
     from ..passes.common import op_fingerprint
-    from ..passes.conv_to_matmul import convolutions
+    from ..passes.conv_to_matmul import conv_params, convolutions
     from ..runtime.identity import identify
     from .driver import _segment_module, segments_of
 
@@ -250,18 +255,20 @@ def tune_plan(module, mode=DEFAULT, jobs=None, progress=None):
     with tempfile.TemporaryDirectory(prefix="polyarch-tune-") as tmp:
         if firsts:
             times = _measure_convs(module, "cpu", list(firsts.values()), tmp, jobs, progress)
-            for fp, t in zip(firsts, times):
-                t["choice"] = "im2col" if t["im2col_us"] <= WIN * t["direct_us"] else "direct"
+            for (fp, (_, op)), t in zip(firsts.items(), times):
+                t["lowering"] = conv_params(op)["lowering"]
+                t["choice"] = t["lowering"] if t["rewritten_us"] <= WIN * t["direct_us"] else "direct"
                 cache["convs"][fp] = t
         out = {}
         with module.context, ir.Location.unknown():
             for n, d, fn in segs:
-                marked = 0
+                marked = {}
                 for op, fp in convs[n]:
-                    if cache["convs"][fp]["choice"] == "im2col":
-                        op.attributes[pa.LOWERING] = ir.StringAttr.get("im2col")
-                        marked += 1
-                out[n] = {"mode": mode, "convs": len(convs[n]), "im2col": marked, "flags": "default", "extra_flags": [],
+                    choice = cache["convs"][fp]["choice"]
+                    if choice != "direct":
+                        op.attributes[pa.LOWERING] = ir.StringAttr.get(choice)
+                        marked[choice] = marked.get(choice, 0) + 1
+                out[n] = {"mode": mode, "convs": len(convs[n]), "rewritten": marked, "flags": "default", "extra_flags": [],
                           "source": "measured now" if measured else "cached"}
         if mode == "full":
             for n, d, fn in segs:

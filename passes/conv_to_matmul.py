@@ -1,27 +1,38 @@
-"""conv-to-matmul: 2-D convolutions as an explicit im2col + matrix multiply, channels last.
+"""conv-to-matmul: 2-D convolutions as an explicit im2col + matrix multiply; depthwise ones
+as a sum of their taps. Both stay in NCHW: no transposes.
 
     %y = torch.aten.convolution %x, %w, %b, stride, padding, dilation, false, [0, 0], 1
 becomes
-    xp   = constant_pad_nd(x, padding)                      (when padded)
-    xh   = permute(xp, [0, 2, 3, 1])                        NHWC
-    cols = cat([xh[:, i*dh :: sh, j*dw :: sw, :] for i, j], dim 3)   one slice per tap
-    y    = permute(view(mm(view(cols, [N*OH*OW, KH*KW*C]),
-                           view(permute(w, [2, 3, 1, 0]), [KH*KW*C, F])) + b,
-                        [N, OH, OW, F]), [0, 3, 1, 2])
+    xp   = constant_pad_nd(x, padding)                                   (when padded)
+    cols = cat([xp[:, :, i*dh :: sh, j*dw :: sw].unsqueeze(2) for i, j], dim 2)   a slice per tap
+    y    = view(matmul(view(w, [F, C*KH*KW]), view(cols, [N, C*KH*KW, OH*OW])), [N, F, OH, OW]) + b
+(a 1x1 stride-1 convolution is the matmul alone). A channels-last form (permute to NHWC,
+matmul, permute back) measured slower in whole models: the permutes fuse into the
+neighbouring elementwise dispatches as strided transposes (MobileNetV2: 23.3 ms of dispatches
+against 11.7 ms in NCHW, ResNet-18: 38.1 against 32.3).
 
-Why (measured, IREE 3.13 llvm-cpu, docs/cpu-speed.md): IREE lowers
-`linalg.conv_2d_nchw_fchw` with its own convolution tiling, which reaches 10-40% of what
-its data-tiled matmul reaches on the same FLOPs for some shapes (a 7x7 stride-2 stem:
-12.2 ms against 2.8 ms here) and is as fast or faster for others. Which is faster depends
-on the shape and the host, so the driver's tuner (compiler/tuning.py) measures both per
-convolution shape and marks the ones to rewrite; this pass is the rewrite.
+Why (measured, IREE 3.13 llvm-cpu, docs/cpu-speed.md): IREE lowers a strided
+`linalg.conv_2d_nchw_fchw` outside its data-tiled matmul path, 3x-200x slower than the same
+FLOPs as a matmul (ResNet-18's 1x1 stride-2 downsample: 36.7 ms against 0.2 ms), while
+stride-1 convolutions are about as fast either way. Which is faster depends on the shape and
+the host, so the driver's tuner (compiler/tuning.py) measures both per convolution shape and
+marks the ones to rewrite; this pass is the rewrite.
+
+A depthwise convolution (groups = input channels = output channels) is no matmul; it becomes
+
+    y = sum over taps (i, j) of  xp[:, :, i*dh :: sh, j*dw :: sw] * w[:, 0, i, j].view(1, C, 1, 1)  (+ b)
+
+elementwise work that IREE fuses into one dispatch (IREE's own depthwise lowering ran at
+4 GFLOP/s in MobileNetV2 here).
 
 Options:
   convs=all      rewrite every eligible convolution (default)
-  convs=marked   rewrite only those marked `polyarch.lowering = "im2col"` (what the tuner does)
+  convs=marked   rewrite only those marked `polyarch.lowering = "im2col"` (groups = 1) or
+                 `"taps"` (depthwise): what the tuner does
 
-Eligible: 2-D (rank-4 input and weight), static shapes, not transposed, groups = 1,
-float element type, constant stride/padding/dilation. Others are left as they are.
+Eligible: 2-D (rank-4 input and weight), static shapes, not transposed, groups = 1 or
+depthwise with one filter per channel, float element type, constant stride/padding/dilation.
+Others are left as they are.
 The new ops carry the convolution's location (module path and source line)."""
 
 from ..dialects import polyarch as pa
@@ -29,6 +40,7 @@ from ..errors import PolyarchError
 
 OPTIONS = {"convs": "all"}
 IM2COL = "im2col"
+TAPS = "taps"
 _FLOATS = ("f32", "f16", "bf16", "f64")
 
 
@@ -66,11 +78,14 @@ def conv_params(op):
     if any(d < 0 for d in xi[0] + wi[0] + yi[0]):
         return None
     lists = [_const_list(v) for v in (stride, padding, dilation)]
-    if any(l is None or len(l) != 2 for l in lists) or _const_scalar(transposed) is not False or _const_scalar(groups) != 1:
+    g = _const_scalar(groups)
+    depthwise = g == xi[0][1] and wi[0][1] == 1 and wi[0][0] == g and g > 1
+    if any(l is None or len(l) != 2 for l in lists) or _const_scalar(transposed) is not False or (g != 1 and not depthwise):
         return None
     bias = None if pa.tensor_info(b.type) is None else b
     return {"x": x, "w": w, "b": bias, "stride": lists[0], "padding": lists[1], "dilation": lists[2],
-            "in_shape": xi[0], "w_shape": wi[0], "out_shape": yi[0], "et": xi[1]}
+            "in_shape": xi[0], "w_shape": wi[0], "out_shape": yi[0], "et": xi[1],
+            "lowering": TAPS if depthwise else IM2COL}
 
 
 class _Builder:
@@ -94,8 +109,45 @@ class _Builder:
         return self._op(name, f"!torch.vtensor<[{','.join(map(str, shape))}],{et}>", operands)
 
 
+def _rewrite_taps(ir, op, p):
+    """Replace a depthwise convolution by a sum over its taps of strided slices times the
+    tap's per-channel weight (elementwise work that IREE fuses into one dispatch)."""
+    bld = _Builder(ir, op)
+    n, c, h, w_ = p["in_shape"]
+    _, _, kh, kw = p["w_shape"]
+    _, _, oh, ow = p["out_shape"]
+    (sh, sw), (ph, pw), (dh, dw) = p["stride"], p["padding"], p["dilation"]
+    et, x, w = p["et"], p["x"], p["w"]
+    if ph or pw:
+        zero = bld._op("torch.constant.float", "!torch.float", [], {"value": ir.FloatAttr.get_f64(0.0)})
+        h, w_ = h + 2 * ph, w_ + 2 * pw
+        x = bld.tensor("torch.aten.constant_pad_nd", [n, c, h, w_], et, [x, bld.ints([pw, pw, ph, ph]), zero])
+    acc = None
+    for i in range(kh):
+        rows = x
+        if (i * dh, sh, oh) != (0, 1, h):
+            rows = bld.tensor("torch.aten.slice.Tensor", [n, c, oh, w_], et,
+                              [x, bld.int(2), bld.int(i * dh), bld.int(i * dh + sh * (oh - 1) + 1), bld.int(sh)])
+        wrow = bld.tensor("torch.aten.slice.Tensor", [c, 1, 1, kw], et, [w, bld.int(2), bld.int(i), bld.int(i + 1), bld.int(1)])
+        for j in range(kw):
+            tap = rows
+            if (j * dw, sw, ow) != (0, 1, w_):
+                tap = bld.tensor("torch.aten.slice.Tensor", [n, c, oh, ow], et,
+                                 [rows, bld.int(3), bld.int(j * dw), bld.int(j * dw + sw * (ow - 1) + 1), bld.int(sw)])
+            wij = bld.tensor("torch.aten.slice.Tensor", [c, 1, 1, 1], et, [wrow, bld.int(3), bld.int(j), bld.int(j + 1), bld.int(1)])
+            wij = bld.tensor("torch.aten.view", [1, c, 1, 1], et, [wij, bld.ints([1, c, 1, 1])])
+            prod = bld.tensor("torch.aten.mul.Tensor", [n, c, oh, ow], et, [tap, wij])
+            acc = prod if acc is None else bld.tensor("torch.aten.add.Tensor", [n, c, oh, ow], et, [acc, prod, bld.int(1)])
+    if p["b"] is not None:
+        b = bld.tensor("torch.aten.view", [1, c, 1, 1], et, [p["b"], bld.ints([1, c, 1, 1])])
+        acc = bld.tensor("torch.aten.add.Tensor", [n, c, oh, ow], et, [acc, b, bld.int(1)])
+    op.results[0].replace_all_uses_with(acc)
+    op.operation.erase()
+
+
 def _rewrite(ir, op, p):
-    """Replace one convolution (params p from conv_params) by im2col + mm."""
+    """Replace one convolution by im2col + matmul in NCHW: no transposes.
+    cols [N, C*KH*KW, OH*OW] (taps stacked after the channels), W [F, C*KH*KW] @ cols."""
     bld = _Builder(ir, op)
     n, c, h, w_ = p["in_shape"]
     f, _, kh, kw = p["w_shape"]
@@ -106,33 +158,45 @@ def _rewrite(ir, op, p):
         zero = bld._op("torch.constant.float", "!torch.float", [], {"value": ir.FloatAttr.get_f64(0.0)})
         h, w_ = h + 2 * ph, w_ + 2 * pw
         x = bld.tensor("torch.aten.constant_pad_nd", [n, c, h, w_], et, [x, bld.ints([pw, pw, ph, ph]), zero])
-    xh = bld.tensor("torch.aten.permute", [n, h, w_, c], et, [x, bld.ints([0, 2, 3, 1])])
+    k = c * kh * kw
+    if (sh, sw, dh, dw) == (kh, kw, 1, 1) and (h, w_) == (oh * kh, ow * kw) and kh * kw > 1:
+        # patches that tile the input (ViT's patch embedding): a reshape and a transpose, no taps
+        cols = bld.tensor("torch.aten.view", [n, c, oh, kh, ow, kw], et, [x, bld.ints([n, c, oh, kh, ow, kw])])
+        cols = bld.tensor("torch.aten.permute", [n, c, kh, kw, oh, ow], et, [cols, bld.ints([0, 1, 3, 5, 2, 4])])
+        return _finish(bld, op, p, cols, k)
     taps = []
     for i in range(kh):
-        rows = xh
+        rows = x
         if (i * dh, sh, oh) != (0, 1, h):
-            rows = bld.tensor("torch.aten.slice.Tensor", [n, oh, w_, c], et,
-                              [xh, bld.int(1), bld.int(i * dh), bld.int(i * dh + sh * (oh - 1) + 1), bld.int(sh)])
+            rows = bld.tensor("torch.aten.slice.Tensor", [n, c, oh, w_], et,
+                              [x, bld.int(2), bld.int(i * dh), bld.int(i * dh + sh * (oh - 1) + 1), bld.int(sh)])
         for j in range(kw):
             tap = rows
             if (j * dw, sw, ow) != (0, 1, w_):
-                tap = bld.tensor("torch.aten.slice.Tensor", [n, oh, ow, c], et,
-                                 [rows, bld.int(2), bld.int(j * dw), bld.int(j * dw + sw * (ow - 1) + 1), bld.int(sw)])
+                tap = bld.tensor("torch.aten.slice.Tensor", [n, c, oh, ow], et,
+                                 [rows, bld.int(3), bld.int(j * dw), bld.int(j * dw + sw * (ow - 1) + 1), bld.int(sw)])
             taps.append(tap)
-    k = kh * kw * c
     if len(taps) > 1:
+        taps = [bld.tensor("torch.aten.unsqueeze", [n, c, 1, oh, ow], et, [t, bld.int(2)]) for t in taps]
         lst = bld._op("torch.prim.ListConstruct", "!torch.list<vtensor>", taps)
-        cols = bld.tensor("torch.aten.cat", [n, oh, ow, k], et, [lst, bld.int(3)])
+        cols = bld.tensor("torch.aten.cat", [n, c, kh * kw, oh, ow], et, [lst, bld.int(2)])
     else:
         cols = taps[0]
-    cols = bld.tensor("torch.aten.view", [n * oh * ow, k], et, [cols, bld.ints([n * oh * ow, k])])
-    wt = bld.tensor("torch.aten.permute", [kh, kw, c, f], et, [p["w"], bld.ints([2, 3, 1, 0])])
-    wt = bld.tensor("torch.aten.view", [k, f], et, [wt, bld.ints([k, f])])
-    y = bld.tensor("torch.aten.mm", [n * oh * ow, f], et, [cols, wt])
+    _finish(bld, op, p, cols, k)
+
+
+def _finish(bld, op, p, cols, k):
+    """The matmul of the weights with the columns (any shape holding [N, C*KH*KW, OH*OW]), the
+    bias, and the convolution's result replaced."""
+    n, f, oh, ow = p["out_shape"]
+    et = p["et"]
+    cols = bld.tensor("torch.aten.view", [n, k, oh * ow], et, [cols, bld.ints([n, k, oh * ow])])
+    w2 = bld.tensor("torch.aten.view", [f, k], et, [p["w"], bld.ints([f, k])])
+    y = bld.tensor("torch.aten.matmul", [n, f, oh * ow], et, [w2, cols])
+    y = bld.tensor("torch.aten.view", [n, f, oh, ow], et, [y, bld.ints([n, f, oh, ow])])
     if p["b"] is not None:
-        y = bld.tensor("torch.aten.add.Tensor", [n * oh * ow, f], et, [y, p["b"], bld.int(1)])
-    y = bld.tensor("torch.aten.view", [n, oh, ow, f], et, [y, bld.ints([n, oh, ow, f])])
-    y = bld.tensor("torch.aten.permute", [n, f, oh, ow], et, [y, bld.ints([0, 3, 1, 2])])
+        b = bld.tensor("torch.aten.view", [1, f, 1, 1], et, [p["b"], bld.ints([1, f, 1, 1])])
+        y = bld.tensor("torch.aten.add.Tensor", [n, f, oh, ow], et, [y, b, bld.int(1)])
     op.results[0].replace_all_uses_with(y)
     op.operation.erase()
 
@@ -144,9 +208,9 @@ def convolutions(func):
     return [op for block in func.regions[0].blocks for op in block.operations if conv_params(op) is not None]
 
 
-def run(module, convs="all"):
-    """Rewrite the eligible convolutions of every function of `module` in place.
-    -> the number rewritten."""
+def run(module, convs="all", kinds=(IM2COL, TAPS)):
+    """Rewrite the eligible convolutions of every function of `module` in place (with
+    convs=marked, only those marked with one of `kinds`). -> the number rewritten."""
     from torch_mlir import ir
 
     if convs not in ("all", "marked"):
@@ -157,8 +221,10 @@ def run(module, convs="all"):
             if func.operation.name != "func.func":
                 continue
             for op in convolutions(func):
-                marked = pa.LOWERING in op.attributes and op.attributes[pa.LOWERING].value == IM2COL
+                p = conv_params(op)
+                marked = (pa.LOWERING in op.attributes and op.attributes[pa.LOWERING].value == p["lowering"]
+                          and p["lowering"] in kinds)
                 if convs == "all" or marked:
-                    _rewrite(ir, op, conv_params(op))
+                    (_rewrite_taps if p["lowering"] == TAPS else _rewrite)(ir, op, p)
                     done += 1
     return done

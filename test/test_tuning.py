@@ -29,7 +29,7 @@ def close(got, ref, rel=REL):
 
 
 class Convs(torch.nn.Module):
-    """Every shape conv-to-matmul handles, and a grouped one it leaves alone."""
+    """Every shape conv-to-matmul handles (depthwise included), and a grouped one it leaves alone."""
 
     def __init__(self):
         super().__init__()
@@ -39,9 +39,11 @@ class Convs(torch.nn.Module):
         self.down = torch.nn.Conv2d(8, 16, 1, 2)
         self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
         self.rect = torch.nn.Conv2d(16, 4, (3, 1), (1, 2), (1, 0))
+        self.depthwise = torch.nn.Conv2d(4, 4, 3, 2, 1, groups=4)
+        self.dilated_dw = torch.nn.Conv2d(4, 4, 3, 1, 2, dilation=2, groups=4, bias=False)
 
     def forward(self, x):
-        return self.rect(self.dw(self.down(torch.relu(self.dil(self.stem(x))))))
+        return self.dilated_dw(self.depthwise(self.rect(self.dw(self.down(torch.relu(self.dil(self.stem(x))))))))
 
 
 def _run_plain(module, inputs, tmp_path):
@@ -68,9 +70,14 @@ def test_conv_to_matmul_matches_eager(tmp_path):
 
     m, x = Convs().eval(), torch.randn(2, 3, 33, 31)
     module, _ = import_model(m, (x,))
-    assert conv_to_matmul.run(module) == 4  # the grouped one stays
+    assert conv_to_matmul.run(module) == 6  # the grouped one (groups 4 of 16 channels) stays
     text = str(module)
-    assert text.count("torch.aten.convolution") == 1 and text.count("torch.aten.mm") == 4
+    assert text.count("torch.aten.convolution") == 1 and text.count("torch.aten.matmul") == 4
+    close(_run_plain(module, [x.numpy()], tmp_path), eager(m, (x,)))
+    # patches that tile the input (ViT's patch embedding): a reshape and a transpose, no slices
+    m, x = torch.nn.Conv2d(3, 8, 8, 8).eval(), torch.randn(2, 3, 32, 40)
+    module, _ = import_model(m, (x,))
+    assert conv_to_matmul.run(module) == 1 and "torch.aten.slice.Tensor" not in str(module)
     close(_run_plain(module, [x.numpy()], tmp_path), eager(m, (x,)))
 
 
@@ -123,7 +130,7 @@ def test_quick_tuning_measures_each_shape_once_and_caches(tmp_path):
     close(polyarch.runtime.load(out)(x.numpy()), ref)
     cache = json.load(open(path))
     assert len(cache["convs"]) == 2
-    assert all(c["choice"] in ("direct", "im2col") and c["direct_us"] > 0 and c["im2col_us"] > 0
+    assert all(c["choice"] in ("direct", "im2col") and c["direct_us"] > 0 and c["rewritten_us"] > 0
                for c in cache["convs"].values())
 
     # a recompile measures nothing
@@ -137,7 +144,7 @@ def test_quick_tuning_measures_each_shape_once_and_caches(tmp_path):
             c["choice"] = choice
         measured._write(path, cache)
         out = polyarch.compile(m, (x,), devices=["cpu"], output=str(tmp_path / f"{choice}.pab"))
-        assert _tuning(out)["im2col"] == n
+        assert _tuning(out)["rewritten"].get("im2col", 0) == n
         close(polyarch.runtime.load(out)(x.numpy()), ref)
 
 

@@ -1,27 +1,30 @@
 // RUN: polyarch-opt %s -p conv-to-matmul | FileCheck %s
 // RUN: polyarch-opt %s -p 'conv-to-matmul{convs=marked}' | FileCheck %s --check-prefix=MARKED
 // RUN: not polyarch-opt %s -p 'conv-to-matmul{convs=some}' 2>&1 | FileCheck %s --check-prefix=BAD
-// A 3x3, stride-2, padded convolution becomes pad, NHWC, one strided slice per tap, cat of the
-// taps on the channels, one matmul against the weights as [KH*KW*C, F], the bias, and back to NCHW.
+// A 3x3, stride-2, padded convolution becomes pad, one strided slice per tap, the taps stacked
+// after the channels, one matmul of the weights as [F, C*KH*KW] with them, and the bias; NCHW throughout.
 // CHECK-LABEL: func.func @strided
 // CHECK: %[[P:.*]] = torch.aten.constant_pad_nd %arg0, {{.*}} -> !torch.vtensor<[1,2,9,9],f32>
-// CHECK: %[[H:.*]] = torch.aten.permute %[[P]], {{.*}} -> !torch.vtensor<[1,9,9,2],f32>
-// CHECK: torch.aten.slice.Tensor %[[H]], {{.*}} -> !torch.vtensor<[1,4,9,2],f32>
-// CHECK-COUNT-9: torch.aten.slice.Tensor {{.*}} -> !torch.vtensor<[1,4,4,2],f32>
-// CHECK: %[[C:.*]] = torch.aten.cat {{.*}} -> !torch.vtensor<[1,4,4,18],f32>
-// CHECK: %[[COL:.*]] = torch.aten.view %[[C]], {{.*}} -> !torch.vtensor<[16,18],f32>
-// CHECK: %[[WT:.*]] = torch.aten.permute %{{.*}}, {{.*}} -> !torch.vtensor<[3,3,2,3],f32>
-// CHECK: %[[W2:.*]] = torch.aten.view %[[WT]], {{.*}} -> !torch.vtensor<[18,3],f32>
-// CHECK: %[[MM:.*]] = torch.aten.mm %[[COL]], %[[W2]] : {{.*}} -> !torch.vtensor<[16,3],f32>
-// CHECK: %[[B:.*]] = torch.aten.add.Tensor %[[MM]], {{.*}} -> !torch.vtensor<[16,3],f32>
-// CHECK: %[[V:.*]] = torch.aten.view %[[B]], {{.*}} -> !torch.vtensor<[1,4,4,3],f32>
-// CHECK: %[[Y:.*]] = torch.aten.permute %[[V]], {{.*}} -> !torch.vtensor<[1,3,4,4],f32>
+// CHECK: torch.aten.slice.Tensor %[[P]], {{.*}} -> !torch.vtensor<[1,2,4,9],f32>
+// CHECK-COUNT-9: torch.aten.slice.Tensor {{.*}} -> !torch.vtensor<[1,2,4,4],f32>
+// CHECK: %[[C:.*]] = torch.aten.cat {{.*}} -> !torch.vtensor<[1,2,9,4,4],f32>
+// CHECK: %[[COL:.*]] = torch.aten.view %[[C]], {{.*}} -> !torch.vtensor<[1,18,16],f32>
+// CHECK: %[[W2:.*]] = torch.aten.view %{{.*}}, {{.*}} -> !torch.vtensor<[3,18],f32>
+// CHECK: %[[MM:.*]] = torch.aten.matmul %[[W2]], %[[COL]] : {{.*}} -> !torch.vtensor<[1,3,16],f32>
+// CHECK: %[[V:.*]] = torch.aten.view %[[MM]], {{.*}} -> !torch.vtensor<[1,3,4,4],f32>
+// CHECK: %[[Y:.*]] = torch.aten.add.Tensor %[[V]], {{.*}} -> !torch.vtensor<[1,3,4,4],f32>
+// CHECK-NOT: torch.aten.permute
 // CHECK-NOT: torch.aten.convolution
 // CHECK: return %[[Y]]
-// A grouped (depthwise) convolution is not a matmul: left as it is.
+// A depthwise convolution is a sum of its 9 taps, each a slice times its per-channel weight.
+// CHECK-LABEL: func.func @depthwise
+// CHECK-NOT: torch.aten.convolution
+// CHECK-COUNT-9: torch.aten.mul.Tensor {{.*}} -> !torch.vtensor<[1,4,5,5],f32>
+// CHECK-NOT: torch.aten.matmul
+// CHECK: return
+// A grouped convolution that is not depthwise stays.
 // CHECK-LABEL: func.func @grouped
 // CHECK: torch.aten.convolution
-// CHECK-NOT: torch.aten.mm
 // CHECK-LABEL: func.func @marked
 
 // convs=marked rewrites only what the tuner marked with polyarch.lowering = "im2col".
@@ -29,7 +32,7 @@
 // MARKED: torch.aten.convolution
 // MARKED-LABEL: func.func @marked
 // MARKED-NOT: torch.aten.convolution
-// MARKED: torch.aten.mm {{.*}} -> !torch.vtensor<[25,3],f32>
+// MARKED: torch.aten.matmul {{.*}} -> !torch.vtensor<[1,3,25],f32>
 // BAD: conv-to-matmul: convs='some'. Fix: use convs=all or convs=marked
 
 func.func @strided(%x: !torch.vtensor<[1,2,7,7],f32>) -> !torch.vtensor<[1,3,4,4],f32> {
@@ -47,7 +50,7 @@ func.func @strided(%x: !torch.vtensor<[1,2,7,7],f32>) -> !torch.vtensor<[1,3,4,4
   return %y : !torch.vtensor<[1,3,4,4],f32>
 }
 
-func.func @grouped(%x: !torch.vtensor<[1,4,5,5],f32>) -> !torch.vtensor<[1,4,5,5],f32> {
+func.func @depthwise(%x: !torch.vtensor<[1,4,5,5],f32>) -> !torch.vtensor<[1,4,5,5],f32> {
   %w = torch.vtensor.literal(dense<0.5> : tensor<4x1x3x3xf32>) : !torch.vtensor<[4,1,3,3],f32>
   %none = torch.constant.none
   %int1 = torch.constant.int 1
@@ -57,6 +60,19 @@ func.func @grouped(%x: !torch.vtensor<[1,4,5,5],f32>) -> !torch.vtensor<[1,4,5,5
   %one = torch.prim.ListConstruct %int1, %int1 : (!torch.int, !torch.int) -> !torch.list<int>
   %zero = torch.prim.ListConstruct %int0, %int0 : (!torch.int, !torch.int) -> !torch.list<int>
   %y = torch.aten.convolution %x, %w, %none, %one, %one, %one, %false, %zero, %int4 : !torch.vtensor<[1,4,5,5],f32>, !torch.vtensor<[4,1,3,3],f32>, !torch.none, !torch.list<int>, !torch.list<int>, !torch.list<int>, !torch.bool, !torch.list<int>, !torch.int -> !torch.vtensor<[1,4,5,5],f32>
+  return %y : !torch.vtensor<[1,4,5,5],f32>
+}
+
+func.func @grouped(%x: !torch.vtensor<[1,4,5,5],f32>) -> !torch.vtensor<[1,4,5,5],f32> {
+  %w = torch.vtensor.literal(dense<0.5> : tensor<4x2x3x3xf32>) : !torch.vtensor<[4,2,3,3],f32>
+  %none = torch.constant.none
+  %int1 = torch.constant.int 1
+  %int2 = torch.constant.int 2
+  %int0 = torch.constant.int 0
+  %false = torch.constant.bool false
+  %one = torch.prim.ListConstruct %int1, %int1 : (!torch.int, !torch.int) -> !torch.list<int>
+  %zero = torch.prim.ListConstruct %int0, %int0 : (!torch.int, !torch.int) -> !torch.list<int>
+  %y = torch.aten.convolution %x, %w, %none, %one, %one, %one, %false, %zero, %int2 : !torch.vtensor<[1,4,5,5],f32>, !torch.vtensor<[4,2,3,3],f32>, !torch.none, !torch.list<int>, !torch.list<int>, !torch.list<int>, !torch.bool, !torch.list<int>, !torch.int -> !torch.vtensor<[1,4,5,5],f32>
   return %y : !torch.vtensor<[1,4,5,5],f32>
 }
 
