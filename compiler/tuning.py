@@ -4,10 +4,14 @@
     tune="quick"   (default) every distinct convolution of a cpu segment that conv-to-matmul can
                    rewrite (by op fingerprint: shapes, strides, padding...) is compiled both ways,
                    IREE's convolution and the rewrite (im2col + matmul; a sum of taps for a
-                   depthwise one), each run alone on this host's CPU; the rewrite is kept where
-                   it is at least 5% faster (WIN)
-    tune="full"    quick, then each cpu segment is compiled whole with every candidate flag set
-                   (FLAG_CANDIDATES) and timed on random inputs; the fastest is kept (by 5%)
+                   depthwise one), each run alone on this host's CPU; the rewrite is marked where
+                   it is at least 5% faster (WIN). Then a segment with marked convolutions is
+                   compiled whole and timed on random inputs with them rewritten, with each kind
+                   of rewrite alone, and with none: the probes time each convolution alone, but
+                   what a rewrite costs or saves among its neighbours shows only there (ConvNeXt:
+                   faster 7x7 depthwise taps alone, slower fused with its LayerNorm transposes)
+    tune="full"    as quick, every segment compiled whole with each lowering variant and each
+                   candidate flag set (FLAG_CANDIDATES); the fastest kept (by 5%)
 
 Choices are cached per device identity and IREE version (compiler/measured.py's cache,
 `tuning/<identity key>-iree<version>.json`): convolutions by op fingerprint, whole segments
@@ -36,7 +40,7 @@ MODES = ("none", "quick", "full")
 DEFAULT = "quick"
 WIN = 0.95  # a candidate replaces the default only when it takes at most this fraction of its time
 FLAG_CANDIDATES = {"cpu": {"default": (), "ukernels": ("--iree-llvmcpu-enable-ukernels=all",)}}
-SCHEMA = "polyarch-tuning/2"
+SCHEMA = "polyarch-tuning/3"
 
 
 def check_mode(mode):
@@ -100,15 +104,15 @@ def _random_args(types, seed=0):
     return out
 
 
-def _compile(module, device, tmp, tag, flags=(), rewrite=False):
-    """iree-compile a probe module (conv-to-matmul on marked convolutions first if rewrite).
-    -> vmfb path, or None with the first error line when IREE refuses it."""
+def _compile(module, device, tmp, tag, flags=(), kinds=()):
+    """iree-compile a probe module (conv-to-matmul first on the convolutions marked with one
+    of `kinds`). -> vmfb path, or None with the first error line when IREE refuses it."""
     from ..passes import conv_to_matmul
     from .driver import _iree_compile_tool, compile_with_retries
     from .targets import iree_flags
 
-    if rewrite:
-        conv_to_matmul.run(module, convs="marked")
+    if kinds:
+        conv_to_matmul.run(module, convs="marked", kinds=kinds)
     src, out = os.path.join(tmp, f"{tag}.mlirbc"), os.path.join(tmp, f"{tag}.vmfb")
     with module.context:
         with open(src, "wb") as f:
@@ -180,7 +184,7 @@ def _measure_convs(module, device, items, tmp, jobs, progress):
              "im2col + matmul (taps for depthwise)")
     with ThreadPoolExecutor(min(2, jobs)) as pool:
         (d_path, d_err), (i_path, i_err) = pool.map(lambda a: _compile(*a), [
-            (direct, device, tmp, "conv-direct"), (rewritten, device, tmp, "conv-rewritten", (), True)])
+            (direct, device, tmp, "conv-direct"), (rewritten, device, tmp, "conv-rewritten", (), ("im2col", "taps"))])
     if d_err or i_err:
         raise PolyarchError(f"IREE could not compile the tuning probes for {device}: {d_err or i_err}",
                             fix="compile with --tune none (and report the convolution shapes)")
@@ -197,32 +201,42 @@ def _segment_digest(seg_module, flags):
     return hashlib.sha256(buf.getvalue() + "\0".join(flags).encode()).hexdigest()[:24]
 
 
-def _tune_flags(fn, device, name, tmp, progress):
-    """Compile and time one segment function with each candidate flag set.
-    -> (chosen name, {name: us or error})."""
+def _variants(kinds):
+    """Lowering variants of a segment whose marked convolutions have these kinds: all of
+    them, each alone (when several), none."""
+    kinds = tuple(sorted(kinds))
+    return [kinds] + ([(k,) for k in kinds] if len(kinds) > 1 else []) + ([()] if kinds else [])
+
+
+def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets):
+    """Compile and time one segment whole with each lowering variant and flag set: the probes
+    time each convolution alone, but what a rewrite costs or saves among its neighbours
+    (fusion, layouts) shows only here. -> (chosen (kinds, flag set), {label: us or error})."""
     from torch_mlir import ir
 
     from .driver import _segment_module
 
     types = [a.type for a in fn.regions[0].blocks[0].arguments]
+    default = ((), "default")
     if any(pa.tensor_info(t) is None or -1 in pa.tensor_info(t)[0] for t in types):
-        return "default", {"skipped": "dynamic or non-tensor inputs"}
+        return default, {"skipped": "dynamic or non-tensor inputs"}
     args = _random_args(types)
-    times = {}
-    for cand, flags in FLAG_CANDIDATES[DeviceSpec.parse(device).kind].items():
+    times, label = {}, lambda c: f"{'+'.join(c[0]) or 'iree'}/{c[1]}"
+    cands = [(k, f) for k in _variants(kinds) or [()] for f in flagsets]
+    for cand in cands:
         with fn.context, ir.Location.unknown():
             seg = _segment_module(ir, fn)
-        path, err = _compile(seg, device, tmp, f"{name}-{cand}", flags, rewrite=True)
+        path, err = _compile(seg, device, tmp, f"{name}-{len(times)}", FLAG_CANDIDATES["cpu"][cand[1]], kinds=cand[0])
         if err:
-            times[cand] = f"failed: {err}"
+            times[label(cand)] = f"failed: {err}"
             continue
-        times[cand] = round(_time_probe(device, path, [(name, args)])[name] * 1e6, 1)
-    ok = {k: v for k, v in times.items() if isinstance(v, float)}
-    best = min(ok, key=ok.get) if ok else "default"
-    if best != "default" and "default" in ok and ok[best] > WIN * ok["default"]:
-        best = "default"
+        times[label(cand)] = round(_time_probe(device, path, [(name, args)])[name] * 1e6, 1)
+    ok = {c: times[label(c)] for c in cands if isinstance(times[label(c)], float)}
+    best = min(ok, key=ok.get) if ok else default
+    if best != default and default in ok and ok[best] > WIN * ok[default]:
+        best = default
     progress(f"tune: {name} on {device}: " + ", ".join(f"{k} {v / 1e3:.2f} ms" if isinstance(v, float) else f"{k} {v}"
-                                                      for k, v in times.items()) + f" -> {best}")
+                                                      for k, v in times.items()) + f" -> {label(best)}")
     return best, times
 
 
@@ -270,18 +284,25 @@ def tune_plan(module, mode=DEFAULT, jobs=None, progress=None):
                         marked[choice] = marked.get(choice, 0) + 1
                 out[n] = {"mode": mode, "convs": len(convs[n]), "rewritten": marked, "flags": "default", "extra_flags": [],
                           "source": "measured now" if measured else "cached"}
-        if mode == "full":
-            for n, d, fn in segs:
-                with module.context, ir.Location.unknown():
-                    seg = _segment_module(ir, fn)
-                    key = _segment_digest(seg, ())
-                hit = cache["segments"].get(key)
-                if hit is None:
-                    best, times = _tune_flags(fn, d, n, tmp, progress)
-                    hit = cache["segments"][key] = {"flags": best, "times_us": times}
-                    out[n]["source"] = "measured now"
-                out[n]["flags"] = hit["flags"]
-                out[n]["extra_flags"] = list(FLAG_CANDIDATES["cpu"].get(hit["flags"], ()))
-    if measured or mode == "full":
+        flagsets = list(FLAG_CANDIDATES["cpu"]) if mode == "full" else ["default"]
+        for n, d, fn in segs:
+            if not out[n]["rewritten"] and mode != "full":
+                continue
+            with module.context, ir.Location.unknown():
+                key = _segment_digest(_segment_module(ir, fn), (mode,))
+            hit = cache["segments"].get(key)
+            if hit is None:
+                (kinds, flags), times = _tune_segment(fn, d, n, tmp, progress, out[n]["rewritten"], flagsets)
+                hit = cache["segments"][key] = {"lowering": list(kinds), "flags": flags, "times_us": times}
+                out[n]["source"] = "measured now"
+            with module.context, ir.Location.unknown():
+                for op, _ in convs[n]:
+                    if pa.LOWERING in op.attributes and op.attributes[pa.LOWERING].value not in hit["lowering"]:
+                        del op.attributes[pa.LOWERING]
+            out[n]["rewritten"] = {k: v for k, v in out[n]["rewritten"].items() if k in hit["lowering"]}
+            out[n]["flags"] = hit["flags"]
+            out[n]["extra_flags"] = list(FLAG_CANDIDATES["cpu"].get(hit["flags"], ()))
+            out[n]["segment_us"] = hit["times_us"]
+    if measured or any(o["source"] == "measured now" for o in out.values()):
         _store(ident, cache)
     return out
