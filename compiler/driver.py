@@ -319,6 +319,23 @@ def _iree_error(stderr, segment, device, fn=None, devices=()):
     return PolyarchError(f"IREE could not compile segment {segment} for {device}: {first['msg']}", where, fix)
 
 
+def _fallback_order(choice):
+    """The lowering variants to try for a segment, best first: its tuned rewrite kinds, then
+    the variants its whole-segment timing measured faster than IREE's own (fastest first),
+    then IREE's own. A variant never measured in the model is never tried: one rewrite kind
+    alone can be slower than none (ConvNeXt-T's depthwise taps without the matmuls)."""
+    kinds = tuple(sorted(choice.get("rewritten") or ()))
+    if not kinds:
+        return [()]
+    times = {k: v for k, v in (choice.get("segment_us") or {}).items() if isinstance(v, (int, float))}
+    plain = times.get("iree/default")
+    flags = choice.get("flags", "default")
+    ranked = sorted((v, tuple(label.split("/")[0].split("+"))) for label, v in times.items()
+                    if label.endswith("/" + flags) and not label.startswith("iree/") and (plain is None or v < plain))
+    order = [kinds] + [k for _, k in ranked if k != kinds]
+    return order + [()]
+
+
 def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_dir=None, scope_prefix="", tuning=None):
     """Compile every segment with iree-compile, in parallel.
     -> {segment name: (vmfb bytes, iree-compile command, parameter archive path or None)}.
@@ -348,8 +365,7 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
                 # the tuned lowering first; where IREE refuses it among its neighbours (it compiled
                 # alone when tuned; e.g. a fused dispatch over the stack limit): each kind of
                 # rewrite alone, then IREE's own lowering. Never a failed compile for tuning's sake.
-                kinds = sorted(tuning.get(name, {}).get("rewritten") or ())
-                variants = [tuple(kinds)] + ([(k,) for k in kinds] if len(kinds) > 1 else []) + ([()] if kinds else [])
+                variants = _fallback_order(tuning.get(name, {}))
                 srcs = []
                 for i, variant in enumerate(variants or [()]):
                     srcs.append((variant, os.path.join(tmp, f"{name}.{i}.mlirbc")))
@@ -591,7 +607,12 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
     progress = progress or _quiet
     t0 = time.time()
     output = output or f"{_model_name(model)}.pab"
+    from .importer import is_onnx
     from .tuning import check_mode
+
+    if is_onnx(model) and os.path.exists(output) and os.path.samefile(model, output):
+        raise PolyarchError(f"the output {output} is the ONNX model being compiled: writing the bundle there would "
+                            "replace it", fix="write the bundle elsewhere, e.g. output='model.pab'")
 
     check_mode(tune)
     sets = _device_sets(plans or [devices])

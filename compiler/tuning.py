@@ -40,7 +40,7 @@ MODES = ("none", "quick", "full")
 DEFAULT = "quick"
 WIN = 0.95  # a candidate replaces the default only when it takes at most this fraction of its time
 FLAG_CANDIDATES = {"cpu": {"default": (), "ukernels": ("--iree-llvmcpu-enable-ukernels=all",)}}
-SCHEMA = "polyarch-tuning/3"
+SCHEMA = "polyarch-tuning/4"
 
 
 def check_mode(mode):
@@ -104,9 +104,13 @@ def _random_args(types, seed=0):
     return out
 
 
-def _compile(module, device, tmp, tag, flags=(), kinds=()):
+def _compile(module, device, tmp, tag, flags=(), kinds=(), export=False):
     """iree-compile a probe module (conv-to-matmul first on the convolutions marked with one
-    of `kinds`). -> vmfb path, or None with the first error line when IREE refuses it."""
+    of `kinds`; export: its weights exported as parameters to `<tag>.irpa`, scope `tag`, as
+    compile_segments does: IREE fuses and refuses differently with them inline).
+    -> vmfb path, or None with the first error line when IREE refuses it."""
+    from . import parameters
+
     from ..passes import conv_to_matmul
     from .driver import _iree_compile_tool, compile_with_retries
     from .targets import iree_flags
@@ -118,20 +122,29 @@ def _compile(module, device, tmp, tag, flags=(), kinds=()):
         with open(src, "wb") as f:
             module.operation.write_bytecode(f)
     spec = DeviceSpec.parse(device)
+    export_flags = parameters.export_flags(tag, os.path.join(tmp, f"{tag}.irpa")) if export else []
     r, _, _ = compile_with_retries([_iree_compile_tool(), src, "--iree-input-type=torch", *iree_flags(spec), *flags,
-                                    "-o", out], spec.kind)
+                                    *export_flags, "-o", out], spec.kind)
     if r.returncode:
         return None, next((l for l in r.stderr.splitlines() if "error" in l), r.stderr.strip()[:200])
     return out, None
 
 
 def _load_module(device, vmfb):
+    """The module of a vmfb on the device, with its parameters (`<vmfb stem>.irpa`, as
+    _compile(export=True) writes them) where there are any. -> (device, module)."""
     import iree.runtime as rt
 
     from ..runtime.executor import create_device
 
     dev = create_device(DeviceSpec.parse(device))
     ctx = rt.SystemContext(config=rt.Config(device=dev))
+    archive = vmfb[:-len(".vmfb")] + ".irpa"
+    if os.path.exists(archive):
+        index = rt.ParameterIndex()
+        index.load(archive)
+        ctx.add_vm_module(rt.create_io_parameters_module(
+            ctx.instance, index.create_provider(scope=os.path.basename(vmfb)[:-len(".vmfb")])))
     with open(vmfb, "rb") as f:
         ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, f.read()))
     return dev, ctx.modules.module
@@ -193,12 +206,15 @@ def _measure_convs(module, device, items, tmp, jobs, progress):
     return [{"direct_us": round(td[name] * 1e6, 1), "rewritten_us": round(ti[name] * 1e6, 1)} for name, _ in calls]
 
 
-def _segment_digest(seg_module, flags):
-    import io
+def _segment_digest(fn, extra):
+    """What a segment's whole-segment timing depends on: its ops' fingerprints (names, types,
+    constant operands) and lowering marks, in order; not the weights' values. Deterministic
+    across imports (the bytecode is not: resource names differ)."""
+    from ..passes.common import op_fingerprint
 
-    buf = io.BytesIO()
-    seg_module.operation.write_bytecode(buf)
-    return hashlib.sha256(buf.getvalue() + "\0".join(flags).encode()).hexdigest()[:24]
+    lines = [op_fingerprint(op) + (f" {op.attributes[pa.LOWERING].value}" if pa.LOWERING in op.attributes else "")
+             for block in fn.regions[0].blocks for op in block.operations]
+    return hashlib.sha256("\n".join(lines + list(extra)).encode()).hexdigest()[:24]
 
 
 def _variants(kinds):
@@ -226,7 +242,8 @@ def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets):
     for cand in cands:
         with fn.context, ir.Location.unknown():
             seg = _segment_module(ir, fn)
-        path, err = _compile(seg, device, tmp, f"{name}-{len(times)}", FLAG_CANDIDATES["cpu"][cand[1]], kinds=cand[0])
+        path, err = _compile(seg, device, tmp, f"{name}-{len(times)}", FLAG_CANDIDATES["cpu"][cand[1]], kinds=cand[0],
+                             export=True)
         if err:
             times[label(cand)] = f"failed: {err}"
             continue
@@ -247,7 +264,7 @@ def tune_plan(module, mode=DEFAULT, jobs=None, progress=None):
     from ..passes.common import op_fingerprint
     from ..passes.conv_to_matmul import conv_params, convolutions
     from ..runtime.identity import identify
-    from .driver import _segment_module, segments_of
+    from .driver import segments_of
 
     check_mode(mode)
     progress = progress or (lambda m: None)
@@ -288,8 +305,7 @@ def tune_plan(module, mode=DEFAULT, jobs=None, progress=None):
         for n, d, fn in segs:
             if not out[n]["rewritten"] and mode != "full":
                 continue
-            with module.context, ir.Location.unknown():
-                key = _segment_digest(_segment_module(ir, fn), (mode,))
+            key = _segment_digest(fn, (mode,))
             hit = cache["segments"].get(key)
             if hit is None:
                 (kinds, flags), times = _tune_segment(fn, d, n, tmp, progress, out[n]["rewritten"], flagsets)

@@ -147,7 +147,7 @@ def test_quick_tuning_measures_each_shape_once_and_caches(tmp_path):
     out = polyarch.compile(m, (x,), devices=["cpu"], output=str(tmp_path / "c.pab"), progress=lines.append)
     rec = _tuning(out)
     assert set(rec["segment_us"]) == {"im2col/default", "iree/default"}, rec
-    assert rec["rewritten"] in ({}, {"im2col": 2}) and any(l.startswith("tune: seg_0 on cpu: im2col/default ") for l in lines)
+    assert rec["rewritten"] in ({}, {"im2col": 2})  # (timed now, or cached when this host had chosen im2col)
     close(polyarch.runtime.load(out)(x.numpy()), ref)
 
 
