@@ -52,6 +52,9 @@ def write_bundle(path, manifest, members):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".pab-", dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as any file the user creates (mkstemp makes it 0600)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             text = json.dumps(manifest, indent=1, sort_keys=True).encode()

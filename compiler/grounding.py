@@ -37,7 +37,7 @@ def example_arrays(example_inputs, sig):
     for i, spec in enumerate(sig["inputs"]):
         x = example_inputs[i] if i < len(example_inputs or ()) else None
         if x is not None and not isinstance(x, str):
-            out.append(np.ascontiguousarray(x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)))
+            out.append(np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, order="C"))
             continue
         dt = np.dtype(spec["dtype"])
         if dt.kind in "biu":

@@ -258,7 +258,7 @@ def _run_module(module, spec, calls, tmp, tag):
     mod = ctx.modules.module
 
     def call(name, args):
-        res = mod[name](*[rt.asdevicearray(dev, np.ascontiguousarray(a)) for a in args])
+        res = mod[name](*[rt.asdevicearray(dev, np.asarray(a, order="C")) for a in args])
         res = res if isinstance(res, (tuple, list)) else [res]
         return [to_host(dev, x) for x in res]
 

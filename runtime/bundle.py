@@ -51,7 +51,10 @@ def read_manifest(path):
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"'{path}' is not a polyarch bundle (manifest format is not '{FORMAT}')")
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"the manifest of '{path}' has schema_version {version!r}, not a whole number (damaged?)",
+                          fix="recompile it with `polyarch compile`")
+    if version > SCHEMA_VERSION:
         raise BundleError(
             f"'{path}' has manifest schema {version}, newer than this runtime reads ({SCHEMA_VERSION})",
             fix="upgrade polyarch on this host, or recompile with this version",

@@ -278,8 +278,8 @@ class Bundle:
         for i, (a, spec) in enumerate(zip(args, self.inputs)):
             if _is_torch(a):
                 a = a.detach().cpu().numpy()
-            a = np.ascontiguousarray(a)
-            got = f"{'x'.join(map(str, a.shape))}x{a.dtype}"
+            a = np.asarray(a, order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
+            got = format_spec({"shape": list(a.shape), "dtype": str(a.dtype)})
             dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
             if a.ndim != len(spec["shape"]) or a.dtype != np.dtype(spec["dtype"]) or any(
                     n != want for k, (n, want) in enumerate(zip(a.shape, spec["shape"])) if k not in dynamic):
@@ -490,6 +490,8 @@ def _kind(device_name):
 def format_spec(spec):
     """'4x64xint64', with '?' for a dynamic dimension and its range: '?x64xint64 (dim 0: 1..64)'."""
     dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
+    if not spec["shape"]:
+        return f"a scalar {spec['dtype']} (0-d array)"
     text = "x".join("?" if k in dynamic else str(n) for k, n in enumerate(spec["shape"])) + "x" + spec["dtype"]
     ranges = [f"dim {k}: {d.get('min', 1)}..{d.get('max') if d.get('max') is not None else 'any'}"
               for k, d in dynamic.items() if "symbol" in d]

@@ -164,7 +164,7 @@ def cli():
 @cli.command()
 @model_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Bundle to write (default: MODEL's name with .pab).")
-@click.option("-j", "--jobs", type=int, default=None, help="Parallel IREE compiles (default: one per core).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Parallel IREE compiles (default: one per core).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @click.option("--depfile", type=click.Path(dir_okay=False), metavar="FILE.d",
               help="Also write a Makefile-style depfile: the bundle depends on the model file, the local Python "
@@ -220,6 +220,7 @@ def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profi
         local = _local_sources(set(sys.modules) - before)
         ex = _example_inputs(inputs, ns)
         output = output or os.path.splitext(os.path.basename(model.partition(":")[0]))[0] + ".pab"
+        _refuse_overwriting_sources(output, [model.partition(":")[0], *sorted(local), *profiles])
         progress = None if quiet else (lambda msg: click.echo(f"polyarch: {msg}", err=True))
         if plans and devices:
             raise PolyarchError("--plans and --device both given", fix="give the device sets with --plans only")
@@ -535,7 +536,25 @@ def calibrate(devices, output, quick, like, kernels):
         click.echo(f"cached for compile and plan (used without --profile): {', '.join(cached)} in {M.cache_dir()}")
 
 
+def _refuse_overwriting_sources(output, sources):
+    """A bundle written over the model's own source (or a module it imports, or a profile)
+    would replace it: refuse before compiling."""
+    for src in sources:
+        if os.path.exists(src) and os.path.exists(output) and os.path.samefile(src, output):
+            raise PolyarchError(f"the output {output} is {src}, an input of this compile: writing the bundle there "
+                                "would replace it", fix="write the bundle elsewhere, e.g. -o model.pab")
+
+
+def _terminate(signum, frame):
+    """SIGTERM as an exit that unwinds: temporary folders and partial bundles are removed on
+    the way out, as for Ctrl-C."""
+    raise SystemExit(128 + signum)
+
+
 def main():
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     cli()
 
 
