@@ -36,21 +36,10 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from placement_truth import Logits  # noqa: E402 (bench/ is on sys.path: this script's folder)
+
+_wrap = Logits.wrap
 MODELS = ("minilm", "resnet18", "resnet50", "convnext", "mobilenet_v2", "efficientnet", "vit", "gpt2", "llama")
-
-
-def _wrap(model, field):
-    import torch
-
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, *args):
-            return getattr(self.m(*args), field)
-
-    return Wrapped().eval()
 
 
 def _live_batchnorm(model):

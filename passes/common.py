@@ -142,6 +142,20 @@ def _constant_value(value):
     return None
 
 
+def const_ints(value):
+    """The ints of a torch.prim.ListConstruct of torch.constant.int operands, or None."""
+    o = getattr(value.owner, "operation", None)
+    if o is None or o.name != "torch.prim.ListConstruct":
+        return None
+    out = []
+    for v in o.operands:
+        c = getattr(v.owner, "operation", None)
+        if c is None or c.name != "torch.constant.int":
+            return None
+        out.append(c.attributes["value"].value)
+    return out
+
+
 def op_fingerprint(op):
     """What makes an op compute what it computes, as one line: its name, its tensor operand
     and result types and its constant operands (strides, groups, dims...). Two ops with

@@ -37,26 +37,12 @@ The new ops carry the convolution's location (module path and source line)."""
 
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
+from .common import const_ints as _const_list
 
 OPTIONS = {"convs": "all"}
 IM2COL = "im2col"
 TAPS = "taps"
 _FLOATS = ("f32", "f16", "bf16", "f64")
-
-
-def _const_list(value):
-    """The ints of a torch.prim.ListConstruct of torch.constant.int, or None."""
-    owner = value.owner
-    o = getattr(owner, "operation", None)
-    if o is None or o.name != "torch.prim.ListConstruct":
-        return None
-    out = []
-    for v in o.operands:
-        c = getattr(v.owner, "operation", None)
-        if c is None or c.name != "torch.constant.int":
-            return None
-        out.append(c.attributes["value"].value)
-    return out
 
 
 def _const_scalar(value):

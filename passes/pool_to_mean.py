@@ -13,21 +13,9 @@ dimension #0 to be 1287, but found 1280"; plain iree-compile on the torch-mlir i
 fails the same way). The new op carries the pool's location."""
 
 from ..dialects import polyarch as pa
+from .common import const_ints as _ints
 
 OPTIONS = {}
-
-
-def _ints(value):
-    o = getattr(value.owner, "operation", None)
-    if o is None or o.name != "torch.prim.ListConstruct":
-        return None
-    vals = []
-    for v in o.operands:
-        c = getattr(v.owner, "operation", None)
-        if c is None or c.name != "torch.constant.int":
-            return None
-        vals.append(c.attributes["value"].value)
-    return vals
 
 
 def _is_none(value):
