@@ -158,8 +158,7 @@ def _time_probe(device, vmfb, calls):
     out = {}
     for name, args in calls:
         dargs = [rt.asdevicearray(dev, a) for a in args]
-        f = mod[name]
-        out[name] = time_function(lambda *a: f(*a), dargs)
+        out[name] = time_function(mod[name], dargs)
     return out
 
 

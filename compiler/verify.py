@@ -236,26 +236,15 @@ def _run_module(module, spec, calls, tmp, tag):
     -> each call's outputs (a list of host arrays)."""
     import iree.runtime as rt
 
-    from ..runtime.executor import create_device, to_host
-    from .driver import _iree_compile_tool, compile_with_retries
-    from .targets import iree_flags
+    from ..runtime.executor import to_host
+    from .tuning import _compile, _load_module
 
-    src, out = os.path.join(tmp, f"{tag}.{spec.kind}.mlirbc"), os.path.join(tmp, f"{tag}.{spec.kind}.vmfb")
-    with module.context:
-        with open(src, "wb") as f:
-            module.operation.write_bytecode(f)
-    r, _, _ = compile_with_retries([_iree_compile_tool(), src, "--iree-input-type=torch", *iree_flags(spec), "-o", out],
-                                   spec.kind)
-    if r.returncode:
+    out, err = _compile(module, spec.name, tmp, f"{tag}.{spec.kind}")
+    if err:
         from ..errors import PolyarchError
 
-        raise PolyarchError(f"IREE could not compile a verification probe for {spec.name}: "
-                            f"{(r.stderr.strip().splitlines() or ['?'])[0]}")
-    dev = create_device(spec)
-    ctx = rt.SystemContext(config=rt.Config(device=dev))
-    with open(out, "rb") as f:
-        ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, f.read()))
-    mod = ctx.modules.module
+        raise PolyarchError(f"IREE could not compile a verification probe for {spec.name}: {err}")
+    dev, mod = _load_module(spec.name, out)
 
     def call(name, args):
         res = mod[name](*[rt.asdevicearray(dev, np.asarray(a, order="C")) for a in args])
