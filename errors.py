@@ -20,5 +20,10 @@ class BundleError(PolyarchError):
     """A bundle that cannot be used: corrupt, wrong schema, or wrong inputs."""
 
 
+class IndexRangeError(BundleError, IndexError):
+    """An index (a token id, a position) outside the range of the table it indexes: given as
+    an input, or computed in the model. An IndexError too, as PyTorch raises."""
+
+
 class DeviceError(PolyarchError):
     """A device spec that is malformed, unknown, or not present on this host."""

@@ -54,9 +54,15 @@ def _import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calib
     """-> (torch-dialect module, signature, price_devices(...)) for a compile or a plan."""
     from .importer import import_model
 
+    from ..passes import guard_indices
+
     t = time.time()
     base, sig = import_model(model, example_inputs, dynamic_dims)
     progress(f"imported {_model_name(model)} into the torch dialect in {time.time() - t:.1f}s")
+    # inputs used as indices get their valid range in the signature (checked by the runtime);
+    # indices computed in the model are marked for a check inside their segment
+    for arg, r in guard_indices.mark(base).items():
+        sig["inputs"][arg]["index_range"] = r
     for desc in dynamic_summary(sig):
         progress(desc)
     return base, sig, price_devices(sets, profiles, calibrate, progress)
@@ -311,7 +317,10 @@ def _iree_error(stderr, segment, device, fn=None, devices=()):
     others = [d for d in devices if d != device]
     from .tuning import tunable
 
-    if others:
+    if "complex" in first["msg"]:  # IREE 3.13 lowers few complex-valued ops, on any device
+        fix = ("keep complex numbers out of the compiled model: return torch.view_as_real(z) and finish on the host, "
+               "or compute with real and imaginary parts as two real tensors")
+    elif others:
         fix = f"keep that op off {device}: polyarch compile --pin PATTERN={others[0]} (PATTERN: its module path)"
     else:
         fix = ("pass an IREE flag that avoids it with --iree-flag=FLAG (Python: iree_extra_flags=[...])"
@@ -348,7 +357,7 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
     them in the module (compiler/parameters.py merges the archives)."""
     from torch_mlir import ir
 
-    from ..passes import conv_to_matmul, pool_to_mean
+    from ..passes import conv_to_matmul, guard_indices, pool_to_mean
     from . import parameters
 
     progress = progress or _quiet
@@ -371,6 +380,7 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
                     srcs.append((variant, os.path.join(tmp, f"{name}.{i}.mlirbc")))
                     seg = _segment_module(ir, fn)
                     pool_to_mean.run(seg)  # works around an IREE 3.13 failure (passes/pool_to_mean.py)
+                    guard_indices.insert(seg)  # computed indices are checked before they are used
                     if variant:
                         conv_to_matmul.run(seg, convs="marked", kinds=variant)
                     with open(srcs[-1][1], "wb") as f:

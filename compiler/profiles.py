@@ -172,7 +172,13 @@ def load(path):
     if isinstance(obj, dict) and "profiles" in obj:
         if obj.get("schema", SCHEMA) != SCHEMA:
             raise PolyarchError(f"{path} has schema '{obj.get('schema')}'; this polyarch reads '{SCHEMA}'")
+        if not isinstance(obj["profiles"], list) or not all(isinstance(p, dict) for p in obj["profiles"]):
+            raise PolyarchError(f"profile file {path}: 'profiles' must be a list of profiles (objects), "
+                                f"not {json.dumps(obj['profiles'])[:60]}", fix="write it with `polyarch calibrate -o FILE`")
         return [from_json(p, f"{path}: profile {i}") for i, p in enumerate(obj["profiles"])]
+    if not isinstance(obj, dict):
+        raise PolyarchError(f"profile file {path} holds {type(obj).__name__}, not a profile (an object)",
+                            fix="write it with `polyarch calibrate -o FILE`")
     return [from_json(obj, path)]
 
 

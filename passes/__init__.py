@@ -6,7 +6,7 @@ Inside braces, options are separated by spaces; a repeated option collects a lis
 from dataclasses import dataclass
 
 from ..errors import PolyarchError
-from . import annotate_costs, assign_devices, conv_to_matmul, outline_segments, pool_to_mean
+from . import annotate_costs, assign_devices, conv_to_matmul, guard_indices, outline_segments, pool_to_mean
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ PASSES = {
         PassInfo("outline-segments", outline_segments.run, outline_segments.OPTIONS, outline_segments.__doc__),
         PassInfo("conv-to-matmul", conv_to_matmul.run, conv_to_matmul.OPTIONS, conv_to_matmul.__doc__),
         PassInfo("pool-to-mean", pool_to_mean.run, pool_to_mean.OPTIONS, pool_to_mean.__doc__),
+        PassInfo("guard-indices", guard_indices.run, guard_indices.OPTIONS, guard_indices.__doc__),
     )
 }
 

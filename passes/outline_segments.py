@@ -114,14 +114,46 @@ def run(module):
             main_value[v] = r
             where[r] = dev
 
+    # Outputs computed from constants alone (arange, a model without inputs, an unused
+    # statistic of batch_norm) are returned, not refused: one more segment computes them.
+    consts = list(dict.fromkeys(v for v in term.operands if v not in main_value))
+    if consts:
+        _constant_segment(ir, module, func, f"seg_{len(segs)}", consts, ops, segs, main_value, main_ip, module_ip)
     # The return: outputs of segments, or inputs passed through.
     for i, v in enumerate(term.operands):
-        if v not in main_value:
-            raise PolyarchError(f"output {i} of the model is computed from constants alone",
-                                fix="return only tensors that depend on the inputs")
         term.operands[i] = main_value[v]
     for op in reversed(ops):
         op.operation.erase()
+
+
+def _constant_segment(ir, module, func, name, values, ops, segs, main_value, main_ip, module_ip):
+    """A segment without inputs that computes `values` (returned by the model, computed from
+    constants alone) from clones of the ops they come from; on the plan's cpu if it has one,
+    else on its first device. Its call goes before the return."""
+    devs = [a.value for a in module.operation.attributes[pa.DEVICES]] if pa.DEVICES in module.operation.attributes else []
+    devs = devs or [d for d, _ in segs] or ["cpu"]
+    dev = next((d for d in devs if DeviceSpec.parse(d).kind == "cpu"), devs[0])
+    closure, seen = [], set()
+
+    def need(v):
+        owner = v.owner
+        if isinstance(owner, ir.Block) or owner.operation in seen:
+            return
+        seen.add(owner.operation)
+        for o in owner.operands:
+            need(o)
+        closure.append(owner)
+
+    for v in values:
+        need(v)
+    fn, _, out_types = make_function(ir, name, [], values, program_order(closure, ops),
+                                     not has_narrow_storage(DeviceSpec.parse(dev)), module_ip)
+    fn.attributes[pa.DEVICE] = ir.StringAttr.get(dev)
+    fn.attributes[pa.TIME_US] = ir.FloatAttr.get(ir.F64Type.get(), 0.0)
+    call = func.CallOp(out_types, ir.FlatSymbolRefAttr.get(name), [], ip=main_ip)
+    pa.set_nominal_shapes(ir, call.operation, values)
+    for v, r in zip(values, call.results):
+        main_value[v] = r
 
 
 def make_function(ir, name, inputs, outputs, order, widen, ip):
@@ -141,6 +173,10 @@ def make_function(ir, name, inputs, outputs, order, widen, ip):
         for i, o in enumerate(op.operands):
             if o in mapping:
                 new.operands[i] = mapping[o]
+        for inner in _nested_ops(new):  # a loop's body reads values from outside it too
+            for i, o in enumerate(inner.operands):
+                if o in mapping:
+                    inner.operands[i] = mapping[o]
         for old_r, new_r in zip(op.results, new.results):
             mapping[old_r] = new_r
     func.ReturnOp([_convert(ir, mapping[v], t, body) if t != v.type else mapping[v] for v, t in zip(outputs, out_types)],
@@ -168,9 +204,39 @@ def _needs(ir, sops, remat):
         glue.append(owner)
 
     for op in sops:
-        for o in op.operands:
+        for o in list(op.operands) + _captured(ir, op):
             need(o)
     return inputs, glue
+
+
+def _nested_ops(op):
+    """Every op inside op's regions, at any depth."""
+    out = []
+    for region in op.regions:
+        for block in region.blocks:
+            for inner in block.operations:
+                out.append(inner.operation)
+                out.extend(_nested_ops(inner.operation))
+    return out
+
+
+def _captured(ir, op):
+    """The values that ops inside op's regions (torch.prim.Loop's body, STFT's) read from
+    outside it: the segment needs them as much as op's operands (a clone would otherwise
+    point into @main, and crash when @main's ops are erased)."""
+    inner = _nested_ops(op.operation)
+    if not inner:
+        return []
+    ops = set(inner)
+    blocks = [b for o in [op.operation] + inner for r in o.regions for b in r.blocks]
+    out = []
+    for o in inner:
+        for v in o.operands:
+            owner = v.owner
+            outside = (not any(owner == b for b in blocks)) if isinstance(owner, ir.Block) else owner.operation not in ops
+            if outside and v not in out:
+                out.append(v)
+    return out
 
 
 def program_order(some, ops):

@@ -19,6 +19,7 @@ import json
 import mmap
 import struct
 import zipfile
+import zlib
 
 from ..errors import BundleError
 
@@ -33,6 +34,9 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+MAX_MANIFEST = 256 << 20  # bytes; a real manifest is kilobytes
+
+
 def read_manifest(path):
     """The manifest of the bundle at `path`, with its structure checked (not the hashes)."""
     try:
@@ -43,11 +47,16 @@ def read_manifest(path):
         raise BundleError(f"'{path}' is not a polyarch bundle (corrupt or truncated: {e})", fix="recompile it with `polyarch compile`")
     with zf:
         try:
+            size = zf.getinfo(MANIFEST).file_size
+            if size > MAX_MANIFEST:  # a damaged header: do not try to inflate gigabytes
+                raise BundleError(f"the manifest of '{path}' claims {size} bytes (at most {MAX_MANIFEST}: damaged)",
+                                  fix="recompile it with `polyarch compile`")
             manifest = json.loads(zf.read(MANIFEST))
         except KeyError:
             raise BundleError(f"'{path}' has no {MANIFEST}", fix="recompile it with `polyarch compile`")
-        except (ValueError, zipfile.BadZipFile, OSError) as e:
-            raise BundleError(f"the manifest of '{path}' is unreadable: {e}", fix="recompile it with `polyarch compile`")
+        except (ValueError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as e:
+            raise BundleError(f"the manifest of '{path}' is unreadable: {type(e).__name__}: {e}",
+                              fix="recompile it with `polyarch compile`")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"'{path}' is not a polyarch bundle (manifest format is not '{FORMAT}')")
     version = manifest.get("schema_version")

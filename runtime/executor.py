@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from ..errors import BundleError, DeviceError
+from ..errors import BundleError, DeviceError, IndexRangeError
 from .bundle import MappedMembers, read_manifest
 from .devices import DeviceSpec
 
@@ -283,6 +283,11 @@ class Bundle:
             dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
             if a.ndim != len(spec["shape"]) or a.dtype != np.dtype(spec["dtype"]) or any(
                     n != want for k, (n, want) in enumerate(zip(a.shape, spec["shape"])) if k not in dynamic):
+                shape_ok = a.ndim == len(spec["shape"]) and all(
+                    n == want for k, (n, want) in enumerate(zip(a.shape, spec["shape"])) if k not in dynamic)
+                if shape_ok:  # only the element type differs: a cast, not a recompile
+                    raise BundleError(f"input {i} ('{spec['name']}'): expected {format_spec(spec)}, got {got}",
+                                      fix=f"cast it: a.astype(numpy.{spec['dtype']}) (torch: t.to(torch.{spec['dtype']}))")
                 fix = ("the dimensions marked ? are dynamic; the others are fixed at compile time (recompile with matching "
                        "--input specs, or --dynamic-dim for another dimension)" if dynamic else
                        "the bundle was compiled for static shapes; recompile with matching --input specs, or with "
@@ -302,6 +307,8 @@ class Bundle:
                         f"input {i} ('{spec['name']}') dimension {k} is {n} but input {j} dimension {kk} is {m}; "
                         f"the model needs them equal (both are {d.get('name') or sym})", fix="give inputs of matching sizes")
                 symbols.setdefault(sym, (n, i, k, n))
+            if "index_range" in spec and a.size:
+                _check_index_range(a, i, spec)
             out.append(a)
         return out
 
@@ -381,7 +388,10 @@ class Bundle:
         arg_list.push_ref(signal)
         rets = rt.VmVariantList(len(step["results"]))
         t0 = clock()
-        vm_ctx.invoke(vm_fn, arg_list, rets)
+        try:
+            vm_ctx.invoke(vm_fn, arg_list, rets)
+        except RuntimeError as e:
+            self._failed(dname, tick, seg_name, e)
         event = {"name": seg_name, "kind": "segment", "track": dname, "start": t0 - call.t0, "dur": 0.0, "bytes": 0}
         if wait_each:
             sem.wait(tick)
@@ -390,6 +400,22 @@ class Bundle:
         call.events.append(event)
         for i, name in enumerate(step["results"]):
             env[name] = _OnDevice(dname, rets.get_as_object(i, rt.HalBufferView), tick, event)
+
+    def _failed(self, dname, tick, seg_name, err):
+        """A segment's invocation failed (a check in it failed: guard-indices): its signal
+        fence will never be signalled, so the device's timeline is moved past it (else the
+        next call would wait forever), then the failure is raised as the user's error."""
+        sem = self._sems[dname]
+        try:
+            sem.signal(tick)
+        except RuntimeError:  # IREE failed the semaphore itself: start a fresh timeline
+            self._sems[dname], self._ticks[dname] = self.devices[dname].create_semaphore(0), 0
+        msg = str(err)
+        if "polyarch: " in msg:
+            what = msg.split("polyarch: ", 1)[1].split(";", 1)[0].strip()
+            raise IndexRangeError(f"{what}, in segment {seg_name} on {dname}",
+                                  fix="check the inputs that this index is computed from") from None
+        raise BundleError(f"segment {seg_name} failed on {dname}: {msg.splitlines()[0]}") from err
 
     def _to_host(self, v, call, what):
         """Wait for a tensor's producer on its device, then read it back into host memory."""
@@ -431,6 +457,20 @@ class Bundle:
         write_chrome_trace(path, f"polyarch run {self.path}",
                            [dict(e, args={"call": e["call"], "bytes": e["bytes"]}) for e in self.events],
                            other={"counters": self.counters})
+
+
+def _check_index_range(a, i, spec):
+    """An input used as an index must hold valid indices: IREE reads a gather's source
+    unchecked (an id past the table read garbage, or crashed the process)."""
+    r = spec["index_range"]
+    lo, hi = r["min"], r["max"]
+    if a.min() >= lo and a.max() <= hi:
+        return
+    where = np.argwhere((a < lo) | (a > hi))[0]
+    pos = "[" + ", ".join(str(int(k)) for k in where) + "]"
+    raise IndexRangeError(
+        f"input {i} ('{spec['name']}'): value {a[tuple(where)]} at {pos} is out of range for {r['op']}, "
+        f"which takes {lo} to {hi}", fix=f"give indices (token ids) in [{lo}, {hi}]; the model was built for {hi + 1} rows")
 
 
 def _fill_pattern(pattern):
@@ -498,7 +538,7 @@ def format_spec(spec):
     return text + (f" ({', '.join(ranges)})" if ranges else "")
 
 
-def load(path, devices=None, plan=None, strict=False, cluster=None):
+def load(path, devices=None, plan=None, strict=False, cluster=None, trusted_keys=None):
     """Load a bundle for execution on this host. -> a callable Bundle.
 
     devices: optional {bundle device name: local device spec} to run a segment on
@@ -506,7 +546,13 @@ def load(path, devices=None, plan=None, strict=False, cluster=None):
     plan: the placement plan to run (default: the fastest predicted one this host can run).
     strict: raise DeviceError rather than fall back when that plan's devices are missing.
     cluster: a Ray address ("ray://HOST:10001"): run each device's segments in a Ray actor
-    on a node that offers that device -> a RayBundle (see runtime/ray_executor.py)."""
+    on a node that offers that device -> a RayBundle (see runtime/ray_executor.py).
+    trusted_keys: paths of Ed25519 public keys (`polyarch keygen`): the bundle must be signed
+    by one of them (`polyarch sign`), checked before any module is mapped (runtime/signing.py)."""
+    if trusted_keys:
+        from .signing import check
+
+        check(str(path), list(trusted_keys))
     if cluster is not None:
         from .ray_executor import RayBundle
 

@@ -3,6 +3,7 @@ Numerics against eager: atol 1e-5."""
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -18,7 +19,7 @@ import polyarch
 from conftest import EXAMPLES, cli, eager
 from polyarch.compiler.bundle import write_bundle
 from polyarch.runtime.bundle import FORMAT, MANIFEST, read_manifest
-from polyarch.errors import BundleError
+from polyarch.errors import BundleError, IndexRangeError
 
 
 class Scaled(torch.nn.Module):
@@ -89,3 +90,137 @@ def test_sigterm_cleans_up(tmp_path):
     assert p.wait(timeout=300) == 128 + signal.SIGTERM
     assert [n for n in os.listdir(tmpdir) if n.startswith("polyarch-")] == []
     assert [n for n in os.listdir(outdir) if n.startswith(".pab-")] == []
+
+
+class Lookup(torch.nn.Module):
+    """Token ids straight into an embedding, and shifted ids (an index computed in the model)."""
+
+    def __init__(self, vocab=1000, shift=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.shift = torch.nn.Embedding(vocab, 16), shift
+
+    def forward(self, ids):
+        return self.emb(ids) * 2, self.emb(ids + self.shift).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def lookup_bundle(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("lookup") / "l.pab")
+    return polyarch.compile(Lookup().eval(), (torch.randint(0, 100, (2, 8)),), devices=["cpu"], output=path, tune="none")
+
+
+@pytest.mark.parametrize("bad", [1000, -1, -2**62, 10**6, 2**40])
+def test_out_of_range_ids_are_refused(lookup_bundle, bad):
+    """IREE reads a gather's source unchecked: id 10**6 crashed the process, 1000 read garbage."""
+    b = polyarch.runtime.load(lookup_bundle)
+    assert read_manifest(lookup_bundle)["signature"]["inputs"][0]["index_range"]["max"] == 999
+    ids = np.random.default_rng(0).integers(0, 990, (2, 8))
+    ids[1, 5] = bad
+    with pytest.raises(IndexRangeError, match=rf"input 0 \('ids'\): value {bad} at \[1, 5\] is out of range for "
+                                              r"torch.aten.embedding \(emb\), which takes 0 to 999"):
+        b(ids)
+    with pytest.raises(IndexError):  # as PyTorch
+        b(ids)
+
+
+def test_computed_index_out_of_range_is_refused_and_the_bundle_goes_on(lookup_bundle):
+    m, b = Lookup().eval(), polyarch.runtime.load(lookup_bundle)
+    ids = np.random.default_rng(1).integers(0, 990, (2, 8))
+    bad = ids.copy()
+    bad[0, 0] = 998  # in range itself; 998 + 3 is not
+    with pytest.raises(IndexRangeError, match=r"an index computed in the model is out of range in torch.aten.embedding "
+                                              r"\(emb\): valid indices are 0 to 999"):
+        b(bad)
+    # the failed call left the device's timeline consistent: the next calls run (they hung before)
+    with torch.no_grad():
+        want = [t.numpy() for t in m(torch.from_numpy(ids))]
+    for got, w in zip(b(ids), want):
+        np.testing.assert_allclose(got, w, atol=1e-5)
+    outs = list(b.stream([(ids,)] * 3))
+    np.testing.assert_allclose(outs[2][1], want[1], atol=1e-5)
+
+
+def test_run_makes_ids_the_vocabulary_holds(tmp_path):
+    """`polyarch run` without -i made ids in [0, 100) whatever the vocabulary (NaN for 10 words)."""
+    out = polyarch.compile(Lookup(vocab=10, shift=0).eval(), (torch.randint(0, 7, (2, 8)),), devices=["cpu"],
+                           output=str(tmp_path / "small.pab"), tune="none")
+    r = cli("run", out)
+    assert r.returncode == 0, r.stderr
+    assert "nan" not in r.stdout.lower()
+
+
+class ConstantToo(torch.nn.Module):
+    """A second output computed from constants alone (was refused: 'computed from constants alone')."""
+
+    def forward(self, x):
+        return x * 2, torch.arange(6, dtype=torch.float32).view(2, 3)
+
+
+class NoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(3, 4))
+
+    def forward(self):
+        return self.w * 3
+
+
+@pytest.mark.parametrize("model,example", [(ConstantToo(), (torch.randn(2, 3),)), (NoInputs(), ())])
+def test_constant_outputs_are_returned(tmp_path, model, example):
+    b = polyarch.runtime.load(polyarch.compile(model, example, devices=["cpu"], output=str(tmp_path / "c.pab"), tune="none"))
+    got = b(*[e.numpy() for e in example])
+    with torch.no_grad():
+        want = model(*example)
+    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-5)
+
+
+def test_unclear_errors_are_one_line_with_a_fix(tmp_path, lookup_bundle):
+    """Each was a traceback, a bare 'Aborted!' or advice that did not fit (issue 13's audit)."""
+    ids = np.random.default_rng(0).integers(0, 990, (2, 8))
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    (tmp_path / "syntax.py").write_text("import torch\nclass Model(torch.nn.Module:\n    pass\n")
+    (tmp_path / "missing.py").write_text("import no_such_module_here\n")
+    (tmp_path / "p.json").write_text('{"profiles": 5}')
+    # a bundle whose central directory claims a 4 GiB manifest
+    with zipfile.ZipFile(tmp_path / "huge.pab", "w") as z:
+        z.writestr(MANIFEST, "{}")
+    raw = bytearray((tmp_path / "huge.pab").read_bytes())
+    cd = raw.index(b"PK\x01\x02")
+    raw[cd + 24:cd + 28] = (0xFFFFFFF0).to_bytes(4, "little")
+    (tmp_path / "huge.pab").write_bytes(bytes(raw))
+    cases = [
+        (("run", lookup_bundle, "-i", str(tmp_path / "ids.npy"), "-o", str(tmp_path / "no" / "dir" / "o.npy")),
+         r"No such file or directory: .*o\.npy\. Fix: check the path"),
+        (("run", lookup_bundle, "-i", str(tmp_path / "obj.npy")), r"cannot read input .*obj\.npy: Object arrays"),
+        (("plan", str(tmp_path / "syntax.py"), "-i", "2x8xf32"), r"syntax\.py:2: syntax error"),
+        (("plan", str(tmp_path / "missing.py"), "-i", "2x8xf32"),
+         r"loading .*missing\.py raised ModuleNotFoundError: No module named 'no_such_module_here'"),
+        (("plan", os.path.join(EXAMPLES, "mlp.py"), "--profile", str(tmp_path / "p.json")),
+         r"'profiles' must be a list of profiles"),
+        (("inspect", str(tmp_path / "huge.pab")), r"claims 4294967280 bytes"),
+    ]
+    for args, want in cases:
+        r = cli(*args)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and "Aborted" not in r.stderr, (args, r.stderr)
+        lines = [l for l in r.stderr.splitlines() if l.startswith("Error")]
+        assert len(lines) == 1 and re.search(want, lines[0]), (args, r.stderr)
+    with pytest.raises(BundleError, match=r"expected 2x8xint64, got 2x8xint32. Fix: cast it: a.astype\(numpy.int64\)"):
+        polyarch.runtime.load(lookup_bundle)(ids.astype(np.int32))
+
+
+class Spectrum(torch.nn.Module):
+    def forward(self, x):
+        return torch.stft(x, 16, return_complex=True, window=torch.ones(16)).abs()
+
+
+def test_a_loop_body_reading_outer_values_does_not_crash(tmp_path):
+    """STFT imports as a torch.prim.Loop whose body reads values of @main: the segment's clone
+    pointed into @main and segfaulted in _segment_module. Now IREE's own refusal of the
+    complex abs comes back as one line with advice that fits."""
+    with pytest.raises(polyarch.PolyarchError, match=r"complex.*Fix: keep complex numbers out of the compiled model"):
+        polyarch.compile(Spectrum(), (torch.randn(2, 64),), devices=["cpu"], output=str(tmp_path / "s.pab"), tune="none")

@@ -17,6 +17,16 @@ def _fail(e):
     raise click.ClickException(str(e))
 
 
+def _load_array(path):
+    import numpy as np
+
+    try:
+        return np.load(path)  # (allow_pickle=False: an .npy of Python objects is refused)
+    except (ValueError, OSError) as e:
+        raise PolyarchError(f"cannot read input {path}: {e}",
+                            fix="give an .npy file of a numeric array (np.save(path, array.astype(np.float32)))") from None
+
+
 def _load_model(target):
     """MODEL.py[:ATTR] -> (nn.Module, module namespace). ATTR is a class, factory or instance;
     default: Model, then build, then model."""
@@ -34,6 +44,15 @@ def _load_model(target):
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
         spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise PolyarchError(f"{path}:{e.lineno}: syntax error: {e.msg}", fix="fix the model file") from None
+    except Exception as e:  # an import the model needs is missing, or its top level raises
+        tb = e.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        raise PolyarchError(f"loading {path} raised {type(e).__name__}: {e} (at {where})",
+                            fix="run `python " + path + "` to see the whole error; install what it imports") from None
     finally:
         sys.path.pop(0)
     names = [attr] if attr else ["Model", "build", "model"]
@@ -142,7 +161,28 @@ def model_options(f):
     return f
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Polyarch(click.Group):
+    """Every error a user can cause ends as one line, never a traceback: polyarch's own
+    errors, and the system's (a full disk, a missing folder, an unreadable file)."""
+
+    def invoke(self, ctx):
+        import errno
+
+        try:
+            return super().invoke(ctx)
+        except PolyarchError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if e.errno is None:
+                raise
+            what = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+            fix = {errno.ENOSPC: "free some space (or set TMPDIR to a larger disk) and run it again",
+                   errno.ENOENT: "check the path; a folder to write into must exist",
+                   errno.EACCES: "check the file's permissions"}.get(e.errno, "")
+            raise click.ClickException(what + (f". Fix: {fix}" if fix else "")) from None
+
+
+@click.group(cls=_Polyarch, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="polyarch")
 def cli():
     """Split one PyTorch model across heterogeneous devices, ahead of time.
@@ -311,7 +351,10 @@ def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles
 @click.option("--cluster", metavar="ADDRESS",
               help="Run on a Ray cluster (ray://HOST:10001, or HOST:PORT from one of its nodes): one actor per "
                    "device, on a node that offers it as the resource polyarch_<device> (see the README).")
-def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict, cluster):
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="KEY.pub",
+              help="Run the bundle only if it is signed by this public key (`polyarch sign`); repeatable. A bundle "
+                   "is native code: use this for bundles from elsewhere.")
+def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict, cluster, trusted_keys):
     """Load BUNDLE on this host's devices and run it.
 
     \b
@@ -321,6 +364,7 @@ def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict, cluster):
       polyarch run minilm.pab -i ids.npy -i mask.npy -o hidden.npy -n 20
       polyarch run minilm.pab -n 5 --trace run.json     # open in ui.perfetto.dev
       polyarch run minilm.pab --cluster ray://head:10001  # one Ray actor per device
+      polyarch run minilm.pab --trusted-key release.key.pub  # refused unless signed by that key
     """
     import numpy as np
 
@@ -334,10 +378,10 @@ def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict, cluster):
             raise PolyarchError("--trace and --strict are not supported with --cluster",
                                 fix="drop them (on a cluster the plan is the fastest one whose devices some node offers)")
         t = time.perf_counter()
-        b = load(bundle, plan=plan_name, strict=strict, cluster=cluster)
+        b = load(bundle, plan=plan_name, strict=strict, cluster=cluster, trusted_keys=trusted_keys)
         load_s = time.perf_counter() - t
         if inputs:
-            args = [np.load(p) for p in inputs]
+            args = [_load_array(p) for p in inputs]
         else:
             rng = np.random.default_rng(0)
             args = []
@@ -345,8 +389,9 @@ def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict, cluster):
                 dt = np.dtype(spec["dtype"])
                 if dt == np.bool_:
                     args.append(rng.random(spec["shape"]) > 0.5)
-                elif dt.kind in "iu":
-                    args.append(rng.integers(0, 100, spec["shape"]).astype(dt))
+                elif dt.kind in "iu":  # an index input: valid indices (token ids) of its table
+                    r = spec.get("index_range") or {"min": 0, "max": 99}
+                    args.append(rng.integers(max(r["min"], 0), min(r["max"], 99) + 1, spec["shape"]).astype(dt))
                 else:
                     args.append(rng.standard_normal(spec["shape"]).astype(dt))
         b.trace = bool(trace_out)
@@ -410,6 +455,12 @@ def inspect(bundle, as_json, show_ops):
         return
     click.echo(f"{bundle}: polyarch bundle schema {m['schema_version']}, made by polyarch {m['polyarch_version']} on {m['created']}")
     click.echo(f"  compiled with {', '.join(f'{k} {v}' for k, v in m['compiler'].items())}")
+    from ..runtime.signing import signature_of
+
+    sig = signature_of(bundle)
+    click.echo("  signature: " + ("none (a bundle is native code: sign it with `polyarch sign`)" if sig is None else
+                                  "damaged" if sig.get("damaged") else f"{sig.get('algorithm')} by key {sig.get('key_id')} "
+                                  "(checked when loaded with --trusted-key)"))
     click.echo(f"  inputs:  {', '.join(i['name'] + ' ' + fmt(i) for i in m['signature']['inputs'])}")
     click.echo(f"  outputs: {', '.join(o['name'] + ' ' + fmt(o) for o in m['signature']['outputs'])}")
     params = m.get("parameters")
@@ -534,6 +585,40 @@ def calibrate(devices, output, quick, like, kernels):
     click.echo(f"wrote {output}")
     if cached:
         click.echo(f"cached for compile and plan (used without --profile): {', '.join(cached)} in {M.cache_dir()}")
+
+
+@cli.command()
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="KEY",
+              help="Where to write the private key (mode 0600); the public key goes to KEY.pub.")
+def keygen(output):
+    """Make an Ed25519 key pair for signing bundles.
+
+    \b
+    Example:
+      polyarch keygen -o release.key      # keep release.key secret; give out release.key.pub
+    """
+    from ..runtime.signing import keygen as make
+
+    private, public, kid = make(output)
+    click.echo(f"wrote {private} (private, keep it secret) and {public} (public); key id {kid}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", "key", required=True, type=click.Path(exists=True, dir_okay=False), metavar="KEY",
+              help="The private key from `polyarch keygen`.")
+def sign(bundle, key):
+    """Sign BUNDLE: an Ed25519 signature over its manifest, which holds every member's SHA-256.
+
+    \b
+    Example:
+      polyarch sign m.pab --key release.key
+      polyarch run m.pab --trusted-key release.key.pub   # refuses unsigned or re-signed bundles
+    """
+    from ..runtime.signing import sign as do_sign
+
+    kid = do_sign(bundle, key)
+    click.echo(f"signed {bundle} with key {kid}")
 
 
 def _refuse_overwriting_sources(output, sources):

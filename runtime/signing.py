@@ -1,0 +1,160 @@
+"""Signed bundles: an Ed25519 signature over the manifest, which holds every member's SHA-256.
+
+A bundle is native code (each cpu segment is a shared object run in the loading process);
+its hashes catch damage, not tampering. A signature says who made it:
+
+    polyarch keygen -o release.key          # release.key (private, mode 0600) + release.key.pub
+    polyarch sign m.pab --key release.key   # adds member `manifest.sig`
+    polyarch run m.pab --trusted-key release.key.pub
+    polyarch.runtime.load("m.pab", trusted_keys=["release.key.pub"])
+
+With trusted keys given, a bundle that is unsigned, signed by another key or whose manifest
+changed after signing is refused before any of its modules is mapped; the members are then
+checked against the signed manifest's hashes as always. Keys are PEM files (PKCS#8 private,
+SubjectPublicKeyInfo public), as `cryptography` and OpenSSL write them."""
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+
+from ..errors import BundleError, PolyarchError
+from .bundle import MANIFEST, read_manifest
+
+SIGNATURE = "manifest.sig"
+ALGORITHM = "ed25519"
+
+
+def _crypto():
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        raise PolyarchError("signing needs the `cryptography` package", fix="pip install -r requirements.txt") from None
+    return serialization, ed25519
+
+
+def key_id(public_pem):
+    """A short name for a public key: the first 16 hex digits of the SHA-256 of its PEM."""
+    return hashlib.sha256(public_pem.strip()).hexdigest()[:16]
+
+
+def keygen(path):
+    """Write a new Ed25519 private key to `path` (mode 0600) and its public key to
+    `path`.pub. -> (private path, public path, key id)."""
+    serialization, ed25519 = _crypto()
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for p in (path, path + ".pub"):
+        if os.path.exists(p):
+            raise PolyarchError(f"{p} exists; not overwriting a key", fix="choose another name, or remove it first")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private)
+    with open(path + ".pub", "wb") as f:
+        f.write(public)
+    return path, path + ".pub", key_id(public)
+
+
+def _load_key(path, private):
+    serialization, ed25519 = _crypto()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise PolyarchError(f"cannot read key {path}: {e.strerror}", fix="give the file `polyarch keygen` wrote") from None
+    try:
+        key = (serialization.load_pem_private_key(data, password=None) if private
+               else serialization.load_pem_public_key(data))
+    except (ValueError, TypeError) as e:
+        kind = "private" if private else "public"
+        raise PolyarchError(f"{path} is not a PEM {kind} key ({e})",
+                            fix=f"give the {'KEY' if private else 'KEY.pub'} file `polyarch keygen -o KEY` wrote") from None
+    want = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
+    if not isinstance(key, want):
+        raise PolyarchError(f"{path} is a {type(key).__name__}, not an Ed25519 key", fix="make one with `polyarch keygen`")
+    return key
+
+
+def _public_pem(key):
+    serialization, _ = _crypto()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def sign(bundle, key_path):
+    """Sign `bundle` in place (a new file renamed over it: processes that mapped the old one
+    keep it) with the private key at `key_path`. -> the key id."""
+    read_manifest(bundle)  # a bundle at all
+    key = _load_key(key_path, private=True)
+    with zipfile.ZipFile(bundle) as z:
+        manifest = z.read(MANIFEST)
+        names = z.namelist()
+    kid = key_id(_public_pem(key.public_key()))
+    record = json.dumps({"algorithm": ALGORITHM, "key_id": kid,
+                         "signature": base64.b64encode(key.sign(manifest)).decode()}).encode()
+    folder = os.path.dirname(os.path.abspath(bundle))
+    fd, tmp = tempfile.mkstemp(prefix=".pab-", dir=folder)
+    os.close(fd)
+    try:
+        if SIGNATURE in names:  # re-signing: copy every member but the old signature
+            with zipfile.ZipFile(bundle) as src, zipfile.ZipFile(tmp, "w") as dst:
+                for info in src.infolist():
+                    if info.filename != SIGNATURE:
+                        dst.writestr(info, src.read(info))
+        else:  # appending leaves the members (and their alignment) where they are
+            shutil.copyfile(bundle, tmp)
+        with zipfile.ZipFile(tmp, "a") as z:
+            z.writestr(SIGNATURE, record)
+        shutil.copymode(bundle, tmp)
+        os.replace(tmp, bundle)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return kid
+
+
+def signature_of(bundle):
+    """The bundle's signature record ({"algorithm", "key_id", "signature"}), or None."""
+    with zipfile.ZipFile(bundle) as z:
+        if SIGNATURE not in z.namelist():
+            return None
+        try:
+            rec = json.loads(z.read(SIGNATURE))
+        except ValueError:
+            return {"damaged": True}
+    return rec if isinstance(rec, dict) else {"damaged": True}
+
+
+def check(bundle, trusted_keys):
+    """Raise BundleError unless `bundle`'s manifest is signed by one of `trusted_keys` (paths
+    of public keys). -> the id of the key that signed it."""
+    from cryptography.exceptions import InvalidSignature
+
+    keys = [_load_key(p, private=False) for p in trusted_keys]
+    read_manifest(bundle)
+    rec = signature_of(bundle)
+    fix = "sign it with `polyarch sign BUNDLE --key KEY` (KEY.pub among the trusted keys), or load it without trusted keys"
+    if rec is None:
+        raise BundleError(f"{bundle} is not signed, and trusted keys were given", fix=fix)
+    if rec.get("algorithm") != ALGORITHM or "signature" not in rec:
+        raise BundleError(f"the signature of {bundle} is damaged or not {ALGORITHM}", fix=fix)
+    with zipfile.ZipFile(bundle) as z:
+        manifest = z.read(MANIFEST)
+    try:
+        sig = base64.b64decode(rec["signature"], validate=True)
+    except ValueError:
+        raise BundleError(f"the signature of {bundle} is damaged", fix=fix) from None
+    for k in keys:
+        try:
+            k.verify(sig, manifest)
+            return key_id(_public_pem(k))
+        except InvalidSignature:
+            continue
+    ids = ", ".join(key_id(_public_pem(k)) for k in keys)
+    raise BundleError(f"{bundle} is signed by key {rec.get('key_id', '?')}, which is not trusted (trusted: {ids}), "
+                      "or its manifest changed after signing", fix=fix)
