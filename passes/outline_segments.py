@@ -118,7 +118,8 @@ def run(module):
     # statistic of batch_norm) are returned, not refused: one more segment computes them.
     consts = list(dict.fromkeys(v for v in term.operands if v not in main_value))
     if consts:
-        _constant_segment(ir, module, func, f"seg_{len(segs)}", consts, ops, segs, main_value, main_ip, module_ip)
+        _constant_segment(ir, module, func, f"seg_{len(segs)}", consts, ops, remat, segs, main_value, main_ip,
+                          module_ip)
     # The return: outputs of segments, or inputs passed through.
     for i, v in enumerate(term.operands):
         term.operands[i] = main_value[v]
@@ -126,26 +127,14 @@ def run(module):
         op.operation.erase()
 
 
-def _constant_segment(ir, module, func, name, values, ops, segs, main_value, main_ip, module_ip):
+def _constant_segment(ir, module, func, name, values, ops, remat, segs, main_value, main_ip, module_ip):
     """A segment without inputs that computes `values` (returned by the model, computed from
     constants alone) from clones of the ops they come from; on the plan's cpu if it has one,
     else on its first device. Its call goes before the return."""
     devs = [a.value for a in module.operation.attributes[pa.DEVICES]] if pa.DEVICES in module.operation.attributes else []
     devs = devs or [d for d, _ in segs] or ["cpu"]
     dev = next((d for d in devs if DeviceSpec.parse(d).kind == "cpu"), devs[0])
-    closure, seen = [], set()
-
-    def need(v):
-        owner = v.owner
-        if isinstance(owner, ir.Block) or owner.operation in seen:
-            return
-        seen.add(owner.operation)
-        for o in owner.operands:
-            need(o)
-        closure.append(owner)
-
-    for v in values:
-        need(v)
+    _, closure = _reach(ir, values, set(), remat)  # constants and glue alone: no inputs
     fn, _, out_types = make_function(ir, name, [], values, program_order(closure, ops),
                                      not has_narrow_storage(DeviceSpec.parse(dev)), module_ip)
     fn.attributes[pa.DEVICE] = ir.StringAttr.get(dev)
@@ -187,7 +176,13 @@ def make_function(ir, name, inputs, outputs, order, widen, ip):
 def _needs(ir, sops, remat):
     """(inputs, glue) of a segment: the tensors it reads from outside (arguments or other
     segments), directly or through glue, and the glue ops to clone into it."""
-    members = {op.operation for op in sops}
+    return _reach(ir, [o for op in sops for o in list(op.operands) + _captured(ir, op)],
+                  {op.operation for op in sops}, remat)
+
+
+def _reach(ir, values, members, remat):
+    """What computing `values` takes besides the ops in `members`: (the tensors to read
+    from outside, the rematerialisable ops to clone, in the order found)."""
     inputs, glue, seen = [], [], set()
 
     def need(v):
@@ -203,9 +198,8 @@ def _needs(ir, sops, remat):
             need(o)
         glue.append(owner)
 
-    for op in sops:
-        for o in list(op.operands) + _captured(ir, op):
-            need(o)
+    for v in values:
+        need(v)
     return inputs, glue
 
 
