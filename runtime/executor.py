@@ -281,10 +281,9 @@ class Bundle:
             a = np.asarray(a, order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
             got = format_spec({"shape": list(a.shape), "dtype": str(a.dtype)})
             dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
-            if a.ndim != len(spec["shape"]) or a.dtype != np.dtype(spec["dtype"]) or any(
-                    n != want for k, (n, want) in enumerate(zip(a.shape, spec["shape"])) if k not in dynamic):
-                shape_ok = a.ndim == len(spec["shape"]) and all(
-                    n == want for k, (n, want) in enumerate(zip(a.shape, spec["shape"])) if k not in dynamic)
+            shape_ok = a.ndim == len(spec["shape"]) and all(
+                n == want for k, (n, want) in enumerate(zip(a.shape, spec["shape"])) if k not in dynamic)
+            if not shape_ok or a.dtype != np.dtype(spec["dtype"]):
                 if shape_ok:  # only the element type differs: a cast, not a recompile
                     raise BundleError(f"input {i} ('{spec['name']}'): expected {format_spec(spec)}, got {got}",
                                       fix=f"cast it: a.astype(numpy.{spec['dtype']}) (torch: t.to(torch.{spec['dtype']}))")
