@@ -627,6 +627,7 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
     check_mode(tune)
     sets = _device_sets(plans or [devices])
     base, sig, priced = _import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibrate, progress)
+    example_inputs = _fit_index_examples(example_inputs, sig, progress)
     if verify:
         from . import grounding
 
@@ -642,6 +643,34 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
     segs = sum(len(p["segments"]) for p in manifest["plans"])
     progress(f"wrote {output} ({size / 1e6:.1f} MB, {len(manifest['plans'])} plan(s), {segs} segments) in {time.time() - t0:.1f}s")
     return output
+
+
+def _fit_index_examples(examples, sig, progress):
+    """Example inputs used as indices must be valid ones: PyTorch raises IndexError on the
+    others when the model is verified against it. Examples made from a DIMSxDTYPE spec (ints
+    in [0, 100), the table's size unknown then) are folded into the range, said in the
+    progress; the user's own arrays are refused with the value and the range."""
+    import numpy as np
+
+    out = list(examples)
+    for i, spec in enumerate(sig["inputs"]):
+        r = spec.get("index_range")
+        if r is None or i >= len(out) or isinstance(out[i], str):
+            continue
+        a = np.asarray(out[i].detach().cpu() if hasattr(out[i], "detach") else out[i])
+        if not a.size or (a.min() >= r["min"] and a.max() <= r["max"]):
+            continue
+        if getattr(out[i], "polyarch_made_from_spec", False):
+            n = r["max"] + 1 - max(r["min"], 0)
+            out[i] = out[i] % n + max(r["min"], 0)
+            progress(f"example input {i} ('{spec['name']}') made from its spec holds indices up to {int(a.max())}; "
+                     f"{r['op']} takes {r['min']} to {r['max']}: verifying with them taken modulo {n}")
+            continue
+        where = np.argwhere((a < r["min"]) | (a > r["max"]))[0]
+        raise PolyarchError(f"example input {i} ('{spec['name']}') holds {a[tuple(where)]} at {list(map(int, where))}, "
+                            f"outside the {r['min']} to {r['max']} that {r['op']} takes (PyTorch raises IndexError on it)",
+                            fix=f"give example indices in [{r['min']}, {r['max']}]")
+    return tuple(out)
 
 
 def rewrite_bundle(src, dst, manifest):

@@ -224,3 +224,18 @@ def test_a_loop_body_reading_outer_values_does_not_crash(tmp_path):
     complex abs comes back as one line with advice that fits."""
     with pytest.raises(polyarch.PolyarchError, match=r"complex.*Fix: keep complex numbers out of the compiled model"):
         polyarch.compile(Spectrum(), (torch.randn(2, 64),), devices=["cpu"], output=str(tmp_path / "s.pab"), tune="none")
+
+
+def test_example_ids_outside_the_vocabulary(tmp_path):
+    """`-i 2x8xi64` made ids in [0, 100) whatever the vocabulary: a 10-word model failed with
+    PyTorch's IndexError traceback when verified. Spec-made examples are folded into the range
+    (said in the progress); the user's own arrays are refused naming the value and the range."""
+    src = tmp_path / "small.py"
+    src.write_text("import torch\n\n\nclass Model(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                   "        self.emb = torch.nn.Embedding(10, 8)\n\n    def forward(self, ids):\n        return self.emb(ids)\n")
+    r = cli("compile", str(src), "-i", "2x8xi64", "-o", str(tmp_path / "s.pab"))
+    assert r.returncode == 0, r.stderr
+    assert "example input 0 ('ids') made from its spec holds indices up to 99" in r.stderr
+    with pytest.raises(polyarch.PolyarchError, match=r"example input 0 \('ids'\) holds 12 at \[0, 1\], outside the 0 to 9"):
+        polyarch.compile(Lookup(vocab=10, shift=0), (torch.tensor([[1, 12]]),), devices=["cpu"],
+                         output=str(tmp_path / "t.pab"), tune="none")
