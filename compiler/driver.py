@@ -652,13 +652,16 @@ def _fit_index_examples(examples, sig, progress):
     progress; the user's own arrays are refused with the value and the range."""
     import numpy as np
 
+    from ..runtime.executor import first_out_of_range
+
     out = list(examples)
     for i, spec in enumerate(sig["inputs"]):
         r = spec.get("index_range")
         if r is None or i >= len(out) or isinstance(out[i], str):
             continue
         a = np.asarray(out[i].detach().cpu() if hasattr(out[i], "detach") else out[i])
-        if not a.size or (a.min() >= r["min"] and a.max() <= r["max"]):
+        bad = first_out_of_range(a, r["min"], r["max"])
+        if bad is None:
             continue
         if getattr(out[i], "polyarch_made_from_spec", False):
             n = r["max"] + 1 - max(r["min"], 0)
@@ -666,8 +669,7 @@ def _fit_index_examples(examples, sig, progress):
             progress(f"example input {i} ('{spec['name']}') made from its spec holds indices up to {int(a.max())}; "
                      f"{r['op']} takes {r['min']} to {r['max']}: verifying with them taken modulo {n}")
             continue
-        where = np.argwhere((a < r["min"]) | (a > r["max"]))[0]
-        raise PolyarchError(f"example input {i} ('{spec['name']}') holds {a[tuple(where)]} at {list(map(int, where))}, "
+        raise PolyarchError(f"example input {i} ('{spec['name']}') holds {bad[0]} at {bad[1]}, "
                             f"outside the {r['min']} to {r['max']} that {r['op']} takes (PyTorch raises IndexError on it)",
                             fix=f"give example indices in [{r['min']}, {r['max']}]")
     return tuple(out)

@@ -306,7 +306,7 @@ class Bundle:
                         f"input {i} ('{spec['name']}') dimension {k} is {n} but input {j} dimension {kk} is {m}; "
                         f"the model needs them equal (both are {d.get('name') or sym})", fix="give inputs of matching sizes")
                 symbols.setdefault(sym, (n, i, k, n))
-            if "index_range" in spec and a.size:
+            if "index_range" in spec:
                 _check_index_range(a, i, spec)
             out.append(a)
         return out
@@ -458,17 +458,25 @@ class Bundle:
                            other={"counters": self.counters})
 
 
+def first_out_of_range(a, lo, hi):
+    """(value, "[i, j]" position) of the first element of `a` outside [lo, hi], or None."""
+    if not a.size or (a.min() >= lo and a.max() <= hi):
+        return None
+    where = np.argwhere((a < lo) | (a > hi))[0]
+    return a[tuple(where)], "[" + ", ".join(str(int(k)) for k in where) + "]"
+
+
 def _check_index_range(a, i, spec):
     """An input used as an index must hold valid indices: IREE reads a gather's source
     unchecked (an id past the table read garbage, or crashed the process)."""
     r = spec["index_range"]
     lo, hi = r["min"], r["max"]
-    if a.min() >= lo and a.max() <= hi:
+    bad = first_out_of_range(a, lo, hi)
+    if bad is None:
         return
-    where = np.argwhere((a < lo) | (a > hi))[0]
-    pos = "[" + ", ".join(str(int(k)) for k in where) + "]"
+    value, pos = bad
     raise IndexRangeError(
-        f"input {i} ('{spec['name']}'): value {a[tuple(where)]} at {pos} is out of range for {r['op']}, "
+        f"input {i} ('{spec['name']}'): value {value} at {pos} is out of range for {r['op']}, "
         f"which takes {lo} to {hi}", fix=f"give indices (token ids) in [{lo}, {hi}]; the model was built for {hi + 1} rows")
 
 
