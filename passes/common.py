@@ -142,6 +142,15 @@ def _constant_value(value):
     return None
 
 
+def const_scalar(value):
+    """The value of a torch.constant.* operand (int, float, bool, str; 'none' for
+    torch.constant.none), or None if the operand is not a constant."""
+    o = getattr(value.owner, "operation", None)
+    if o is None or not o.name.startswith("torch.constant."):
+        return None
+    return o.attributes["value"].value if "value" in o.attributes else o.name.rsplit(".", 1)[1]
+
+
 def const_ints(value):
     """The ints of a torch.prim.ListConstruct of torch.constant.int operands, or None."""
     o = getattr(value.owner, "operation", None)

@@ -38,18 +38,12 @@ The new ops carry the convolution's location (module path and source line)."""
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from .common import const_ints as _const_list
+from .common import const_scalar as _const_scalar
 
 OPTIONS = {"convs": "all"}
 IM2COL = "im2col"
 TAPS = "taps"
 _FLOATS = ("f32", "f16", "bf16", "f64")
-
-
-def _const_scalar(value):
-    o = getattr(value.owner, "operation", None)
-    if o is None or not o.name.startswith("torch.constant."):
-        return None
-    return o.attributes["value"].value if "value" in o.attributes else o.name.rsplit(".", 1)[1]
 
 
 def conv_params(op):

@@ -30,7 +30,7 @@ import json
 import re
 
 from ..dialects import polyarch as pa
-from .common import main_func, module_path, source_line
+from .common import const_scalar, main_func, module_path, source_line
 
 OPTIONS = {"stage": "all"}
 INPUTS = "polyarch.index_inputs"
@@ -74,13 +74,6 @@ def _arg_number(value):
     return ir.BlockArgument(value).arg_number if isinstance(value.owner, ir.Block) else None
 
 
-def _int_constant(value):
-    o = _owner_op(value)
-    if o is None or o.name != "torch.constant.int":
-        return None
-    return o.attributes["value"].value
-
-
 def _index_operands(op):
     """-> [(operand number, list item or -1, index value, (lo, hi))] for an index op whose
     indexed dims are static; [] otherwise."""
@@ -109,7 +102,8 @@ def _index_operands(op):
             if b and pa.is_tensor(v) and _INT.match(pa.tensor_info(v.type)[1]):
                 out.append((idx_at, k, v, b))
         return out
-    b = bounds(0 if dim_at is None else _int_constant(op.operands[dim_at]))
+    dim = 0 if dim_at is None else const_scalar(op.operands[dim_at])
+    b = bounds(dim if isinstance(dim, int) and not isinstance(dim, bool) else None)
     v = op.operands[idx_at]
     if b is None or not pa.is_tensor(v) or not _INT.match(pa.tensor_info(v.type)[1]):
         return []
