@@ -183,7 +183,7 @@ def _tensor_desc(type_):
 # for every target (its default), so an f64 tensor crossing segments is a float32 buffer.
 _DTYPE_NAMES = {
     "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float32", "si64": "int64", "si32": "int32",
-    "si16": "int16", "si8": "int8", "ui8": "uint8", "i1": "bool",
+    "si16": "int16", "si8": "int8", "ui8": "uint8", "i1": "bool", "complex<f32>": "complex64", "complex<f64>": "complex64",
 }
 
 
@@ -317,7 +317,9 @@ def _iree_error(stderr, segment, device, fn=None, devices=()):
     others = [d for d in devices if d != device]
     from .tuning import tunable
 
-    if "complex" in first["msg"]:  # IREE 3.13 lowers few complex-valued ops, on any device
+    # IREE 3.13 lowers few complex-valued ops, on any device; its message does not always say
+    # complex ("Only integer/float dtype supported"), the op's types do.
+    if "complex" in first["msg"] or any("complex<" in str(v.type) for o in ops for v in (*o.operands, *o.results)):
         fix = ("keep complex numbers out of the compiled model: return torch.view_as_real(z) and finish on the host, "
                "or compute with real and imaginary parts as two real tensors")
     elif others:

@@ -98,6 +98,8 @@ def _random_args(types, seed=0):
             out.append(rng.standard_normal(shape).astype(np.float32 if et in ("f32", "f64", "bf16") else np.float16))
         elif et == "i1":
             out.append(np.zeros(shape, np.bool_))
+        elif et.startswith("complex"):  # boundaries carry complex<f64> as complex64, as f64 as f32
+            out.append(rng.standard_normal(shape).astype(np.complex64))
         else:
             out.append(np.zeros(shape, {"si64": np.int64, "i64": np.int64, "si8": np.int8, "ui8": np.uint8,
                                          "si16": np.int16}.get(et, np.int32)))

@@ -30,7 +30,7 @@ from ..runtime.devices import DeviceSpec
 from .calibrate import time_median
 
 # max |out - ref| / max |ref| allowed per dtype; integer and bool tensors must be equal
-TOLERANCE = {"float32": 1e-3, "float64": 1e-3, "float16": 1e-2, "bfloat16": 2e-2}
+TOLERANCE = {"float32": 1e-3, "float64": 1e-3, "float16": 1e-2, "bfloat16": 2e-2, "complex64": 1e-3, "complex128": 1e-3}
 
 
 def tolerance(dtype):
@@ -45,10 +45,11 @@ def rel_error(out, ref):
         return float("inf")
     if ref.dtype.kind in "biu" or out.dtype.kind in "biu":
         return float(np.mean(out.astype(np.int64) != ref.astype(np.int64))) if ref.size else 0.0
-    o, r = out.astype(np.float64), ref.astype(np.float64)
+    wide = np.complex128 if "c" in (out.dtype.kind, ref.dtype.kind) else np.float64
+    o, r = out.astype(wide), ref.astype(wide)
     if not np.array_equal(np.isnan(o), np.isnan(r)):
         return float("inf")
-    finite = ~np.isnan(r)
+    finite = ~np.isnan(r)  # NaN in either part of a complex value
     if not finite.any():
         return 0.0
     diff = np.abs(o[finite] - r[finite])

@@ -45,7 +45,7 @@ LOWERING = "polyarch.lowering"
 TRANSFER = "polyarch.transfer"
 HOST = "host"
 
-_VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],([^>]+)>$")
+_VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],(.+)>$")
 
 
 def make_context():
