@@ -37,8 +37,10 @@ def sha256(data):
 MAX_MANIFEST = 256 << 20  # bytes; a real manifest is kilobytes
 
 
-def read_manifest(path):
-    """The manifest of the bundle at `path`, with its structure checked (not the hashes)."""
+def read_manifest(path, raw=False):
+    """The manifest of the bundle at `path`, with its structure checked (not the hashes).
+    raw=True: -> (manifest, the bytes it was parsed from), for a signature check on exactly
+    the manifest that the members are then checked against."""
     try:
         zf = zipfile.ZipFile(path)
     except FileNotFoundError:
@@ -51,7 +53,8 @@ def read_manifest(path):
             if size > MAX_MANIFEST:  # a damaged header: do not try to inflate gigabytes
                 raise BundleError(f"the manifest of '{path}' claims {size} bytes (at most {MAX_MANIFEST}: damaged)",
                                   fix="recompile it with `polyarch compile`")
-            manifest = json.loads(zf.read(MANIFEST))
+            data = zf.read(MANIFEST)
+            manifest = json.loads(data)
         except KeyError:
             raise BundleError(f"'{path}' has no {MANIFEST}", fix="recompile it with `polyarch compile`")
         except (ValueError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as e:
@@ -83,7 +86,7 @@ def read_manifest(path):
             if key not in plan:
                 raise BundleError(f"plan '{plan.get('name')}' in the manifest of '{path}' lacks '{key}'",
                                   fix="recompile it with `polyarch compile`")
-    return manifest
+    return (manifest, data) if raw else manifest
 
 
 class MappedMembers:

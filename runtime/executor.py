@@ -108,14 +108,20 @@ class Bundle:
              raise DeviceError instead of falling back to another plan
     only_devices  load only the segments of these bundle devices (a Ray worker's share,
              runtime/ray_executor.py)
+    trusted_keys  Ed25519 public keys (paths or PEM bytes): the manifest must be signed by
+             one of them, checked before the file is mapped (runtime/signing.py)
     The plan chosen and why is in `plan_name` and `choice`, and logged (logger
     "polyarch.runtime", INFO; a fallback is a WARNING)."""
 
-    def __init__(self, path, devices=None, plan=None, strict=False, only_devices=None):
+    def __init__(self, path, devices=None, plan=None, strict=False, only_devices=None, trusted_keys=None):
         rt = _rt()
         self._only = set(only_devices) if only_devices is not None else None  # a Ray worker's share
         self.path = str(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest, raw = read_manifest(self.path, raw=True)
+        if trusted_keys:  # on the very manifest the members are checked against next
+            from .signing import check
+
+            check(self.path, list(trusted_keys), manifest=raw)
         # The file is mapped, not read: aligned members become modules without a copy.
         self._members = MappedMembers(self.path, self.manifest)
         self.plans = [p["name"] for p in self.manifest["plans"]]
@@ -555,13 +561,10 @@ def load(path, devices=None, plan=None, strict=False, cluster=None, trusted_keys
     cluster: a Ray address ("ray://HOST:10001"): run each device's segments in a Ray actor
     on a node that offers that device -> a RayBundle (see runtime/ray_executor.py).
     trusted_keys: paths of Ed25519 public keys (`polyarch keygen`): the bundle must be signed
-    by one of them (`polyarch sign`), checked before any module is mapped (runtime/signing.py)."""
-    if trusted_keys:
-        from .signing import check
-
-        check(str(path), list(trusted_keys))
+    by one of them (`polyarch sign`), checked before any module is mapped (runtime/signing.py),
+    and again by each Ray actor on the bytes it was sent."""
     if cluster is not None:
         from .ray_executor import RayBundle
 
-        return RayBundle(path, cluster, plan=plan, devices=devices)
-    return Bundle(path, devices=devices, plan=plan, strict=strict)
+        return RayBundle(path, cluster, plan=plan, devices=devices, trusted_keys=trusted_keys)
+    return Bundle(path, devices=devices, plan=plan, strict=strict, trusted_keys=trusted_keys)

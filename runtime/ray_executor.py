@@ -64,7 +64,7 @@ class _Worker:
         self.bundle = None
         self.calls = {}
 
-    def load(self, data, filename, plan, local_spec):
+    def load(self, data, filename, plan, local_spec, trusted_keys=None):
         from .executor import Bundle
 
         device = self.device
@@ -78,7 +78,10 @@ class _Worker:
                 f.write(data)
             del data
             remap = {device: local_spec} if local_spec else None
-            self.bundle = Bundle(path, devices=remap, plan=plan, strict=True, only_devices=[device])
+            # The signature is checked again here, on the bytes this actor maps (trusted_keys:
+            # PEM bytes; the node has no key files).
+            self.bundle = Bundle(path, devices=remap, plan=plan, strict=True, only_devices=[device],
+                                 trusted_keys=trusted_keys)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -130,16 +133,24 @@ class RayBundle:
     plan      the plan to run (default: the lowest predicted time whose devices some node offers)
     devices   optional {bundle device: device spec on its node}, as for `load`
     placement_timeout  seconds to wait for a free unit of each device's resource
+    trusted_keys  Ed25519 public keys, as for `load`: checked here, and by every actor on
+              the bytes it was sent
     """
 
-    def __init__(self, path, cluster, plan=None, devices=None, placement_timeout=60.0):
+    def __init__(self, path, cluster, plan=None, devices=None, placement_timeout=60.0, trusted_keys=None):
         try:
             import ray
         except ImportError as e:
             raise DeviceError("cluster= needs Ray, which is not installed",
                               fix="pip install 'ray[client]==2.60.0' (requirements.txt pins it)") from e
         self.path = str(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest, raw = read_manifest(self.path, raw=True)
+        self._keys = None
+        if trusted_keys:
+            from .signing import check, read_keys
+
+            self._keys = read_keys(trusted_keys)
+            check(self.path, self._keys, manifest=raw)
         sig = self.manifest["signature"]
         self.inputs, self.outputs = sig["inputs"], sig["outputs"]
         self._owns_connection = not ray.is_initialized()
@@ -195,7 +206,7 @@ class RayBundle:
         with open(self.path, "rb") as f:
             data = ray.put(f.read())
         try:
-            ray.get([w.load.remote(data, os.path.basename(self.path), self.plan_name, remap.get(d))
+            ray.get([w.load.remote(data, os.path.basename(self.path), self.plan_name, remap.get(d), self._keys)
                      for d, w in self.workers.items()])
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
             cause = getattr(e, "cause", None) or e

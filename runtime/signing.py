@@ -61,13 +61,22 @@ def keygen(path):
     return path, path + ".pub", key_id(public)
 
 
+def read_keys(trusted_keys):
+    """The PEM bytes of public keys given as paths (or already as PEM bytes), each checked to
+    be an Ed25519 public key: what travels to Ray actors, which have no key files."""
+    return [_public_pem(_load_key(k, private=False)) for k in trusted_keys]
+
+
 def _load_key(path, private):
     serialization, ed25519 = _crypto()
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise PolyarchError(f"cannot read key {path}: {e.strerror}", fix="give the file `polyarch keygen` wrote") from None
+    if isinstance(path, bytes):  # PEM already read (read_keys)
+        data, path = path, "a trusted key"
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise PolyarchError(f"cannot read key {path}: {e.strerror}", fix="give the file `polyarch keygen` wrote") from None
     try:
         key = (serialization.load_pem_private_key(data, password=None) if private
                else serialization.load_pem_public_key(data))
@@ -130,21 +139,22 @@ def signature_of(bundle):
     return rec if isinstance(rec, dict) else {"damaged": True}
 
 
-def check(bundle, trusted_keys):
+def check(bundle, trusted_keys, manifest=None):
     """Raise BundleError unless `bundle`'s manifest is signed by one of `trusted_keys` (paths
-    of public keys). -> the id of the key that signed it."""
+    of public keys, or their PEM bytes). manifest: the manifest bytes to check (those the
+    caller parsed and will check the members against); default: read from `bundle`.
+    -> the id of the key that signed it."""
     from cryptography.exceptions import InvalidSignature
 
     keys = [_load_key(p, private=False) for p in trusted_keys]
-    read_manifest(bundle)
+    if manifest is None:
+        _, manifest = read_manifest(bundle, raw=True)
     rec = signature_of(bundle)
     fix = "sign it with `polyarch sign BUNDLE --key KEY` (KEY.pub among the trusted keys), or load it without trusted keys"
     if rec is None:
         raise BundleError(f"{bundle} is not signed, and trusted keys were given", fix=fix)
     if rec.get("algorithm") != ALGORITHM or "signature" not in rec:
         raise BundleError(f"the signature of {bundle} is damaged or not {ALGORITHM}", fix=fix)
-    with zipfile.ZipFile(bundle) as z:
-        manifest = z.read(MANIFEST)
     try:
         sig = base64.b64decode(rec["signature"], validate=True)
     except ValueError:

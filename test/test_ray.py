@@ -107,6 +107,23 @@ def test_input_checks_apply(on_ray):
         on_ray(np.zeros((65, 32), np.float32))
 
 
+def test_a_signed_bundle_on_the_cluster(on_ray, cluster, mlp_bundle, tmp_path):
+    """trusted_keys reach the actors as PEM bytes; each checks the bytes it maps."""
+    import shutil
+
+    from polyarch.runtime.signing import keygen, sign
+
+    _, x, path = mlp_bundle
+    key, pub, _ = keygen(str(tmp_path / "k"))
+    signed = str(tmp_path / "signed.pab")
+    shutil.copy(path, signed)
+    sign(signed, key)
+    with polyarch.runtime.load(signed, cluster=cluster, trusted_keys=[pub]) as b:
+        np.testing.assert_array_equal(b(x.numpy()), on_ray(x.numpy()))
+    with pytest.raises(polyarch.runtime.bundle.BundleError, match="is not signed, and trusted keys were given"):
+        polyarch.runtime.load(path, cluster=cluster, trusted_keys=[pub])
+
+
 def test_cli_run_on_the_cluster(on_ray, mlp_bundle, tmp_path):
     from conftest import cli
 

@@ -86,3 +86,30 @@ def test_cli_keygen_sign_run(made, tmp_path):
         assert SIGNATURE in z.namelist()
     r = cli("sign", bundle, "--key", key + ".pub")  # the public key by mistake
     assert r.returncode == 1 and "is not a PEM private key" in r.stderr
+
+
+def test_keys_as_pem_bytes_and_the_actor_check(made, tmp_path):
+    """Ray actors have no key files: the driver sends the keys' PEM bytes, and each actor checks
+    the signature again on the bundle bytes it was sent, on the manifest it then checks the
+    members against (not a second read of the file, which could have been replaced between)."""
+    from polyarch.runtime.ray_executor import _Worker
+    from polyarch.runtime.signing import read_keys
+
+    _, original = made
+    key, pub, _ = keygen(str(tmp_path / "k"))
+    pem = read_keys([pub])
+    with open(original, "rb") as f:
+        unsigned = f.read()
+    with pytest.raises(BundleError, match="is not signed, and trusted keys were given"):
+        _Worker("cpu").load(unsigned, "a.pab", None, None, pem)
+    with pytest.raises(PolyarchError, match="a trusted key is not a PEM public key"):
+        read_keys([b"not a key"])
+    bundle = str(tmp_path / "a.pab")
+    shutil.copy(original, bundle)
+    sign(bundle, key)
+    with open(bundle, "rb") as f:
+        signed = f.read()
+    w = _Worker("cpu")
+    w.load(signed, "a.pab", None, None, pem)
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    np.testing.assert_allclose(w.bundle(x), polyarch.runtime.load(bundle, trusted_keys=pem)(x), atol=0)
