@@ -3,7 +3,7 @@
 VENV := .venv
 STAMP := $(VENV)/.polyarch-setup
 
-.PHONY: setup demo test lit bench clean
+.PHONY: setup demo test lit bench audit clean
 
 $(STAMP): requirements.txt pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -28,6 +28,9 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bundle_load.py
 	$(VENV)/bin/python bench/stream.py
 	$(VENV)/bin/python bench/ray_overhead.py
+
+audit: $(STAMP)
+	$(VENV)/bin/python scripts/audit.py
 
 clean:
 	rm -rf out test/passes/Output .pytest_cache

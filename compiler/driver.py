@@ -302,7 +302,13 @@ def _iree_error(stderr, segment, device, fn=None, devices=()):
     first = next((m for m in lines if m["kind"] == "error"), None)
     if first is None:
         msg = next((l for l in stderr.splitlines() if l.strip()), "no output")
-        return PolyarchError(f"IREE could not compile segment {segment} for {device}: {msg}")
+        unknown = re.search(r"Unknown command line argument '([^']+)'", msg)
+        if unknown:
+            return PolyarchError(f"iree-compile does not know the flag {unknown[1]}",
+                                 fix="correct or drop that --iree-flag (Python: iree_extra_flags); "
+                                     "`iree-compile --help` (installed with iree-base-compiler) lists them")
+        return PolyarchError(f"IREE could not compile segment {segment} for {device}: {msg}",
+                             fix="please report the model and this message; --iree-flag FLAG passes flags to iree-compile")
     frames = [(os.path.basename(first["loc"]), int(first["line"]))]
     for m in lines[lines.index(first) + 1:]:
         if m["kind"] != "note" or "called from" not in m["msg"]:

@@ -54,9 +54,17 @@ def example_from_spec(text, seed=0):
     dt = getattr(torch, dtype)
     if dt == torch.bool:
         return torch.rand(dims, generator=g) > 0.5
-    if dt.is_floating_point:
-        return torch.randn(dims, generator=g).to(dt)
-    t = torch.randint(0, 100, dims, generator=g, dtype=dt)
+    try:
+        if dt.is_floating_point:
+            return torch.randn(dims, generator=g).to(dt)
+        t = torch.randint(0, 100, dims, generator=g, dtype=dt)
+    except (RuntimeError, MemoryError) as e:  # more memory than the host has
+        size = dt.itemsize
+        for d in dims:
+            size *= d
+        raise PolyarchError(f"cannot make an example input of {text} ({size / 2**30:.3g} GiB): {str(e).splitlines()[0]}",
+                            fix="give the shapes of one real call with -i (a dynamic dimension's example can be small: "
+                                "--dynamic-dim INPUT:DIM:MAX)") from None
     t.polyarch_made_from_spec = True  # the driver may fold it into an index input's range
     return t
 
@@ -163,6 +171,11 @@ def signature_of(ep):
         for i, d in enumerate(val.shape):
             if isinstance(d, torch.SymInt):
                 expr = str(d.node.expr)
+                if d.node.hint is None:  # an unbacked size: it depends on the values, not the shapes
+                    raise PolyarchError(
+                        f"an output's dimension {i} depends on the input values (size {expr}), as after x[mask], "
+                        "nonzero or unique", fix="return a fixed-size result (torch.where(mask, x, 0) instead of "
+                        "x[mask]) and select on the host")
                 shape.append(int(d.node.hint))
                 if output or expr not in ranges:
                     dynamic.append({"dim": i, "expr": expr})
@@ -187,9 +200,12 @@ def signature_of(ep):
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     outputs = []
     for i, a in enumerate(out_node.args[0]):
-        val = a.meta.get("val") if hasattr(a, "meta") else None
+        val = a.meta.get("val") if hasattr(a, "meta") else a
         if isinstance(val, torch.Tensor):
             outputs.append({"name": f"output{i}", **desc(val, output=True)})
+        elif val is not None:
+            raise PolyarchError(f"output {i} of the model is {val}, a Python {type(val).__name__}, not a tensor; "
+                                "a bundle returns tensors", fix=f"return torch.tensor({val}) if it is needed, or leave it out")
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -274,6 +290,12 @@ def export(model, example_inputs, dynamic_dims=()):
     # Size-oblivious tracing: a dynamic dimension's range then includes 1 (torch.export
     # otherwise assumes >= 2 and may specialise code for it).
     oblivious = fx_config.patch(backed_size_oblivious=True) if dynamic_dims else contextlib.nullcontext()
+    import logging
+
+    # torch logs a failed op's whole traceback before raising it; the error is reported below.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         with torch.no_grad(), oblivious:
             return torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
@@ -283,8 +305,14 @@ def export(model, example_inputs, dynamic_dims=()):
                                 f"{_first_lines(e)}",
                                 fix="the model fixes that size (a reshape to a constant, an op against a fixed-size tensor): "
                                     "drop that --dynamic-dim, or make the model size-generic") from e
-        raise PolyarchError(f"torch.export failed for {type(model).__name__}: {_one_line(e)}",
-                            fix="make the model exportable (no data-dependent Python control flow), or pass an ExportedProgram") from e
+        shapes = ", ".join("x".join(map(str, t.shape)) + "x" + str(t.dtype).replace("torch.", "")
+                           for t in example_inputs if isinstance(t, torch.Tensor))
+        raise PolyarchError(f"torch.export failed for {type(model).__name__}: {_one_line(e).rstrip('.')}",
+                            fix=f"check that the example inputs ({shapes or 'none'}) have the shapes and dtypes the model "
+                                "takes (-i); otherwise make the model exportable (no data-dependent Python control "
+                                "flow), or pass an ExportedProgram") from e
+    finally:
+        fake_log.setLevel(level)
 
 
 def _first_lines(exc, n=3):

@@ -168,10 +168,12 @@ def load(path):
     except FileNotFoundError:
         raise PolyarchError(f"profile file not found: {path}", fix="write one with `polyarch calibrate -o FILE`") from None
     except json.JSONDecodeError as e:
-        raise PolyarchError(f"profile file {path} is not JSON: {e.msg} at line {e.lineno}") from None
+        raise PolyarchError(f"profile file {path} is not JSON: {e.msg} at line {e.lineno}",
+                            fix="mend it, or write a new one with `polyarch calibrate -o FILE`") from None
     if isinstance(obj, dict) and "profiles" in obj:
         if obj.get("schema", SCHEMA) != SCHEMA:
-            raise PolyarchError(f"{path} has schema '{obj.get('schema')}'; this polyarch reads '{SCHEMA}'")
+            raise PolyarchError(f"{path} has schema '{obj.get('schema')}'; this polyarch reads '{SCHEMA}'",
+                                fix="write a new one with `polyarch calibrate -o FILE`")
         if not isinstance(obj["profiles"], list) or not all(isinstance(p, dict) for p in obj["profiles"]):
             raise PolyarchError(f"profile file {path}: 'profiles' must be a list of profiles (objects), "
                                 f"not {json.dumps(obj['profiles'])[:60]}", fix="write it with `polyarch calibrate -o FILE`")

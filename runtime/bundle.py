@@ -61,10 +61,12 @@ def read_manifest(path, raw=False):
             raise BundleError(f"the manifest of '{path}' is unreadable: {type(e).__name__}: {e}",
                               fix="recompile it with `polyarch compile`")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"'{path}' is not a polyarch bundle (manifest format is not '{FORMAT}')")
+        raise BundleError(f"'{path}' is not a polyarch bundle (manifest format is not '{FORMAT}')",
+                          fix="check the path; bundles are made by `polyarch compile` (recompile a damaged one)")
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise BundleError(f"the manifest of '{path}' has schema_version {version!r}, not a whole number (damaged?)",
+    if not _is_int(version) or version < 1:
+        kind = "not a whole number" if not _is_int(version) else "below 1, the first schema"
+        raise BundleError(f"the manifest of '{path}' has schema_version {version!r}, {kind} (damaged?)",
                           fix="recompile it with `polyarch compile`")
     if version > SCHEMA_VERSION:
         raise BundleError(
@@ -81,12 +83,76 @@ def read_manifest(path, raw=False):
     for key in ("signature", "plans", "members"):
         if key not in manifest:
             raise BundleError(f"the manifest of '{path}' lacks '{key}'", fix="recompile it with `polyarch compile`")
-    for plan in manifest["plans"]:
-        for key in plan_keys:
-            if key not in plan:
-                raise BundleError(f"plan '{plan.get('name')}' in the manifest of '{path}' lacks '{key}'",
-                                  fix="recompile it with `polyarch compile`")
+    _check_structure(manifest, path)
     return (manifest, data) if raw else manifest
+
+
+def _damaged(path, what):
+    return BundleError(f"the manifest of '{path}' is damaged: {what}", fix="recompile it with `polyarch compile`")
+
+
+def _check_structure(manifest, path):
+    """Raise BundleError naming the first part of the manifest that the runtime could not use
+    (damaged or edited by hand), so that no load or call fails later with a KeyError."""
+    import numpy as np
+
+    from .devices import DeviceError, DeviceSpec
+
+    members, sig, plans = manifest["members"], manifest["signature"], manifest["plans"]
+    if not isinstance(members, dict) or not all(
+            isinstance(m, dict) and isinstance(m.get("sha256"), str) and _is_int(m.get("size")) for m in members.values()):
+        raise _damaged(path, "'members' is not a table of {sha256, size}")
+    if not isinstance(sig, dict) or not all(isinstance(sig.get(k), list) for k in ("inputs", "outputs")):
+        raise _damaged(path, "'signature' lacks its lists of inputs and outputs")
+    for i, spec in enumerate(sig["inputs"] + sig["outputs"]):
+        if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) or not all(map(_is_int, spec["shape"])):
+            raise _damaged(path, f"signature entry {i} has no shape")
+        try:
+            np.dtype(spec.get("dtype"))
+        except TypeError:
+            raise _damaged(path, f"signature entry {i} has dtype {spec.get('dtype')!r}") from None
+    if not isinstance(plans, list) or not plans or not all(isinstance(p, dict) for p in plans):
+        raise _damaged(path, "'plans' is not a list of plans")
+    for plan in plans:
+        missing = [k for k in ("devices", "segments", "schedule", "outputs") if k not in plan]
+        if missing:
+            raise BundleError(f"plan '{plan.get('name')}' in the manifest of '{path}' lacks '{missing[0]}'",
+                              fix="recompile it with `polyarch compile`")
+        segments = {}
+        for seg in plan["segments"] if isinstance(plan["segments"], list) else [None]:
+            if not isinstance(seg, dict) or not all(isinstance(seg.get(k), str) for k in ("name", "device", "member")):
+                raise _damaged(path, f"plan '{plan.get('name')}' has a segment without name, device and member")
+            try:
+                DeviceSpec.parse(seg["device"])
+            except DeviceError as e:
+                raise _damaged(path, f"segment {seg['name']}: {e.what}") from None
+            if seg["member"] not in members:
+                raise _damaged(path, f"segment {seg['name']} names member '{seg['member']}', which it does not list")
+            segments[seg["name"]] = seg
+        _check_schedule(path, plan, segments, len(sig["inputs"]))
+
+
+def _check_schedule(path, plan, segments, n_inputs):
+    """Each step of a plan's schedule reads only values defined before it."""
+    defined = {f"in{i}" for i in range(n_inputs)}
+    for k, step in enumerate(plan["schedule"] if isinstance(plan["schedule"], list) else [None]):
+        op = step.get("op") if isinstance(step, dict) else None
+        if op == "call" and step.get("segment") in segments and isinstance(step.get("results"), list):
+            reads, writes = step.get("args"), step["results"]
+        elif op == "transfer" and isinstance(step.get("dst"), str):
+            reads, writes = [step.get("src")], [step["dst"]]
+        else:
+            raise _damaged(path, f"step {k} of plan '{plan.get('name')}' is not a call of one of its segments "
+                                 "or a transfer")
+        if not isinstance(reads, list) or not all(isinstance(r, str) and r in defined for r in reads):
+            raise _damaged(path, f"step {k} of plan '{plan.get('name')}' reads values no earlier step makes")
+        defined.update(w for w in writes if isinstance(w, str))
+    if not isinstance(plan["outputs"], list) or not all(isinstance(o, str) and o in defined for o in plan["outputs"]):
+        raise _damaged(path, f"the outputs of plan '{plan.get('name')}' are values no step makes")
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class MappedMembers:

@@ -278,13 +278,11 @@ class Bundle:
     def _check_inputs(self, args):
         if len(args) != len(self.inputs):
             raise BundleError(
-                f"{self.path} takes {len(self.inputs)} input(s) ({', '.join(format_spec(i) for i in self.inputs)}), got {len(args)}"
-            )
+                f"{self.path} takes {len(self.inputs)} input(s) ({', '.join(format_spec(i) for i in self.inputs)}), got {len(args)}",
+                fix="pass one array per input, in order: " + (", ".join(i["name"] for i in self.inputs) or "none"))
         out, symbols = [], {}
         for i, (a, spec) in enumerate(zip(args, self.inputs)):
-            if _is_torch(a):
-                a = a.detach().cpu().numpy()
-            a = np.asarray(a, order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
+            a = _as_array(a, np.dtype(spec["dtype"]))
             got = format_spec({"shape": list(a.shape), "dtype": str(a.dtype)})
             dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
             shape_ok = a.ndim == len(spec["shape"]) and all(
@@ -317,12 +315,31 @@ class Bundle:
             out.append(a)
         return out
 
-    def __call__(self, *args):
+    def __call__(self, *args, **named):
         """Run the bundle. numpy arrays (or anything np.asarray takes) in, numpy out; torch
         tensors in, torch tensors out (sharing the host arrays' memory, through DLPack).
+        Inputs go in order, or by name (`b(ids=a)`, the names `inputs` lists). Lists and
+        Python numbers take the input's dtype where that loses nothing of their kind.
         Each segment runs to completion before the next (timed per segment, see counters);
         for a stream of requests, `stream` overlaps them."""
+        if named:
+            args = _by_name(self.path, self.inputs, args, named)
         return self._collect(self._submit(args, wait_each=True))
+
+    def close(self):
+        """Release the bundle's modules, device memory and file mapping (after the calls in
+        flight are done); a later call raises BundleError. Also `with load(...) as b:`."""
+        self._async.clear()
+        self._contexts.clear()
+        self._splat_buffers.clear()
+        self._closed = True
+        self._members.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def stream(self, requests, depth=2):
         """Run a stream of requests pipelined: yields each request's outputs, in order.
@@ -338,6 +355,8 @@ class Bundle:
 
     def _submit(self, args, wait_each):
         """Issue every step of one call; -> the call in flight (outputs not yet read back)."""
+        if getattr(self, "_closed", False):
+            raise BundleError(f"{self.path} was closed", fix="load it again: polyarch.runtime.load(path)")
         as_torch = any(_is_torch(a) for a in args)
         args = self._check_inputs(args)
         clock = time.perf_counter
@@ -549,6 +568,40 @@ def format_spec(spec):
     ranges = [f"dim {k}: {d.get('min', 1)}..{d.get('max') if d.get('max') is not None else 'any'}"
               for k, d in dynamic.items() if "symbol" in d]
     return text + (f" ({', '.join(ranges)})" if ranges else "")
+
+
+def _as_array(a, want):
+    """An input as a C-ordered host array. Lists and Python numbers (which have no dtype of
+    their own) take `want` where that keeps their kind (floats stay floats, ints fit);
+    arrays in the other byte order are swapped. Anything else keeps its dtype, for the
+    caller's check."""
+    if _is_torch(a):
+        a = a.detach().cpu().numpy()
+    if not isinstance(a, (np.ndarray, np.generic)):
+        b = np.asarray(a)
+        if b.dtype.kind in "biuf" and np.can_cast(b.dtype, want, "same_kind"):
+            c = b.astype(want)
+            if want.kind not in "iu" or np.array_equal(c, b):
+                return np.asarray(c, order="C")
+        return np.asarray(b, order="C")
+    if not a.dtype.isnative and a.dtype.newbyteorder("=") == want:
+        a = a.astype(want)
+    return np.asarray(a, order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
+
+
+def _by_name(path, inputs, args, named):
+    """Positional and named arguments -> the positional list `inputs` takes."""
+    names = [i["name"] for i in inputs]
+    unknown = [k for k in named if k not in names]
+    if unknown:
+        raise BundleError(f"{path} has no input named {unknown[0]!r}", fix="its inputs are: " + ", ".join(names))
+    twice = [k for k in named if names.index(k) < len(args)]
+    if twice:
+        raise BundleError(f"input {twice[0]!r} given both by position and by name", fix="give it once")
+    missing = [n for n in names[len(args):] if n not in named]
+    if missing:
+        raise BundleError(f"input {missing[0]!r} is not given", fix="its inputs are: " + ", ".join(names))
+    return [*args, *(named[n] for n in names[len(args):])]
 
 
 def load(path, devices=None, plan=None, strict=False, cluster=None, trusted_keys=None):

@@ -46,6 +46,9 @@ def _load_model(target):
         spec.loader.exec_module(mod)
     except SyntaxError as e:
         raise PolyarchError(f"{path}:{e.lineno}: syntax error: {e.msg}", fix="fix the model file") from None
+    except SystemExit as e:  # would end polyarch itself, with the model's status
+        raise PolyarchError(f"loading {path} called sys.exit({e.code!r})",
+                            fix="guard the model file's script part with `if __name__ == \"__main__\":`") from None
     except Exception as e:  # an import the model needs is missing, or its top level raises
         tb = e.__traceback__
         while tb.tb_next is not None:
@@ -340,7 +343,7 @@ def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles
               help="An input as a .npy file, one per model input, in order. Default: deterministic random inputs.")
 @click.option("-o", "--output", "outputs", multiple=True, type=click.Path(dir_okay=False), metavar="FILE.npy",
               help="Save each output to a .npy file.")
-@click.option("-n", "--repeat", type=int, default=1, show_default=True, help="Run this many times and report the median time.")
+@click.option("-n", "--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="Run this many times and report the median time.")
 @click.option("--trace", "trace_out", type=click.Path(dir_okay=False), metavar="FILE.json",
               help="Write a Chrome/Perfetto trace of the runs: each segment on its device, each transfer with its bytes.")
 @click.option("--plan", "plan_name", metavar="NAME",
@@ -630,16 +633,32 @@ def _refuse_overwriting_sources(output, sources):
                                 "would replace it", fix="write the bundle elsewhere, e.g. -o model.pab")
 
 
-def _terminate(signum, frame):
-    """SIGTERM as an exit that unwinds: temporary folders and partial bundles are removed on
-    the way out, as for Ctrl-C."""
+def _unwind(signum, frame):
+    """SIGTERM (and Ctrl-C) as an exception that unwinds: temporary folders and partial
+    bundles are removed on the way out. Never inside an import: an exception crossing a native
+    module's initialisation aborts the process (SIGABRT, seen while iree.compiler's bindings
+    loaded), so there the signal is sent again 0.1 s later."""
+    import signal
+    import threading
+
+    f = frame
+    while f is not None:
+        if f.f_code.co_filename.startswith("<frozen importlib"):
+            timer = threading.Timer(0.1, os.kill, (os.getpid(), signum))
+            timer.daemon = True
+            timer.start()
+            return
+        f = f.f_back
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
 def main():
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _unwind)
+    signal.signal(signal.SIGINT, _unwind)
     cli()
 
 
