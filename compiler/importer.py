@@ -497,6 +497,45 @@ def _record_nominal_shapes(module, sig):
             pa.set_nominal_shapes(ir, op, list(op.results), pa.SHAPES, shape_of)
 
 
+def _refuse_state_writes(ep):
+    """Refuse a forward that writes in place into a buffer or an input (through views too).
+    A bundle is a function without state: such a buffer was frozen at its exported value
+    and the write lost, a silently wrong result from the second call on."""
+    kinds = {s.arg.name: (s.kind.name, s.target) for s in ep.graph_signature.input_specs if hasattr(s.arg, "name")}
+    for node in ep.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            if not (arg.alias_info and arg.alias_info.is_write):
+                continue
+            base = _view_base(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
+            kind, target = kinds.get(getattr(base, "name", None), (None, None))
+            if kind not in ("BUFFER", "USER_INPUT"):
+                continue
+            frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+            where = f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
+            if kind == "BUFFER":
+                raise PolyarchError(
+                    f"the model writes into its buffer '{target}' in place ({schema.name}); a bundle has no state, so "
+                    "the buffer would keep its exported value and the write be lost", where,
+                    fix="return the new value as an output and pass it back in as an input on the next call "
+                        "(a functional cache)")
+            raise PolyarchError(f"the model writes into its input '{base.name}' in place ({schema.name}); a bundle does "
+                                "not change the arrays it is given", where,
+                                fix="compute a new tensor instead (y = x + 1, not x.add_(1)) and return it if needed")
+
+
+def _view_base(value):
+    """The tensor a value views (through view, slice, transpose... and in-place results)."""
+    while getattr(value, "op", None) == "call_function":
+        schema = getattr(value.target, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None or not value.args:
+            break
+        value = value.args[0]
+    return value
+
+
 def import_model(model, example_inputs=(), dynamic_dims=()):
     """-> (torch-dialect ir.Module in a polyarch context, signature dict). `model` is an
     nn.Module, an ExportedProgram, or the path of an ONNX model. dynamic_dims:
@@ -512,6 +551,7 @@ def import_model(model, example_inputs=(), dynamic_dims=()):
         return import_onnx(model, example_inputs)
 
     ep = export(model, example_inputs, dynamic_dims)
+    _refuse_state_writes(ep)
     _persist_buffers(ep)
     sig = signature_of(ep)
     _name_dynamic_dims(sig, dynamic_dims)

@@ -383,3 +383,30 @@ def test_more_errors_are_one_line_with_a_fix(tmp_path):
         assert len(lines) == 1 and re.search(want, lines[0]) and "Fix:" in lines[0], (args, r.stderr)
     r = cli("run", os.path.join(EXAMPLES, "..", "README.md"), "--repeat", "0")
     assert r.returncode == 2 and "--repeat" in r.stderr, r.stderr
+
+
+class Accumulates(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("total", torch.zeros(4))
+
+    def forward(self, x):
+        self.total[:2].add_(x.sum(0)[:2])  # through a view
+        return x * 2 + self.total
+
+
+class WritesItsInput(torch.nn.Module):
+    def forward(self, x):
+        y = x * 3
+        y.add_(1)  # an intermediate: fine
+        x.mul_(2)
+        return x + y
+
+
+@pytest.mark.parametrize("model,want", [(Accumulates(), r"writes into its buffer 'total' in place \(aten::add_\)"),
+                                        (WritesItsInput(), r"writes into its input 'x' in place \(aten::mul_\)")])
+def test_in_place_writes_to_state_are_refused(tmp_path, model, want):
+    """A buffer written in forward was frozen at its exported value (a KV cache, a running
+    sum): wrong from the second call on; verification blamed the CPU code."""
+    with pytest.raises(polyarch.PolyarchError, match=want + r".* at .*test_hardening.py:\d+. Fix: "):
+        polyarch.compile(model, (torch.randn(3, 4),), devices=["cpu"], output=str(tmp_path / "m.pab"), tune="none")
