@@ -116,6 +116,7 @@ class Bundle:
     def __init__(self, path, devices=None, plan=None, strict=False, only_devices=None, trusted_keys=None):
         rt = _rt()
         self._only = set(only_devices) if only_devices is not None else None  # a Ray worker's share
+        self._closed = False
         self.path = str(path)
         self.manifest, raw = read_manifest(self.path, raw=True)
         if trusted_keys:  # on the very manifest the members are checked against next
@@ -355,7 +356,7 @@ class Bundle:
 
     def _submit(self, args, wait_each):
         """Issue every step of one call; -> the call in flight (outputs not yet read back)."""
-        if getattr(self, "_closed", False):
+        if self._closed:
             raise BundleError(f"{self.path} was closed", fix="load it again: polyarch.runtime.load(path)")
         as_torch = any(_is_torch(a) for a in args)
         args = self._check_inputs(args)
@@ -578,12 +579,12 @@ def _as_array(a, want):
     if _is_torch(a):
         a = a.detach().cpu().numpy()
     if not isinstance(a, (np.ndarray, np.generic)):
-        b = np.asarray(a)
+        b = np.asarray(a)  # a new array, C-ordered
         if b.dtype.kind in "biuf" and np.can_cast(b.dtype, want, "same_kind"):
             c = b.astype(want)
             if want.kind not in "iu" or np.array_equal(c, b):
-                return np.asarray(c, order="C")
-        return np.asarray(b, order="C")
+                return c
+        return b
     if not a.dtype.isnative and a.dtype.newbyteorder("=") == want:
         a = a.astype(want)
     return np.asarray(a, order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
