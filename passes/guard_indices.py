@@ -191,7 +191,7 @@ def _check(ir, op, value, lo, hi):
         name, results=[ir.Type.parse(t)] if t else [], operands=list(operands), attributes=attrs or {}, ip=ip, loc=loc)
     i64 = lambda n: make("torch.constant.int", "!torch.int", (),
                          {"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), n)}).results[0]
-    # min and max, not a reduction over an i1 mask (those come out wrong on Vulkan, DESIGN facts)
+    # min and max, not a reduction over an i1 mask (those come out wrong on Vulkan, docs/architecture.md)
     scalar = re.sub(r"<\[[^\]]*\],", "<[],", str(value.type))
     lo_ok = make("torch.aten.ge.Scalar", "!torch.vtensor<[],i1>",
                  [make("torch.aten.min", scalar, [value]).results[0], i64(lo)]).results[0]
