@@ -10,8 +10,7 @@ torch-mlir, iree-base-compiler) is imported the first time `compile` is called.
 """
 
 from .errors import PolyarchError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def compile(model, example_inputs=(), devices=("cpu",), output=None, **options):

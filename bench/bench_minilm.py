@@ -41,7 +41,7 @@ def main():
     import minilm
     import polyarch
     from polyarch.compiler.importer import import_model
-    from polyarch.compiler.targets import iree_flags
+    from polyarch.targets import iree_flags
     from polyarch.runtime.devices import DeviceSpec
 
     model = minilm.build()

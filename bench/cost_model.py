@@ -158,7 +158,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     say = lambda m: print(m, flush=True)
 
-    from polyarch.compiler import calibrate, profiles as P
+    from polyarch.compiler import calibrate
+    from polyarch.targets import profiles as P
     from polyarch.runtime.devices import DeviceSpec
 
     t0 = time.time()

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec
-from . import profiles as P
+from ..targets import profiles as P
 
 MATMULS = [(64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
            (256, 384, 384), (256, 384, 1536), (256, 1536, 384), (2048, 512, 512)]
@@ -112,7 +112,7 @@ def compile_suite(spec, quick=False):
     import subprocess
 
     from .driver import _iree_compile_tool
-    from .targets import iree_flags
+    from ..targets import iree_flags
 
     spec = DeviceSpec.parse(spec)
     with tempfile.TemporaryDirectory(prefix="polyarch-cal-") as tmp:
@@ -231,7 +231,7 @@ def fit(spec, raw, base, progress=None, quick=False):
     link_bw, link_lat = _fit_link(raw["upload"], raw["download"])
     progress(f"{spec.name}: host link {link_bw / 1e9:.2f} GB/s, {link_lat * 1e6:.1f} us per transfer")
 
-    from .. import __version__
+    from ..version import __version__
 
     return replace(
         base,

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec, parse_devices
-from .targets import iree_flags
+from ..targets import iree_flags
 
 
 def _stderr_progress(msg):
@@ -498,7 +498,7 @@ def plan_manifest(module, vmfbs, name=None, member_prefix="", scopes=None, scope
 
 
 def _manifest(sig, plans, parameters=None):
-    from .. import __version__
+    from ..version import __version__
 
     out = {
         "polyarch_version": __version__,

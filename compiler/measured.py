@@ -17,7 +17,7 @@ from dataclasses import replace
 from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec
 from ..runtime.identity import describe, identify, is_software
-from . import profiles as P
+from ..targets import profiles as P
 
 CACHE_ENV = "POLYARCH_CACHE_DIR"
 VERDICT_SCHEMA = "polyarch-verdicts/1"

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..dialects import polyarch as pa
-from . import profiles as P
+from ..targets import profiles as P
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Per-segment tuning: try candidate lowerings on the device, keep the fastest, cache the choice.
 
-    tune="none"    IREE's default lowering and the device's flags (compiler/targets.py)
+    tune="none"    IREE's default lowering and the device's flags (targets/__init__.py)
     tune="quick"   (default) every distinct convolution of a cpu segment that conv-to-matmul can
                    rewrite (by op fingerprint: shapes, strides, padding...) is compiled both ways,
                    IREE's convolution and the rewrite (im2col + matmul; a sum of taps for a
@@ -115,7 +115,7 @@ def _compile(module, device, tmp, tag, flags=(), kinds=(), export=False):
 
     from ..passes import conv_to_matmul
     from .driver import _iree_compile_tool, compile_with_retries
-    from .targets import iree_flags
+    from ..targets import iree_flags
 
     if kinds:
         conv_to_matmul.run(module, convs="marked", kinds=kinds)

@@ -188,7 +188,7 @@ def locate(module, seg_name, device, args, tmp, progress=None):
     from ..passes.common import body_ops, describe, module_path, op_fingerprint, remat_set
     from ..passes.outline_segments import _needs, make_function, program_order
     from .driver import segments_of
-    from .targets import has_narrow_storage
+    from ..targets import has_narrow_storage
 
     progress = progress or (lambda m: None)
     fn = next(f for n, _, f in segments_of(module) if n == seg_name)

@@ -126,7 +126,7 @@ def create_transfer(ir, value, src, dst, ip, result_type=None):
 
 
 def _same_or_widened(a, b):
-    from ..compiler.targets import BOUNDARY, WIDEN
+    from ..targets import BOUNDARY, WIDEN
 
     if a == b:
         return True

@@ -4,7 +4,7 @@
 Options:
   devices=cpu,vulkan        devices to predict times for (none: costs only)
   profile=FILE.json         (repeatable) device profiles; devices without one use the
-                            built-in spec-sheet profile of their kind (compiler/profiles.py)
+                            built-in spec-sheet profile of their kind (targets/profiles.py)
   verdicts=FILE.json        (repeatable) what was measured on a device (compiler/grounding.py):
                             its "corrections" {matmul|conv|other: factor} multiply the
                             predicted times of ops of that class there
@@ -155,7 +155,7 @@ def result_element_type(op):
 def run(module, devices=(), profile=(), verdicts=()):
     from torch_mlir import ir
 
-    from ..compiler import profiles as P
+    from ..targets import profiles as P
     from ..runtime.devices import parse_devices
 
     if isinstance(devices, str):

@@ -29,8 +29,8 @@ polyarch.reason."""
 
 import math
 
-from ..compiler import profiles as P
-from ..compiler.targets import BOUNDARY, ELEMENT_BYTES, WIDEN, has_narrow_storage, unsupported_reason
+from ..targets import profiles as P
+from ..targets import BOUNDARY, ELEMENT_BYTES, WIDEN, has_narrow_storage, unsupported_reason
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..runtime.devices import parse_devices

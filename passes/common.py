@@ -104,7 +104,7 @@ def describe(op):
 
 
 def tensor_bytes(value):
-    from ..compiler.targets import ELEMENT_BYTES
+    from ..targets import ELEMENT_BYTES
 
     info = pa.tensor_info(value.type)
     if info is None:

@@ -18,7 +18,7 @@ Constants, weights and glue (lists, scalars) are rematerialised: cloned into eac
 segment that uses them, never passed between segments. @main becomes a sequence of
 func.call @seg_N, with a "polyarch.transfer" wherever a tensor crosses devices."""
 
-from ..compiler.targets import BOUNDARY, WIDEN, has_narrow_storage
+from ..targets import BOUNDARY, WIDEN, has_narrow_storage
 from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
 from ..errors import PolyarchError

@@ -7,6 +7,26 @@ Depends only on iree-base-runtime and numpy."""
 
 from .bundle import verify
 from .devices import DeviceSpec
-from .executor import Bundle, load
+from .executor import Bundle
 
 __all__ = ["load", "Bundle", "verify", "DeviceSpec"]
+
+
+def load(path, devices=None, plan=None, strict=False, cluster=None, trusted_keys=None):
+    """Load a bundle for execution on this host. -> a callable Bundle.
+
+    devices: optional {bundle device name: local device spec} to run a segment on
+    another device of the same kind, e.g. {"vulkan": "vulkan:1"}.
+    plan: the placement plan to run (default: the fastest predicted one this host can run).
+    strict: raise DeviceError rather than fall back when that plan's devices are missing.
+    cluster: a Ray address ("ray://HOST:10001"): run each device's segments in a Ray actor
+    on a node that offers that device -> a RayBundle (see runtime/ray_executor.py).
+    trusted_keys: paths of Ed25519 public keys (`polyarch keygen`): the bundle must be signed
+    by one of them (`polyarch sign`), checked before any module is mapped (runtime/signing.py),
+    and again by each Ray actor on the bytes it was sent."""
+    if cluster is not None:
+        from .ray_executor import RayBundle
+
+        return RayBundle(path, cluster, plan=plan, devices=devices, trusted_keys=trusted_keys)
+    return Bundle(path, devices=devices, plan=plan, strict=strict, trusted_keys=trusted_keys)
+

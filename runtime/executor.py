@@ -276,46 +276,6 @@ class Bundle:
         self.counters = {"calls": 0, "seconds": 0.0, "transfers": 0, "bytes_moved": 0, "transfer_seconds": 0.0,
                          "segment_seconds": {d: 0.0 for d in self.devices}}
 
-    def _check_inputs(self, args):
-        if len(args) != len(self.inputs):
-            raise BundleError(
-                f"{self.path} takes {len(self.inputs)} input(s) ({', '.join(format_spec(i) for i in self.inputs)}), got {len(args)}",
-                fix="pass one array per input, in order: " + (", ".join(i["name"] for i in self.inputs) or "none"))
-        out, symbols = [], {}
-        for i, (a, spec) in enumerate(zip(args, self.inputs)):
-            a = _as_array(a, np.dtype(spec["dtype"]))
-            got = format_spec({"shape": list(a.shape), "dtype": str(a.dtype)})
-            dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
-            shape_ok = a.ndim == len(spec["shape"]) and all(
-                n == want for k, (n, want) in enumerate(zip(a.shape, spec["shape"])) if k not in dynamic)
-            if not shape_ok or a.dtype != np.dtype(spec["dtype"]):
-                if shape_ok:  # only the element type differs: a cast, not a recompile
-                    raise BundleError(f"input {i} ('{spec['name']}'): expected {format_spec(spec)}, got {got}",
-                                      fix=f"cast it: a.astype(numpy.{spec['dtype']}) (torch: t.to(torch.{spec['dtype']}))")
-                fix = ("the dimensions marked ? are dynamic; the others are fixed at compile time (recompile with matching "
-                       "--input specs, or --dynamic-dim for another dimension)" if dynamic else
-                       "the bundle was compiled for static shapes; recompile with matching --input specs, or with "
-                       "--dynamic-dim INPUT:DIM[:MAX] for a dimension that varies")
-                raise BundleError(f"input {i} ('{spec['name']}'): expected {format_spec(spec)}, got {got}", fix=fix)
-            for k, d in dynamic.items():
-                n, lo, hi = a.shape[k], d.get("min") or 0, d.get("max")
-                if n < lo or (hi is not None and n > hi):
-                    raise BundleError(
-                        f"input {i} ('{spec['name']}'): dimension {k} is {n}; this bundle accepts {lo} to {hi} there",
-                        fix=f"split the request into pieces of at most {hi}, or recompile with a larger bound "
-                            f"(--dynamic-dim {spec['name']}:{k}:MAX)")
-                sym = d.get("symbol")
-                if sym in symbols and symbols[sym][0] != n:
-                    j, kk, m = symbols[sym][1:]
-                    raise BundleError(
-                        f"input {i} ('{spec['name']}') dimension {k} is {n} but input {j} dimension {kk} is {m}; "
-                        f"the model needs them equal (both are {d.get('name') or sym})", fix="give inputs of matching sizes")
-                symbols.setdefault(sym, (n, i, k, n))
-            if "index_range" in spec:
-                _check_index_range(a, i, spec)
-            out.append(a)
-        return out
-
     def __call__(self, *args, **named):
         """Run the bundle. numpy arrays (or anything np.asarray takes) in, numpy out; torch
         tensors in, torch tensors out (sharing the host arrays' memory, through DLPack).
@@ -359,7 +319,7 @@ class Bundle:
         if self._closed:
             raise BundleError(f"{self.path} was closed", fix="load it again: polyarch.runtime.load(path)")
         as_torch = any(_is_torch(a) for a in args)
-        args = self._check_inputs(args)
+        args = check_inputs(self.path, self.inputs, args)
         clock = time.perf_counter
         call = _Call(clock(), as_torch)
         env = {f"in{i}": a for i, a in enumerate(args)}
@@ -571,6 +531,50 @@ def format_spec(spec):
     return text + (f" ({', '.join(ranges)})" if ranges else "")
 
 
+def check_inputs(path, inputs, args):
+    """The call's arguments as host arrays the bundle's `inputs` (its signature entries) take,
+    checked: count, shapes (dynamic dims within their bounds, equal where one symbol), dtypes
+    and index ranges. Shared by Bundle and RayBundle. -> [np.ndarray]."""
+    if len(args) != len(inputs):
+        raise BundleError(
+            f"{path} takes {len(inputs)} input(s) ({', '.join(format_spec(i) for i in inputs)}), got {len(args)}",
+            fix="pass one array per input, in order: " + (", ".join(i["name"] for i in inputs) or "none"))
+    out, symbols = [], {}
+    for i, (a, spec) in enumerate(zip(args, inputs)):
+        a = _as_array(a, np.dtype(spec["dtype"]))
+        got = format_spec({"shape": list(a.shape), "dtype": str(a.dtype)})
+        dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
+        shape_ok = a.ndim == len(spec["shape"]) and all(
+            n == want for k, (n, want) in enumerate(zip(a.shape, spec["shape"])) if k not in dynamic)
+        if not shape_ok or a.dtype != np.dtype(spec["dtype"]):
+            if shape_ok:  # only the element type differs: a cast, not a recompile
+                raise BundleError(f"input {i} ('{spec['name']}'): expected {format_spec(spec)}, got {got}",
+                                  fix=f"cast it: a.astype(numpy.{spec['dtype']}) (torch: t.to(torch.{spec['dtype']}))")
+            fix = ("the dimensions marked ? are dynamic; the others are fixed at compile time (recompile with matching "
+                   "--input specs, or --dynamic-dim for another dimension)" if dynamic else
+                   "the bundle was compiled for static shapes; recompile with matching --input specs, or with "
+                   "--dynamic-dim INPUT:DIM[:MAX] for a dimension that varies")
+            raise BundleError(f"input {i} ('{spec['name']}'): expected {format_spec(spec)}, got {got}", fix=fix)
+        for k, d in dynamic.items():
+            n, lo, hi = a.shape[k], d.get("min") or 0, d.get("max")
+            if n < lo or (hi is not None and n > hi):
+                raise BundleError(
+                    f"input {i} ('{spec['name']}'): dimension {k} is {n}; this bundle accepts {lo} to {hi} there",
+                    fix=f"split the request into pieces of at most {hi}, or recompile with a larger bound "
+                        f"(--dynamic-dim {spec['name']}:{k}:MAX)")
+            sym = d.get("symbol")
+            if sym in symbols and symbols[sym][0] != n:
+                j, kk, m = symbols[sym][1:]
+                raise BundleError(
+                    f"input {i} ('{spec['name']}') dimension {k} is {n} but input {j} dimension {kk} is {m}; "
+                    f"the model needs them equal (both are {d.get('name') or sym})", fix="give inputs of matching sizes")
+            symbols.setdefault(sym, (n, i, k, n))
+        if "index_range" in spec:
+            _check_index_range(a, i, spec)
+        out.append(a)
+    return out
+
+
 def _as_array(a, want):
     """An input as a C-ordered host array. Lists and Python numbers (which have no dtype of
     their own) take `want` where that keeps their kind (floats stay floats, ints fit);
@@ -603,22 +607,3 @@ def _by_name(path, inputs, args, named):
     if missing:
         raise BundleError(f"input {missing[0]!r} is not given", fix="its inputs are: " + ", ".join(names))
     return [*args, *(named[n] for n in names[len(args):])]
-
-
-def load(path, devices=None, plan=None, strict=False, cluster=None, trusted_keys=None):
-    """Load a bundle for execution on this host. -> a callable Bundle.
-
-    devices: optional {bundle device name: local device spec} to run a segment on
-    another device of the same kind, e.g. {"vulkan": "vulkan:1"}.
-    plan: the placement plan to run (default: the fastest predicted one this host can run).
-    strict: raise DeviceError rather than fall back when that plan's devices are missing.
-    cluster: a Ray address ("ray://HOST:10001"): run each device's segments in a Ray actor
-    on a node that offers that device -> a RayBundle (see runtime/ray_executor.py).
-    trusted_keys: paths of Ed25519 public keys (`polyarch keygen`): the bundle must be signed
-    by one of them (`polyarch sign`), checked before any module is mapped (runtime/signing.py),
-    and again by each Ray actor on the bytes it was sent."""
-    if cluster is not None:
-        from .ray_executor import RayBundle
-
-        return RayBundle(path, cluster, plan=plan, devices=devices, trusted_keys=trusted_keys)
-    return Bundle(path, devices=devices, plan=plan, strict=strict, trusted_keys=trusted_keys)

@@ -264,18 +264,13 @@ class RayBundle:
         """Zero `counters`: calls, seconds, and tensors handed between actors."""
         self.counters = {"calls": 0, "seconds": 0.0, "transfers": 0}
 
-    def _check_inputs(self, args):
-        from .executor import Bundle
-
-        return Bundle._check_inputs(self, args)
-
     def _submit(self, args):
         import ray
 
-        from .executor import _is_torch
+        from .executor import _is_torch, check_inputs
 
         as_torch = any(_is_torch(a) for a in args)
-        args = self._check_inputs(args)
+        args = check_inputs(self.path, self.inputs, args)
         call_id = next(self._ids)
         t0 = time.perf_counter()
         env = {f"in{i}": (None, a) for i, a in enumerate(args)}  # name -> (device holding it, value or ref)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLES, cli as polyarch
-from polyarch.compiler import profiles as P
+from polyarch.targets import profiles as P
 from polyarch.errors import PolyarchError
 
 

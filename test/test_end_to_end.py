@@ -58,7 +58,7 @@ def test_minilm_cpu(tmp_path, minilm):
 def test_minilm_split_cpu_vulkan(tmp_path, minilm):
     """The cost model's own split for an iGPU (spec sheets, unverified): i64 embedding and mask
     on cpu, the encoder on vulkan; run here on lavapipe."""
-    from polyarch.compiler.profiles import BUILTIN
+    from polyarch.targets.profiles import BUILTIN
 
     model, inputs = minilm
     run, out = _run(tmp_path, model, inputs, ["cpu", "vulkan"], profiles=[BUILTIN["cpu"], BUILTIN["vulkan"]], verify=False)

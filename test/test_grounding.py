@@ -14,7 +14,8 @@ import torch
 
 import polyarch
 from conftest import cli, eager
-from polyarch.compiler import driver, measured, profiles as P
+from polyarch.compiler import driver, measured
+from polyarch.targets import profiles as P
 from polyarch.runtime import identity as I
 
 TOL = 1e-4

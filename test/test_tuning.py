@@ -50,7 +50,7 @@ def _run_plain(module, inputs, tmp_path):
     """Compile a torch-dialect module for llvm-cpu as polyarch does and run @main."""
     import iree.runtime as rt
 
-    from polyarch.compiler.targets import iree_flags
+    from polyarch.targets import iree_flags
     from polyarch.runtime.devices import DeviceSpec
 
     src, out = str(tmp_path / "m.mlirbc"), str(tmp_path / "m.vmfb")

@@ -138,7 +138,7 @@ _model_options = [
                       "DP on chains, min-cut for two devices) and HEFT-style list scheduling + local search "
                       "otherwise; the plan says which was used."),
     click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), metavar="FILE.json",
-                 help="Device profile(s) from `polyarch calibrate -o` (or written by hand, see compiler/profiles.py). "
+                 help="Device profile(s) from `polyarch calibrate -o` (or written by hand, see targets/profiles.py). "
                       "Without one, a device this host has is priced by its measured profile (cached per user by "
                       "`polyarch calibrate`, or measured now), a device it lacks by its built-in spec sheet. Repeatable."),
     click.option("--no-calibrate", "no_calibrate", is_flag=True,
@@ -152,7 +152,7 @@ def _devices(devices, profiles):
     if devices:
         return devices
     if profiles:
-        from ..compiler import profiles as P
+        from ..targets import profiles as P
 
         return tuple(dict.fromkeys(p.device for p in P.load_all(profiles)))
     return ("cpu",)
@@ -566,7 +566,8 @@ def calibrate(devices, output, quick, like, kernels):
       polyarch plan examples/minilm.py --profile profile.json --explain
       polyarch compile examples/minilm.py --profile profile.json -o m.pab
     """
-    from ..compiler import calibrate as C, measured as M, profiles as P
+    from ..compiler import calibrate as C, measured as M
+    from ..targets import profiles as P
     from ..runtime.identity import identify
 
     try:

@@ -1,4 +1,4 @@
-"""Device kind -> IREE compile flags and op support. (Device speed: compiler/profiles.py.)"""
+"""Device kind -> IREE compile flags and op support. (Device speed: targets/profiles.py.)"""
 
 import re
 

@@ -34,7 +34,7 @@ from ..runtime.devices import DeviceSpec
 
 SCHEMA = "polyarch-device-profile/1"
 
-FIELDS_HELP = "see `polyarch calibrate --help` or compiler/profiles.py for the schema"
+FIELDS_HELP = "see `polyarch calibrate --help` or targets/profiles.py for the schema"
 
 
 @dataclass(frozen=True)

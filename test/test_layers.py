@@ -1,0 +1,123 @@
+"""Strict layers (issue 14): errors/version <- runtime <- dialects, targets <- passes <- compiler
+<- tools and the package's face. No module imports one of a higher layer, also inside a
+function, and no modules import each other in a circle, except the circles still listed in
+KNOWN_CYCLES (compiler/ modules that the staged driver will untangle). The test fails on a new
+circle, and on a listed one that is gone, so that the list only shrinks."""
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SKIP = {"test", "bench", "examples", "scripts", "docs", "cmake", ".venv", ".git"}
+LAYERS = {"errors": 0, "version": 0, "runtime": 1, "dialects": 2, "targets": 2, "passes": 3, "compiler": 4,
+          "tools": 5, "": 5}
+KNOWN_CYCLES = [
+    {"compiler.calibrate", "compiler.driver", "compiler.grounding", "compiler.measured", "compiler.tuning",
+     "compiler.verify"},
+]
+
+
+def _modules():
+    """{module name relative to the package ('' for its __init__): file path}."""
+    out = {}
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIP and not d.startswith(".") and not d.endswith(".egg-info")
+                   and d != "__pycache__"]
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                out[".".join(rel)] = os.path.join(folder, f)
+    return out
+
+
+def _imports(name, path, modules):
+    """The package's modules that `name` imports (at the top or inside functions)."""
+    is_package = path.endswith("__init__.py")
+    here = name.split(".") if name else []
+    base_parts = here if is_package else here[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        targets = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = base_parts[:len(base_parts) - (node.level - 1)] if node.level > 1 else base_parts
+                prefix = base + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.split(".")[0] == "polyarch":
+                prefix = node.module.split(".")[1:]
+            else:
+                continue
+            targets = [prefix + [a.name] for a in node.names] + [prefix]
+        elif isinstance(node, ast.Import):
+            targets = [a.name.split(".")[1:] for a in node.names if a.name.split(".")[0] == "polyarch"]
+        for t in targets:
+            mod = ".".join(t)
+            if mod in modules and mod != name:
+                found.add(mod)
+                break  # the most specific module named (`from . import x` names module x, else the package)
+    return found
+
+
+def _graph():
+    modules = _modules()
+    return {m: _imports(m, p, modules) for m, p in modules.items()}
+
+
+def _layer(module):
+    return LAYERS[module.split(".")[0]]
+
+
+def test_no_import_runs_up_a_layer():
+    graph = _graph()
+    assert set(m.split(".")[0] for m in graph) <= set(LAYERS), "a top-level module without a layer: add it to LAYERS"
+    upward = sorted(f"{m} (layer {_layer(m)}) imports {t} (layer {_layer(t)})"
+                    for m, ts in graph.items() for t in ts if _layer(t) > _layer(m))
+    assert upward == []
+
+
+def _cycles(graph):
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles_but_the_known_ones():
+    cycles = _cycles(_graph())
+    assert sorted(map(sorted, cycles)) == sorted(map(sorted, KNOWN_CYCLES))
+
+
+def test_the_walk_sees_imports():
+    """The walk itself: it finds top-level, relative, absolute and function-local imports."""
+    graph = _graph()
+    assert "runtime.executor" in graph["runtime.ray_executor"]  # inside functions
+    assert "targets" in graph["passes.assign_devices"]  # `from ..targets import ...`
+    assert "targets.profiles" in graph["passes.assign_devices"]  # `from ..targets import profiles as P`
+    assert "compiler.driver" in graph[""]  # the package's face, inside compile()
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
