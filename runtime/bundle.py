@@ -35,6 +35,7 @@ def sha256(data):
 
 
 MAX_MANIFEST = 256 << 20  # bytes; a real manifest is kilobytes
+PLAN_KEYS = ("devices", "segments", "schedule", "outputs")  # what every plan of a manifest holds
 
 
 def read_manifest(path, raw=False):
@@ -73,11 +74,10 @@ def read_manifest(path, raw=False):
             f"'{path}' has manifest schema {version}, newer than this runtime reads ({SCHEMA_VERSION})",
             fix="upgrade polyarch on this host, or recompile with this version",
         )
-    plan_keys = ("devices", "segments", "schedule", "outputs")
     if version < 3 and "plans" not in manifest:  # one plan at the top level: the same data, one level up
-        missing = [k for k in plan_keys if k not in manifest]
+        missing = [k for k in PLAN_KEYS if k not in manifest]
         if not missing:
-            first = {k: manifest.pop(k) for k in (*plan_keys, "plan", "profiles") if k in manifest}
+            first = {k: manifest.pop(k) for k in (*PLAN_KEYS, "plan", "profiles") if k in manifest}
             first["name"] = "+".join(dict.fromkeys(s["device"] for s in first["segments"]))
             manifest["plans"] = [first]
     for key in ("signature", "plans", "members"):
@@ -114,7 +114,7 @@ def _check_structure(manifest, path):
     if not isinstance(plans, list) or not plans or not all(isinstance(p, dict) for p in plans):
         raise _damaged(path, "'plans' is not a list of plans")
     for plan in plans:
-        missing = [k for k in ("devices", "segments", "schedule", "outputs") if k not in plan]
+        missing = [k for k in PLAN_KEYS if k not in plan]
         if missing:
             raise BundleError(f"plan '{plan.get('name')}' in the manifest of '{path}' lacks '{missing[0]}'",
                               fix="recompile it with `polyarch compile`")
