@@ -29,4 +29,3 @@ def load(path, devices=None, plan=None, strict=False, cluster=None, trusted_keys
 
         return RayBundle(path, cluster, plan=plan, devices=devices, trusted_keys=trusted_keys)
     return Bundle(path, devices=devices, plan=plan, strict=strict, trusted_keys=trusted_keys)
-
