@@ -35,7 +35,7 @@ MODELS = {
 
 
 def np_dtype(et):
-    from polyarch.compiler.driver import _DTYPE_NAMES
+    from polyarch.compiler.modules import DTYPE_NAMES as _DTYPE_NAMES
 
     return np.dtype(_DTYPE_NAMES.get(et, "float32"))
 
@@ -99,7 +99,8 @@ def measure_segments(name, device, chunks, profile_files, profs_by_label, progre
     import iree.runtime as rt
 
     from polyarch.compiler.calibrate import _time
-    from polyarch.compiler.driver import compile_segments, segments_of
+    from polyarch.compiler.build import compile_segments
+    from polyarch.compiler.modules import segments_of
     from polyarch.dialects import polyarch as pa
     from polyarch.runtime.devices import DeviceSpec
     from polyarch.runtime.executor import create_device

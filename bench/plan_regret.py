@@ -54,7 +54,8 @@ def build_plans(args, outdir, say):
 
     from torch_mlir import ir
 
-    from polyarch.compiler.driver import build_bundle, clone_module
+    from polyarch.compiler.build import build_bundle
+    from polyarch.compiler.modules import clone_module
     from polyarch.compiler.importer import import_model
     from polyarch.dialects import polyarch as pa
     from polyarch.passes import run_pipeline

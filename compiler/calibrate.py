@@ -111,7 +111,7 @@ def compile_suite(spec, quick=False):
     """The microbenchmark module compiled for a device -> vmfb bytes."""
     import subprocess
 
-    from .driver import _iree_compile_tool
+    from .iree import iree_compile_tool
     from ..targets import iree_flags
 
     spec = DeviceSpec.parse(spec)
@@ -119,7 +119,7 @@ def compile_suite(spec, quick=False):
         src, out = os.path.join(tmp, "suite.mlir"), os.path.join(tmp, "suite.vmfb")
         with open(src, "w") as f:
             f.write(suite_mlir(quick))
-        r = subprocess.run([_iree_compile_tool(), src, *iree_flags(spec), "-o", out], capture_output=True, text=True)
+        r = subprocess.run([iree_compile_tool(), src, *iree_flags(spec), "-o", out], capture_output=True, text=True)
         if r.returncode:
             raise PolyarchError(f"IREE could not compile the calibration suite for {spec.name}: {r.stderr.strip().splitlines()[0] if r.stderr.strip() else r.returncode}")
         with open(out, "rb") as f:

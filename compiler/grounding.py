@@ -67,7 +67,7 @@ def eager_outputs(model, inputs):
 
 def _placement(modules):
     """What identifies a plan: every segment's device and op count, per plan."""
-    from .driver import segments_of
+    from .modules import segments_of
     from ..passes.common import body_ops
     from ..dialects import polyarch as pa
 
@@ -159,7 +159,8 @@ def ground(model, example_inputs, base, sig, sets, pins, objective, solver, pric
            extra_flags=(), tune="none"):
     """The compile loop above. -> (path of the chosen bundle in tmp, its manifest with
     verification, measured times and the rounds' history)."""
-    from .driver import build_bundle, partition
+    from .build import build_bundle
+    from .planning import partition
 
     progress = progress or (lambda m: None)
     inputs = example_arrays(example_inputs, sig)
@@ -227,7 +228,7 @@ def ground(model, example_inputs, base, sig, sets, pins, objective, solver, pric
     # (where re-planning gives another placement, the chosen plan's own prediction), plus the
     # runtime's measured overhead per call
     from ..dialects import polyarch as pa
-    from .driver import attr_to_py
+    from .modules import attr_to_py
 
     final = partition(base, sets, pins, lambda m: None, objective, solver, priced, keep_base=True)
     for p, (_, module) in zip(manifest["plans"], final):
@@ -265,7 +266,8 @@ def _attach(plan, record):
 def _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs, expected, path, manifest,
                          modules, jobs, progress, extra_flags, tune):
     """Measure each multi-device plan against the CPU alone; keep the faster (see the module doc)."""
-    from .driver import _device_sets, build_bundle, partition
+    from .build import build_bundle
+    from .planning import parse_device_sets, partition
 
     if len(sets) != 1:
         return path, manifest, modules  # several plans: each already competes at load by measured time
@@ -275,7 +277,7 @@ def _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs
     if len(used) < 2 or not cpu or not plan.get("measured_us"):
         return path, manifest, modules
     progress(f"measuring {cpu[0]} alone against the {'+'.join(sorted(used))} plan")
-    single = partition(base, _device_sets([[cpu[0]]]), (), progress, objective, solver, priced, keep_base=True)
+    single = partition(base, parse_device_sets([[cpu[0]]]), (), progress, objective, solver, priced, keep_base=True)
     alt = os.path.join(tmp, "single.pab")
     alt_manifest = build_bundle([(plan["name"], single[0][1])], sig, alt, jobs=jobs, progress=progress,
                                 extra_flags=extra_flags, tune=tune)

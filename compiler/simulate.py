@@ -94,7 +94,7 @@ def explain(module, profile_files=()):
     """A Report of a module after outline-segments."""
     from ..passes.assign_devices import link_time
     from ..passes.common import body_ops, describe
-    from .driver import attr_to_py, schedule_of, segments_of
+    from .modules import attr_to_py, schedule_of, segments_of
 
     plan = attr_to_py(module.operation.attributes[pa.PLAN])
     devices = [a.value for a in module.operation.attributes[pa.DEVICES]]

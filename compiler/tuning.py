@@ -35,6 +35,7 @@ import numpy as np
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec
+from ..targets import tunable  # noqa: F401 (part of this module's face: tuning.tunable)
 
 MODES = ("none", "quick", "full")
 DEFAULT = "quick"
@@ -47,12 +48,6 @@ def check_mode(mode):
     if mode not in MODES:
         raise PolyarchError(f"unknown tuning mode {mode!r}", fix="use --tune none, quick or full")
     return mode
-
-
-def tunable(device):
-    """True for a device this host can measure the choices on: the host's own CPU."""
-    spec = DeviceSpec.parse(device)
-    return spec.kind == "cpu" and spec.arch in (None, "host")
 
 
 def _cache_path(ident):
@@ -114,7 +109,7 @@ def _compile(module, device, tmp, tag, flags=(), kinds=(), export=False):
     from . import parameters
 
     from ..passes import conv_to_matmul
-    from .driver import _iree_compile_tool, compile_with_retries
+    from .iree import compile_with_retries, iree_compile_tool
     from ..targets import iree_flags
 
     if kinds:
@@ -125,7 +120,7 @@ def _compile(module, device, tmp, tag, flags=(), kinds=(), export=False):
             module.operation.write_bytecode(f)
     spec = DeviceSpec.parse(device)
     export_flags = parameters.export_flags(tag, os.path.join(tmp, f"{tag}.irpa")) if export else []
-    r, _, _ = compile_with_retries([_iree_compile_tool(), src, "--iree-input-type=torch", *iree_flags(spec), *flags,
+    r, _, _ = compile_with_retries([iree_compile_tool(), src, "--iree-input-type=torch", *iree_flags(spec), *flags,
                                     *export_flags, "-o", out], spec.kind)
     if r.returncode:
         return None, next((l for l in r.stderr.splitlines() if "error" in l), r.stderr.strip()[:200])
@@ -231,7 +226,7 @@ def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets):
     (fusion, layouts) shows only here. -> (chosen (kinds, flag set), {label: us or error})."""
     from torch_mlir import ir
 
-    from .driver import _segment_module
+    from .iree import segment_module
 
     types = [a.type for a in fn.regions[0].blocks[0].arguments]
     default = ((), "default")
@@ -242,7 +237,7 @@ def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets):
     cands = [(k, f) for k in _variants(kinds) or [()] for f in flagsets]
     for cand in cands:
         with fn.context, ir.Location.unknown():
-            seg = _segment_module(ir, fn)
+            seg = segment_module(ir, fn)
         path, err = _compile(seg, device, tmp, f"{name}-{len(times)}", FLAG_CANDIDATES["cpu"][cand[1]], kinds=cand[0],
                              export=True)
         if err:
@@ -265,7 +260,7 @@ def tune_plan(module, mode=DEFAULT, jobs=None, progress=None):
     from ..passes.common import op_fingerprint
     from ..passes.conv_to_matmul import conv_params, convolutions
     from ..runtime.identity import identify
-    from .driver import segments_of
+    from .modules import segments_of
 
     check_mode(mode)
     progress = progress or (lambda m: None)

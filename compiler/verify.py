@@ -63,7 +63,7 @@ def reference_module(module):
     """A copy of a partitioned module whose segments all run on the CPU (the reference)."""
     from torch_mlir import ir
 
-    from .driver import clone_module, segments_of
+    from .modules import clone_module, segments_of
 
     with module.context, ir.Location.unknown():
         ref = clone_module(module)
@@ -100,7 +100,8 @@ def verify_plan(module, plan_name, bundle_path, inputs, expected, present, jobs=
       {"status": "verified" | "wrong" | "not verified: ...", "against": ..., "segments": {name: {...}},
        "whole": {"max_rel_error", "tolerance", "against"}, "culprits": [...], "measured_us": float}"""
     from ..runtime.executor import Bundle
-    from .driver import build_bundle, segments_of
+    from .build import build_bundle
+    from .modules import segments_of
 
     progress = progress or (lambda m: None)
     gc.collect()  # bundles of earlier rounds release their devices (a live lavapipe slows the CPU)
@@ -187,7 +188,7 @@ def locate(module, seg_name, device, args, tmp, progress=None):
 
     from ..passes.common import body_ops, describe, module_path, op_fingerprint, remat_set
     from ..passes.outline_segments import _needs, make_function, program_order
-    from .driver import segments_of
+    from .modules import segments_of
     from ..targets import has_narrow_storage
 
     progress = progress or (lambda m: None)

@@ -91,3 +91,8 @@ def has_narrow_storage(spec: DeviceSpec):
     their narrow inputs and outputs widened at the boundary by outline-segments."""
     return not (spec.kind == "vulkan" and not spec.arch)
 
+
+def tunable(device):
+    """True for a device this host can measure the choices on: the host's own CPU."""
+    spec = DeviceSpec.parse(device)
+    return spec.kind == "cpu" and spec.arch in (None, "host")

@@ -149,10 +149,10 @@ def test_injected_wrong_segment_is_caught_and_replanned(tmp_path, monkeypatch, f
     name tanh, keep it off Vulkan (remembered for this device) and deliver a right bundle."""
     from torch_mlir import ir
 
-    from polyarch.compiler import driver
+    from polyarch.compiler import iree
     from polyarch.dialects.polyarch import make_context
 
-    real = driver.run_iree_compile
+    real = iree.run_iree_compile
 
     def miscompiling(cmd):
         if "--iree-hal-target-device=vulkan" in cmd:
@@ -167,7 +167,7 @@ def test_injected_wrong_segment_is_caught_and_replanned(tmp_path, monkeypatch, f
                 cmd = [cmd[0], bad, *cmd[2:]]
         return real(cmd)
 
-    monkeypatch.setattr(driver, "run_iree_compile", miscompiling)
+    monkeypatch.setattr(iree, "run_iree_compile", miscompiling)
     model, x = _model(TanhMLP), torch.randn(8, 64)
     path = polyarch.compile(model, (x,), devices=["cpu", "vulkan"], profiles=[FLATTERING], pins=["a=vulkan"],
                             output=str(tmp_path / "m.pab"))

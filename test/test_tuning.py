@@ -14,7 +14,7 @@ import torch
 
 import polyarch
 from conftest import cli, eager
-from polyarch.compiler import driver, measured, tuning
+from polyarch.compiler import build, driver, iree, measured, modules, tuning
 from polyarch.errors import PolyarchError
 from polyarch.runtime.identity import identify
 from polyarch.tools import setuptools_hook as hook
@@ -56,7 +56,7 @@ def _run_plain(module, inputs, tmp_path):
     src, out = str(tmp_path / "m.mlirbc"), str(tmp_path / "m.vmfb")
     with open(src, "wb") as f:
         module.operation.write_bytecode(f)
-    r = driver.run_iree_compile([driver._iree_compile_tool(), src, "--iree-input-type=torch",
+    r = iree.run_iree_compile([iree.iree_compile_tool(), src, "--iree-input-type=torch",
                                  *iree_flags(DeviceSpec.parse("cpu")), "-o", out])
     assert r.returncode == 0, r.stderr[-2000:]
     ctx = rt.SystemContext(config=rt.Config("local-task"))
@@ -189,7 +189,7 @@ def test_known_iree_refusals_are_retried_and_named(tmp_path, monkeypatch):
     assert "--iree-llvmcpu-fail-on-large-vector=false" in b.manifest["plans"][0]["segments"][0]["iree_flags"]
     close(b(x.numpy()), eager(m, (x,)))
     # without the retries: one error naming the module path of the op, with a fix
-    monkeypatch.setattr(driver, "KNOWN_RETRIES", {})
+    monkeypatch.setattr(iree, "KNOWN_RETRIES", {})
     with pytest.raises(PolyarchError) as e:
         polyarch.compile(m, (x,), devices=["cpu"], output=str(tmp_path / "h2.pab"), tune="none", verify=False)
     msg = str(e.value)
@@ -241,7 +241,7 @@ def test_refused_tuned_lowering_falls_back(tmp_path):
     module, _ = driver.plan(Logits().eval(), (torch.randn(1, 3, 224, 224),), devices=["cpu"])
     with module.context:
         marked = 0
-        for _, _, fn in driver.segments_of(module):
+        for _, _, fn in modules.segments_of(module):
             for op in fn.regions[0].blocks[0].operations:
                 if (conv_params(op) or {}).get("lowering") == "im2col":
                     op.attributes[pa.LOWERING] = ir.StringAttr.get("im2col")
@@ -249,7 +249,7 @@ def test_refused_tuned_lowering_falls_back(tmp_path):
     assert marked == 4
     choice = {"seg_0": {"rewritten": {"im2col": 4}, "extra_flags": []}}
     lines = []
-    vmfbs = driver.compile_segments(module, progress=lines.append, tuning=choice, params_dir=str(tmp_path))
+    vmfbs = build.compile_segments(module, progress=lines.append, tuning=choice, params_dir=str(tmp_path))
     assert "seg_0" in vmfbs and choice["seg_0"]["rewritten"] == {}
     assert choice["seg_0"]["refused"][0]["lowering"] == ["im2col"]
     assert "stack allocation limit" in choice["seg_0"]["refused"][0]["error"]

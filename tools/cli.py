@@ -304,7 +304,8 @@ def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles
       polyarch plan examples/minilm.py --profile h100.json --profile cpu.json --trace t.json --gantt t.png
     """
     from ..compiler import simulate
-    from ..compiler.driver import plan as do_plan, plan_text
+    from ..compiler.driver import plan as do_plan
+    from ..compiler.modules import plan_text
     from ..compiler.measured import pricing_line
 
     try:

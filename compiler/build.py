@@ -1,0 +1,265 @@
+"""Building a bundle: each plan's segments compiled by IREE (in parallel, with their tuned
+lowering), the weights merged into one parameter archive, the manifest written."""
+
+import datetime
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ..dialects import polyarch as pa
+from ..runtime.devices import DeviceSpec
+from ..targets import iree_flags
+from .iree import compile_with_retries, iree_compile_tool, iree_error, segment_module
+from .modules import attr_to_py, plan_text, schedule_of, segments_of, tensor_desc
+
+
+def _fallback_order(choice):
+    """The lowering variants to try for a segment, best first: its tuned rewrite kinds, then
+    the variants its whole-segment timing measured faster than IREE's own (fastest first),
+    then IREE's own. A variant never measured in the model is never tried: one rewrite kind
+    alone can be slower than none (ConvNeXt-T's depthwise taps without the matmuls)."""
+    kinds = tuple(sorted(choice.get("rewritten") or ()))
+    if not kinds:
+        return [()]
+    times = {k: v for k, v in (choice.get("segment_us") or {}).items() if isinstance(v, (int, float))}
+    plain = times.get("iree/default")
+    flags = choice.get("flags", "default")
+    ranked = sorted((v, tuple(label.split("/")[0].split("+"))) for label, v in times.items()
+                    if label.endswith("/" + flags) and not label.startswith("iree/") and (plain is None or v < plain))
+    order = [kinds] + [k for _, k in ranked if k != kinds]
+    return order + [()]
+
+
+def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_dir=None, scope_prefix="", tuning=None):
+    """Compile every segment with iree-compile, in parallel.
+    -> {segment name: (vmfb bytes, iree-compile command, parameter archive path or None)}.
+
+    tuning: {segment name: choice} from compiler/tuning.py: its convolutions marked
+    `polyarch.lowering` are rewritten by conv-to-matmul, its extra flags added.
+
+    params_dir: export each segment's weights (constants of parameters.MIN_BYTES or more)
+    to `<params_dir>/<scope>.irpa`, scope `<scope_prefix><segment>`, instead of inlining
+    them in the module (compiler/parameters.py merges the archives)."""
+    from torch_mlir import ir
+
+    from ..passes import conv_to_matmul, guard_indices, pool_to_mean
+    from . import parameters
+
+    progress = progress or (lambda msg: None)
+    tuning = tuning or {}
+    segs = segments_of(module)
+    fns = {name: fn for name, _, fn in segs}
+    devices = sorted({d for _, d, _ in segs})
+    tool = iree_compile_tool()
+    jobs = jobs or max(1, min(len(segs), os.cpu_count() or 1))
+    with tempfile.TemporaryDirectory(prefix="polyarch-") as tmp:
+        inputs = []
+        with module.context, ir.Location.unknown():
+            for name, device, fn in segs:
+                # the tuned lowering first; where IREE refuses it among its neighbours (it compiled
+                # alone when tuned; e.g. a fused dispatch over the stack limit): each kind of
+                # rewrite alone, then IREE's own lowering. Never a failed compile for tuning's sake.
+                variants = _fallback_order(tuning.get(name, {}))
+                srcs = []
+                for i, variant in enumerate(variants or [()]):
+                    srcs.append((variant, os.path.join(tmp, f"{name}.{i}.mlirbc")))
+                    seg = segment_module(ir, fn)
+                    pool_to_mean.run(seg)  # works around an IREE 3.13 failure (passes/pool_to_mean.py)
+                    guard_indices.insert(seg)  # computed indices are checked before they are used
+                    if variant:
+                        conv_to_matmul.run(seg, convs="marked", kinds=variant)
+                    with open(srcs[-1][1], "wb") as f:
+                        seg.operation.write_bytecode(f)
+                inputs.append((name, device, srcs))
+
+        def one(item):
+            name, device, srcs = item
+            src = srcs[0][1]
+            out = os.path.join(tmp, f"{name}.vmfb")
+            spec = DeviceSpec.parse(device)
+            # async-external: each function also comes as `NAME$async(args, wait fence, signal fence)`,
+            # which the runtime chains (runtime/executor.py)
+            cmd = [tool, src, "--iree-input-type=torch", "--iree-execution-model=async-external", *iree_flags(spec),
+                   *tuning.get(name, {}).get("extra_flags", ()), *extra_flags, "-o", out]
+            archive = None
+            if params_dir:
+                archive = os.path.join(params_dir, f"{scope_prefix}{name}.irpa")
+                cmd[-2:-2] = parameters.export_flags(scope_prefix + name, archive)
+            t = time.time()
+            r, _, cmd = compile_with_retries(cmd, spec.kind, progress, f"{scope_prefix}{name} for {device}")
+            for (tried, _), (variant, fallback) in zip(srcs, srcs[1:]):
+                if r.returncode == 0:
+                    break
+                err = next((l.partition(": error: ")[2] for l in r.stderr.splitlines() if ": error: " in l), "?").strip()
+                progress(f"{scope_prefix}{name} for {device}: IREE refused the tuned lowering ({'+'.join(tried)}: "
+                         f"{err[:100]}); trying {'+'.join(variant) or 'IREE' + chr(39) + 's own'}")
+                rec = tuning[name]
+                rec.setdefault("refused", []).append({"lowering": list(tried), "error": err[:200]})
+                rec["rewritten"] = {k: v for k, v in rec["rewritten"].items() if k in variant}
+                cmd[1] = fallback
+                r, _, cmd = compile_with_retries(cmd, spec.kind, progress, f"{scope_prefix}{name} for {device}")
+            if r.returncode != 0:
+                raise iree_error(r.stderr, name, device, fns[name], devices)
+            with open(out, "rb") as f:
+                data = f.read()
+            return name, device, data, time.time() - t, cmd, archive
+
+        results = {}
+        done = 0
+        with ThreadPoolExecutor(jobs) as pool:
+            for name, device, data, secs, cmd, archive in pool.map(one, inputs):
+                done += 1
+                weights = f" + {os.path.getsize(archive) / 1e6:.1f} MB weights" if archive and os.path.exists(archive) else ""
+                progress(f"[{done}/{len(inputs)}] compiled {scope_prefix}{name} for {device} in {secs:.1f}s "
+                         f"({len(data) / 1e6:.1f} MB{weights})")
+                results[name] = (data, cmd, archive)
+    return results
+
+
+def _versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("iree-base-compiler", "torch-mlir", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def plan_manifest(module, vmfbs, name=None, member_prefix="", scopes=None, scope_prefix=""):
+    """The manifest entry of one placement plan (module after outline-segments).
+    scopes: {parameter scope: {module key: content key}} from parameters.merge, where a
+    segment's scope is `<scope_prefix><segment>` (as compile_segments exports it)."""
+    from ..passes.common import body_ops, module_path, source_line
+
+    steps, outputs = schedule_of(module)
+    devices = [a.value for a in module.operation.attributes[pa.DEVICES]]
+    segments = []
+    for seg, device, fn in segments_of(module):
+        ftype = fn.type
+        ops, _ = body_ops(fn)
+        data, cmd, _ = vmfbs[seg]
+        entry = {
+            "name": seg,
+            "device": device,
+            "member": f"{member_prefix}{seg}.{device.replace(':', '_').replace('@', '_')}.vmfb",
+            "function": seg,
+            "inputs": [tensor_desc(t) for t in ftype.inputs],
+            "outputs": [tensor_desc(t) for t in ftype.results],
+            "predicted_us": fn.attributes[pa.TIME_US].value,
+            "ops": sum(1 for op in ops if pa.DEVICE in op.attributes),
+            "op_list": [
+                {"op": op.operation.name, "path": module_path(op), "source": source_line(op),
+                 "predicted_us": op.attributes[pa.TIME_US][device].value if pa.TIME_US in op.attributes and device in op.attributes[pa.TIME_US] else 0.0}
+                for op in ops if pa.DEVICE in op.attributes
+            ],
+            "iree_flags": [c for c in cmd[2:] if c.startswith("--") and "--iree-parameter-export=" not in c],
+        }
+        scope = scope_prefix + seg
+        if scopes and scopes.get(scope):
+            entry["parameters"] = {"scope": scope, "keys": scopes[scope]}
+        segments.append(entry)
+    return {
+        "name": name or "+".join(devices),
+        "devices": devices,
+        "plan": attr_to_py(module.operation.attributes[pa.PLAN]),
+        "profiles": attr_to_py(module.operation.attributes[pa.PROFILES]) if pa.PROFILES in module.operation.attributes else {},
+        "device_info": json.loads(module.operation.attributes[pa.DEVICE_INFO].value)
+        if pa.DEVICE_INFO in module.operation.attributes else {},
+        "segments": segments,
+        "schedule": steps,
+        "outputs": outputs,
+    }
+
+
+def _manifest(sig, plans, parameters=None):
+    from ..version import __version__
+
+    out = {
+        "polyarch_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "compiler": _versions(),
+        "signature": sig,
+        "plans": plans,
+    }
+    if parameters:
+        out["parameters"] = parameters
+    return out
+
+
+PARAMS_MEMBER = "weights.irpa"
+
+
+def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), externalize=True, verification=None,
+                 tune="none"):
+    """Compile every plan's segments and write one bundle. plans: [(name or None, module)].
+    externalize: weights go to one shared parameter archive (each distinct value once)
+    rather than inline in every module. verification: a record every plan's manifest entry
+    gets as it is written. tune: none | quick | full (compiler/tuning.py), each segment's
+    choice recorded in its manifest entry. -> the manifest written."""
+    from . import parameters, tuning
+    from .bundle import write_bundle
+
+    progress = progress or (lambda msg: None)
+    with tempfile.TemporaryDirectory(prefix="polyarch-params-") as tmp:
+        compiled = []
+        for i, (name, module) in enumerate(plans):
+            prefix = f"p{i}_" if len(plans) > 1 else ""
+            if len(plans) > 1:
+                progress(f"plan {i + 1}/{len(plans)}: {name}")
+            choices = tuning.tune_plan(module, tune, jobs=jobs, progress=progress)
+            vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=extra_flags,
+                                     params_dir=tmp if externalize else None, scope_prefix=prefix, tuning=choices)
+            compiled.append((name, module, vmfbs, prefix, choices))
+        scopes, summary = {}, None
+        members = {}
+        if externalize:
+            archives = {prefix + seg: v[2] for _, _, vmfbs, prefix, _ in compiled for seg, v in vmfbs.items()}
+            archive = os.path.join(tmp, PARAMS_MEMBER)
+            scopes, summary = parameters.merge(archives, archive)
+            if summary:
+                summary["member"] = PARAMS_MEMBER
+                members[PARAMS_MEMBER] = archive  # streamed from the file, not read into memory
+                progress(f"weights: {summary['count']} distinct parameters, {os.path.getsize(archive) / 1e6:.1f} MB "
+                         f"({summary['references']} references, {summary['referenced_bytes'] / 1e6:.1f} MB before sharing)")
+        plan_entries = []
+        for name, module, vmfbs, prefix, choices in compiled:
+            member_prefix = name.replace(":", "_").replace("@", "_") + "/" if len(plans) > 1 else ""
+            entry = plan_manifest(module, vmfbs, name=name, member_prefix=member_prefix, scopes=scopes, scope_prefix=prefix)
+            plan_entries.append(entry)
+            for seg in entry["segments"]:
+                members[seg["member"]] = vmfbs[seg["name"]][0]
+                if seg["name"] in choices:
+                    seg["tuning"] = choices[seg["name"]]
+            members[f"{member_prefix}plan.mlir"] = plan_text(module).encode()
+        if verification is not None:
+            for entry in plan_entries:
+                entry["verification"] = dict(verification)
+        manifest = _manifest(sig, plan_entries, summary)
+        return write_bundle(output, manifest, members)
+
+
+def rewrite_bundle(src, dst, manifest):
+    """Write the bundle at `src` to `dst` with a new manifest (members unchanged, streamed)."""
+    import shutil
+    import zipfile
+
+    from ..runtime.bundle import MANIFEST
+    from .bundle import write_bundle
+
+    with tempfile.TemporaryDirectory(prefix="polyarch-pack-", dir=os.path.dirname(os.path.abspath(src))) as tmp:
+        members = {}
+        with zipfile.ZipFile(src) as zf:
+            for i, name in enumerate(zf.namelist()):
+                if name == MANIFEST:
+                    continue
+                path = os.path.join(tmp, str(i))
+                with zf.open(name) as f, open(path, "wb") as out:
+                    shutil.copyfileobj(f, out, 64 << 20)
+                members[name] = path
+        keep = {k: v for k, v in manifest.items() if k not in ("members", "format", "schema_version")}
+        write_bundle(dst, keep, members)

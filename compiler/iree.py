@@ -1,0 +1,130 @@
+"""iree-compile: finding it, running it, retrying known refusals, and turning its errors
+into a PolyarchError that names the op, its module path and a fix."""
+
+import os
+import re
+import subprocess
+
+from ..dialects import polyarch as pa
+from ..errors import PolyarchError
+
+
+def segment_module(ir, fn):
+    """A module holding just this segment function, public, for iree-compile."""
+    m = ir.Module.create()
+    new = fn.operation.clone(ip=ir.InsertionPoint(m.body))
+    if "sym_visibility" in new.attributes:
+        del new.attributes["sym_visibility"]
+    for key in (pa.DEVICE, pa.TIME_US):
+        if key in new.attributes:
+            del new.attributes[key]
+    return m
+
+
+def iree_compile_tool():
+    from iree.compiler.tools.binaries import find_tool
+
+    return find_tool("iree-compile")
+
+
+def run_iree_compile(cmd):
+    """Run one iree-compile command line (cmd[1] is the source, after `-o` the output);
+    -> the CompletedProcess. Every segment and verification probe goes through here."""
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+# IREE 3.13 llvm-cpu refusals that a flag gets past, each retried once with it:
+# (what stderr says, the flags, what it is). Met on public models (docs/cpu-speed.md).
+KNOWN_RETRIES = {
+    "cpu": (
+        (re.compile(r"large vector sizes"), ("--iree-llvmcpu-fail-on-large-vector=false",),
+         "llvm-cpu's check on large vectors (EfficientNet's squeeze-excite)"),
+        # 64 KiB: half of the runtime's 128 KiB worker stack (--task_worker_stack_size), the rest
+        # left to the task system; a dispatch needing more still fails, with the error
+        (re.compile(r"exceeded stack allocation limit"), ("--iree-llvmcpu-stack-allocation-limit=65536",),
+         "llvm-cpu's 32 KiB stack limit per dispatch (EfficientNet-B0 once the large-vector check is off; MiniLM at -O3)"),
+    ),
+}
+
+
+def compile_with_retries(cmd, kind, progress=None, what="a module"):
+    """run_iree_compile, and where IREE refuses for a known reason that a flag gets past
+    (KNOWN_RETRIES), again with that flag. -> (CompletedProcess, [retry notes], the command last run)."""
+    r, notes = run_iree_compile(cmd), []
+    for pattern, flags, why in KNOWN_RETRIES.get(kind, ()):
+        if r.returncode == 0:
+            break
+        if pattern.search(r.stderr) and not set(flags) <= set(cmd):
+            first = next((l for l in r.stderr.splitlines() if ": error: " in l), "").partition(": error: ")[2]
+            cmd = cmd[:-2] + list(flags) + cmd[-2:]
+            r = run_iree_compile(cmd)
+            notes.append({"error": first.strip(), "retried_with": list(flags), "known": why,
+                          "result": "compiled" if r.returncode == 0 else "failed again"})
+            if progress:
+                progress(f"{what}: IREE refused it ({first.strip()[:100]}); known IREE 3.13 limitation ({why}): "
+                         f"retried with {' '.join(flags)}: {notes[-1]['result']}")
+    return r, notes, cmd
+
+
+_ERR = re.compile(r"^(?P<loc>[^\n]*?):(?P<line>\d+):\d+: (?P<kind>error|note): (?P<msg>.*)$", re.M)
+_LOC_FRAME = re.compile(r'"([^"]+)":(\d+):\d+')
+
+
+def _ops_at(fn, frames):
+    """The ops of a segment whose source call stack is `frames` [(file basename, line)], innermost first."""
+    from ..passes.common import body_ops
+
+    ops, _ = body_ops(fn)
+    out = []
+    for op in ops:
+        if pa.DEVICE not in op.attributes:
+            continue  # weights and glue (lists, scalars) share the line of the op they feed
+        stack = [(os.path.basename(f), int(l)) for f, l in _LOC_FRAME.findall(str(op.location))]
+        if stack and stack == frames[:len(stack)] and len(stack) == len(frames):
+            out.append(op)
+    return out
+
+
+def iree_error(stderr, segment, device, fn=None, devices=()):
+    """A PolyarchError for a failed segment compile: the message, the module path of the op
+    IREE names (matched on its source call stack), and a fix the user can follow."""
+    from ..passes.common import describe
+
+    lines = list(_ERR.finditer(stderr))
+    first = next((m for m in lines if m["kind"] == "error"), None)
+    if first is None:
+        msg = next((l for l in stderr.splitlines() if l.strip()), "no output")
+        unknown = re.search(r"Unknown command line argument '([^']+)'", msg)
+        if unknown:
+            return PolyarchError(f"iree-compile does not know the flag {unknown[1]}",
+                                 fix="correct or drop that --iree-flag (Python: iree_extra_flags); "
+                                     "`iree-compile --help` (installed with iree-base-compiler) lists them")
+        return PolyarchError(f"IREE could not compile segment {segment} for {device}: {msg}",
+                             fix="please report the model and this message; --iree-flag FLAG passes flags to iree-compile")
+    frames = [(os.path.basename(first["loc"]), int(first["line"]))]
+    for m in lines[lines.index(first) + 1:]:
+        if m["kind"] != "note" or "called from" not in m["msg"]:
+            break
+        frames.append((os.path.basename(m["loc"]), int(m["line"])))
+    where = f"{frames[0][0]}:{frames[0][1]}" if first["loc"] not in ("-", "") else None
+    ops = _ops_at(fn, frames) if fn is not None else []
+    if ops:
+        where = describe(ops[0]) + (f" (or one of {len(ops) - 1} more op(s) from the same source line: "
+                                    + ", ".join(describe(o) for o in ops[1:3]) + ("..." if len(ops) > 3 else "") + ")"
+                                    if len(ops) > 1 else "")
+    others = [d for d in devices if d != device]
+    from ..targets import tunable
+
+    # IREE 3.13 lowers few complex-valued ops, on any device; its message does not always say
+    # complex ("Only integer/float dtype supported"), the op's types do.
+    if "complex" in first["msg"] or any("complex<" in str(v.type) for o in ops for v in (*o.operands, *o.results)):
+        fix = ("keep complex numbers out of the compiled model: return torch.view_as_real(z) and finish on the host, "
+               "or compute with real and imaginary parts as two real tensors")
+    elif others:
+        fix = f"keep that op off {device}: polyarch compile --pin PATTERN={others[0]} (PATTERN: its module path)"
+    else:
+        fix = ("pass an IREE flag that avoids it with --iree-flag=FLAG (Python: iree_extra_flags=[...])"
+               + (", or compile with --tune none" if tunable(device) else "") + "; please report the op and the message")
+    return PolyarchError(f"IREE could not compile segment {segment} for {device}: {first['msg']}", where, fix)
+
+

@@ -1,0 +1,113 @@
+"""Planning: identify and price the devices, then partition the imported module once per
+device set (the three passes: annotate-costs, assign-devices, outline-segments)."""
+
+import json
+import os
+import time
+
+from ..dialects import polyarch as pa
+from ..errors import PolyarchError
+from ..runtime.devices import DeviceSpec, parse_devices
+from .modules import clone_module
+
+
+def import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibrate, progress):
+    """-> (torch-dialect module, signature, price_devices(...)) for a compile or a plan."""
+    from .importer import import_model
+
+    from ..passes import guard_indices
+
+    t = time.time()
+    base, sig = import_model(model, example_inputs, dynamic_dims)
+    progress(f"imported {model_name(model)} into the torch dialect in {time.time() - t:.1f}s")
+    # inputs used as indices get their valid range in the signature (checked by the runtime);
+    # indices computed in the model are marked for a check inside their segment
+    for arg, r in guard_indices.mark(base).items():
+        sig["inputs"][arg]["index_range"] = r
+    for desc in dynamic_summary(sig):
+        progress(desc)
+    return base, sig, price_devices(sets, profiles, calibrate, progress)
+
+
+def parse_device_sets(device_sets):
+    sets = [parse_devices(d) for d in device_sets]
+    names = ["+".join(s.name for s in specs) for specs in sets]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise PolyarchError(f"plan {sorted(dup)[0]} is given twice", fix="give each --plans device set once")
+    return sets
+
+
+def price_devices(sets, profiles, calibrate, progress):
+    """Identify the devices of all plans, choose each one's profile (measured where the
+    host has the device: compiler/measured.py) and read what was measured wrong on it.
+    -> {"profiles": [DeviceProfile], "devices": {name: info}, "verdicts": {name: verdicts}}"""
+    from . import measured
+
+    names = list(dict.fromkeys(s.name for specs in sets for s in specs))
+    profs, info = measured.resolve_profiles(names, profiles, calibrate, progress)
+    verdicts = {}
+    for d in names:
+        ident = info[d]["identity"]
+        progress(measured.pricing_line(d, info[d]))
+        verdicts[d] = measured.load_verdicts(ident) if ident else {"wrong_ops": {}, "corrections": {}}
+        if not info[d]["source"].startswith("measured"):
+            # corrections are relative to the measured profile's predictions: another profile starts afresh
+            verdicts[d]["corrections"] = {}
+        if verdicts[d]["wrong_ops"]:
+            progress(f"{d}: {len(verdicts[d]['wrong_ops'])} op kind(s) measured wrong there before are kept off it")
+    return {"profiles": profs, "devices": info, "verdicts": verdicts}
+
+
+def partition(base, sets, pins, progress, objective, solver, priced, keep_base=False):
+    """Run the three passes once per device set on (a copy of) the imported module."""
+    from torch_mlir import ir
+
+    from ..passes import run_pipeline
+
+    names = ["+".join(s.name for s in specs) for specs in sets]
+    verdicts = [{"device": d, **v} for d, v in priced["verdicts"].items()]
+    out = []
+    for i, (name, specs) in enumerate(zip(names, sets)):
+        t = time.time()
+        plan_pins = list(pins)
+        if len(sets) > 1:  # a pin to a device outside this plan's set applies to the other plans only
+            plan_pins = [p for p in pins if DeviceSpec.parse(p.rpartition("=")[2]).name in {s.name for s in specs}]
+            for p in sorted(set(pins) - set(plan_pins)):
+                progress(f"plan {name}: pin {p} does not apply (no such device in this plan)")
+        devs = [s.name for s in specs]
+        with base.context, ir.Location.unknown():
+            module = base if (i == len(sets) - 1 and not keep_base) else clone_module(base)
+            run_pipeline(
+                module,
+                [
+                    ("annotate-costs", {"devices": devs, "profile": list(priced["profiles"]), "verdicts": verdicts}),
+                    ("assign-devices", {"devices": devs, "pin": plan_pins, "objective": objective,
+                                        "solver": solver, "profile": list(priced["profiles"]), "verdicts": verdicts}),
+                    ("outline-segments", {}),
+                ],
+            )
+            info = {d: priced["devices"][d] for d in devs}
+            module.operation.attributes[pa.DEVICE_INFO] = ir.StringAttr.get(json.dumps(info, sort_keys=True))
+        progress(f"partitioned over {', '.join(devs)} in {time.time() - t:.1f}s")
+        out.append((name, module))
+    return out
+
+
+def dynamic_summary(sig):
+    """One line per dynamic input dimension: where it is, its bound, the size costs are predicted at."""
+    out = []
+    for i, inp in enumerate(sig["inputs"]):
+        for d in inp.get("dynamic", ()):
+            top = "unbounded" if d.get("max") is None else f"up to {d['max']}"
+            out.append(f"input {i} ('{inp['name']}') dimension {d['dim']} is dynamic: {d.get('min', 1)} {top}"
+                       f" (symbol {d.get('symbol', d.get('expr'))}; costs predicted at {inp['shape'][d['dim']]})")
+    return out
+
+
+def model_name(model):
+    if isinstance(model, (str, os.PathLike)):  # an ONNX file
+        return os.path.splitext(os.path.basename(os.fspath(model)))[0]
+    return type(model).__name__
+
+
