@@ -33,7 +33,6 @@ def _imports(name, path, modules):
     base_parts = here if is_package else here[:-1]
     found = set()
     for node in ast.walk(ast.parse(open(path).read())):
-        targets = []
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = base_parts[:len(base_parts) - (node.level - 1)] if node.level > 1 else base_parts
@@ -42,14 +41,12 @@ def _imports(name, path, modules):
                 prefix = node.module.split(".")[1:]
             else:
                 continue
-            targets = [prefix + [a.name] for a in node.names] + [prefix]
+            # `from . import a, b` imports modules a and b; `from .m import f, g` imports module m
+            named = {".".join(prefix + [a.name]) for a in node.names} & set(modules)
+            found |= named or ({".".join(prefix)} & set(modules))
         elif isinstance(node, ast.Import):
-            targets = [a.name.split(".")[1:] for a in node.names if a.name.split(".")[0] == "polyarch"]
-        for t in targets:
-            mod = ".".join(t)
-            if mod in modules and mod != name:
-                found.add(mod)
-                break  # the most specific module named (`from . import x` names module x, else the package)
+            found |= {".".join(a.name.split(".")[1:]) for a in node.names if a.name.split(".")[0] == "polyarch"} & set(modules)
+    found.discard(name)
     return found
 
 
@@ -113,4 +110,19 @@ def test_the_walk_sees_imports():
     assert "targets" in graph["passes.assign_devices"]  # `from ..targets import ...`
     assert "targets.profiles" in graph["passes.assign_devices"]  # `from ..targets import profiles as P`
     assert "compiler.driver" in graph[""]  # the package's face, inside compile()
+    assert {"compiler.parameters", "compiler.tuning"} <= graph["compiler.build"]  # `from . import a, b`
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+# compiler/ from the bottom up, as docs/architecture.md lists it: each imports only those before it
+COMPILER_ORDER = ["modules", "iree", "importer", "parameters", "bundle", "calibrate", "measured", "tuning", "planning",
+                  "build", "verify", "grounding", "simulate", "driver"]
+
+
+def test_compiler_modules_in_order():
+    graph = _graph()
+    mods = sorted(m.split(".")[1] for m in graph if m.startswith("compiler."))
+    assert mods == sorted(COMPILER_ORDER), "a compiler module is missing from COMPILER_ORDER (and the architecture document)"
+    bad = [f"compiler.{m} imports {t}" for i, m in enumerate(COMPILER_ORDER) for t in sorted(graph[f"compiler.{m}"])
+           if t.startswith("compiler.") and t.split(".")[1] not in COMPILER_ORDER[:i]]
+    assert bad == []
