@@ -7,6 +7,7 @@ import subprocess
 
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
+from ..targets import TARGETS
 
 
 def segment_module(ir, fn):
@@ -33,18 +34,9 @@ def run_iree_compile(cmd):
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-# IREE 3.13 llvm-cpu refusals that a flag gets past, each retried once with it:
-# (what stderr says, the flags, what it is). Met on public models (docs/cpu-speed.md).
-KNOWN_RETRIES = {
-    "cpu": (
-        (re.compile(r"large vector sizes"), ("--iree-llvmcpu-fail-on-large-vector=false",),
-         "llvm-cpu's check on large vectors (EfficientNet's squeeze-excite)"),
-        # 64 KiB: half of the runtime's 128 KiB worker stack (--task_worker_stack_size), the rest
-        # left to the task system; a dispatch needing more still fails, with the error
-        (re.compile(r"exceeded stack allocation limit"), ("--iree-llvmcpu-stack-allocation-limit=65536",),
-         "llvm-cpu's 32 KiB stack limit per dispatch (EfficientNet-B0 once the large-vector check is off; MiniLM at -O3)"),
-    ),
-}
+# IREE refusals that a flag gets past, per device kind, each retried once with it: (what
+# stderr says, the flags, what it is); from each kind's record (targets/kinds.py).
+KNOWN_RETRIES = {kind: t.known_retries for kind, t in TARGETS.items()}
 
 
 def compile_with_retries(cmd, kind, progress=None, what="a module"):

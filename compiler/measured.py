@@ -103,7 +103,7 @@ def store_verdicts(ident, verdicts):
 SOFTWARE_VULKAN = P.DeviceProfile(
     name="vulkan-cpu-emulation", device="vulkan",
     peak_flops={"f32": 2e9, "f16": 2e9, "bf16": 2e9, "i8": 2e9},
-    mem_bw=4e9, launch_s=1e-4, call_s=1e-3, mem_capacity=4 * P.GiB,
+    mem_bw=4e9, launch_s=1e-4, call_s=1e-3, mem_capacity=4 * (1 << 30),
     link_bw=2e9, link_latency_s=1e-4, watts=65.0, price_per_hour=0.0, op_efficiency={"conv": 0.1},
     source="estimate for a Vulkan CPU emulation (lavapipe measured at ~1-9 GFLOP/s, 0.1-8 ms a call); run "
            "`polyarch calibrate` to measure it",

@@ -1,69 +1,11 @@
-"""Device specs (`KIND[:ORDINAL][@ARCH]`) and the IREE HAL driver behind each kind.
-
-Shared by the compiler (targets) and the runtime (device creation); imports nothing
-but the standard library so that a deployment host needs no compiler."""
-
-import re
-from dataclasses import dataclass
+"""Device specs as the runtime names them (defined in targets/spec.py, with the device kinds
+of targets/kinds.py, which import nothing of the compiler)."""
 
 from ..errors import DeviceError
+from ..targets.kinds import TARGETS
+from ..targets.spec import SPEC_HELP, DeviceSpec, parse_devices
+
+__all__ = ["DeviceSpec", "parse_devices", "DeviceError", "DRIVERS", "SPEC_HELP"]
 
 # kind -> IREE runtime HAL driver
-DRIVERS = {"cpu": "local-task", "vulkan": "vulkan", "cuda": "cuda", "rocm": "hip"}
-
-_SPEC = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<ordinal>\d+))?(?:@(?P<arch>[A-Za-z0-9_.+-]+))?$")
-
-SPEC_HELP = (
-    "a device is KIND[:ORDINAL][@ARCH] with KIND one of "
-    + ", ".join(DRIVERS)
-    + ", e.g. cpu, vulkan, cuda:1@sm_86, rocm@gfx942"
-)
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    kind: str
-    ordinal: int = 0
-    arch: str | None = None
-
-    @classmethod
-    def parse(cls, text):
-        if isinstance(text, DeviceSpec):
-            return text
-        m = _SPEC.match(str(text).strip())
-        if not m:
-            raise DeviceError(f"bad device spec '{text}'", fix=SPEC_HELP)
-        kind = m["kind"]
-        if kind not in DRIVERS:
-            raise DeviceError(f"unknown device kind '{kind}' in '{text}'", fix=SPEC_HELP)
-        return cls(kind, int(m["ordinal"] or 0), m["arch"])
-
-    @property
-    def name(self):
-        """The canonical spelling, used as the device's name in plans and bundles."""
-        s = self.kind
-        if self.ordinal:
-            s += f":{self.ordinal}"
-        if self.arch:
-            s += f"@{self.arch}"
-        return s
-
-    @property
-    def driver(self):
-        return DRIVERS[self.kind]
-
-    def __str__(self):
-        return self.name
-
-
-def parse_devices(specs):
-    """Parse a list of device specs; rejects duplicates."""
-    out = []
-    for s in specs:
-        d = DeviceSpec.parse(s)
-        if d.name in [o.name for o in out]:
-            raise DeviceError(f"device '{d.name}' given twice", fix="name each device once")
-        out.append(d)
-    if not out:
-        raise DeviceError("no devices given", fix="pass at least one device, e.g. --device cpu")
-    return out
+DRIVERS = {kind: t.hal_driver for kind, t in TARGETS.items()}

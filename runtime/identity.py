@@ -135,16 +135,17 @@ def _iree_infos(driver):
 def identify(spec):
     """The identity of a device of this host, or None if the host lacks it."""
     spec = DeviceSpec.parse(spec)
-    if spec.kind == "cpu":
+    target = spec.target
+    if target.probe == "host":
         ident = cpu_identity()
     else:
         infos = _iree_infos(spec.driver)
         if spec.ordinal >= len(infos):
             return None
         info = infos[spec.ordinal]
-        ident = {"kind": spec.kind, "name": info.get("name", ""), "type": "unknown", "driver": spec.driver,
+        ident = {"kind": spec.kind, "name": info.get("name", ""), "type": target.device_type, "driver": spec.driver,
                  "path": info.get("path", "")}
-        if spec.kind == "vulkan":
+        if target.probe == "vulkan":
             vks = vulkan_devices()
             # IREE names a Vulkan device by its UUID ("GPU-<hex>"); match on it, else on the name.
             match = [v for v in vks if v["uuid"] and v["uuid"] in ident["path"].lower()] or \
@@ -153,8 +154,6 @@ def identify(spec):
                 ident.update({k: v for k, v in match[0].items() if k != "uuid"})
             elif SOFTWARE_VULKAN.search(ident["name"]):
                 ident["type"] = "cpu-emulation"
-        elif spec.kind in ("cuda", "rocm"):
-            ident["type"] = "discrete-gpu"
         if ident["type"] == "cpu-emulation":
             ident["host_cpu"] = cpu_identity()["name"]
     ident["device"] = spec.name

@@ -30,7 +30,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import PolyarchError
-from ..runtime.devices import DeviceSpec
+from .kinds import TARGETS
+from .spec import DeviceSpec
 
 SCHEMA = "polyarch-device-profile/1"
 
@@ -74,55 +75,9 @@ class DeviceProfile:
 _FLOP_KEY = {"f32": "f32", "f64": "f32", "f16": "f16", "bf16": "bf16", "si8": "i8", "ui8": "i8", "i8": "i8",
              "f8E4M3FN": "f8", "f8E5M2": "f8"}
 
-GiB = 1 << 30
-
-BUILTIN = {
-    # Generic x86-64 CPU: 4 cores with AVX2 at 3 GHz. Two 256-bit FMA ports per core
-    # (Intel 64 and IA-32 Architectures Optimization Reference Manual, "Haswell and later
-    # microarchitectures": 2 FMA/cycle x 8 f32 lanes x 2 FLOP) -> 4 x 3e9 x 32 = 3.84e11 FLOP/s.
-    # Memory: dual-channel DDR4-3200, 2 x 25.6 GB/s (JEDEC JESD79-4). Power: 65 W desktop TDP
-    # class; price: an on-demand 4-vCPU-pair cloud instance (order of magnitude, set your own).
-    "cpu": DeviceProfile(
-        name="generic-x86-cpu", device="cpu",
-        peak_flops={"f32": 3.84e11, "f16": 3.84e11, "bf16": 3.84e11, "i8": 7.68e11},
-        mem_bw=5.12e10, launch_s=3e-6, call_s=2e-5, mem_capacity=16 * GiB,
-        link_bw=2.0e10, link_latency_s=1e-6, watts=65.0, price_per_hour=0.17,
-        source="spec sheet: 4 cores AVX2 FMA @3 GHz (Intel optimization manual), DDR4-3200 x2 (JEDEC JESD79-4)",
-    ),
-    # NVIDIA H100 SXM5 80 GB (NVIDIA H100 Tensor Core GPU datasheet, 2023): FP32 67 TFLOPS,
-    # TF32 494.7 / BF16 and FP16 989.4 / FP8 1979 / INT8 1979 TFLOPS dense, HBM3 3.35 TB/s,
-    # 80 GB, up to 700 W; host link PCIe Gen5 x16 (64 GB/s per direction, ~50 effective).
-    # IREE's f32 matmuls do not use TF32 unless asked, so f32 is the CUDA-core figure.
-    # Device "cuda" (sm_80 code): IREE 3.13 has no sm_90 target; the driver JITs the PTX on Hopper.
-    "cuda": DeviceProfile(
-        name="nvidia-h100-sxm", device="cuda",
-        peak_flops={"f32": 6.7e13, "f16": 9.894e14, "bf16": 9.894e14, "f8": 1.979e15, "i8": 1.979e15},
-        mem_bw=3.35e12, launch_s=5e-6, call_s=2e-5, mem_capacity=80e9,
-        link_bw=5.0e10, link_latency_s=1e-5, watts=700.0, price_per_hour=3.0,
-        source="NVIDIA H100 Tensor Core GPU datasheet (SXM5): FP32 67 TF, BF16 989 TF dense, HBM3 3.35 TB/s, 80 GB, 700 W, PCIe Gen5 x16",
-    ),
-    # AMD Instinct MI300X (AMD Instinct MI300X accelerator data sheet, 2023): FP32 vector
-    # 81.7 TFLOPS (matrix 163.4), FP16/BF16 1307.4 TFLOPS dense, FP8 2614.9, INT8 2614.9 TOPS,
-    # HBM3 5.3 TB/s, 192 GB, 750 W; host link PCIe Gen5 x16.
-    "rocm": DeviceProfile(
-        name="amd-mi300x", device="rocm@gfx942",
-        peak_flops={"f32": 8.17e13, "f16": 1.3074e15, "bf16": 1.3074e15, "f8": 2.6149e15, "i8": 2.6149e15},
-        mem_bw=5.3e12, launch_s=5e-6, call_s=2e-5, mem_capacity=192e9,
-        link_bw=5.0e10, link_latency_s=1e-5, watts=750.0, price_per_hour=3.5,
-        source="AMD Instinct MI300X data sheet: FP32 81.7 TF vector, FP16 1307 TF dense, HBM3 5.3 TB/s, 192 GB, 750 W, PCIe Gen5 x16",
-    ),
-    # A Vulkan iGPU: AMD Radeon 780M (RDNA3, 12 CUs at 2.7 GHz; AMD Ryzen 7 7840U product
-    # page): 768 lanes x 2 FLOP x 2.7 GHz = 4.1 TFLOPS f32 without dual issue (8.3 with).
-    # Memory shared with the CPU: LPDDR5-7500 on 128 bits = 120 GB/s; the "link" is a copy
-    # within that memory. 30 W package power (shared with the CPU cores).
-    "vulkan": DeviceProfile(
-        name="vulkan-igpu-radeon-780m", device="vulkan",
-        peak_flops={"f32": 4.1e12, "f16": 8.2e12, "bf16": 4.1e12, "i8": 8.2e12},
-        mem_bw=1.2e11, launch_s=2e-5, call_s=1e-4, mem_capacity=8 * GiB,
-        link_bw=2.0e10, link_latency_s=3e-5, watts=30.0, price_per_hour=0.0,
-        source="AMD Ryzen 7 7840U product page (Radeon 780M: 12 RDNA3 CUs, 2.7 GHz), LPDDR5-7500 128-bit",
-    ),
-}
+# The built-in spec-sheet profile of each device kind (its record in targets/kinds.py, where
+# the figures' sources are cited).
+BUILTIN = {kind: DeviceProfile(**t.spec_sheet) for kind, t in TARGETS.items()}
 
 _REQUIRED = ("name", "device", "peak_flops", "mem_bw", "launch_s", "mem_capacity", "link_bw", "link_latency_s")
 _DEFAULTS = {"call_s": 0.0, "watts": 0.0, "price_per_hour": 0.0, "source": "", "calibrated": None, "op_efficiency": {}, "half_flops": 0.0}
