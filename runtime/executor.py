@@ -44,15 +44,12 @@ def create_device(spec):
     else:
         err = "no device found"
     if spec.ordinal >= len(infos):
-        hint = {
-            "vulkan": "install a Vulkan driver (on machines without a GPU: Debian's mesa-vulkan-drivers and libvulkan1)",
-            "cuda": "run on a host with an NVIDIA GPU and driver",
-            "rocm": "run on a host with an AMD GPU and ROCm",
-        }.get(spec.kind, "")
+        hint = spec.target.install_hint
         raise DeviceError(
             f"device '{spec.name}' is not available on this host (IREE driver '{spec.driver}': "
             f"{len(infos)} device(s), {err if not infos else 'ordinal out of range'})",
-            fix=f"{hint}; or load with devices={{'{spec.name}': 'cpu'}} only if a cpu segment was compiled for it".strip("; "),
+            fix=(f"{hint}; or " if hint else "") + f"load with devices={{'{spec.name}': 'cpu'}}, only if a cpu "
+                "segment was compiled for it",
         )
     return driver.create_device(infos[spec.ordinal]["device_id"])
 

@@ -33,7 +33,8 @@ class Target:
     runtime identifies a device ("host": /proc/cpuinfo; "vulkan": the Vulkan loader's
     properties, telling software Vulkan apart; "hal": the IREE HAL's device list, the device
     taken to be of `device_type`); `known_retries`: (pattern in iree-compile's stderr, flags
-    that get past it, why), each retried once."""
+    that get past it, why), each retried once; `install_hint`: what a host lacking the device
+    needs, said when a bundle asks for it."""
 
     kind: str
     hal_driver: str
@@ -45,6 +46,7 @@ class Target:
     probe: str = "hal"
     device_type: str = "discrete-gpu"
     known_retries: tuple = field(default=())
+    install_hint: str = ""
 
 
 # ---- cpu: the host's CPU through IREE's llvm-cpu and the local-task driver -------------------
@@ -121,6 +123,7 @@ def _vulkan_narrow_storage(arch):
 VULKAN = Target(
     kind="vulkan", hal_driver="vulkan", default_arch=None, flags=_vulkan_flags, unsupported=_vulkan_unsupported,
     narrow_storage=_vulkan_narrow_storage, probe="vulkan", device_type="unknown",
+    install_hint="install a Vulkan driver (on machines without a GPU: Debian's mesa-vulkan-drivers and libvulkan1)",
     # A Vulkan iGPU: AMD Radeon 780M (RDNA3, 12 CUs at 2.7 GHz; AMD Ryzen 7 7840U product
     # page): 768 lanes x 2 FLOP x 2.7 GHz = 4.1 TFLOPS f32 without dual issue (8.3 with).
     # Memory shared with the CPU: LPDDR5-7500 on 128 bits = 120 GB/s; the "link" is a copy
@@ -149,6 +152,7 @@ def _cuda_flags(arch):
 
 CUDA = Target(
     kind="cuda", hal_driver="cuda", default_arch="sm_80", flags=_cuda_flags,
+    install_hint="run on a host with an NVIDIA GPU and driver",
     # NVIDIA H100 SXM5 80 GB (NVIDIA H100 Tensor Core GPU datasheet, 2023): FP32 67 TFLOPS,
     # TF32 494.7 / BF16 and FP16 989.4 / FP8 1979 / INT8 1979 TFLOPS dense, HBM3 3.35 TB/s,
     # 80 GB, up to 700 W; host link PCIe Gen5 x16 (64 GB/s per direction, ~50 effective).
@@ -172,6 +176,7 @@ def _rocm_flags(arch):
 
 ROCM = Target(
     kind="rocm", hal_driver="hip", default_arch="gfx942", flags=_rocm_flags,
+    install_hint="run on a host with an AMD GPU and ROCm",
     # AMD Instinct MI300X (AMD Instinct MI300X accelerator data sheet, 2023): FP32 vector
     # 81.7 TFLOPS (matrix 163.4), FP16/BF16 1307.4 TFLOPS dense, FP8 2614.9, INT8 2614.9 TOPS,
     # HBM3 5.3 TB/s, 192 GB, 750 W; host link PCIe Gen5 x16.
