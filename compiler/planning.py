@@ -63,7 +63,7 @@ def partition(base, sets, pins, progress, objective, solver, priced, keep_base=F
     """Run the three passes once per device set on (a copy of) the imported module."""
     from torch_mlir import ir
 
-    from ..passes import run_pipeline
+    from ..passes import AnnotateCosts, AssignDevices, OutlineSegments, run_pipeline
 
     names = ["+".join(s.name for s in specs) for specs in sets]
     verdicts = [{"device": d, **v} for d, v in priced["verdicts"].items()]
@@ -78,15 +78,13 @@ def partition(base, sets, pins, progress, objective, solver, priced, keep_base=F
         devs = [s.name for s in specs]
         with base.context, ir.Location.unknown():
             module = base if (i == len(sets) - 1 and not keep_base) else clone_module(base)
-            run_pipeline(
-                module,
-                [
-                    ("annotate-costs", {"devices": devs, "profile": list(priced["profiles"]), "verdicts": verdicts}),
-                    ("assign-devices", {"devices": devs, "pin": plan_pins, "objective": objective,
-                                        "solver": solver, "profile": list(priced["profiles"]), "verdicts": verdicts}),
-                    ("outline-segments", {}),
-                ],
-            )
+            profiles = tuple(priced["profiles"])
+            run_pipeline(module, [
+                AnnotateCosts(devices=devs, profile=profiles, verdicts=verdicts),
+                AssignDevices(devices=devs, pin=plan_pins, objective=objective, solver=solver, profile=profiles,
+                              verdicts=verdicts),
+                OutlineSegments(),
+            ])
             info = {d: priced["devices"][d] for d in devs}
             module.operation.attributes[pa.DEVICE_INFO] = ir.StringAttr.get(json.dumps(info, sort_keys=True))
         progress(f"partitioned over {', '.join(devs)} in {time.time() - t:.1f}s")

@@ -2,7 +2,6 @@
 (or a pipelined stream of calls) on the devices of the profiles, as a Chrome trace and
 a Gantt chart. Works for fleets this machine does not have: only profiles are needed."""
 
-import json
 from dataclasses import dataclass, field
 
 from ..dialects import polyarch as pa

@@ -26,9 +26,16 @@ Ops:
 
 The ops are kept as unregistered operations in the torch-mlir context (this MLIR
 build offers no Python-defined dialects beside IRDL, whose ops the printer can't
-round-trip without a C++ registration); `verify` enforces their contracts."""
+round-trip without a C++ registration); `verify` enforces their contracts.
+
+Typed accessors own the attributes: `Cost`, `Times`, `Placement` (placed ops), `Segment`
+(outlined functions), `Plan` (the module's plan, devices and profiles); each reads with
+`of(op)` (None where absent, PolyarchError where malformed) and writes with `put(op)`
+(`to_attr()` the attribute). Passes and the compiler go through them; `verify` reads every
+one, so a malformed attribute is caught after the pass that wrote it."""
 
 import re
+from dataclasses import dataclass
 
 from ..errors import PolyarchError
 
@@ -136,24 +143,242 @@ def _same_or_widened(a, b):
 
 
 def verify(module):
-    """Check the polyarch contracts of a module; raises PolyarchError."""
-    from torch_mlir import ir
-
+    """Check the polyarch contracts of a module and read every polyarch attribute through its
+    accessor (a malformed one raises); raises PolyarchError naming the op and its location."""
+    plan = Plan.of(module)
+    ends = set(plan.devices) | {HOST} if plan else None
     for fn in module.body.operations:
-        is_segment = DEVICE in fn.attributes
+        segment = Segment.of(fn)
         for block in fn.regions[0].blocks:
             for op in block.operations:
                 name = op.operation.name
                 if name == TRANSFER:
-                    attrs = op.operation.attributes
-                    for key in ("from", "to"):
-                        if key not in attrs or not isinstance(attrs[key], ir.StringAttr):
-                            raise PolyarchError(f"{TRANSFER} needs a string attribute '{key}'", str(op.location))
-                    if attrs["from"].value == attrs["to"].value:
-                        raise PolyarchError(f"{TRANSFER} from a device to itself", str(op.location))
-                    if len(op.operands) != 1 or len(op.results) != 1 or not _same_or_widened(op.operands[0].type, op.results[0].type):
-                        raise PolyarchError(f"{TRANSFER} takes one tensor and returns one of the same shape and type (or its boundary type: 32-bit widening, f64 as f32)", str(op.location))
-                    if is_segment:
-                        raise PolyarchError(f"{TRANSFER} inside a device segment", str(op.location))
+                    _verify_transfer(op, segment, ends)
                 elif name.startswith("polyarch."):
                     raise PolyarchError(f"unknown polyarch op '{name}'", str(op.location))
+                else:
+                    _verify_placed(op, segment)
+
+
+def _verify_transfer(op, segment, ends):
+    from torch_mlir import ir
+
+    attrs = op.operation.attributes
+    for key in ("from", "to"):
+        if key not in attrs or not isinstance(attrs[key], ir.StringAttr):
+            raise PolyarchError(f"{TRANSFER} needs a string attribute '{key}'", str(op.location))
+    if attrs["from"].value == attrs["to"].value:
+        raise PolyarchError(f"{TRANSFER} from a device to itself", str(op.location))
+    if ends is not None and not {attrs["from"].value, attrs["to"].value} <= ends:
+        raise PolyarchError(f"{TRANSFER} from {attrs['from'].value} to {attrs['to'].value}: not a device of the "
+                            f"module's {DEVICES} ({', '.join(sorted(ends - {HOST}))}) nor '{HOST}'", str(op.location))
+    if len(op.operands) != 1 or len(op.results) != 1 or not _same_or_widened(op.operands[0].type, op.results[0].type):
+        raise PolyarchError(f"{TRANSFER} takes one tensor and returns one of the same shape and type (or its boundary "
+                            "type: 32-bit widening, f64 as f32)", str(op.location))
+    if segment is not None:
+        raise PolyarchError(f"{TRANSFER} inside a device segment", str(op.location))
+
+
+def _verify_placed(op, segment):
+    Cost.of(op)
+    Times.of(op)
+    placement = Placement.of(op)
+    if segment is not None and placement is not None and placement.device != segment.device:
+        raise PolyarchError(f"{op.operation.name} placed on {placement.device} inside segment @{segment.name} "
+                            f"on {segment.device}", str(op.location))
+
+
+def _malformed(what, op, expected):
+    return PolyarchError(f"malformed {what} on {op.operation.name if hasattr(op, 'operation') else op}: "
+                         f"expected {expected}", str(getattr(op, "location", "")) or None)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """polyarch.cost on a placed op: its FLOPs and bytes read and written (annotate-costs)."""
+
+    flops: int
+    bytes_read: int
+    bytes_written: int
+
+    @classmethod
+    def of(cls, op) -> "Cost | None":
+        from torch_mlir import ir
+
+        if COST not in op.attributes:
+            return None
+        d = op.attributes[COST]
+        try:
+            vals = [ir.IntegerAttr(d[k]).value for k in ("flops", "bytes_read", "bytes_written")]
+        except (KeyError, ValueError, TypeError):
+            raise _malformed(COST, op, "{flops, bytes_read, bytes_written : i64}") from None
+        return cls(*vals)
+
+    def to_attr(self):
+        from torch_mlir import ir
+
+        i64 = ir.IntegerType.get_signless(64)
+        return ir.DictAttr.get({k: ir.IntegerAttr.get(i64, getattr(self, k)) for k in ("flops", "bytes_read", "bytes_written")})
+
+    def put(self, op) -> None:
+        op.attributes[COST] = self.to_attr()
+
+
+@dataclass(frozen=True)
+class Times:
+    """polyarch.time_us on a placed op: predicted microseconds per device name."""
+
+    us: dict
+
+    @classmethod
+    def of(cls, op) -> "Times | None":
+        from torch_mlir import ir
+
+        if TIME_US not in op.attributes:
+            return None
+        try:
+            return cls({a.name: ir.FloatAttr(a.attr).value for a in ir.DictAttr(op.attributes[TIME_US])})
+        except (ValueError, TypeError):
+            raise _malformed(TIME_US, op, "{<device> = f64, ...}") from None
+
+    def to_attr(self):
+        from torch_mlir import ir
+
+        f64 = ir.F64Type.get()
+        return ir.DictAttr.get({d: ir.FloatAttr.get(f64, t) for d, t in self.us.items()})
+
+    def put(self, op) -> None:
+        op.attributes[TIME_US] = self.to_attr()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """polyarch.device (and polyarch.reason, why it is not on its fastest device) on a placed op."""
+
+    device: str
+    reason: str | None = None
+
+    @classmethod
+    def of(cls, op) -> "Placement | None":
+        from torch_mlir import ir
+
+        if DEVICE not in op.attributes:
+            return None
+        try:
+            reason = ir.StringAttr(op.attributes[REASON]).value if REASON in op.attributes else None
+            return cls(ir.StringAttr(op.attributes[DEVICE]).value, reason)
+        except (ValueError, TypeError):
+            raise _malformed(f"{DEVICE} or {REASON}", op, "a string") from None
+
+    def put(self, op) -> None:
+        from torch_mlir import ir
+
+        op.attributes[DEVICE] = ir.StringAttr.get(self.device)
+        if self.reason:
+            op.attributes[REASON] = ir.StringAttr.get(self.reason)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """An outlined function: func.func @seg_N {polyarch.device, polyarch.time_us : f64}."""
+
+    name: str
+    device: str
+    predicted_us: float
+    fn: object
+
+    @classmethod
+    def of(cls, fn) -> "Segment | None":
+        from torch_mlir import ir
+
+        if fn.operation.name != "func.func" or DEVICE not in fn.attributes:
+            return None
+        try:
+            t = ir.FloatAttr(fn.attributes[TIME_US]).value if TIME_US in fn.attributes else 0.0
+            return cls(ir.StringAttr(fn.attributes["sym_name"]).value, ir.StringAttr(fn.attributes[DEVICE]).value, t, fn)
+        except (ValueError, TypeError):
+            raise _malformed("segment attributes", fn, f"{DEVICE} a string and {TIME_US} an f64") from None
+
+    @staticmethod
+    def all(module) -> list:
+        """The segments of a module, in module order."""
+        return [s for s in (Segment.of(op) for op in module.body.operations) if s is not None]
+
+    def put(self) -> None:
+        from torch_mlir import ir
+
+        self.fn.attributes[DEVICE] = ir.StringAttr.get(self.device)
+        self.fn.attributes[TIME_US] = ir.FloatAttr.get(ir.F64Type.get(), self.predicted_us)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The module's placement: polyarch.devices (the targets), polyarch.profiles (the
+    profile that priced each), polyarch.plan (how it was chosen and what is predicted)."""
+
+    devices: tuple
+    summary: dict
+    profiles: dict
+
+    @classmethod
+    def of(cls, module) -> "Plan | None":
+        from torch_mlir import ir
+
+        attrs = module.operation.attributes
+        if DEVICES not in attrs:
+            return None
+        try:
+            devices = tuple(ir.StringAttr(a).value for a in ir.ArrayAttr(attrs[DEVICES]))
+            summary = attr_to_py(ir.DictAttr(attrs[PLAN])) if PLAN in attrs else {}
+            profiles = {a.name: ir.StringAttr(a.attr).value for a in ir.DictAttr(attrs[PROFILES])} \
+                if PROFILES in attrs else {}
+        except (ValueError, TypeError):
+            raise _malformed("plan attributes", module.operation, f"{DEVICES} strings, {PLAN} and {PROFILES} dictionaries") from None
+        return cls(devices, summary, profiles)
+
+    def put(self, module) -> None:
+        from torch_mlir import ir
+
+        attrs = module.operation.attributes
+        attrs[DEVICES] = ir.ArrayAttr.get([ir.StringAttr.get(d) for d in self.devices])
+        attrs[PLAN] = py_to_attr(self.summary)
+        if self.profiles:
+            set_profiles(module, self.profiles)
+
+
+def set_profiles(module, profiles: dict) -> None:
+    """polyarch.profiles: {device: profile name}."""
+    from torch_mlir import ir
+
+    module.operation.attributes[PROFILES] = ir.DictAttr.get({d: ir.StringAttr.get(n) for d, n in profiles.items()})
+
+
+def attr_to_py(attr):
+    """A (nested) MLIR dictionary/array/string/number attribute as plain Python."""
+    from torch_mlir import ir
+
+    if isinstance(attr, ir.DictAttr):
+        return {a.name: attr_to_py(a.attr) for a in attr}
+    if isinstance(attr, ir.ArrayAttr):
+        return [attr_to_py(a) for a in attr]
+    if isinstance(attr, (ir.StringAttr, ir.IntegerAttr, ir.FloatAttr, ir.BoolAttr)):
+        return attr.value
+    return str(attr)
+
+
+def py_to_attr(value):
+    """Plain Python (dict, list, str, int, float, bool) as an MLIR attribute: ints as i64,
+    floats as f64."""
+    from torch_mlir import ir
+
+    if isinstance(value, dict):
+        return ir.DictAttr.get({k: py_to_attr(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return ir.ArrayAttr.get([py_to_attr(v) for v in value])
+    if isinstance(value, bool):
+        return ir.BoolAttr.get(value)
+    if isinstance(value, int):
+        return ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)
+    if isinstance(value, float):
+        return ir.FloatAttr.get(ir.F64Type.get(), value)
+    return ir.StringAttr.get(str(value))

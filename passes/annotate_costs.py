@@ -21,11 +21,11 @@ FLOPs come from shapes (a multiply-add counts 2); bytes_read sums the tensor
 operands (weights included), bytes_written the tensor results. Views cost nothing;
 gathers (embedding, index) read only the rows they fetch."""
 
-from ..dialects import polyarch as pa
-from .common import load_verdicts, main_func, placeable_ops, tensor_bytes
+from dataclasses import dataclass
 
-OPTIONS = {"devices": "comma-separated device specs", "profile": "device profile JSON file (repeatable)",
-           "verdicts": "measured corrections JSON file (repeatable)"}
+from ..dialects import polyarch as pa
+from .base import Pass, option
+from .common import load_verdicts, main_func, placeable_ops, tensor_bytes
 
 VIEWS = {
     "view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "flatten", "expand", "broadcast_to",
@@ -152,35 +152,37 @@ def result_element_type(op):
     return "f32"
 
 
-def run(module, devices=(), profile=(), verdicts=()):
-    from torch_mlir import ir
+@dataclass(frozen=True)
+class AnnotateCosts(Pass):
+    NAME = "annotate-costs"
+    devices: tuple = option((), "devices to predict times for (none: costs only)", sep=",")
+    profile: tuple = option((), "device profile JSON file or DeviceProfile (repeatable)", repeat=True)
+    verdicts: tuple = option((), "measured corrections: JSON file or dict (repeatable)", repeat=True)
 
-    from ..targets import profiles as P
-    from ..runtime.devices import parse_devices
+    def apply(self, module):
+        from ..runtime.devices import parse_devices
+        from ..targets import profiles as P
 
-    if isinstance(devices, str):
-        devices = [d for d in devices.split(",") if d]
-    if isinstance(profile, str):
-        profile = [profile]
-    if isinstance(verdicts, (str, dict)):
-        verdicts = [verdicts]
-    specs = parse_devices(devices) if devices else []
-    resolved = P.resolve(specs, profile)
-    corrections = {d: v["corrections"] for d, v in load_verdicts(verdicts).items()}
-    i64 = ir.IntegerType.get_signless(64)
-    f64 = ir.F64Type.get()
-    for op in placeable_ops(main_func(module)):
-        flops, r, w = op_cost(op)
-        op.attributes[pa.COST] = ir.DictAttr.get(
-            {"flops": ir.IntegerAttr.get(i64, flops), "bytes_read": ir.IntegerAttr.get(i64, r), "bytes_written": ir.IntegerAttr.get(i64, w)}
-        )
+        specs = parse_devices(self.devices) if self.devices else []
+        resolved = P.resolve(specs, self.profile)
+        corrections = {d: v["corrections"] for d, v in load_verdicts(self.verdicts).items()}
+        for op in placeable_ops(main_func(module)):
+            _annotate(op, resolved, corrections)
         if specs:
-            op.attributes[pa.TIME_US] = ir.DictAttr.get(
-                {name: ir.FloatAttr.get(f64, round(op_seconds(op, p) * correction(op, corrections.get(name)) * 1e6, 4))
-                 for name, p in resolved.items()}
-            )
-    if specs:
-        module.operation.attributes[pa.PROFILES] = ir.DictAttr.get({name: ir.StringAttr.get(p.name) for name, p in resolved.items()})
+            pa.set_profiles(module, {name: p.name for name, p in resolved.items()})
+
+
+def _annotate(op, resolved, corrections):
+    """polyarch.cost, and polyarch.time_us on each resolved device."""
+    pa.Cost(*op_cost(op)).put(op)
+    if resolved:
+        pa.Times({name: round(op_seconds(op, p) * correction(op, corrections.get(name)) * 1e6, 4)
+                  for name, p in resolved.items()}).put(op)
+
+
+def run(module, **options):
+    """Run the pass with Python option values (see AnnotateCosts)."""
+    AnnotateCosts(**options).apply(module)
 
 
 def correction(op, factors):
@@ -192,7 +194,5 @@ def correction(op, factors):
 
 def cost_of(op):
     """`polyarch.cost` as a tuple (flops, bytes_read, bytes_written); computed if absent."""
-    if pa.COST not in op.attributes:
-        return op_cost(op)
-    d = op.attributes[pa.COST]
-    return d["flops"].value, d["bytes_read"].value, d["bytes_written"].value
+    c = pa.Cost.of(op)
+    return op_cost(op) if c is None else (c.flops, c.bytes_read, c.bytes_written)

@@ -28,6 +28,7 @@ bottleneck, cost, energy and bytes moved. Ops not on their fastest device get
 polyarch.reason."""
 
 import math
+from dataclasses import dataclass
 
 from ..targets import profiles as P
 from ..targets import BOUNDARY, ELEMENT_BYTES, WIDEN, has_narrow_storage, unsupported_reason
@@ -35,18 +36,10 @@ from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..runtime.devices import parse_devices
 from . import solver as S
+from .base import Pass, option
 from .annotate_costs import correction, op_seconds
 from .common import (body_ops, describe, element_types, load_verdicts, main_func, module_path, op_fingerprint, remat_set,
                      tensor_bytes)
-
-OPTIONS = {
-    "devices": "comma-separated device specs",
-    "pin": "PATTERN=DEVICE (repeatable)",
-    "objective": "latency | throughput | cost | energy | NAME:WEIGHT,NAME:WEIGHT",
-    "solver": "auto | brute | chain-dp | mincut | heft",
-    "profile": "device profile JSON file (repeatable)",
-    "verdicts": "measured verdicts JSON file (repeatable)",
-}
 
 INF = math.inf
 
@@ -164,69 +157,102 @@ def support_reason(op, spec, remat):
     return unsupported_reason(spec, ets, op.operation.name, in_ets)
 
 
-def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", profile=(), verdicts=()):
-    from torch_mlir import ir
+@dataclass(frozen=True)
+class AssignDevices(Pass):
+    NAME = "assign-devices"
+    devices: tuple = option(("cpu",), "the targets, in preference order for ties", sep=",")
+    pin: tuple = option((), "PATTERN=DEVICE: force ops onto a device (repeatable)", repeat=True)
+    objective: str = option("latency", "latency | throughput | cost | energy | NAME:WEIGHT,NAME:WEIGHT")
+    solver: str = option("auto", "placement algorithm", choices=("auto", "brute", "chain-dp", "mincut", "heft"))
+    profile: tuple = option((), "device profile JSON file or DeviceProfile (repeatable)", repeat=True)
+    verdicts: tuple = option((), "what was measured on a device: JSON file or dict (repeatable)", repeat=True)
 
-    if isinstance(devices, str):
-        devices = devices.split(",")
-    if isinstance(pin, str):
-        pin = [pin]
-    if isinstance(profile, str):
-        profile = [profile]
-    if isinstance(verdicts, (str, dict)):
-        verdicts = [verdicts]
-    measured = load_verdicts(verdicts)
-    weights = parse_objective(objective)
-    if solver not in ("auto", *S.ALGORITHMS) or solver == "one":
-        raise PolyarchError(f"unknown solver '{solver}'", fix="use auto, brute, chain-dp, mincut or heft")
-    specs = parse_devices(devices)
-    names = [s.name for s in specs]
-    profs = P.resolve(specs, profile)
-    pins = _parse_pins(pin, names)
-    main = main_func(module)
-    ops, term = body_ops(main)
-    remat = remat_set(main)
-    placed = [op for op in ops if op.operation not in remat]
-    index = {op.operation: i for i, op in enumerate(placed)}
-    n, D = len(placed), len(specs)
+    def check(self):
+        parse_objective(self.objective)
 
-    # Seconds per op per device, with reasons for impossible ones.
-    times = [[0.0] * D for _ in range(n)]
-    why_not = [[None] * D for _ in range(n)]
-    for i, op in enumerate(placed):
+    def apply(self, module):
+        measured = load_verdicts(self.verdicts)
+        specs = parse_devices(self.devices)
+        names = [s.name for s in specs]
+        profs = P.resolve(specs, self.profile)
+        main = main_func(module)
+        ops, _ = body_ops(main)
+        remat = remat_set(main)
+        placed = [op for op in ops if op.operation not in remat]
+        times, why_not = _op_times(placed, specs, profs, _parse_pins(self.pin, names), measured, remat)
+        weights = parse_objective(self.objective)
+        problem = _problem(main, placed, remat, specs, profs, times, measured, weights)
+        choice, algorithm, metrics = _solve(problem, self.solver, len(placed))
+        _mark_ops(placed, choice, times, why_not, names, weights, self.objective or "latency")
+        memory = S.memory_use(problem, choice)
+        pa.Plan(tuple(names), {
+            "algorithm": algorithm,
+            "objective": self.objective or "latency",
+            "predicted_us": round(float(metrics["latency"]) * 1e6, 3),
+            "bottleneck_us": round(float(metrics["throughput"]) * 1e6, 3),
+            "cost_usd_per_1m": round(float(metrics["cost"]), 6),
+            "energy_j": round(float(metrics["energy"]), 6),
+            "transfer_bytes": int(S.transfer_bytes(problem, choice)),
+            "memory_bytes": {names[d]: int(memory[d]) for d in range(len(names))},
+        }, {}).put(module)
+
+
+def run(module, **options):
+    """Run the pass with Python option values (see AssignDevices)."""
+    AssignDevices(**options).apply(module)
+
+
+def _op_times(placed, specs, profs, pins, measured, remat):
+    """Seconds per op per device (INF where it cannot go), with the reason for each INF;
+    refuses an op no device can run, an op pinned where it cannot run, a pin matching nothing."""
+    times, why_not = [], []
+    for op in placed:
         dev_pin, pin_why = _pin_of(op, pins)
-        given = op.attributes[pa.TIME_US] if pa.TIME_US in op.attributes else None
-        fingerprint = op_fingerprint(op) if measured else None
-        for j, s in enumerate(specs):
-            reason = support_reason(op, s, remat)
-            wrong = measured.get(s.name, {}).get("wrong_ops", {}).get(fingerprint)
-            if wrong:
-                times[i][j], why_not[i][j] = INF, f"{s.name} cannot run it: {wrong.get('reason', 'measured wrong there')}"
-            elif reason:
-                times[i][j], why_not[i][j] = INF, f"{s.name} cannot run it: {reason}"
-            elif dev_pin is not None and dev_pin != s.name:
-                times[i][j], why_not[i][j] = INF, pin_why
-            elif given is not None and s.name in given:
-                times[i][j] = given[s.name].value * 1e-6
-            else:
-                times[i][j] = op_seconds(op, profs[s.name]) * correction(op, measured.get(s.name, {}).get("corrections"))
-        if dev_pin is not None and dev_pin in names and times[i][names.index(dev_pin)] == INF:
-            raise PolyarchError(
-                f"{describe(op)} is pinned to {dev_pin}, which cannot run it ({why_not[i][names.index(dev_pin)]})",
-                fix="remove the pin or pin it to another device",
-            )
-        if all(t == INF for t in times[i]):
-            reasons = "; ".join(r for r in why_not[i] if r)
-            raise PolyarchError(
-                f"unsupported op: {describe(op)} cannot run on any target device ({reasons})",
-                fix="add a device that supports it, e.g. --device cpu",
-            )
+        row, why = _times_of(op, specs, profs, measured, remat, dev_pin, pin_why)
+        names = [s.name for s in specs]
+        if dev_pin is not None and dev_pin in names and row[names.index(dev_pin)] == INF:
+            raise PolyarchError(f"{describe(op)} is pinned to {dev_pin}, which cannot run it "
+                                f"({why[names.index(dev_pin)]})", fix="remove the pin or pin it to another device")
+        if all(t == INF for t in row):
+            raise PolyarchError(f"unsupported op: {describe(op)} cannot run on any target device "
+                                f"({'; '.join(r for r in why if r)})", fix="add a device that supports it, e.g. --device cpu")
+        times.append(row)
+        why_not.append(why)
     for pattern, dev, hits in pins:
         if hits[0] == 0 and not any(op.operation.name == pattern for op in placed):
-            raise PolyarchError(f"pin '{pattern}={dev}' matched no op", fix="use an op name (polyarch plan --ops lists them) or a module path prefix")
+            raise PolyarchError(f"pin '{pattern}={dev}' matched no op",
+                                fix="use an op name (polyarch plan --ops lists them) or a module path prefix")
+    return times, why_not
 
-    # Values: @main's tensor arguments and placed ops' tensor results, with the placed
-    # ops that read them (directly or through glue) and whether @main returns them.
+
+def _times_of(op, specs, profs, measured, remat, dev_pin, pin_why):
+    """One op's seconds on each device (from polyarch.time_us where annotate-costs gave it)."""
+    given = pa.Times.of(op)
+    fingerprint = op_fingerprint(op) if measured else None
+    row, why = [], []
+    for s in specs:
+        reason = support_reason(op, s, remat)
+        wrong = measured.get(s.name, {}).get("wrong_ops", {}).get(fingerprint)
+        if wrong:
+            row.append(INF), why.append(f"{s.name} cannot run it: {wrong.get('reason', 'measured wrong there')}")
+        elif reason:
+            row.append(INF), why.append(f"{s.name} cannot run it: {reason}")
+        elif dev_pin is not None and dev_pin != s.name:
+            row.append(INF), why.append(pin_why)
+        elif given is not None and s.name in given.us:
+            row.append(given.us[s.name] * 1e-6), why.append(None)
+        else:
+            corr = correction(op, measured.get(s.name, {}).get("corrections"))
+            row.append(op_seconds(op, profs[s.name]) * corr), why.append(None)
+    return row, why
+
+
+def _boundary_values(main, placed, specs):
+    """The tensors that may cross devices: @main's arguments and placed ops' results, each
+    with the bytes it moves as, the placed ops that read it (directly or through glue) and
+    whether @main returns it."""
+    index = {op.operation: i for i, op in enumerate(placed)}
+
     def readers(value):
         cons, returned, stack, seen = set(), False, _users(value), set()
         while stack:
@@ -251,12 +277,16 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
         if nb:
             cons, ret = readers(v)
             values.append(S.Value(i, nb, cons, ret))
+    return values
 
+
+def _problem(main, placed, remat, specs, profs, times, measured, weights):
+    """The placement problem (passes/solver.py) of @main's placed ops."""
+    names = [s.name for s in specs]
+    D = len(specs)
     cpu = [j for j, s in enumerate(specs) if s.kind == "cpu"]
     host = cpu[0] if cpu else D
-    host_prof = P.host_profile(profs)
-    locs = [profs[nm] for nm in names] + [host_prof]
-
+    locs = [profs[nm] for nm in names] + [P.host_profile(profs)]
     # measured corrections of transfer time (compiler/grounding.py), per device; 1 for the host
     tcorr = [float(measured.get(nm, {}).get("corrections", {}).get("transfer", 1.0)) for nm in names] + [1.0]
 
@@ -268,11 +298,15 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
         t = t + locs[b].call_s if (a != b and nbytes and b < D) else t
         return t * max(tcorr[a], tcorr[b])
 
-    problem = S.Problem(
-        devices=names, comp=times, values=values, link=link, host=host,
+    return S.Problem(
+        devices=names, comp=times, values=_boundary_values(main, placed, specs), link=link, host=host,
         watts=[p.watts for p in locs], price=[p.price_per_hour for p in locs], weights=weights,
         weight_bytes=[_weights_of(op, remat) for op in placed], capacity=[profs[nm].mem_capacity for nm in names],
     )
+
+
+def _solve(problem, solver, n):
+    """-> (device index per op, algorithm, metrics); refuses a plan over a device's memory."""
     try:
         choice, algorithm, m = S.solve(problem, solver) if n else ([], S.ALGORITHMS["one"], S.metrics(problem, []))
     except ValueError as e:
@@ -281,41 +315,27 @@ def run(module, devices=("cpu",), pin=(), objective="latency", solver="auto", pr
     if over:
         d, use, cap = over[0]
         raise PolyarchError(
-            f"the model does not fit on {names[d]}: needs {use / 2**30:.2f} GiB (weights + peak activations), "
+            f"the model does not fit on {problem.devices[d]}: needs {use / 2**30:.2f} GiB (weights + peak activations), "
             f"the profile gives {cap / 2**30:.2f} GiB",
             fix="add a device with more memory, pin part of the model elsewhere, or correct mem_capacity in the profile",
         )
-    memory = S.memory_use(problem, choice)
+    return choice, algorithm, m
 
-    f64 = ir.F64Type.get()
-    i64 = ir.IntegerType.get_signless(64)
+
+def _mark_ops(placed, choice, times, why_not, names, weights, objective):
+    """Each op's polyarch.device, its time on each device that can run it, and the reason
+    where it is not on its fastest device."""
     only = [k for k in weights if weights[k]]
-    obj_text = objective if isinstance(objective, str) else "latency"
     for i, op in enumerate(placed):
         j = choice[i]
-        op.attributes[pa.DEVICE] = ir.StringAttr.get(names[j])
-        op.attributes[pa.TIME_US] = ir.DictAttr.get(
-            {names[k]: ir.FloatAttr.get(f64, round(times[i][k] * 1e6, 4)) for k in range(D) if times[i][k] != INF}
-        )
-        fastest = min(range(D), key=lambda k: times[i][k])
+        pa.Times({names[k]: round(t * 1e6, 4) for k, t in enumerate(times[i]) if t != INF}).put(op)
+        fastest = min(range(len(names)), key=lambda k: times[i][k])
+        reason = None
         if any(why_not[i]):
-            op.attributes[pa.REASON] = ir.StringAttr.get("; ".join(r for r in why_not[i] if r))
+            reason = "; ".join(r for r in why_not[i] if r)
         elif times[i][j] > times[i][fastest]:
             if only == ["latency"]:
-                why = f"kept on {names[j]} to avoid a transfer ({names[fastest]} alone would be faster)"
+                reason = f"kept on {names[j]} to avoid a transfer ({names[fastest]} alone would be faster)"
             else:
-                why = f"placed on {names[j]} for the {obj_text} objective ({names[fastest]} alone would be faster)"
-            op.attributes[pa.REASON] = ir.StringAttr.get(why)
-    module.operation.attributes[pa.DEVICES] = ir.ArrayAttr.get([ir.StringAttr.get(s) for s in names])
-    module.operation.attributes[pa.PLAN] = ir.DictAttr.get(
-        {
-            "algorithm": ir.StringAttr.get(algorithm),
-            "objective": ir.StringAttr.get(obj_text),
-            "predicted_us": ir.FloatAttr.get(f64, round(m["latency"] * 1e6, 3)),
-            "bottleneck_us": ir.FloatAttr.get(f64, round(m["throughput"] * 1e6, 3)),
-            "cost_usd_per_1m": ir.FloatAttr.get(f64, round(m["cost"], 6)),
-            "energy_j": ir.FloatAttr.get(f64, round(m["energy"], 6)),
-            "transfer_bytes": ir.IntegerAttr.get(i64, S.transfer_bytes(problem, choice)),
-            "memory_bytes": ir.DictAttr.get({names[d]: ir.IntegerAttr.get(i64, memory[d]) for d in range(D)}),
-        }
-    )
+                reason = f"placed on {names[j]} for the {objective} objective ({names[fastest]} alone would be faster)"
+        pa.Placement(names[j], reason).put(op)

@@ -35,12 +35,13 @@ depthwise with one filter per channel, float element type, constant stride/paddi
 Others are left as they are.
 The new ops carry the convolution's location (module path and source line)."""
 
+from dataclasses import dataclass
+
 from ..dialects import polyarch as pa
-from ..errors import PolyarchError
+from .base import Pass, option
 from .common import const_ints as _const_list
 from .common import const_scalar as _const_scalar
 
-OPTIONS = {"convs": "all"}
 IM2COL = "im2col"
 TAPS = "taps"
 _FLOATS = ("f32", "f16", "bf16", "f64")
@@ -188,13 +189,26 @@ def convolutions(func):
     return [op for block in func.regions[0].blocks for op in block.operations if conv_params(op) is not None]
 
 
-def run(module, convs="all", kinds=(IM2COL, TAPS)):
+@dataclass(frozen=True)
+class ConvToMatmul(Pass):
+    NAME = "conv-to-matmul"
+    convs: str = option("all", "all eligible convolutions, or those marked polyarch.lowering", choices=("all", "marked"))
+    kinds: tuple = option((IM2COL, TAPS), "with convs=marked: the lowerings rewritten", sep=",")
+
+    def apply(self, module):
+        """-> the number of convolutions rewritten."""
+        return _rewrite_all(module, self.convs, self.kinds)
+
+
+def run(module, **options):
     """Rewrite the eligible convolutions of every function of `module` in place (with
     convs=marked, only those marked with one of `kinds`). -> the number rewritten."""
+    return ConvToMatmul(**options).apply(module)
+
+
+def _rewrite_all(module, convs, kinds):
     from torch_mlir import ir
 
-    if convs not in ("all", "marked"):
-        raise PolyarchError(f"conv-to-matmul: convs={convs!r}", fix="use convs=all or convs=marked")
     done = 0
     with module.context, ir.Location.unknown():
         for func in list(module.body.operations):

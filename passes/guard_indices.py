@@ -28,11 +28,12 @@ Options:
 
 import json
 import re
+from dataclasses import dataclass
 
 from ..dialects import polyarch as pa
+from .base import Pass, option
 from .common import const_scalar, main_func, module_path, source_line
 
-OPTIONS = {"stage": "all"}
 INPUTS = "polyarch.index_inputs"
 GUARD = "polyarch.index_guard"
 
@@ -228,13 +229,20 @@ def insert(module):
     return done
 
 
-def run(module, stage="all"):
-    from ..errors import PolyarchError
+@dataclass(frozen=True)
+class GuardIndices(Pass):
+    NAME = "guard-indices"
+    stage: str = option("all", "mark: classify and record; insert: the checks; all: both",
+                        choices=("mark", "insert", "all"))
 
-    if stage not in ("mark", "insert", "all"):
-        raise PolyarchError(f"guard-indices: stage={stage}", fix="use stage=mark, insert or all")
-    if stage in ("mark", "all"):
-        mark(module)
-    if stage in ("insert", "all"):
-        insert(module)
-    return module
+    def apply(self, module):
+        if self.stage in ("mark", "all"):
+            mark(module)
+        if self.stage in ("insert", "all"):
+            insert(module)
+        return module
+
+
+def run(module, **options):
+    """Run the pass with Python option values (see GuardIndices)."""
+    return GuardIndices(**options).apply(module)

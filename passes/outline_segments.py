@@ -18,13 +18,14 @@ Constants, weights and glue (lists, scalars) are rematerialised: cloned into eac
 segment that uses them, never passed between segments. @main becomes a sequence of
 func.call @seg_N, with a "polyarch.transfer" wherever a tensor crosses devices."""
 
+from dataclasses import dataclass
+
 from ..targets import BOUNDARY, WIDEN, has_narrow_storage
 from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
 from ..errors import PolyarchError
+from .base import Pass
 from .common import body_ops, describe, main_func, remat_set
-
-OPTIONS = {}
 
 
 def _segments(ops, remat):
@@ -42,89 +43,111 @@ def _segments(ops, remat):
     return segs
 
 
+@dataclass(frozen=True)
+class OutlineSegments(Pass):
+    NAME = "outline-segments"
+
+    def apply(self, module):
+        _Outliner(module).run()
+
+
 def run(module):
-    from torch_mlir import ir
-    from torch_mlir.dialects import func
+    """Run the pass (see OutlineSegments)."""
+    OutlineSegments().apply(module)
 
-    main = main_func(module)
-    ops, term = body_ops(main)
-    remat = remat_set(main)
-    segs = _segments(ops, remat)
-    f64 = ir.F64Type.get()
-    # values -> the value that stands for them in @main after outlining
-    main_value = {}
-    where = {}  # main value -> device it lives on (None: host input)
-    for a in main.regions[0].blocks[0].arguments:
-        main_value[a] = a
-        where[a] = None
-    transfers = {}
-    main_ip = ir.InsertionPoint(term)
-    module_ip = ir.InsertionPoint(main)
 
-    # What each segment reads from outside (first, for all segments: a later segment may
-    # read a tensor of an earlier one through glue, which the earlier one must then return).
-    needs = [_needs(ir, sops, remat) for _, sops in segs]
-    read_elsewhere = {v for inputs, _ in needs for v in inputs}
-    returned = set(term.operands)
+class _Outliner:
+    """One run of the pass over a module's @main: the segments in program order, then the
+    constant segment, then the return; `main_value` maps each original value to what stands
+    for it in @main after outlining, `where` each such value to its device (None: a host input)."""
 
-    for k, (dev, sops) in enumerate(segs):
+    def __init__(self, module):
+        from torch_mlir import ir
+        from torch_mlir.dialects import func
+
+        self.ir, self.func, self.module = ir, func, module
+        self.main = main_func(module)
+        self.ops, self.term = body_ops(self.main)
+        self.remat = remat_set(self.main)
+        self.segs = _segments(self.ops, self.remat)
+        args = list(self.main.regions[0].blocks[0].arguments)
+        self.main_value = {a: a for a in args}
+        self.where = {a: None for a in args}
+        self.transfers = {}
+        self.main_ip = ir.InsertionPoint(self.term)
+        self.module_ip = ir.InsertionPoint(self.main)
+
+    def run(self):
+        # What each segment reads from outside (first, for all segments: a later segment may
+        # read a tensor of an earlier one through glue, which the earlier one must then return).
+        needs = [_needs(self.ir, sops, self.remat) for _, sops in self.segs]
+        read_elsewhere = {v for inputs, _ in needs for v in inputs}
+        for k, (dev, sops) in enumerate(self.segs):
+            inputs, glue = needs[k]
+            outputs = self.outputs(sops, read_elsewhere)
+            self.outline(k, dev, sops, inputs, glue, outputs)
+        # Outputs computed from constants alone (arange, a model without inputs, an unused
+        # statistic of batch_norm) are returned, not refused: one more segment computes them.
+        consts = list(dict.fromkeys(v for v in self.term.operands if v not in self.main_value))
+        if consts:
+            _constant_segment(self.ir, self.module, self.func, f"seg_{len(self.segs)}", consts, self.ops, self.remat,
+                              self.segs, self.main_value, self.main_ip, self.module_ip)
+        # The return: outputs of segments, or inputs passed through.
+        for i, v in enumerate(self.term.operands):
+            self.term.operands[i] = self.main_value[v]
+        for op in reversed(self.ops):
+            op.operation.erase()
+
+    def outputs(self, sops, read_elsewhere):
+        """A segment's results read by ops placed elsewhere, by another segment (directly or
+        through glue) or returned. (Glue in @main itself is erased.)"""
         members = {op.operation for op in sops}
-        inputs, glue = needs[k]
-        # Outputs: results read by ops placed elsewhere, by another segment (directly or
-        # through glue) or returned. Glue in @main itself is erased.
-        outputs = []
+        returned = set(self.term.operands)
+        out = []
         for op in sops:
             for r in op.results:
-                if r in outputs:
-                    continue
-                if r in read_elsewhere or r in returned or any(
-                        u.owner.operation not in members and u.owner.operation not in remat for u in r.uses):
-                    outputs.append(r)
+                if r not in out and (r in read_elsewhere or r in returned or any(
+                        u.owner.operation not in members and u.owner.operation not in self.remat for u in r.uses)):
+                    out.append(r)
+        return out
+
+    def outline(self, k, dev, sops, inputs, glue, outputs):
+        """func.func @seg_k for one run of ops, and in @main the transfers and the call."""
+        ir = self.ir
         for v in inputs:
             if not pa.is_tensor(v):
-                raise PolyarchError(f"a non-tensor value crosses into segment {k} ({dev})", fix="report this model to polyarch; glue ops should be rematerialised")
+                raise PolyarchError(f"a non-tensor value crosses into segment {k} ({dev})",
+                                    fix="report this model to polyarch; glue ops should be rematerialised")
         name = f"seg_{k}"
         widen = not has_narrow_storage(DeviceSpec.parse(dev))
         # Clone in original program order (topological): glue may read a member's result
         # (a size query on a dynamic tensor), so it cannot all go first.
-        fn, in_types, out_types = make_function(ir, name, inputs, outputs, program_order(glue + list(sops), ops), widen,
-                                                module_ip)
-        fn.attributes[pa.DEVICE] = ir.StringAttr.get(dev)
-        total = sum(op.attributes[pa.TIME_US][dev].value for op in sops if pa.TIME_US in op.attributes)
-        fn.attributes[pa.TIME_US] = ir.FloatAttr.get(f64, round(total, 3))
+        fn, in_types, out_types = make_function(ir, name, inputs, outputs, program_order(glue + list(sops), self.ops),
+                                                widen, self.module_ip)
+        total = sum(t.us[dev] for t in (pa.Times.of(op) for op in sops) if t is not None and dev in t.us)
+        pa.Segment(name, dev, round(total, 3), fn).put()
         pa.set_nominal_shapes(ir, fn, inputs, pa.ARG_SHAPES)
-
-        # In @main: transfers for inputs living elsewhere, then the call.
-        args = []
-        for v, want in zip(inputs, in_types):
-            mv = main_value[v]
-            src = where[mv]
-            if (src is not None and src != dev) or mv.type != want:
-                key = (mv, dev)
-                if key not in transfers:
-                    t = pa.create_transfer(ir, mv, src or pa.HOST, dev, main_ip, result_type=want)
-                    pa.set_nominal_shapes(ir, t.owner, [mv])
-                    transfers[key] = t
-                    where[t] = dev
-                mv = transfers[key]
-            args.append(mv)
-        call = func.CallOp(out_types, ir.FlatSymbolRefAttr.get(name), args, ip=main_ip)
+        args = [self.moved(v, dev, want) for v, want in zip(inputs, in_types)]
+        call = self.func.CallOp(out_types, ir.FlatSymbolRefAttr.get(name), args, ip=self.main_ip)
         pa.set_nominal_shapes(ir, call.operation, outputs)
         for v, r in zip(outputs, call.results):
-            main_value[v] = r
-            where[r] = dev
+            self.main_value[v] = r
+            self.where[r] = dev
 
-    # Outputs computed from constants alone (arange, a model without inputs, an unused
-    # statistic of batch_norm) are returned, not refused: one more segment computes them.
-    consts = list(dict.fromkeys(v for v in term.operands if v not in main_value))
-    if consts:
-        _constant_segment(ir, module, func, f"seg_{len(segs)}", consts, ops, remat, segs, main_value, main_ip,
-                          module_ip)
-    # The return: outputs of segments, or inputs passed through.
-    for i, v in enumerate(term.operands):
-        term.operands[i] = main_value[v]
-    for op in reversed(ops):
-        op.operation.erase()
+    def moved(self, v, dev, want):
+        """What stands for `v` in @main on device `dev` as type `want`: a transfer where it
+        lives elsewhere or travels as another type (one per value and device)."""
+        mv = self.main_value[v]
+        src = self.where[mv]
+        if (src is not None and src != dev) or mv.type != want:
+            key = (mv, dev)
+            if key not in self.transfers:
+                t = pa.create_transfer(self.ir, mv, src or pa.HOST, dev, self.main_ip, result_type=want)
+                pa.set_nominal_shapes(self.ir, t.owner, [mv])
+                self.transfers[key] = t
+                self.where[t] = dev
+            mv = self.transfers[key]
+        return mv
 
 
 def _constant_segment(ir, module, func, name, values, ops, remat, segs, main_value, main_ip, module_ip):

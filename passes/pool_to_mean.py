@@ -12,10 +12,20 @@ IREE 3.13 refuses ("'linalg.generic' op inferred input/output operand #1 has sha
 dimension #0 to be 1287, but found 1280"; plain iree-compile on the torch-mlir import
 fails the same way). The new op carries the pool's location."""
 
+from dataclasses import dataclass
+
 from ..dialects import polyarch as pa
+from .base import Pass
 from .common import const_ints as _ints
 
-OPTIONS = {}
+
+@dataclass(frozen=True)
+class PoolToMean(Pass):
+    NAME = "pool-to-mean"
+
+    def apply(self, module):
+        """-> the number of pools rewritten."""
+        return _rewrite_all(module)
 
 
 def _is_none(value):
@@ -38,6 +48,10 @@ def whole_window(op):
 
 def run(module):
     """Rewrite every whole-window average pool of `module` in place. -> the number rewritten."""
+    return PoolToMean().apply(module)
+
+
+def _rewrite_all(module):
     from torch_mlir import ir
 
     done = 0
