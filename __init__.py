@@ -9,6 +9,7 @@
 torch-mlir, iree-base-compiler) is imported the first time `compile` is called.
 """
 
+from .compiler.options import CompileOptions
 from .errors import PolyarchError
 from .version import __version__
 
@@ -16,7 +17,8 @@ from .version import __version__
 def compile(model, example_inputs=(), devices=("cpu",), output=None, **options):
     """Compile `model` (an nn.Module or ExportedProgram) into a `.pab` bundle.
 
-    See `polyarch.compiler.driver.compile` for the options."""
+    See `polyarch.compiler.driver.compile` for the options (or pass options=CompileOptions(...));
+    `polyarch.compiler.driver.import_model` for the stages (import, plan, write)."""
     from .compiler.driver import compile as _compile
 
     return _compile(model, example_inputs, devices=devices, output=output, **options)
@@ -31,4 +33,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["compile", "PolyarchError", "runtime"]
+__all__ = ["compile", "CompileOptions", "PolyarchError", "runtime"]

@@ -12,10 +12,11 @@
 # IREE_FLAGS are added to every iree-compile.
 #
 # Adds a target <target> (built by default) that compiles the model into a .pab bundle
-# with `polyarch compile`. The build re-runs it only when its inputs change: the model
-# file and every local Python module it imports (a depfile written by polyarch), the
-# profiles, and the options given here (kept in <target>.options; file(GENERATE)
-# rewrites that file only when they change).
+# with `polyarch compile --options <target>.options.json`: the options given here as one
+# JSON object, the CompileOptions of compiler/options.py. The build re-runs it only when its
+# inputs change: the model file and every local Python module it imports (a depfile written
+# by polyarch), the profiles, the options and the command line (<target>.command; file(GENERATE)
+# rewrites both files only when they change).
 #
 #   find_package(polyarch REQUIRED)
 #   polyarch_add_bundle(NAME m SOURCE model.py ENTRY Model INPUTS 4x64xi64
@@ -23,6 +24,34 @@
 if(CMAKE_VERSION VERSION_LESS 3.20)
   message(FATAL_ERROR "polyarch_add_bundle needs CMake 3.20 or newer (DEPFILE with every generator)")
 endif()
+
+# A JSON string literal for a CMake string.
+function(_polyarch_json_string out value)
+  string(REPLACE "\\" "\\\\" value "${value}")
+  string(REPLACE "\"" "\\\"" value "${value}")
+  set(${out} "\"${value}\"" PARENT_SCOPE)
+endfunction()
+
+# A JSON array of strings for the CMake list named by list_var.
+function(_polyarch_json_array out list_var)
+  set(items "")
+  foreach(x IN LISTS ${list_var})
+    _polyarch_json_string(s "${x}")
+    list(APPEND items "${s}")
+  endforeach()
+  list(JOIN items ", " items)
+  set(${out} "[${items}]" PARENT_SCOPE)
+endfunction()
+
+# Set key in the JSON object held by json_var to the strings of the list named by list_var
+# (nothing when the list is empty).
+function(_polyarch_json_list json_var key list_var)
+  if(${list_var})
+    _polyarch_json_array(arr ${list_var})
+    string(JSON j SET "${${json_var}}" ${key} "${arr}")
+    set(${json_var} "${j}" PARENT_SCOPE)
+  endif()
+endfunction()
 
 function(polyarch_add_bundle)
   cmake_parse_arguments(PARSE_ARGV 0 PB "NO_VERIFY;NO_CALIBRATE" "NAME;SOURCE;ENTRY;OUTPUT;OBJECTIVE;TUNE"
@@ -47,51 +76,58 @@ function(polyarch_add_bundle)
   if(PB_ENTRY)
     set(model "${source}:${PB_ENTRY}")
   endif()
-  set(args compile "${model}" -o "${output}" --depfile "${output}.d" -q)
-  foreach(x IN LISTS PB_INPUTS)
-    list(APPEND args -i "${x}")
+  # The compile options as one JSON object (compiler/options.py's CompileOptions), which
+  # `polyarch compile --options` reads; file(GENERATE) rewrites it only when they change,
+  # and a change re-runs the compile.
+  set(json "{}")
+  _polyarch_json_list(json dynamic_dims PB_DYNAMIC_DIMS)
+  _polyarch_json_list(json devices PB_DEVICES)
+  set(plans "")
+  foreach(p IN LISTS PB_PLANS)
+    string(REPLACE "," ";" p "${p}")
+    _polyarch_json_array(p_json p)
+    list(APPEND plans "${p_json}")
   endforeach()
-  foreach(x IN LISTS PB_DYNAMIC_DIMS)
-    list(APPEND args --dynamic-dim "${x}")
-  endforeach()
-  foreach(x IN LISTS PB_DEVICES)
-    list(APPEND args -d "${x}")
-  endforeach()
-  foreach(x IN LISTS PB_PLANS)
-    list(APPEND args --plans "${x}")
-  endforeach()
-  foreach(x IN LISTS PB_PINS)
-    list(APPEND args --pin "${x}")
-  endforeach()
+  if(plans)
+    list(JOIN plans ", " plans)
+    string(JSON json SET "${json}" plans "[${plans}]")
+  endif()
+  _polyarch_json_list(json pins PB_PINS)
   set(profiles "")
   foreach(x IN LISTS PB_PROFILES)
     get_filename_component(p "${x}" ABSOLUTE BASE_DIR "${CMAKE_CURRENT_SOURCE_DIR}")
-    list(APPEND args --profile "${p}")
     list(APPEND profiles "${p}")
   endforeach()
+  _polyarch_json_list(json profiles profiles)
   if(PB_OBJECTIVE)
-    list(APPEND args --objective "${PB_OBJECTIVE}")
+    _polyarch_json_string(v "${PB_OBJECTIVE}")
+    string(JSON json SET "${json}" objective "${v}")
   endif()
   if(PB_NO_VERIFY)
-    list(APPEND args --no-verify)
+    string(JSON json SET "${json}" verify false)
   endif()
   if(PB_NO_CALIBRATE)
-    list(APPEND args --no-calibrate)
+    string(JSON json SET "${json}" calibrate false)
   endif()
   if(PB_TUNE)
-    list(APPEND args --tune "${PB_TUNE}")
+    _polyarch_json_string(v "${PB_TUNE}")
+    string(JSON json SET "${json}" tune "${v}")
   endif()
-  foreach(x IN LISTS PB_IREE_FLAGS)
-    list(APPEND args "--iree-flag=${x}")
+  _polyarch_json_list(json iree_flags PB_IREE_FLAGS)
+  set(options "${CMAKE_CURRENT_BINARY_DIR}/${PB_NAME}.options.json")
+  file(GENERATE OUTPUT "${options}" CONTENT "${json}\n")
+  set(args compile "${model}" -o "${output}" --depfile "${output}.d" -q --options "${options}")
+  foreach(x IN LISTS PB_INPUTS)
+    list(APPEND args -i "${x}")
   endforeach()
-  # The options as a file: a change of options changes it, and so re-runs the compile.
-  set(options "${CMAKE_CURRENT_BINARY_DIR}/${PB_NAME}.options")
-  list(JOIN args "\n" options_text)
-  file(GENERATE OUTPUT "${options}" CONTENT "${POLYARCH_EXECUTABLE}\n${options_text}\n")
+  # The command line as a file too: a change of inputs or of the polyarch executable re-runs it.
+  set(command "${CMAKE_CURRENT_BINARY_DIR}/${PB_NAME}.command")
+  list(JOIN args "\n" command_text)
+  file(GENERATE OUTPUT "${command}" CONTENT "${POLYARCH_EXECUTABLE}\n${command_text}\n")
   add_custom_command(
     OUTPUT "${output}"
     COMMAND "${POLYARCH_EXECUTABLE}" ${args}
-    DEPENDS "${source}" "${options}" ${profiles}
+    DEPENDS "${source}" "${options}" "${command}" ${profiles}
     DEPFILE "${output}.d"
     COMMENT "polyarch: compiling ${PB_SOURCE} into ${PB_OUTPUT}"
     VERBATIM)

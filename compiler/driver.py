@@ -1,7 +1,14 @@
-"""The compile pipeline: import -> passes -> IREE per segment (in parallel) -> bundle.
+"""The compile pipeline in stages: import -> plan (price the devices, partition) -> write
+(IREE per segment, verified on the devices at hand, one bundle).
 
-    polyarch.compile(model, example_inputs, devices=["cpu", "vulkan"], output="m.pab")
-"""
+    imported = import_model(model, (x,), CompileOptions(devices=("cpu", "vulkan")))
+    planned = imported.plan()          # or .plan(other_options): the import is reused
+    print(planned.as_text())           # the partitioned module; planned.explain(): the report
+    planned.write("m.pab")
+
+`compile(model, example_inputs, ...)` does all three; `plan` and `plan_many` stop after
+partitioning. Every front end (this API, the CLI, CMake, the setuptools hook) describes the
+compile with one CompileOptions (compiler/options.py)."""
 
 import os
 import sys
@@ -10,20 +17,123 @@ import time
 
 from ..errors import PolyarchError
 from .build import build_bundle, rewrite_bundle
-from .planning import import_and_price, model_name, parse_device_sets, partition
+from .modules import plan_text
+from .options import CompileOptions
+from .planning import import_module, model_name, parse_device_sets, partition, price_devices
 
 
-def _stderr_progress(msg):
+def _stderr_progress(msg: str) -> None:
     print(f"polyarch: {msg}", file=sys.stderr, flush=True)
 
 
-def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None, objective="latency", solver="auto", profiles=(),
-         dynamic_dims=(), calibrate=True, details=None):
+def _progress(progress):
+    if progress is True:
+        return _stderr_progress
+    return progress or (lambda msg: None)
+
+
+def import_model(model, example_inputs=(), options: CompileOptions | None = None, progress=None) -> "Imported":
+    """Stage 1: the model in the torch dialect, with its signature. model: an nn.Module (with
+    example_inputs), a torch.export.ExportedProgram, or the path of an .onnx file (then
+    example_inputs optional: arrays or "DIMSxDTYPE" specs that fix symbolic dimensions)."""
+    options = options or CompileOptions()
+    progress = _progress(progress)
+    t0 = time.time()
+    base, sig = import_module(model, example_inputs, options.dynamic_dims, progress)
+    return Imported(model, tuple(example_inputs), base, sig, options, progress, t0)
+
+
+class Imported:
+    """An imported model: `module` (torch dialect, index ops marked) and `signature`."""
+
+    def __init__(self, model, example_inputs, module, signature, options, progress, started):
+        self.model, self.example_inputs, self.module, self.signature = model, example_inputs, module, signature
+        self.options, self.progress, self.started = options, progress, started
+
+    def plan(self, options: CompileOptions | None = None) -> "Planned":
+        """Stage 2: identify and price the devices of every plan (measured where this host
+        has them). The partition itself is made when first asked for (`plans`), so that a
+        verified write, which re-plans on what it measures, does not make it twice."""
+        options = options or self.options
+        if options.dynamic_dims != self.options.dynamic_dims:
+            raise PolyarchError("dynamic_dims differ from the import's: they are fixed when the model is imported",
+                                fix="import the model again with these options")
+        sets = parse_device_sets(options.device_sets)
+        priced = price_devices(sets, options.profiles, options.calibrate, self.progress)
+        return Planned(self, options, sets, priced)
+
+
+class Planned:
+    """A model priced for its device sets: `plans` [(plan name, partitioned module)], `priced`
+    {"profiles", "devices", "verdicts"} (what each device was priced by and measured wrong)."""
+
+    def __init__(self, imported, options, sets, priced):
+        self.imported, self.options, self.sets, self.priced = imported, options, sets, priced
+        self._plans = None
+
+    @property
+    def plans(self) -> list:
+        if self._plans is None:
+            o = self.options
+            self._plans = partition(self.imported.module, self.sets, o.pins, self.imported.progress, o.objective,
+                                    o.solver, self.priced, keep_base=True)
+        return self._plans
+
+    def as_text(self, plan: int = 0) -> str:
+        """A plan's partitioned module as MLIR text, weights and large constants elided."""
+        return plan_text(self.plans[plan][1])
+
+    def explain(self, plan: int = 0):
+        """The plan report (compiler/simulate.py): segments, devices, predicted times, why."""
+        from . import simulate
+
+        return simulate.explain(self.plans[plan][1], self.priced["profiles"])
+
+    def compile(self, output: str | None = None) -> str:
+        """Stage 3 to the default path (<ModelClass>.pab in the current directory)."""
+        return self.write(output or f"{model_name(self.imported.model)}.pab")
+
+    def write(self, output: str) -> str:
+        """Stage 3: compile every plan's segments with IREE and write the bundle. With
+        options.verify, every plan this host can run is run, checked and timed first, and
+        re-planned on what is measured (compiler/grounding.py). -> the bundle's path."""
+        imp, o, progress = self.imported, self.options, self.imported.progress
+        _check_output(imp.model, output)
+        examples = _fit_index_examples(imp.example_inputs, imp.signature, progress)
+        if o.verify:
+            from . import grounding
+
+            with tempfile.TemporaryDirectory(prefix="polyarch-rounds-") as tmp:
+                path, manifest = grounding.ground(imp.model, examples, imp.module, imp.signature, self.sets, o.pins,
+                                                  o.objective, o.solver, self.priced, tmp, jobs=o.jobs,
+                                                  progress=progress, extra_flags=o.iree_flags, tune=o.tune)
+                rewrite_bundle(path, output, manifest)  # with what was verified and measured
+        else:
+            manifest = build_bundle(self.plans, imp.signature, output, jobs=o.jobs, progress=progress,
+                                    extra_flags=o.iree_flags, tune=o.tune,
+                                    verification={"status": "not verified (verify=False / --no-verify)"})
+        segs = sum(len(p["segments"]) for p in manifest["plans"])
+        progress(f"wrote {output} ({os.path.getsize(output) / 1e6:.1f} MB, {len(manifest['plans'])} plan(s), "
+                 f"{segs} segments) in {time.time() - imp.started:.1f}s")
+        return output
+
+
+def _check_output(model, output):
+    from .importer import is_onnx
+
+    if is_onnx(model) and os.path.exists(output) and os.path.samefile(model, output):
+        raise PolyarchError(f"the output {output} is the ONNX model being compiled: writing the bundle there would "
+                            "replace it", fix="write the bundle elsewhere, e.g. output='model.pab'")
+
+
+def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None, objective="latency", solver="auto",
+         profiles=(), dynamic_dims=(), calibrate=True, details=None):
     """Import and partition without compiling: -> (ir.Module after the three passes, signature).
     details: a dict to fill with "profiles" (the DeviceProfiles used) and "devices" (per
     device: identity, profile name, where the profile came from)."""
     plans, sig = plan_many(model, example_inputs, [devices], pins=pins, progress=progress, objective=objective,
-                           solver=solver, profiles=profiles, dynamic_dims=dynamic_dims, calibrate=calibrate, details=details)
+                           solver=solver, profiles=profiles, dynamic_dims=dynamic_dims, calibrate=calibrate,
+                           details=details)
     return plans[0][1], sig
 
 
@@ -32,27 +142,31 @@ def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progre
     """Import once, partition once per device set. -> ([(plan name, module)], signature).
     A plan's name is its device set joined by '+', e.g. "vulkan+cpu". dynamic_dims: see
     compile; calibrate, details: see plan."""
-    progress = progress or (lambda msg: None)
-    sets = parse_device_sets(device_sets)
-    base, sig, priced = import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibrate, progress)
+    options = CompileOptions(plans=tuple(device_sets), pins=pins, objective=objective, solver=solver,
+                             profiles=profiles, dynamic_dims=dynamic_dims, calibrate=calibrate)
+    parse_device_sets(options.device_sets)  # a bad device spec is refused before the import
+    planned = import_model(model, example_inputs, options, progress).plan()
     if details is not None:
-        details.update(priced)
-    return partition(base, sets, pins, progress, objective, solver, priced), sig
+        details.update(planned.priced)
+    return planned.plans, planned.imported.signature
 
 
-def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jobs=None, progress=None, iree_extra_flags=(),
-            objective="latency", solver="auto", profiles=(), plans=None, dynamic_dims=(), calibrate=True, verify=True,
-            tune="quick"):
+def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jobs=None, progress=None,
+            iree_extra_flags=(), objective="latency", solver="auto", profiles=(), plans=None, dynamic_dims=(),
+            calibrate=True, verify=True, tune="quick", options: CompileOptions | None = None) -> str:
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs), torch.export.ExportedProgram, or the path of
                    an .onnx file (example_inputs then optional: arrays or "DIMSxDTYPE" specs that fix
                    symbolic input dimensions)
+    output         bundle path (default: <ModelClass>.pab in the current directory)
+    progress       callable(str) for progress lines; True prints them to stderr
+    options        a CompileOptions (compiler/options.py), instead of the keywords below, which
+                   build one (iree_extra_flags is its iree_flags):
     devices        device specs, e.g. ["cpu", "vulkan"] or ["cpu", "cuda@sm_86"]
     plans          several device sets, one placement plan each, in one bundle sharing the weights,
                    e.g. [["cuda", "cpu"], ["vulkan", "cpu"], ["cpu"]]; the runtime runs the fastest
                    plan whose devices it finds (replaces `devices`)
-    output         bundle path (default: <ModelClass>.pab in the current directory)
     pins           ["PATTERN=DEVICE", ...]: op names or module path prefixes forced onto a device
     objective      latency | throughput | cost | energy | "latency:1,energy:0.5" (see passes/assign_devices.py)
     solver         auto | brute | chain-dp | mincut | heft
@@ -73,42 +187,18 @@ def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jo
                    cached per host so that a recompile measures nothing
     iree_extra_flags  flags added to every iree-compile command (after polyarch's own)
     jobs           parallel iree-compile processes (default: one per core)
-    progress       callable(str) for progress lines; True prints them to stderr
     dynamic_dims   ["INPUT:DIM[:MAX]", ...]: dimensions that stay dynamic (nn.Module only), e.g.
                    ["input0:0:64"]: the bundle then takes any size from 1 to MAX (default 1024) there;
                    costs are predicted at the example's size
     """
-    if progress is True:
-        progress = _stderr_progress
-    progress = progress or (lambda msg: None)
-    t0 = time.time()
+    if options is None:
+        options = CompileOptions(devices=tuple(devices), plans=tuple(plans or ()), pins=pins, objective=objective,
+                                 solver=solver, profiles=profiles, dynamic_dims=dynamic_dims, calibrate=calibrate,
+                                 verify=verify, tune=tune, iree_flags=iree_extra_flags, jobs=jobs)
     output = output or f"{model_name(model)}.pab"
-    from .importer import is_onnx
-    from .tuning import check_mode
-
-    if is_onnx(model) and os.path.exists(output) and os.path.samefile(model, output):
-        raise PolyarchError(f"the output {output} is the ONNX model being compiled: writing the bundle there would "
-                            "replace it", fix="write the bundle elsewhere, e.g. output='model.pab'")
-
-    check_mode(tune)
-    sets = parse_device_sets(plans or [devices])
-    base, sig, priced = import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibrate, progress)
-    example_inputs = _fit_index_examples(example_inputs, sig, progress)
-    if verify:
-        from . import grounding
-
-        with tempfile.TemporaryDirectory(prefix="polyarch-rounds-") as tmp:
-            path, manifest = grounding.ground(model, example_inputs, base, sig, sets, pins, objective, solver, priced,
-                                              tmp, jobs=jobs, progress=progress, extra_flags=iree_extra_flags, tune=tune)
-            rewrite_bundle(path, output, manifest)  # with what was verified and measured
-    else:
-        manifest = build_bundle(partition(base, sets, pins, progress, objective, solver, priced), sig, output, jobs=jobs,
-                                progress=progress, extra_flags=iree_extra_flags, tune=tune,
-                                verification={"status": "not verified (verify=False / --no-verify)"})
-    size = os.path.getsize(output)
-    segs = sum(len(p["segments"]) for p in manifest["plans"])
-    progress(f"wrote {output} ({size / 1e6:.1f} MB, {len(manifest['plans'])} plan(s), {segs} segments) in {time.time() - t0:.1f}s")
-    return output
+    _check_output(model, output)
+    parse_device_sets(options.device_sets)  # a bad device spec is refused before the import
+    return import_model(model, example_inputs, options, progress).plan().write(output)
 
 
 def _fit_index_examples(examples, sig, progress):

@@ -11,8 +11,8 @@ from ..runtime.devices import DeviceSpec, parse_devices
 from .modules import clone_module
 
 
-def import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibrate, progress):
-    """-> (torch-dialect module, signature, price_devices(...)) for a compile or a plan."""
+def import_module(model, example_inputs, dynamic_dims, progress):
+    """-> (torch-dialect module, signature), the index inputs' ranges in the signature."""
     from .importer import import_model
 
     from ..passes import guard_indices
@@ -26,7 +26,7 @@ def import_and_price(model, example_inputs, dynamic_dims, sets, profiles, calibr
         sig["inputs"][arg]["index_range"] = r
     for desc in dynamic_summary(sig):
         progress(desc)
-    return base, sig, price_devices(sets, profiles, calibrate, progress)
+    return base, sig
 
 
 def parse_device_sets(device_sets):

@@ -115,7 +115,7 @@ def test_the_walk_sees_imports():
 
 
 # compiler/ from the bottom up, as docs/architecture.md lists it: each imports only those before it
-COMPILER_ORDER = ["modules", "iree", "importer", "parameters", "bundle", "calibrate", "measured", "tuning", "planning",
+COMPILER_ORDER = ["options", "modules", "iree", "importer", "parameters", "bundle", "calibrate", "measured", "tuning", "planning",
                   "build", "verify", "grounding", "simulate", "driver"]
 
 

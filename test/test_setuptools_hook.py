@@ -103,9 +103,9 @@ def test_bad_table_is_named(tmp_path):
 
 def test_verify_and_calibrate_keys(tmp_path):
     table = {"source": "m.py", "output": "p/m.pab", "devices": ["cpu"], "verify": False, "calibrate": False}
-    args = hook.compile_args(table, str(tmp_path), "out.pab", "out.d")
-    assert "--no-verify" in args and "--no-calibrate" in args
-    assert "--no-verify" not in hook.compile_args(dict(table, verify=True, calibrate=True), str(tmp_path), "o", "d")
+    opts = hook.compile_options(table, str(tmp_path))
+    assert opts.verify is False and opts.calibrate is False
+    assert hook.compile_options(dict(table, verify=True, calibrate=True), str(tmp_path)).verify is True
     (tmp_path / "pyproject.toml").write_text('[[tool.polyarch.bundle]]\nsource = "m.py"\noutput = "m.pab"\nverify = "no"\n')
     try:
         hook.bundles_of(str(tmp_path))

@@ -13,10 +13,6 @@ import click
 from ..errors import PolyarchError
 
 
-def _fail(e):
-    raise click.ClickException(str(e))
-
-
 def _load_array(path):
     import numpy as np
 
@@ -141,6 +137,12 @@ _model_options = [
                  help="Device profile(s) from `polyarch calibrate -o` (or written by hand, see targets/profiles.py). "
                       "Without one, a device this host has is priced by its measured profile (cached per user by "
                       "`polyarch calibrate`, or measured now), a device it lacks by its built-in spec sheet. Repeatable."),
+    click.option("--options", "options_file", type=click.Path(exists=True, dir_okay=False), metavar="FILE.json",
+                 help="Read the compile options from a JSON file instead of the flags (what CMake's "
+                      "polyarch_add_bundle and the setuptools hook write): an object with any of devices, plans, "
+                      "pins, objective, solver, profiles, dynamic_dims, calibrate, verify, tune, iree_flags, jobs "
+                      "(see compiler/options.py), e.g. {\"devices\": [\"cpu\", \"vulkan\"], \"tune\": \"none\"}. "
+                      "Not together with those flags."),
     click.option("--no-calibrate", "no_calibrate", is_flag=True,
                  help="Do not calibrate a present device that has no cached profile (about 15 s a device): price it "
                       "by an estimate instead (a software Vulkan such as lavapipe by a CPU-emulation estimate, never "
@@ -226,8 +228,8 @@ def cli():
 @click.option("--iree-flag", "iree_flags", multiple=True, metavar="FLAG",
               help="Pass FLAG to every iree-compile (repeatable), after polyarch's own flags, e.g. "
                    "--iree-flag=--iree-llvmcpu-enable-ukernels=all. Write it with '=' when FLAG starts with '-'.")
-def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, no_calibrate, output, jobs, quiet,
-            depfile, no_verify, plans, tune, iree_flags):
+def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, options_file, no_calibrate, output,
+            jobs, quiet, depfile, no_verify, plans, tune, iree_flags):
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -255,27 +257,52 @@ def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profi
       polyarch compile examples/minilm.py --dynamic-dim input_ids:0:16=b --dynamic-dim attention_mask:0:16=b
       polyarch compile model.py -i 1x3x224x224xf32 --tune full --iree-flag=--iree-llvmcpu-enable-ukernels=all
     """
-    from ..compiler.driver import compile as do_compile
+    from ..compiler.driver import import_model
 
-    try:
-        before = set(sys.modules)
-        m, ns = _load_model(model)
-        local = _local_sources(set(sys.modules) - before)
-        ex = _example_inputs(inputs, ns)
-        output = output or os.path.splitext(os.path.basename(model.partition(":")[0]))[0] + ".pab"
-        _refuse_overwriting_sources(output, [model.partition(":")[0], *sorted(local), *profiles])
-        progress = None if quiet else (lambda msg: click.echo(f"polyarch: {msg}", err=True))
-        if plans and devices:
-            raise PolyarchError("--plans and --device both given", fix="give the device sets with --plans only")
-        device_sets = [[d.strip() for d in p.split(",") if d.strip()] for p in plans] or None
-        do_compile(m, ex, devices=_devices(devices, profiles), output=output, pins=pins, jobs=jobs, progress=progress,
-                   objective=objective, solver=solver, profiles=profiles, plans=device_sets, dynamic_dims=dynamic_dims,
-                   calibrate=not no_calibrate, verify=not no_verify, tune=tune, iree_extra_flags=iree_flags)
-        if depfile:
-            _write_depfile(depfile, output, [model.partition(":")[0], *sorted(local), *profiles])
-    except PolyarchError as e:
-        _fail(e)
+    options = _compile_options(click.get_current_context())
+    before = set(sys.modules)
+    m, ns = _load_model(model)
+    local = _local_sources(set(sys.modules) - before)
+    ex = _example_inputs(inputs, ns)
+    output = output or os.path.splitext(os.path.basename(model.partition(":")[0]))[0] + ".pab"
+    profile_files = [p for p in options.profiles if isinstance(p, str)]
+    sources = [model.partition(":")[0], *sorted(local), *profile_files] + ([options_file] if options_file else [])
+    _refuse_overwriting_sources(output, sources)
+    progress = None if quiet else (lambda msg: click.echo(f"polyarch: {msg}", err=True))
+    import_model(m, ex, options, progress).plan().write(output)
+    if depfile:
+        _write_depfile(depfile, output, sources)
     click.echo(output)
+
+
+# The flags that make a CompileOptions (compiler/options.py): parameter -> flag.
+_OPTION_FLAGS = {"devices": "--device", "plans": "--plans", "pins": "--pin", "objective": "--objective",
+                 "solver": "--solver", "profiles": "--profile", "dynamic_dims": "--dynamic-dim",
+                 "no_calibrate": "--no-calibrate", "no_verify": "--no-verify", "tune": "--tune",
+                 "iree_flags": "--iree-flag", "jobs": "--jobs"}
+
+
+def _compile_options(ctx):
+    """The CompileOptions of a compile or plan command: from --options FILE.json, or from its flags."""
+    from click.core import ParameterSource
+
+    from ..compiler.options import CompileOptions
+
+    p = ctx.params
+    given = [f for f in _OPTION_FLAGS if f in p and ctx.get_parameter_source(f) == ParameterSource.COMMANDLINE]
+    if p.get("options_file"):
+        if given:
+            raise PolyarchError(f"--options and {_OPTION_FLAGS[given[0]]} both given",
+                                fix="put that option in the options file, or drop --options")
+        return CompileOptions.load(p["options_file"])
+    if p.get("plans") and p.get("devices"):
+        raise PolyarchError("--plans and --device both given", fix="give the device sets with --plans only")
+    sets = [tuple(d.strip() for d in plan.split(",") if d.strip()) for plan in p.get("plans", ())]
+    return CompileOptions(devices=tuple(_devices(p["devices"], p["profiles"])), plans=tuple(sets), pins=p["pins"],
+                          objective=p["objective"], solver=p["solver"], profiles=p["profiles"],
+                          dynamic_dims=p["dynamic_dims"], calibrate=not p["no_calibrate"],
+                          verify=not p.get("no_verify", False), tune=p.get("tune", "quick"),
+                          iree_flags=p.get("iree_flags", ()), jobs=p.get("jobs"))
 
 
 @cli.command()
@@ -290,12 +317,13 @@ def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profi
 @click.option("--requests", type=int, default=None, metavar="N",
               help="Simulate N calls in the timeline (default: 1; 4 for the throughput objective, pipelined).")
 @click.option("--mlir", "mlir_out", type=click.Path(dir_okay=False), help="Also write the partitioned module here.")
-def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, no_calibrate, explain, show_ops, trace_out,
-         gantt_out, requests, mlir_out):
+def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, options_file, no_calibrate, explain,
+         show_ops, trace_out, gantt_out, requests, mlir_out):
     """Show where each part of MODEL would run, without compiling.
 
     With --profile files for devices this host does not have, this simulates a
-    fleet: the plan and its predicted timeline are for those devices.
+    fleet: the plan and its predicted timeline are for those devices. (With
+    --options naming several plans, the first is shown.)
 
     \b
     Examples:
@@ -304,38 +332,34 @@ def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles
       polyarch plan examples/minilm.py --profile h100.json --profile cpu.json --trace t.json --gantt t.png
     """
     from ..compiler import simulate
-    from ..compiler.driver import plan as do_plan
-    from ..compiler.modules import plan_text
+    from ..compiler.driver import import_model
     from ..compiler.measured import pricing_line
 
-    try:
-        m, ns = _load_model(model)
-        ex = _example_inputs(inputs, ns)
-        devs = _devices(devices, profiles)
-        details = {}
-        progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
-        module, sig = do_plan(m, ex, devices=devs, pins=pins, objective=objective, solver=solver, profiles=profiles,
-                              dynamic_dims=dynamic_dims, calibrate=not no_calibrate, details=details, progress=progress)
-        report = simulate.explain(module, details["profiles"])
-        for line in report.lines(explain=explain, ops=show_ops):
-            click.echo(line)
-        if explain:
-            for d, info in details["devices"].items():
+    options = _compile_options(click.get_current_context())
+    m, ns = _load_model(model)
+    ex = _example_inputs(inputs, ns)
+    progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
+    planned = import_model(m, ex, options, progress).plan()
+    report = planned.explain()
+    for line in report.lines(explain=explain, ops=show_ops):
+        click.echo(line)
+    if explain:
+        shown = {s.name for s in planned.sets[0]}
+        for d, info in planned.priced["devices"].items():
+            if d in shown:
                 click.echo(f"device {pricing_line(d, info)}")
-        if trace_out or gantt_out:
-            n = requests or (4 if report.objective == "throughput" else 1)
-            events = simulate.timeline(report, requests=n)
-            if trace_out:
-                simulate.write_chrome_trace(trace_out, events, report)
-                click.echo(f"wrote {trace_out} ({n} call(s), {len(events)} events)")
-            if gantt_out:
-                simulate.write_gantt(gantt_out, events, report)
-                click.echo(f"wrote {gantt_out}")
-        if mlir_out:
-            with open(mlir_out, "w") as f:
-                f.write(plan_text(module))
-    except PolyarchError as e:
-        _fail(e)
+    if trace_out or gantt_out:
+        n = requests or (4 if report.objective == "throughput" else 1)
+        events = simulate.timeline(report, requests=n)
+        if trace_out:
+            simulate.write_chrome_trace(trace_out, events, report)
+            click.echo(f"wrote {trace_out} ({n} call(s), {len(events)} events)")
+        if gantt_out:
+            simulate.write_gantt(gantt_out, events, report)
+            click.echo(f"wrote {gantt_out}")
+    if mlir_out:
+        with open(mlir_out, "w") as f:
+            f.write(planned.as_text())
 
 
 @cli.command()
@@ -377,40 +401,37 @@ def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict, cluster, 
     import logging
 
     logging.getLogger("polyarch.runtime").addHandler(logging.NullHandler())  # the choice is printed below
-    try:
-        if cluster and (trace_out or strict):
-            raise PolyarchError("--trace and --strict are not supported with --cluster",
-                                fix="drop them (on a cluster the plan is the fastest one whose devices some node offers)")
+    if cluster and (trace_out or strict):
+        raise PolyarchError("--trace and --strict are not supported with --cluster",
+                            fix="drop them (on a cluster the plan is the fastest one whose devices some node offers)")
+    t = time.perf_counter()
+    b = load(bundle, plan=plan_name, strict=strict, cluster=cluster, trusted_keys=trusted_keys)
+    load_s = time.perf_counter() - t
+    if inputs:
+        args = [_load_array(p) for p in inputs]
+    else:
+        rng = np.random.default_rng(0)
+        args = []
+        for spec in b.inputs:
+            dt = np.dtype(spec["dtype"])
+            if dt == np.bool_:
+                args.append(rng.random(spec["shape"]) > 0.5)
+            elif dt.kind in "iu":  # an index input: valid indices (token ids) of its table
+                r = spec.get("index_range") or {"min": 0, "max": 99}
+                args.append(rng.integers(max(r["min"], 0), min(r["max"], 99) + 1, spec["shape"]).astype(dt))
+            else:
+                args.append(rng.standard_normal(spec["shape"]).astype(dt))
+    b.trace = bool(trace_out)
+    times = []
+    for _ in range(max(1, repeat)):
         t = time.perf_counter()
-        b = load(bundle, plan=plan_name, strict=strict, cluster=cluster, trusted_keys=trusted_keys)
-        load_s = time.perf_counter() - t
-        if inputs:
-            args = [_load_array(p) for p in inputs]
-        else:
-            rng = np.random.default_rng(0)
-            args = []
-            for spec in b.inputs:
-                dt = np.dtype(spec["dtype"])
-                if dt == np.bool_:
-                    args.append(rng.random(spec["shape"]) > 0.5)
-                elif dt.kind in "iu":  # an index input: valid indices (token ids) of its table
-                    r = spec.get("index_range") or {"min": 0, "max": 99}
-                    args.append(rng.integers(max(r["min"], 0), min(r["max"], 99) + 1, spec["shape"]).astype(dt))
-                else:
-                    args.append(rng.standard_normal(spec["shape"]).astype(dt))
-        b.trace = bool(trace_out)
-        times = []
-        for _ in range(max(1, repeat)):
-            t = time.perf_counter()
-            res = b(*args)
-            times.append(time.perf_counter() - t)
-        if trace_out:
-            b.write_trace(trace_out)
-        if cluster:
-            workers = b.worker_counters()
-            b.close()
-    except PolyarchError as e:
-        _fail(e)
+        res = b(*args)
+        times.append(time.perf_counter() - t)
+    if trace_out:
+        b.write_trace(trace_out)
+    if cluster:
+        workers = b.worker_counters()
+        b.close()
     res = res if isinstance(res, tuple) else (res,)
     if cluster:
         where = ", ".join(f"{d} (actor pid {p['pid']} on {p['host']})" for d, p in b.placement.items())
@@ -450,10 +471,7 @@ def inspect(bundle, as_json, show_ops):
     from ..runtime.bundle import verify
     from ..runtime.executor import format_spec as fmt
 
-    try:
-        m = verify(bundle)
-    except PolyarchError as e:
-        _fail(e)
+    m = verify(bundle)
     if as_json:
         click.echo(json.dumps(m, indent=1, sort_keys=True))
         return
@@ -571,18 +589,15 @@ def calibrate(devices, output, quick, like, kernels):
     from ..targets import profiles as P
     from ..runtime.identity import identify
 
-    try:
-        progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
-        profs = C.calibrate(list(devices), like=list(like) or None, progress=progress, quick=quick, kernels=kernels)
-        P.save(output, profs)
-        cached = []
-        for d, prof in zip(devices, profs):
-            ident = identify(d)
-            if ident is not None:
-                M.store_profile(ident, prof)
-                cached.append(d)
-    except PolyarchError as e:
-        _fail(e)
+    progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
+    profs = C.calibrate(list(devices), like=list(like) or None, progress=progress, quick=quick, kernels=kernels)
+    P.save(output, profs)
+    cached = []
+    for d, prof in zip(devices, profs):
+        ident = identify(d)
+        if ident is not None:
+            M.store_profile(ident, prof)
+            cached.append(d)
     for p in profs:
         click.echo(f"{p.device}: {p.peak_flops['f32'] / 1e9:.1f} GFLOP/s f32, {p.mem_bw / 1e9:.1f} GB/s, "
                    f"call {p.call_s * 1e6:.1f} us, dispatch {p.launch_s * 1e6:.2f} us, "

@@ -15,7 +15,7 @@ wheel (or sdist install, or editable install) compiles it into the package:
     entry = "Model"                     # class, factory or nn.Module in it (optional)
     inputs = ["4x64xi64", "4x64xi64"]   # as `polyarch compile --input` (optional)
     devices = ["cpu", "vulkan"]         # or: plans = [["vulkan", "cpu"], ["cpu"]]
-    pins = ["encoder.layer.0=cpu"]      # optional; also: dynamic_dims, profiles, objective
+    pins = ["encoder.layer.0=cpu"]      # optional; also: dynamic_dims, profiles, objective, solver, jobs
     verify = false                      # optional (default true): do not run and check the bundle
                                         # on this host's devices (cross-compiles); calibrate = false:
                                         # price an uncalibrated device by estimates
@@ -25,6 +25,8 @@ wheel (or sdist install, or editable install) compiles it into the package:
 
 At run time the package loads it with `polyarch.runtime.load(importlib.resources.files(
 "mypkg") / "model.pab")`, which needs only the runtime (iree-base-runtime + numpy).
+Every key but source, entry, inputs and output is a compile option (compiler/options.py's
+CompileOptions, same names), written to a JSON file that `polyarch compile --options` reads.
 A bundle is recompiled only when its model file, a local module the model imports, a
 profile, or its options change (the compile's depfile and options are kept in build_temp).
 """
@@ -43,76 +45,71 @@ try:
 except ImportError:  # Python < 3.11
     import tomli as tomllib
 
-KEYS = {"source", "entry", "inputs", "dynamic_dims", "devices", "plans", "pins", "profiles", "objective", "output",
-        "verify", "calibrate", "tune", "iree_flags"}
+# Keys of a bundle table beside the compile options (the fields of compiler/options.py's
+# CompileOptions, under the same names).
+BUNDLE_KEYS = {"source", "entry", "inputs", "output"}
+
+
+def _option_keys():
+    from dataclasses import fields
+
+    from ..compiler.options import CompileOptions
+
+    return {f.name for f in fields(CompileOptions)}
 
 
 def bundles_of(project_dir):
-    """The [[tool.polyarch.bundle]] tables of a project's pyproject.toml, checked."""
+    """The [[tool.polyarch.bundle]] tables of a project's pyproject.toml, checked (their
+    options too)."""
     path = os.path.join(project_dir, "pyproject.toml")
     with open(path, "rb") as f:
         tables = tomllib.load(f).get("tool", {}).get("polyarch", {}).get("bundle", [])
     if isinstance(tables, dict):
         tables = [tables]
+    known = BUNDLE_KEYS | _option_keys()
     for i, t in enumerate(tables):
-        unknown = set(t) - KEYS
+        unknown = set(t) - known
         if unknown:
             raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1} has unknown keys {sorted(unknown)}; "
-                             f"known: {sorted(KEYS)}")
+                             f"known: {sorted(known)}")
         for key in ("source", "output"):
             if key not in t:
                 raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1} needs '{key}'")
-        if "devices" in t and "plans" in t:
-            raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1}: give devices or plans, not both")
-        for key in ("verify", "calibrate"):
-            if not isinstance(t.get(key, True), bool):
-                raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1}: '{key}' must be true or false")
-        if t.get("tune", "quick") not in ("none", "quick", "full"):
-            raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1}: 'tune' must be \"none\", \"quick\" or \"full\"")
-        flags = t.get("iree_flags", [])
-        if not isinstance(flags, list) or not all(isinstance(f, str) and f.startswith("-") for f in flags):
-            raise ValueError(f"{path}: [[tool.polyarch.bundle]] #{i + 1}: 'iree_flags' must be a list of flags "
-                             f"such as [\"--iree-llvmcpu-enable-ukernels=all\"]")
+        compile_options(t, project_dir, f"{path}: [[tool.polyarch.bundle]] #{i + 1}")
     return tables
 
 
-def compile_args(table, project_dir, output, depfile):
-    """`polyarch compile` arguments for one bundle table."""
+def compile_options(table, project_dir, where="[[tool.polyarch.bundle]]"):
+    """The CompileOptions of one bundle table (profiles relative to the project); ValueError
+    naming the table for a bad one."""
+    from ..compiler.options import CompileOptions
+    from ..errors import PolyarchError
+
+    opts = {k: v for k, v in table.items() if k not in BUNDLE_KEYS}
+    try:
+        return CompileOptions.from_json(opts, where, base_dir=project_dir)
+    except PolyarchError as e:
+        raise ValueError(str(e)) from None
+
+
+def compile_args(table, project_dir, output, depfile, options_file):
+    """`polyarch compile` arguments for one bundle table whose options are in options_file."""
     model = os.path.join(project_dir, table["source"])
     if table.get("entry"):
         model += ":" + table["entry"]
-    args = ["compile", model, "-o", output, "--depfile", depfile, "-q"]
+    args = ["compile", model, "-o", output, "--depfile", depfile, "-q", "--options", options_file]
     for x in table.get("inputs", []):
         args += ["-i", x]
-    for x in table.get("dynamic_dims", []):
-        args += ["--dynamic-dim", x]
-    for x in table.get("devices", []):
-        args += ["-d", x]
-    for plan in table.get("plans", []):
-        args += ["--plans", ",".join(plan) if isinstance(plan, list) else plan]
-    for x in table.get("pins", []):
-        args += ["--pin", x]
-    for x in table.get("profiles", []):
-        args += ["--profile", os.path.join(project_dir, x)]
-    if table.get("objective"):
-        args += ["--objective", table["objective"]]
-    if not table.get("verify", True):
-        args.append("--no-verify")
-    if not table.get("calibrate", True):
-        args.append("--no-calibrate")
-    if table.get("tune"):
-        args += ["--tune", table["tune"]]
-    for x in table.get("iree_flags", []):
-        args.append(f"--iree-flag={x}")
     return args
 
 
-def up_to_date(output, depfile, options_file, options):
-    """True if `output` exists, was made with these options, and is newer than every dependency."""
-    if not (os.path.exists(output) and os.path.exists(depfile) and os.path.exists(options_file)):
+def up_to_date(output, depfile, record_file, record):
+    """True if `output` exists, was made as `record` says (arguments and options), and is
+    newer than every dependency."""
+    if not (os.path.exists(output) and os.path.exists(depfile) and os.path.exists(record_file)):
         return False
-    with open(options_file) as f:
-        if json.load(f) != options:
+    with open(record_file) as f:
+        if json.load(f) != record:
             return False
     with open(depfile) as f:
         text = f.read().replace("\\\n", " ")
@@ -127,17 +124,20 @@ def build_bundles(project_dir, build_lib, build_temp, announce=print):
     for table in bundles_of(project_dir):
         cache = os.path.join(build_temp, "polyarch", table["output"])
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        depfile, options_file = cache + ".d", cache + ".options.json"
-        args = compile_args(table, project_dir, cache, depfile)
-        if up_to_date(cache, depfile, options_file, args):
+        depfile, options_file, record_file = cache + ".d", cache + ".options.json", cache + ".build.json"
+        options = compile_options(table, project_dir)
+        args = compile_args(table, project_dir, cache, depfile, options_file)
+        record = {"args": args, "options": options.to_json()}
+        if up_to_date(cache, depfile, record_file, record):
             announce(f"polyarch: {table['output']} is up to date")
         else:
             announce(f"polyarch: compiling {table['source']} into {table['output']}")
+            options.save(options_file)
             r = subprocess.run([sys.executable, "-m", "polyarch.tools.cli", *args], capture_output=True, text=True)
             if r.returncode:
                 raise RuntimeError(f"polyarch compile failed for {table['source']}:\n{r.stderr.strip()}")
-            with open(options_file, "w") as f:
-                json.dump(args, f)
+            with open(record_file, "w") as f:
+                json.dump(record, f)
         dest = os.path.join(build_lib, table["output"])
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copy2(cache, dest)

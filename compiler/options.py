@@ -1,0 +1,125 @@
+"""CompileOptions: everything a compile is asked for beside the model and its example inputs.
+
+Built once by each front end: the Python API (`polyarch.compile(..., options=)` or its
+keywords), the CLI (from its flags, or from `--options FILE.json`), the CMake function
+`polyarch_add_bundle` and the setuptools hook (both write the JSON file the CLI reads). The
+JSON form is `to_json()`: the field names below, lists for tuples; unknown keys are refused."""
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import PolyarchError
+
+TUNE_MODES = ("none", "quick", "full")
+SOLVERS = ("auto", "brute", "chain-dp", "mincut", "heft")
+_LISTS = ("devices", "pins", "profiles", "dynamic_dims", "iree_flags")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """devices      device specs, e.g. ("cpu", "vulkan") or ("cpu", "cuda@sm_86")
+    plans        several device sets, one placement plan each, in one bundle sharing the weights,
+                 e.g. (("cuda", "cpu"), ("vulkan", "cpu"), ("cpu",)); replaces `devices`
+    pins         ("PATTERN=DEVICE", ...): op names or module path prefixes forced onto a device
+    objective    latency | throughput | cost | energy | "latency:1,energy:0.5"
+    solver       auto | brute | chain-dp | mincut | heft
+    profiles     device profile JSON files (`polyarch calibrate`), or DeviceProfile objects
+    dynamic_dims ("INPUT:DIM[:MAX][=NAME]", ...): dimensions that stay dynamic (nn.Module only)
+    calibrate    calibrate a device of this host with no cached profile now (else estimates)
+    verify       run, check and time every plan this host can run, re-plan on what is measured
+    tune         none | quick | full: lowering choices measured on this host's CPU
+    iree_flags   flags added to every iree-compile command (after polyarch's own)
+    jobs         parallel iree-compile processes (None: one per core)"""
+
+    devices: tuple = ("cpu",)
+    plans: tuple = ()
+    pins: tuple = ()
+    objective: str = "latency"
+    solver: str = "auto"
+    profiles: tuple = ()
+    dynamic_dims: tuple = ()
+    calibrate: bool = True
+    verify: bool = True
+    tune: str = "quick"
+    iree_flags: tuple = ()
+    jobs: int | None = None
+
+    def __post_init__(self):
+        for name in _LISTS:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise PolyarchError(f"option {name} is one string ({value!r}), not a list",
+                                    fix=f"give a list, e.g. {name}=[{value!r}]")
+            object.__setattr__(self, name, tuple(value or ()))
+        object.__setattr__(self, "plans", tuple(tuple(p) for p in self.plans or ()))
+        if self.tune not in TUNE_MODES:
+            raise PolyarchError(f"unknown tuning mode {self.tune!r}", fix="use --tune (tune=) none, quick or full")
+        if self.solver not in SOLVERS:
+            raise PolyarchError(f"unknown solver '{self.solver}'", fix="use " + ", ".join(SOLVERS))
+        if self.jobs is not None and (not isinstance(self.jobs, int) or self.jobs < 1):
+            raise PolyarchError(f"jobs={self.jobs!r}", fix="give a whole number of 1 or more, or None (one per core)")
+        bad = next((f for f in self.iree_flags if not isinstance(f, str) or not f.startswith("-")), None)
+        if bad is not None:
+            raise PolyarchError(f"iree flag {bad!r} is not a flag", fix='write flags such as "--iree-llvmcpu-enable-ukernels=all"')
+
+    @property
+    def device_sets(self) -> tuple:
+        """The device set of each plan: `plans`, else one plan over `devices`."""
+        return self.plans or (self.devices,)
+
+    def to_json(self) -> dict:
+        """The options as JSON values (profiles given as DeviceProfile objects are written inline)."""
+        out = asdict(self)
+        out["profiles"] = [p if isinstance(p, str) else p.to_json() for p in self.profiles]
+        del out["devices" if self.plans else "plans"]  # the one that says where the plans run
+        return {k: list(map(list, v)) if k == "plans" else list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_json(cls, obj, where: str = "options", base_dir: str | None = None) -> "CompileOptions":
+        """Options from parsed JSON (or a TOML table): refuses unknown keys and values of the
+        wrong kind, naming `where`; relative profile paths are read from `base_dir`."""
+        if not isinstance(obj, dict):
+            raise PolyarchError(f"{where}: the options are {type(obj).__name__}, not an object", fix=FIELDS_HELP)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise PolyarchError(f"{where}: unknown option(s) {unknown}", fix=f"known: {sorted(known)}")
+        for key in ("verify", "calibrate"):
+            if not isinstance(obj.get(key, True), bool):
+                raise PolyarchError(f"{where}: '{key}' must be true or false", fix=FIELDS_HELP)
+        for key in _LISTS + ("plans",):
+            if not isinstance(obj.get(key, []), list):
+                raise PolyarchError(f"{where}: '{key}' must be a list", fix=FIELDS_HELP)
+        if "devices" in obj and "plans" in obj:
+            raise PolyarchError(f"{where}: give devices or plans, not both", fix=FIELDS_HELP)
+        vals = dict(obj)
+        vals["plans"] = [p.split(",") if isinstance(p, str) else p for p in obj.get("plans", [])]
+        if base_dir is not None:
+            vals["profiles"] = [os.path.join(base_dir, p) if isinstance(p, str) else p for p in obj.get("profiles", [])]
+        vals["profiles"] = [_profile(p, where) if isinstance(p, dict) else p for p in vals.get("profiles", [])]
+        return cls(**vals)
+
+    @classmethod
+    def load(cls, path: str) -> "CompileOptions":
+        """Options from a JSON file (as `to_json` writes; relative profile paths from its folder)."""
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise PolyarchError(f"options file {path} is not JSON: {e.msg} at line {e.lineno}", fix=FIELDS_HELP) from None
+        return cls.from_json(obj, path, os.path.dirname(os.path.abspath(path)))
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+FIELDS_HELP = "see `polyarch compile --help` (--options) or compiler/options.py for the fields"
+
+
+def _profile(obj, where):
+    from ..targets import profiles as P
+
+    return P.from_json(obj, f"{where}: profile")
