@@ -42,28 +42,47 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
     params_dir: export each segment's weights (constants of parameters.MIN_BYTES or more)
     to `<params_dir>/<scope>.irpa`, scope `<scope_prefix><segment>`, instead of inlining
     them in the module (compiler/parameters.py merges the archives)."""
-    from torch_mlir import ir
-
-    from ..passes import conv_to_matmul, guard_indices, pool_to_mean
-    from . import parameters
-
     progress = progress or (lambda msg: None)
-    tuning = tuning or {}
     segs = segments_of(module)
-    fns = {name: fn for name, _, fn in segs}
-    devices = sorted({d for _, d, _ in segs})
-    tool = iree_compile_tool()
-    jobs = jobs or max(1, min(len(segs), os.cpu_count() or 1))
+    job = _SegmentJob(module, tuning or {}, extra_flags, params_dir, scope_prefix, progress)
     with tempfile.TemporaryDirectory(prefix="polyarch-") as tmp:
-        inputs = []
-        with module.context, ir.Location.unknown():
+        inputs = job.sources(segs, tmp)
+        results = {}
+        with ThreadPoolExecutor(jobs or max(1, min(len(segs), os.cpu_count() or 1))) as pool:
+            for done, (name, device, data, secs, cmd, archive) in enumerate(pool.map(job.compile, inputs), 1):
+                weights = f" + {os.path.getsize(archive) / 1e6:.1f} MB weights" if archive and os.path.exists(archive) else ""
+                progress(f"[{done}/{len(inputs)}] compiled {scope_prefix}{name} for {device} in {secs:.1f}s "
+                         f"({len(data) / 1e6:.1f} MB{weights})")
+                results[name] = (data, cmd, archive)
+    return results
+
+
+class _SegmentJob:
+    """The compile of one plan's segments: each segment's source variants, then each compiled
+    (one thread per segment), falling back variant by variant where IREE refuses one."""
+
+    def __init__(self, module, tuning, extra_flags, params_dir, scope_prefix, progress):
+        self.module, self.tuning, self.extra_flags = module, tuning, extra_flags
+        self.params_dir, self.scope_prefix, self.progress = params_dir, scope_prefix, progress
+        segs = segments_of(module)
+        self.fns = {name: fn for name, _, fn in segs}
+        self.devices = sorted({d for _, d, _ in segs})
+        self.tool = iree_compile_tool()
+
+    def sources(self, segs, tmp):
+        """[(name, device, [(lowering variant, .mlirbc path)])]: the tuned lowering first;
+        where IREE refuses it among its neighbours (it compiled alone when tuned; e.g. a fused
+        dispatch over the stack limit): each kind of rewrite alone, then IREE's own lowering.
+        Never a failed compile for tuning's sake."""
+        from torch_mlir import ir
+
+        from ..passes import conv_to_matmul, guard_indices, pool_to_mean
+
+        out = []
+        with self.module.context, ir.Location.unknown():
             for name, device, fn in segs:
-                # the tuned lowering first; where IREE refuses it among its neighbours (it compiled
-                # alone when tuned; e.g. a fused dispatch over the stack limit): each kind of
-                # rewrite alone, then IREE's own lowering. Never a failed compile for tuning's sake.
-                variants = _fallback_order(tuning.get(name, {}))
                 srcs = []
-                for i, variant in enumerate(variants or [()]):
+                for i, variant in enumerate(_fallback_order(self.tuning.get(name, {})) or [()]):
                     srcs.append((variant, os.path.join(tmp, f"{name}.{i}.mlirbc")))
                     seg = segment_module(ir, fn)
                     pool_to_mean.run(seg)  # works around an IREE 3.13 failure (passes/pool_to_mean.py)
@@ -72,50 +91,52 @@ def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_di
                         conv_to_matmul.run(seg, convs="marked", kinds=variant)
                     with open(srcs[-1][1], "wb") as f:
                         seg.operation.write_bytecode(f)
-                inputs.append((name, device, srcs))
+                out.append((name, device, srcs))
+        return out
 
-        def one(item):
-            name, device, srcs = item
-            src = srcs[0][1]
-            out = os.path.join(tmp, f"{name}.vmfb")
-            spec = DeviceSpec.parse(device)
-            # async-external: each function also comes as `NAME$async(args, wait fence, signal fence)`,
-            # which the runtime chains (runtime/executor.py)
-            cmd = [tool, src, "--iree-input-type=torch", "--iree-execution-model=async-external", *iree_flags(spec),
-                   *tuning.get(name, {}).get("extra_flags", ()), *extra_flags, "-o", out]
-            archive = None
-            if params_dir:
-                archive = os.path.join(params_dir, f"{scope_prefix}{name}.irpa")
-                cmd[-2:-2] = parameters.export_flags(scope_prefix + name, archive)
-            t = time.time()
-            r, _, cmd = compile_with_retries(cmd, spec.kind, progress, f"{scope_prefix}{name} for {device}")
-            for (tried, _), (variant, fallback) in zip(srcs, srcs[1:]):
-                if r.returncode == 0:
-                    break
-                err = next((l.partition(": error: ")[2] for l in r.stderr.splitlines() if ": error: " in l), "?").strip()
-                progress(f"{scope_prefix}{name} for {device}: IREE refused the tuned lowering ({'+'.join(tried)}: "
-                         f"{err[:100]}); trying {'+'.join(variant) or 'IREE' + chr(39) + 's own'}")
-                rec = tuning[name]
-                rec.setdefault("refused", []).append({"lowering": list(tried), "error": err[:200]})
-                rec["rewritten"] = {k: v for k, v in rec["rewritten"].items() if k in variant}
-                cmd[1] = fallback
-                r, _, cmd = compile_with_retries(cmd, spec.kind, progress, f"{scope_prefix}{name} for {device}")
-            if r.returncode != 0:
-                raise iree_error(r.stderr, name, device, fns[name], devices)
-            with open(out, "rb") as f:
-                data = f.read()
-            return name, device, data, time.time() - t, cmd, archive
+    def command(self, name, device, src, out):
+        """The iree-compile command of a segment (and where its weights go, or None).
+        async-external: each function also comes as `NAME$async(args, wait fence, signal
+        fence)`, which the runtime chains (runtime/executor.py)."""
+        from . import parameters
 
-        results = {}
-        done = 0
-        with ThreadPoolExecutor(jobs) as pool:
-            for name, device, data, secs, cmd, archive in pool.map(one, inputs):
-                done += 1
-                weights = f" + {os.path.getsize(archive) / 1e6:.1f} MB weights" if archive and os.path.exists(archive) else ""
-                progress(f"[{done}/{len(inputs)}] compiled {scope_prefix}{name} for {device} in {secs:.1f}s "
-                         f"({len(data) / 1e6:.1f} MB{weights})")
-                results[name] = (data, cmd, archive)
-    return results
+        cmd = [self.tool, src, "--iree-input-type=torch", "--iree-execution-model=async-external",
+               *iree_flags(DeviceSpec.parse(device)), *self.tuning.get(name, {}).get("extra_flags", ()),
+               *self.extra_flags, "-o", out]
+        archive = None
+        if self.params_dir:
+            archive = os.path.join(self.params_dir, f"{self.scope_prefix}{name}.irpa")
+            cmd[-2:-2] = parameters.export_flags(self.scope_prefix + name, archive)
+        return cmd, archive
+
+    def compile(self, item):
+        """-> (name, device, vmfb bytes, seconds, the command that compiled it, archive)."""
+        name, device, srcs = item
+        out = os.path.join(os.path.dirname(srcs[0][1]), f"{name}.vmfb")
+        cmd, archive = self.command(name, device, srcs[0][1], out)
+        kind, what = DeviceSpec.parse(device).kind, f"{self.scope_prefix}{name} for {device}"
+        t = time.time()
+        r, _, cmd = compile_with_retries(cmd, kind, self.progress, what)
+        for (tried, _), (variant, fallback) in zip(srcs, srcs[1:]):
+            if r.returncode == 0:
+                break
+            self._refused(name, what, tried, variant, r.stderr)
+            cmd[1] = fallback
+            r, _, cmd = compile_with_retries(cmd, kind, self.progress, what)
+        if r.returncode != 0:
+            raise iree_error(r.stderr, name, device, self.fns[name], self.devices)
+        with open(out, "rb") as f:
+            data = f.read()
+        return name, device, data, time.time() - t, cmd, archive
+
+    def _refused(self, name, what, tried, variant, stderr):
+        """Say and record that IREE refused a tuned lowering, before the next variant is tried."""
+        err = next((l.partition(": error: ")[2] for l in stderr.splitlines() if ": error: " in l), "?").strip()
+        self.progress(f"{what}: IREE refused the tuned lowering ({'+'.join(tried)}: {err[:100]}); "
+                      f"trying {'+'.join(variant) or 'IREE' + chr(39) + 's own'}")
+        rec = self.tuning[name]
+        rec.setdefault("refused", []).append({"lowering": list(tried), "error": err[:200]})
+        rec["rewritten"] = {k: v for k, v in rec["rewritten"].items() if k in variant}
 
 
 def _versions():

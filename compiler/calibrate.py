@@ -143,23 +143,27 @@ def measure(spec, vmfb, like=None, progress=None, quick=False):
     """Run the suite on the device -> (DeviceProfile fitted to it, raw measurements)."""
     import iree.runtime as rt
 
-    from ..runtime.executor import create_device, to_host
+    from ..runtime.executor import create_device
 
-    progress = progress or (lambda m: None)
     spec = DeviceSpec.parse(spec)
-    base = like or P.BUILTIN[spec.kind]
     dev = create_device(spec)
     ctx = rt.SystemContext(config=rt.Config(device=dev))
     ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, vmfb))
-    mod = ctx.modules.module
-    rng = np.random.default_rng(0)
-    up = lambda a: rt.asdevicearray(dev, a)
-    sync = lambda r: r._buffer_view  # calls are synchronous (IREE's default execution model)
-    raw = {"matmul": [], "conv": [], "elementwise": [], "chain": {}, "upload": [], "download": []}
-    mms, convs, adds, transfers = _sizes(quick)
+    sizes = _sizes(quick)
+    jobs = _kernel_jobs(ctx.modules.module, lambda a: rt.asdevicearray(dev, a), *sizes[:3])
+    times = _time_jobs(jobs)
+    raw = _raw(times, *sizes[:3])
+    raw["upload"], raw["download"] = _transfers(dev, sizes[3])
+    return fit(spec, raw, like or P.BUILTIN[spec.kind], progress or (lambda m: None), quick), raw
 
-    # Every kernel once before any timing: drivers may compile pipelines lazily or in
-    # background threads (lavapipe does), which would pollute the first measurements.
+
+def _sync(result):
+    return result._buffer_view  # calls are synchronous (IREE's default execution model)
+
+
+def _kernel_jobs(mod, up, mms, convs, adds):
+    """[(key, function, device arguments)] for every kernel of the suite."""
+    rng = np.random.default_rng(0)
     jobs = []
     for k in CHAIN:
         a, w = up(rng.standard_normal((8, 8), np.float32)), up(rng.standard_normal((8, 8), np.float32) * 0.1)
@@ -173,14 +177,21 @@ def measure(spec, vmfb, like=None, progress=None, quick=False):
     for n in adds:
         a, b = up(rng.standard_normal(n, np.float32)), up(rng.standard_normal(n, np.float32))
         jobs.append((("elementwise", n), mod[f"add_{n}"], (a, b)))
+    return jobs
+
+
+def _time_jobs(jobs):
+    """{key: median seconds} of every job."""
+    # Every kernel once before any timing: drivers may compile pipelines lazily or in
+    # background threads (lavapipe does), which would pollute the first measurements.
     for _, f, args in jobs:
-        sync(f(*args))
+        _sync(f(*args))
     # Spin up: an idle GPU (or a CPU in a power-saving state) starts at low clocks.
     big = max((j for j in jobs if j[0][0] == "matmul"), key=lambda j: j[0][1][0] * j[0][1][1] * j[0][1][2])
     until = time.perf_counter() + 0.5
     while time.perf_counter() < until:
-        sync(big[1](*big[2]))
-    times = {key: time_median(lambda: sync(f(*args))) for key, f, args in jobs if key[0] != "chain"}
+        _sync(big[1](*big[2]))
+    times = {key: time_median(lambda: _sync(f(*args))) for key, f, args in jobs if key[0] != "chain"}
     # Overheads are small and noisy (thread wake-ups): the two chains alternate, many times.
     chains = [(key, f, args) for key, f, args in jobs if key[0] == "chain"]
     samples = {key: [] for key, _, _ in chains}
@@ -188,11 +199,15 @@ def measure(spec, vmfb, like=None, progress=None, quick=False):
     while len(samples[chains[0][0]]) < 20 or (time.perf_counter() < deadline and len(samples[chains[0][0]]) < 300):
         for key, f, args in chains:
             t = time.perf_counter()
-            sync(f(*args))
+            _sync(f(*args))
             samples[key].append(time.perf_counter() - t)
     times.update({key: statistics.median(v) for key, v in samples.items()})
+    return times
 
-    raw["chain"] = {k: times[("chain", k)] for k in CHAIN}
+
+def _raw(times, mms, convs, adds):
+    """The kernels' measurements as the profile fit reads them."""
+    raw = {"matmul": [], "conv": [], "elementwise": [], "chain": {k: times[("chain", k)] for k in CHAIN}}
     for m, k, n in mms:
         raw["matmul"].append({"m": m, "k": k, "n": n, "s": times[("matmul", (m, k, n))], "flops": 2 * m * k * n})
     for n, c, h, w, f in convs:
@@ -200,12 +215,22 @@ def measure(spec, vmfb, like=None, progress=None, quick=False):
                             "flops": 2 * n * f * (h - 2) * (w - 2) * c * 9, "outputs": n * f * (h - 2) * (w - 2)})
     for n in adds:
         raw["elementwise"].append({"n": n, "s": times[("elementwise", n)], "bytes": 12 * n})
-    for nbytes in transfers:
+    return raw
+
+
+def _transfers(dev, sizes):
+    """(uploads, downloads) timed for each size in bytes."""
+    import iree.runtime as rt
+
+    from ..runtime.executor import to_host
+
+    up, down = [], []
+    for nbytes in sizes:
         host = np.ones(nbytes // 4, np.float32)
-        raw["upload"].append({"bytes": nbytes, "s": time_median(lambda: sync(rt.asdevicearray(dev, host)))})
+        up.append({"bytes": nbytes, "s": time_median(lambda: _sync(rt.asdevicearray(dev, host)))})
         darr = rt.asdevicearray(dev, host)
-        raw["download"].append({"bytes": nbytes, "s": time_median(lambda: to_host(dev, darr))})
-    return fit(spec, raw, base, progress, quick), raw
+        down.append({"bytes": nbytes, "s": time_median(lambda: to_host(dev, darr))})
+    return up, down
 
 
 def fit(spec, raw, base, progress=None, quick=False):

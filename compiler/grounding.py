@@ -159,84 +159,112 @@ def ground(model, example_inputs, base, sig, sets, pins, objective, solver, pric
            extra_flags=(), tune="none"):
     """The compile loop above. -> (path of the chosen bundle in tmp, its manifest with
     verification, measured times and the rounds' history)."""
-    from .build import build_bundle
     from .planning import partition
 
     progress = progress or (lambda m: None)
     inputs = example_arrays(example_inputs, sig)
     expected = eager_outputs(model, inputs)
-    present = {d for d, info in priced["devices"].items() if info["identity"]}
-    history, best, seen = [], None, set()
+    plan = lambda say=progress: partition(base, sets, pins, say, objective, solver, priced, keep_base=True)
+    rounds = _Rounds(sig, priced, tmp, inputs, expected, jobs, progress, extra_flags, tune)
     for rnd in range(1, MAX_ROUNDS + 1):
-        modules = partition(base, sets, pins, progress, objective, solver, priced, keep_base=True)
-        key = _placement(modules)
-        if key in seen:
-            progress(f"round {rnd}: the plan is one already measured; done")
+        if not rounds.run(rnd, plan()):
             break
-        seen.add(key)
-        path = os.path.join(tmp, f"round{rnd}.pab")
-        manifest = build_bundle(modules, sig, path, jobs=jobs, progress=progress, extra_flags=extra_flags, tune=tune)
-        records = {name: verify_plan(module, name, path, inputs, expected, present, jobs=jobs, progress=progress)
-                   for name, module in modules}
-        wrong = [(n, r) for n, r in records.items() if r["status"] == "wrong"]
+    if rounds.best is None:
+        raise PolyarchError(f"no plan verified right within {MAX_ROUNDS} rounds",
+                            fix="compile for cpu alone, or with --no-verify to write an unverified bundle")
+    _, path, manifest, modules = rounds.best
+    if not pins:
+        path, manifest, modules = _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs, expected,
+                                                       path, manifest, modules, jobs, progress, extra_flags, tune)
+    _final_prediction(manifest, modules, plan(lambda m: None), priced, rounds.history)
+    return path, manifest
+
+
+class _Rounds:
+    """The rounds of ground(): each compiles the plans, verifies and times them, and keeps
+    off their devices the ops measured wrong or corrects the cost model by the times measured."""
+
+    def __init__(self, sig, priced, tmp, inputs, expected, jobs, progress, extra_flags, tune):
+        self.sig, self.priced, self.tmp, self.inputs, self.expected = sig, priced, tmp, inputs, expected
+        self.jobs, self.progress, self.extra_flags, self.tune = jobs, progress, extra_flags, tune
+        self.present = {d for d, info in priced["devices"].items() if info["identity"]}
+        self.history, self.best, self.seen = [], None, set()
+
+    def run(self, rnd, modules):
+        """One round on a partition. -> False when the plan is one already measured (done)."""
+        from .build import build_bundle
+
+        key = _placement(modules)
+        if key in self.seen:
+            self.progress(f"round {rnd}: the plan is one already measured; done")
+            return False
+        self.seen.add(key)
+        path = os.path.join(self.tmp, f"round{rnd}.pab")
+        manifest = build_bundle(modules, self.sig, path, jobs=self.jobs, progress=self.progress,
+                                extra_flags=self.extra_flags, tune=self.tune)
+        records = {name: verify_plan(module, name, path, self.inputs, self.expected, self.present, jobs=self.jobs,
+                                     progress=self.progress) for name, module in modules}
         entry = {"round": rnd, "plans": {}}
         for p in manifest["plans"]:
             r = records[p["name"]]
             entry["plans"][p["name"]] = {"segments": [f"{s['name']}:{s['device']}" for s in p["segments"]],
                                          "predicted_us": p["plan"]["predicted_us"], "measured_us": r.get("measured_us"),
                                          "status": r["status"]}
-        history.append(entry)
+        self.history.append(entry)
+        wrong = [(n, r) for n, r in records.items() if r["status"] == "wrong"]
         if wrong:
-            found = 0
-            for name, r in wrong:
-                if not r["culprits"]:
-                    w = r.get("whole", {})
-                    raise PolyarchError(
-                        f"plan {name} computes wrong ({w.get('max_rel_error', float('nan')):.2g} of the largest output "
-                        f"against {w.get('against', 'the reference')}) and no single segment is to blame (each "
-                        f"off-CPU segment matches llvm-cpu)",
-                        fix="the compiled CPU code differs from PyTorch: report the model; `--no-verify` writes the "
-                            "bundle anyway")
-                found += _record_wrong(priced, r, progress)
-            entry["wrong_ops"] = [c["describe"] for _, r in wrong for c in r["culprits"]]
-            if not found:
-                raise PolyarchError("verification found the same ops wrong again after re-planning",
-                                    fix="report the model; `--no-verify` skips verification")
-            continue
+            self.wrong(wrong, entry)
+        else:
+            self.right(rnd, path, manifest, modules, records, entry)
+        return True
+
+    def wrong(self, wrong, entry):
+        """Ops measured wrong are recorded against their device (and kept off it next round)."""
+        found = 0
+        for name, r in wrong:
+            if not r["culprits"]:
+                w = r.get("whole", {})
+                raise PolyarchError(
+                    f"plan {name} computes wrong ({w.get('max_rel_error', float('nan')):.2g} of the largest output "
+                    f"against {w.get('against', 'the reference')}) and no single segment is to blame (each "
+                    f"off-CPU segment matches llvm-cpu)",
+                    fix="the compiled CPU code differs from PyTorch: report the model; `--no-verify` writes the "
+                        "bundle anyway")
+            found += _record_wrong(self.priced, r, self.progress)
+        entry["wrong_ops"] = [c["describe"] for _, r in wrong for c in r["culprits"]]
+        if not found:
+            raise PolyarchError("verification found the same ops wrong again after re-planning",
+                                fix="report the model; `--no-verify` skips verification")
+
+    def right(self, rnd, path, manifest, modules, records, entry):
+        """Every plan verified: the fastest round so far is kept, the cost model corrected."""
         score = sum(r.get("measured_us") or 0.0 for r in records.values())
         for p in manifest["plans"]:
             _attach(p, records[p["name"]])
-            _host_overhead(priced, p, records[p["name"]])
-        if best is None or score < best[0]:
-            best = (score, path, manifest, modules)
+            _host_overhead(self.priced, p, records[p["name"]])
+        if self.best is None or score < self.best[0]:
+            self.best = (score, path, manifest, modules)
         changed = {}
         for p in manifest["plans"]:
             if records[p["name"]].get("measured_us"):
-                changed.update(_update_corrections(priced, p, records[p["name"]]))
+                changed.update(_update_corrections(self.priced, p, records[p["name"]]))
         entry["corrections"] = changed
-        progress(f"round {rnd}: measured " + ", ".join(
+        self.progress(f"round {rnd}: measured " + ", ".join(
             f"{p['name']} {p.get('measured_us', 0) / 1e3:.3f} ms (predicted {p['plan']['predicted_us'] / 1e3:.3f} ms)"
             for p in manifest["plans"]) + "; re-planning with the measured times")
-    if best is None:
-        raise PolyarchError(f"no plan verified right within {MAX_ROUNDS} rounds",
-                            fix="compile for cpu alone, or with --no-verify to write an unverified bundle")
-    _, path, manifest, modules = best
-    if not pins:
-        path, manifest, modules = _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs, expected,
-                                                       path, manifest, modules, jobs, progress, extra_flags, tune)
-    # the final prediction: the chosen placement re-costed with every correction measured
-    # (where re-planning gives another placement, the chosen plan's own prediction), plus the
-    # runtime's measured overhead per call
-    from ..dialects import polyarch as pa
-    from .modules import attr_to_py
 
-    final = partition(base, sets, pins, lambda m: None, objective, solver, priced, keep_base=True)
+
+def _final_prediction(manifest, modules, final, priced, history):
+    """The final prediction: the chosen placement re-costed with every correction measured
+    (where re-planning gives another placement, the chosen plan's own prediction), plus the
+    runtime's measured overhead per call; and the rounds' history, in each plan's record."""
+    from ..dialects import polyarch as pa
+
     for p, (_, module) in zip(manifest["plans"], final):
         same = _placement([(p["name"], module)]) == _placement([(n, m) for n, m in modules if n == p["name"]])
-        pred = attr_to_py(module.operation.attributes[pa.PLAN])["predicted_us"] if same else p["plan"]["predicted_us"]
+        pred = pa.Plan.of(module).summary["predicted_us"] if same else p["plan"]["predicted_us"]
         p["plan"]["predicted_corrected_us"] = round(pred + (priced.get("host_overhead_us") or 0.0), 3)
         p["verification"]["rounds"] = history
-    return path, manifest
 
 
 def _host_overhead(priced, plan, record):

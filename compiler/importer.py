@@ -345,9 +345,6 @@ def import_onnx(path, example_inputs=()):
     import numpy as np
     import onnx
     from onnx import helper
-    from torch_mlir.extras import onnx_importer
-
-    from ..dialects.polyarch import make_context
 
     path = os.fspath(path)
     try:
@@ -362,22 +359,49 @@ def import_onnx(path, example_inputs=()):
         raise PolyarchError(f"{path} has {len(graph_inputs)} input(s) ({', '.join(i.name for i in graph_inputs)}), "
                             f"{len(example_inputs)} shape(s) given", fix="give one --input per model input, in order")
     for vi, ex in zip(graph_inputs, example_inputs or [None] * len(graph_inputs)):
-        dims = vi.type.tensor_type.shape.dim
-        if ex is not None:
-            shape = _spec_shape(ex) if isinstance(ex, str) else list(ex.shape)
-            if len(shape) != len(dims):
-                raise PolyarchError(f"input '{vi.name}' of {path} has rank {len(dims)}, the shape given has rank {len(shape)}",
-                                    fix="give a shape of the model's rank")
-            for d, n in zip(dims, shape):
-                if d.HasField("dim_value") and d.dim_value != n:
-                    raise PolyarchError(f"input '{vi.name}' of {path} has dimension {d.dim_value} where {n} was given",
-                                        fix="only symbolic dimensions can be set")
-                d.ClearField("dim_param")
-                d.dim_value = int(n)
-        free = [d.dim_param or "?" for d in dims if not d.HasField("dim_value")]
-        if free:
-            raise PolyarchError(f"input '{vi.name}' of {path} has symbolic dimension(s) {', '.join(free)}",
-                                fix=f"fix them with --input (e.g. --input {'x'.join('1' if not d.HasField('dim_value') else str(d.dim_value) for d in dims)}x...)")
+        _fix_onnx_input(path, vi, ex)
+    module, proto = _onnx_to_torch(path, proto)  # proto: with the shapes inferred
+
+    def desc(vi):
+        t = vi.type.tensor_type
+        return {"name": vi.name, "shape": [d.dim_value for d in t.shape.dim],
+                "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name}
+
+    return module, {"inputs": [desc(v) for v in graph_inputs], "outputs": [desc(v) for v in proto.graph.output]}
+
+
+def _fix_onnx_input(path, vi, ex):
+    """Set an ONNX graph input's symbolic dimensions from its example (None: none given);
+    refuses a rank or a fixed dimension that differs, and a symbolic dimension left."""
+    dims = vi.type.tensor_type.shape.dim
+    if ex is not None:
+        shape = _spec_shape(ex) if isinstance(ex, str) else list(ex.shape)
+        if len(shape) != len(dims):
+            raise PolyarchError(f"input '{vi.name}' of {path} has rank {len(dims)}, the shape given has rank {len(shape)}",
+                                fix="give a shape of the model's rank")
+        for d, n in zip(dims, shape):
+            if d.HasField("dim_value") and d.dim_value != n:
+                raise PolyarchError(f"input '{vi.name}' of {path} has dimension {d.dim_value} where {n} was given",
+                                    fix="only symbolic dimensions can be set")
+            d.ClearField("dim_param")
+            d.dim_value = int(n)
+    free = [d.dim_param or "?" for d in dims if not d.HasField("dim_value")]
+    if free:
+        example = "x".join("1" if not d.HasField("dim_value") else str(d.dim_value) for d in dims)
+        raise PolyarchError(f"input '{vi.name}' of {path} has symbolic dimension(s) {', '.join(free)}",
+                            fix=f"fix them with --input (e.g. --input {example}x...)")
+
+
+def _onnx_to_torch(path, proto):
+    """The ONNX graph imported by torch-mlir and lowered to the torch backend contract, its
+    function named main. -> (module, the graph with its shapes inferred)."""
+    import onnx
+    from torch_mlir import ir
+    from torch_mlir.extras import onnx_importer
+    from torch_mlir.passmanager import PassManager
+
+    from ..dialects.polyarch import make_context
+
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
         ctx = make_context()
@@ -387,9 +411,6 @@ def import_onnx(path, example_inputs=()):
     except Exception as e:
         raise PolyarchError(f"torch-mlir could not import {path}: {_one_line(e)}",
                             fix="the ONNX op named is not supported by torch-mlir 20261001's importer") from e
-    from torch_mlir import ir
-    from torch_mlir.passmanager import PassManager
-
     try:
         with ctx:
             PassManager.parse("builtin.module(torch-onnx-to-torch-backend-pipeline)").run(module.operation)
@@ -399,13 +420,7 @@ def import_onnx(path, example_inputs=()):
     funcs = [op for op in module.body.operations if op.operation.name == "func.func"]
     with ctx:
         funcs[0].attributes["sym_name"] = ir.StringAttr.get("main")
-
-    def desc(vi):
-        t = vi.type.tensor_type
-        return {"name": vi.name, "shape": [d.dim_value for d in t.shape.dim],
-                "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name}
-
-    return module, {"inputs": [desc(v) for v in graph_inputs], "outputs": [desc(v) for v in proto.graph.output]}
+    return module, proto
 
 
 def _spec_shape(spec):
@@ -439,42 +454,8 @@ def _record_nominal_shapes(module, sig):
     default = next(iter(values.values()), 1)
     main = next(op for op in module.body.operations if op.operation.name == "func.func")
     block = main.regions[0].blocks[0]
-    names, bound, drop = {}, {}, []
-
-    def evaluate(e, syms):
-        if isinstance(e, ir.AffineConstantExpr):
-            return e.value
-        if isinstance(e, ir.AffineSymbolExpr):
-            return syms[e.position]
-        a, b = evaluate(e.lhs, syms), evaluate(e.rhs, syms)
-        if isinstance(e, ir.AffineAddExpr):
-            return a + b
-        if isinstance(e, ir.AffineMulExpr):
-            return a * b
-        if isinstance(e, ir.AffineFloorDivExpr):
-            return a // b
-        if isinstance(e, ir.AffineCeilDivExpr):
-            return -(-a // b)
-        if isinstance(e, ir.AffineModExpr):
-            return a % b
-        raise ValueError(str(e))
-
     with module.context:
-        for op in block.operations:
-            name = op.operation.name
-            if name == "torch.symbolic_int":
-                names[op.results[0]] = values.get(op.attributes["symbol_name"].value, default)
-                drop.append(op)
-            elif name == "torch.bind_symbolic_shape":
-                syms = [names.get(v, default) for v in list(op.operands)[1:]]
-                try:
-                    bound[op.operands[0]] = [evaluate(e, syms) for e in op.attributes["shape_expressions"].value.results]
-                except (ValueError, ZeroDivisionError):
-                    pass
-                drop.append(op)
-        names.clear()
-        for op in reversed(drop):  # the bindings before the symbols they use
-            op.operation.erase()
+        bound = _take_shape_bindings(block, values, default)
 
         def shape_of(v):
             info = pa.tensor_info(v.type)
@@ -495,6 +476,50 @@ def _record_nominal_shapes(module, sig):
         pa.set_nominal_shapes(ir, main, list(block.arguments), pa.ARG_SHAPES, shape_of)
         for op in block.operations:
             pa.set_nominal_shapes(ir, op, list(op.results), pa.SHAPES, shape_of)
+
+
+def _take_shape_bindings(block, values, default):
+    """{tensor value: its shape at the example sizes} from the block's torch.symbolic_int and
+    torch.bind_symbolic_shape ops, which are erased."""
+    names, bound, drop = {}, {}, []
+    for op in block.operations:
+        name = op.operation.name
+        if name == "torch.symbolic_int":
+            names[op.results[0]] = values.get(op.attributes["symbol_name"].value, default)
+            drop.append(op)
+        elif name == "torch.bind_symbolic_shape":
+            syms = [names.get(v, default) for v in list(op.operands)[1:]]
+            try:
+                bound[op.operands[0]] = [_evaluate(e, syms) for e in op.attributes["shape_expressions"].value.results]
+            except (ValueError, ZeroDivisionError):
+                pass
+            drop.append(op)
+    names.clear()
+    for op in reversed(drop):  # the bindings before the symbols they use
+        op.operation.erase()
+    return bound
+
+
+def _evaluate(e, syms):
+    """An affine expression over symbols at the given symbol values."""
+    from torch_mlir import ir
+
+    if isinstance(e, ir.AffineConstantExpr):
+        return e.value
+    if isinstance(e, ir.AffineSymbolExpr):
+        return syms[e.position]
+    a, b = _evaluate(e.lhs, syms), _evaluate(e.rhs, syms)
+    if isinstance(e, ir.AffineAddExpr):
+        return a + b
+    if isinstance(e, ir.AffineMulExpr):
+        return a * b
+    if isinstance(e, ir.AffineFloorDivExpr):
+        return a // b
+    if isinstance(e, ir.AffineCeilDivExpr):
+        return -(-a // b)
+    if isinstance(e, ir.AffineModExpr):
+        return a % b
+    raise ValueError(str(e))
 
 
 def _refuse_state_writes(ep):

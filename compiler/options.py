@@ -91,6 +91,8 @@ class CompileOptions:
         for key in _LISTS + ("plans",):
             if not isinstance(obj.get(key, []), list):
                 raise PolyarchError(f"{where}: '{key}' must be a list", fix=FIELDS_HELP)
+        if obj.get("tune", "quick") not in TUNE_MODES:
+            raise PolyarchError(f"{where}: 'tune' must be \"none\", \"quick\" or \"full\"", fix=FIELDS_HELP)
         if "devices" in obj and "plans" in obj:
             raise PolyarchError(f"{where}: give devices or plans, not both", fix=FIELDS_HELP)
         vals = dict(obj)

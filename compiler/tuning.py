@@ -258,7 +258,7 @@ def tune_plan(module, mode=DEFAULT, jobs=None, progress=None):
     convolutions to compile as im2col + matmul (`polyarch.lowering`) in place.
     -> {segment name: {"mode", "convs", "rewritten": {lowering: count}, "flags", "extra_flags", "source"}}."""
     from ..passes.common import op_fingerprint
-    from ..passes.conv_to_matmul import conv_params, convolutions
+    from ..passes.conv_to_matmul import convolutions
     from ..runtime.identity import identify
     from .modules import segments_of
 
@@ -267,54 +267,73 @@ def tune_plan(module, mode=DEFAULT, jobs=None, progress=None):
     segs = [(n, d, fn) for n, d, fn in segments_of(module) if tunable(d)]
     if mode == "none" or not segs:
         return {}
-    from torch_mlir import ir
-
     ident = identify("cpu")
     cache = _load(ident)
-    jobs = jobs or max(1, os.cpu_count() or 1)
     convs = {n: [(op, op_fingerprint(op)) for op in convolutions(fn)] for n, _, fn in segs}
+    with tempfile.TemporaryDirectory(prefix="polyarch-tune-") as tmp:
+        measured = _measure_new_convs(module, segs, convs, cache, tmp, jobs or max(1, os.cpu_count() or 1), progress)
+        out = _mark_convs(module, segs, convs, cache, mode, measured)
+        flagsets = list(FLAG_CANDIDATES["cpu"]) if mode == "full" else ["default"]
+        for n, d, fn in segs:
+            if out[n]["rewritten"] or mode == "full":
+                _tune_whole(module, n, d, fn, convs[n], out[n], cache, mode, flagsets, tmp, progress)
+    if measured or any(o["source"] == "measured now" for o in out.values()):
+        _store(ident, cache)
+    return out
+
+
+def _measure_new_convs(module, segs, convs, cache, tmp, jobs, progress):
+    """Each convolution shape not in the cache measured both ways, its choice cached. -> any measured."""
+    from ..passes.conv_to_matmul import conv_params
+
     firsts = {}
     for n, d, fn in segs:
         for op, fp in convs[n]:
             if fp not in cache["convs"] and fp not in firsts:
                 firsts[fp] = (fn, op)
-    measured = bool(firsts)
-    with tempfile.TemporaryDirectory(prefix="polyarch-tune-") as tmp:
-        if firsts:
-            times = _measure_convs(module, "cpu", list(firsts.values()), tmp, jobs, progress)
-            for (fp, (_, op)), t in zip(firsts.items(), times):
-                t["lowering"] = conv_params(op)["lowering"]
-                t["choice"] = t["lowering"] if t["rewritten_us"] <= WIN * t["direct_us"] else "direct"
-                cache["convs"][fp] = t
-        out = {}
-        with module.context, ir.Location.unknown():
-            for n, d, fn in segs:
-                marked = {}
-                for op, fp in convs[n]:
-                    choice = cache["convs"][fp]["choice"]
-                    if choice != "direct":
-                        op.attributes[pa.LOWERING] = ir.StringAttr.get(choice)
-                        marked[choice] = marked.get(choice, 0) + 1
-                out[n] = {"mode": mode, "convs": len(convs[n]), "rewritten": marked, "flags": "default", "extra_flags": [],
-                          "source": "measured now" if measured else "cached"}
-        flagsets = list(FLAG_CANDIDATES["cpu"]) if mode == "full" else ["default"]
+    if firsts:
+        times = _measure_convs(module, "cpu", list(firsts.values()), tmp, jobs, progress)
+        for (fp, (_, op)), t in zip(firsts.items(), times):
+            t["lowering"] = conv_params(op)["lowering"]
+            t["choice"] = t["lowering"] if t["rewritten_us"] <= WIN * t["direct_us"] else "direct"
+            cache["convs"][fp] = t
+    return bool(firsts)
+
+
+def _mark_convs(module, segs, convs, cache, mode, measured):
+    """Each convolution whose shape is faster rewritten gets polyarch.lowering. -> the choices."""
+    from torch_mlir import ir
+
+    out = {}
+    with module.context, ir.Location.unknown():
         for n, d, fn in segs:
-            if not out[n]["rewritten"] and mode != "full":
-                continue
-            key = _segment_digest(fn, (mode,))
-            hit = cache["segments"].get(key)
-            if hit is None:
-                (kinds, flags), times = _tune_segment(fn, d, n, tmp, progress, out[n]["rewritten"], flagsets)
-                hit = cache["segments"][key] = {"lowering": list(kinds), "flags": flags, "times_us": times}
-                out[n]["source"] = "measured now"
-            with module.context, ir.Location.unknown():
-                for op, _ in convs[n]:
-                    if pa.LOWERING in op.attributes and op.attributes[pa.LOWERING].value not in hit["lowering"]:
-                        del op.attributes[pa.LOWERING]
-            out[n]["rewritten"] = {k: v for k, v in out[n]["rewritten"].items() if k in hit["lowering"]}
-            out[n]["flags"] = hit["flags"]
-            out[n]["extra_flags"] = list(FLAG_CANDIDATES["cpu"].get(hit["flags"], ()))
-            out[n]["segment_us"] = hit["times_us"]
-    if measured or any(o["source"] == "measured now" for o in out.values()):
-        _store(ident, cache)
+            marked = {}
+            for op, fp in convs[n]:
+                choice = cache["convs"][fp]["choice"]
+                if choice != "direct":
+                    op.attributes[pa.LOWERING] = ir.StringAttr.get(choice)
+                    marked[choice] = marked.get(choice, 0) + 1
+            out[n] = {"mode": mode, "convs": len(convs[n]), "rewritten": marked, "flags": "default", "extra_flags": [],
+                      "source": "measured now" if measured else "cached"}
     return out
+
+
+def _tune_whole(module, n, d, fn, seg_convs, rec, cache, mode, flagsets, tmp, progress):
+    """A whole segment timed with each rewrite kind and flag set (cached per segment digest);
+    the convolutions of the kinds it does not keep are unmarked, `rec` updated."""
+    from torch_mlir import ir
+
+    key = _segment_digest(fn, (mode,))
+    hit = cache["segments"].get(key)
+    if hit is None:
+        (kinds, flags), times = _tune_segment(fn, d, n, tmp, progress, rec["rewritten"], flagsets)
+        hit = cache["segments"][key] = {"lowering": list(kinds), "flags": flags, "times_us": times}
+        rec["source"] = "measured now"
+    with module.context, ir.Location.unknown():
+        for op, _ in seg_convs:
+            if pa.LOWERING in op.attributes and op.attributes[pa.LOWERING].value not in hit["lowering"]:
+                del op.attributes[pa.LOWERING]
+    rec["rewritten"] = {k: v for k, v in rec["rewritten"].items() if k in hit["lowering"]}
+    rec["flags"] = hit["flags"]
+    rec["extra_flags"] = list(FLAG_CANDIDATES["cpu"].get(hit["flags"], ()))
+    rec["segment_us"] = hit["times_us"]

@@ -99,8 +99,6 @@ def verify_plan(module, plan_name, bundle_path, inputs, expected, present, jobs=
     -> record:
       {"status": "verified" | "wrong" | "not verified: ...", "against": ..., "segments": {name: {...}},
        "whole": {"max_rel_error", "tolerance", "against"}, "culprits": [...], "measured_us": float}"""
-    from ..runtime.executor import Bundle
-    from .build import build_bundle
     from .modules import segments_of
 
     progress = progress or (lambda m: None)
@@ -111,74 +109,98 @@ def verify_plan(module, plan_name, bundle_path, inputs, expected, present, jobs=
     if missing:
         return {"status": f"not verified: {', '.join(missing)} not on this host"}
     record = {"status": "verified", "segments": {}, "culprits": []}
-    try:
-        b = Bundle(bundle_path, plan=plan_name, strict=True)
-    except (ValueError, RuntimeError) as e:  # IREE refused a module or its parameters
-        from ..errors import PolyarchError
-
-        raise PolyarchError(f"plan {plan_name} compiled but does not load on {', '.join(devices)}: "
-                            f"{str(e).strip().splitlines()[0]}",
-                            fix="report the model to polyarch; `--no-verify` writes the bundle without trying it") from e
-    steps = {st["segment"]: st for st in b.plan["schedule"] if st["op"] == "call"}
+    b = _load_plan(bundle_path, plan_name, devices)
     off_cpu = [n for n, d, _ in segs if DeviceSpec.parse(d).kind != "cpu"]
     with tempfile.TemporaryDirectory(prefix="polyarch-verify-") as tmp:
         env_ref = None
         if off_cpu:
-            ref_path = os.path.join(tmp, "reference.pab")
-            build_bundle([(plan_name, reference_module(module))], b.manifest["signature"], ref_path, jobs=jobs,
-                         externalize=False)
-            ref = Bundle(ref_path)
-            env_ref = _host_env(ref, ref._submit(inputs, wait_each=True))
+            env_ref = _reference_values(module, plan_name, b, inputs, tmp, jobs)
             record["against"] = "the same segments compiled for llvm-cpu" + (", and PyTorch eager" if expected else "")
         else:
             record["against"] = "PyTorch eager" if expected else "nothing (cpu only, no model at hand)"
-        for name, device, fn in segs:
-            if name not in off_cpu:
-                continue
-            step = steps[name]
-            outs, secs = _run_segment(b, step, {a: env_ref[a] for a in step["args"]})
-            errs = [rel_error(o, env_ref[r]) for o, r in zip(outs, step["results"])]
-            tols = [tolerance(env_ref[r].dtype) for r in step["results"]]
-            bad = [i for i, (e, t) in enumerate(zip(errs, tols)) if not e <= t]
-            worst = max(errs, default=0.0)
-            record["segments"][name] = {"device": device, "max_rel_error": worst, "ok": not bad,
-                                        "measured_us": round(secs * 1e6, 3)}
-            progress(f"verify {plan_name}: {name} on {device}: max error {worst:.2e} of max output "
-                     f"({'ok' if not bad else 'WRONG'}), {secs * 1e3:.3f} ms")
-            if bad:
-                record["status"] = "wrong"
-                culprits = locate(module, name, device, [env_ref[a] for a in step["args"]], tmp, progress)
-                record["culprits"].extend(dict(c, segment=name) for c in culprits)
-        if record["status"] == "wrong":
+        _check_segments(module, plan_name, b, [s for s in segs if s[0] in off_cpu], env_ref, record, tmp, progress)
+        if record["status"] == "wrong" or not _check_whole(b, inputs, expected, env_ref, record):
             return record
-        # The whole plan, end to end, timed per call and per segment.
-        b.trace = True
-        outs = b(*inputs)
-        outs = list(outs) if isinstance(outs, tuple) else [outs]
-        want = expected if expected is not None else (
-            [env_ref[o] for o in b.plan["outputs"]] if env_ref is not None else None)
-        if want is not None:
-            errs = [rel_error(o, w) for o, w in zip(outs, want)]
-            tols = [tolerance(np.asarray(w).dtype) for w in want]
-            worst = max(errs, default=0.0)
-            ok = all(e <= t for e, t in zip(errs, tols))
-            record["whole"] = {"max_rel_error": worst, "tolerance": max(tols, default=0.0), "ok": ok,
-                               "against": "PyTorch eager" if expected is not None else "llvm-cpu reference"}
-            if not ok:
-                record["status"] = "wrong"
-                return record
-        b.events = []
-        seconds = time_median(lambda: b(*inputs), min_s=2.0, max_reps=20)
-        per = {}
-        for e in b.events:
-            if e["kind"] == "segment":
-                per.setdefault(e["name"], []).append(e["dur"])
-        for name, device, _ in segs:
-            entry = record["segments"].setdefault(name, {"device": device})
-            if per.get(name):
-                entry["measured_us"] = round(statistics.median(per[name]) * 1e6, 3)
-        record["measured_us"] = round(seconds * 1e6, 3)
+        _time_plan(b, inputs, segs, record)
     return record
+
+
+def _load_plan(bundle_path, plan_name, devices):
+    from ..errors import PolyarchError
+    from ..runtime.executor import Bundle
+
+    try:
+        return Bundle(bundle_path, plan=plan_name, strict=True)
+    except (ValueError, RuntimeError) as e:  # IREE refused a module or its parameters
+        raise PolyarchError(f"plan {plan_name} compiled but does not load on {', '.join(devices)}: "
+                            f"{str(e).strip().splitlines()[0]}",
+                            fix="report the model to polyarch; `--no-verify` writes the bundle without trying it") from e
+
+
+def _reference_values(module, plan_name, b, inputs, tmp, jobs):
+    """Every value of the plan's schedule as the same segments compute it on llvm-cpu."""
+    from ..runtime.executor import Bundle
+    from .build import build_bundle
+
+    ref_path = os.path.join(tmp, "reference.pab")
+    build_bundle([(plan_name, reference_module(module))], b.manifest["signature"], ref_path, jobs=jobs, externalize=False)
+    ref = Bundle(ref_path)
+    return _host_env(ref, ref._submit(inputs, wait_each=True))
+
+
+def _check_segments(module, plan_name, b, segs, env_ref, record, tmp, progress):
+    """Each off-CPU segment run alone on the reference's inputs and compared with the reference;
+    a wrong one's culprit ops located (locate)."""
+    steps = {st["segment"]: st for st in b.plan["schedule"] if st["op"] == "call"}
+    for name, device, _ in segs:
+        step = steps[name]
+        outs, secs = _run_segment(b, step, {a: env_ref[a] for a in step["args"]})
+        errs = [rel_error(o, env_ref[r]) for o, r in zip(outs, step["results"])]
+        tols = [tolerance(env_ref[r].dtype) for r in step["results"]]
+        bad = [i for i, (e, t) in enumerate(zip(errs, tols)) if not e <= t]
+        worst = max(errs, default=0.0)
+        record["segments"][name] = {"device": device, "max_rel_error": worst, "ok": not bad,
+                                    "measured_us": round(secs * 1e6, 3)}
+        progress(f"verify {plan_name}: {name} on {device}: max error {worst:.2e} of max output "
+                 f"({'ok' if not bad else 'WRONG'}), {secs * 1e3:.3f} ms")
+        if bad:
+            record["status"] = "wrong"
+            culprits = locate(module, name, device, [env_ref[a] for a in step["args"]], tmp, progress)
+            record["culprits"].extend(dict(c, segment=name) for c in culprits)
+
+
+def _check_whole(b, inputs, expected, env_ref, record):
+    """The whole plan, end to end, against eager (else the llvm-cpu reference). -> ok."""
+    b.trace = True
+    outs = b(*inputs)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    want = expected if expected is not None else (
+        [env_ref[o] for o in b.plan["outputs"]] if env_ref is not None else None)
+    if want is None:
+        return True
+    errs = [rel_error(o, w) for o, w in zip(outs, want)]
+    tols = [tolerance(np.asarray(w).dtype) for w in want]
+    ok = all(e <= t for e, t in zip(errs, tols))
+    record["whole"] = {"max_rel_error": max(errs, default=0.0), "tolerance": max(tols, default=0.0), "ok": ok,
+                       "against": "PyTorch eager" if expected is not None else "llvm-cpu reference"}
+    if not ok:
+        record["status"] = "wrong"
+    return ok
+
+
+def _time_plan(b, inputs, segs, record):
+    """The plan timed per call (median) and per segment (from the trace)."""
+    b.events = []
+    seconds = time_median(lambda: b(*inputs), min_s=2.0, max_reps=20)
+    per = {}
+    for e in b.events:
+        if e["kind"] == "segment":
+            per.setdefault(e["name"], []).append(e["dur"])
+    for name, device, _ in segs:
+        entry = record["segments"].setdefault(name, {"device": device})
+        if per.get(name):
+            entry["measured_us"] = round(statistics.median(per[name]) * 1e6, 3)
+    record["measured_us"] = round(seconds * 1e6, 3)
 
 
 def locate(module, seg_name, device, args, tmp, progress=None):

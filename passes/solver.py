@@ -261,6 +261,17 @@ def mincut(pb, obj):
                 G.add_edge(u, v, capacity=cap)
 
     unary = [[obj.unary(i, d) for d in range(2)] for i in range(pb.n)]
+    _transfer_edges(pb, obj, unary, add, S, T)
+    for i in range(pb.n):
+        G.add_node(i)
+        add(S, i, unary[i][1])  # cut when i is on the sink side (device 1)
+        add(i, T, unary[i][0])  # cut when i is on the source side (device 0)
+    _, (src_side, _) = nx.minimum_cut(G, S, T)
+    return [0 if i in src_side else 1 for i in range(pb.n)]
+
+
+def _transfer_edges(pb, obj, unary, add, S, T):
+    """The edges (and unary costs) that price each value's transfers in mincut's graph."""
     H = pb.host
     for vi, v in enumerate(pb.values):
         # The return goes to the host: a fixed terminal if the host is a device, else a unary cost.
@@ -291,12 +302,6 @@ def mincut(pb, obj):
         for c in cons:
             add(x, c, INF)
             add(c, y, INF)
-    for i in range(pb.n):
-        G.add_node(i)
-        add(S, i, unary[i][1])  # cut when i is on the sink side (device 1)
-        add(i, T, unary[i][0])  # cut when i is on the source side (device 0)
-    _, (src_side, _) = nx.minimum_cut(G, S, T)
-    return [0 if i in src_side else 1 for i in range(pb.n)]
 
 
 # ---- heuristic --------------------------------------------------------------------

@@ -126,3 +126,22 @@ def test_compiler_modules_in_order():
     bad = [f"compiler.{m} imports {t}" for i, m in enumerate(COMPILER_ORDER) for t in sorted(graph[f"compiler.{m}"])
            if t.startswith("compiler.") and t.split(".")[1] not in COMPILER_ORDER[:i]]
     assert bad == []
+
+
+MAX_LINES = 60
+
+
+def test_no_function_over_60_lines():
+    """Functions in passes/, compiler/ and runtime/ stay short enough to read as a few named
+    steps (issue 14): decorators and the docstring count, as the file shows them."""
+    long = []
+    for folder in ("passes", "compiler", "runtime"):
+        for f in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if f.endswith(".py"):
+                path = os.path.join(ROOT, folder, f)
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        n = node.end_lineno - node.lineno + 1
+                        if n > MAX_LINES:
+                            long.append(f"{folder}/{f}:{node.lineno} {node.name}: {n} lines")
+    assert long == []

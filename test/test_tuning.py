@@ -207,8 +207,8 @@ def test_iree_flag_passthrough_cli_and_hook(tmp_path):
     assert r.returncode == 2 and "'fast' is not one of 'none', 'quick', 'full'" in r.stderr
 
     table = {"source": "m.py", "output": "p/m.pab", "tune": "full", "iree_flags": ["--iree-llvmcpu-enable-ukernels=all"]}
-    args = hook.compile_args(table, str(tmp_path), "o.pab", "o.d")
-    assert args[args.index("--tune") + 1] == "full" and "--iree-flag=--iree-llvmcpu-enable-ukernels=all" in args
+    opts = hook.compile_options(table, str(tmp_path))
+    assert opts.tune == "full" and opts.iree_flags == ("--iree-llvmcpu-enable-ukernels=all",)
     for bad, msg in (('tune = "fast"', "'tune' must be"), ('iree_flags = "--x"', "'iree_flags' must be a list")):
         (tmp_path / "pyproject.toml").write_text(f'[[tool.polyarch.bundle]]\nsource = "m.py"\noutput = "m.pab"\n{bad}\n')
         with pytest.raises(ValueError, match=msg):
