@@ -14,7 +14,7 @@ from .errors import PolyarchError
 from .version import __version__
 
 
-def compile(model, example_inputs=(), devices=("cpu",), output=None, **options):
+def compile(model, example_inputs: tuple = (), devices=("cpu",), output: str | None = None, **options) -> str:
     """Compile `model` (an nn.Module or ExportedProgram) into a `.pab` bundle.
 
     See `polyarch.compiler.driver.compile` for the options (or pass options=CompileOptions(...));

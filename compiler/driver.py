@@ -14,12 +14,21 @@ import os
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import PolyarchError
 from .build import build_bundle, rewrite_bundle
 from .modules import plan_text
 from .options import CompileOptions
 from .planning import import_module, model_name, parse_device_sets, partition, price_devices
+
+if TYPE_CHECKING:
+    from . import simulate
+
+__all__ = ["compile", "import_model", "Imported", "Planned", "plan", "plan_many", "CompileOptions"]
+
+# progress: a callable taking each progress line, True (lines to stderr) or None (quiet)
+Progress = Callable[[str], None] | bool | None
 
 
 def _stderr_progress(msg: str) -> None:
@@ -32,7 +41,8 @@ def _progress(progress):
     return progress or (lambda msg: None)
 
 
-def import_model(model, example_inputs=(), options: CompileOptions | None = None, progress=None) -> "Imported":
+def import_model(model, example_inputs: tuple = (), options: CompileOptions | None = None,
+                 progress: Progress = None) -> "Imported":
     """Stage 1: the model in the torch dialect, with its signature. model: an nn.Module (with
     example_inputs), a torch.export.ExportedProgram, or the path of an .onnx file (then
     example_inputs optional: arrays or "DIMSxDTYPE" specs that fix symbolic dimensions)."""
@@ -83,7 +93,7 @@ class Planned:
         """A plan's partitioned module as MLIR text, weights and large constants elided."""
         return plan_text(self.plans[plan][1])
 
-    def explain(self, plan: int = 0):
+    def explain(self, plan: int = 0) -> "simulate.Report":
         """The plan report (compiler/simulate.py): segments, devices, predicted times, why."""
         from . import simulate
 
@@ -126,8 +136,9 @@ def _check_output(model, output):
                             "replace it", fix="write the bundle elsewhere, e.g. output='model.pab'")
 
 
-def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None, objective="latency", solver="auto",
-         profiles=(), dynamic_dims=(), calibrate=True, details=None):
+def plan(model, example_inputs: tuple = (), devices=("cpu",), pins=(), progress: Progress = None,
+         objective: str = "latency", solver: str = "auto", profiles=(), dynamic_dims=(), calibrate: bool = True,
+         details: dict | None = None) -> tuple:
     """Import and partition without compiling: -> (ir.Module after the three passes, signature).
     details: a dict to fill with "profiles" (the DeviceProfiles used) and "devices" (per
     device: identity, profile name, where the profile came from)."""
@@ -137,8 +148,9 @@ def plan(model, example_inputs=(), devices=("cpu",), pins=(), progress=None, obj
     return plans[0][1], sig
 
 
-def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progress=None, objective="latency",
-              solver="auto", profiles=(), dynamic_dims=(), calibrate=True, details=None):
+def plan_many(model, example_inputs: tuple = (), device_sets=(("cpu",),), pins=(), progress: Progress = None,
+              objective: str = "latency", solver: str = "auto", profiles=(), dynamic_dims=(), calibrate: bool = True,
+              details: dict | None = None) -> tuple:
     """Import once, partition once per device set. -> ([(plan name, module)], signature).
     A plan's name is its device set joined by '+', e.g. "vulkan+cpu". dynamic_dims: see
     compile; calibrate, details: see plan."""
@@ -151,9 +163,10 @@ def plan_many(model, example_inputs=(), device_sets=(("cpu",),), pins=(), progre
     return planned.plans, planned.imported.signature
 
 
-def compile(model, example_inputs=(), devices=("cpu",), output=None, pins=(), jobs=None, progress=None,
-            iree_extra_flags=(), objective="latency", solver="auto", profiles=(), plans=None, dynamic_dims=(),
-            calibrate=True, verify=True, tune="quick", options: CompileOptions | None = None) -> str:
+def compile(model, example_inputs: tuple = (), devices=("cpu",), output: str | None = None, pins=(),
+            jobs: int | None = None, progress: Progress = None, iree_extra_flags=(), objective: str = "latency",
+            solver: str = "auto", profiles=(), plans=None, dynamic_dims=(), calibrate: bool = True, verify: bool = True,
+            tune: str = "quick", options: CompileOptions | None = None) -> str:
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs), torch.export.ExportedProgram, or the path of

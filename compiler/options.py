@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, fields
 
 from ..errors import PolyarchError
 
+__all__ = ["CompileOptions"]
+
 TUNE_MODES = ("none", "quick", "full")
 SOLVERS = ("auto", "brute", "chain-dp", "mincut", "heft")
 _LISTS = ("devices", "pins", "profiles", "dynamic_dims", "iree_flags")
@@ -76,7 +78,7 @@ class CompileOptions:
         return {k: list(map(list, v)) if k == "plans" else list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     @classmethod
-    def from_json(cls, obj, where: str = "options", base_dir: str | None = None) -> "CompileOptions":
+    def from_json(cls, obj: dict, where: str = "options", base_dir: str | None = None) -> "CompileOptions":
         """Options from parsed JSON (or a TOML table): refuses unknown keys and values of the
         wrong kind, naming `where`; relative profile paths are read from `base_dir`."""
         if not isinstance(obj, dict):

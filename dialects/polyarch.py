@@ -39,6 +39,9 @@ from dataclasses import dataclass
 
 from ..errors import PolyarchError
 
+__all__ = ["Cost", "Times", "Placement", "Segment", "Plan", "verify", "make_context", "tensor_info", "is_tensor",
+           "nominal_shape", "set_nominal_shapes", "set_profiles", "create_transfer", "attr_to_py", "py_to_attr"]
+
 COST = "polyarch.cost"
 DEVICE = "polyarch.device"
 TIME_US = "polyarch.time_us"

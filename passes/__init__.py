@@ -5,6 +5,8 @@ A pipeline is written as in mlir-opt: `annotate-costs,assign-devices{devices=cpu
 Inside braces, options are separated by spaces; each option is converted to its declared
 type; a repeatable option given again adds to its list."""
 
+from typing import TYPE_CHECKING
+
 from ..errors import PolyarchError
 from .annotate_costs import AnnotateCosts
 from .assign_devices import AssignDevices
@@ -13,6 +15,9 @@ from .conv_to_matmul import ConvToMatmul
 from .guard_indices import GuardIndices
 from .outline_segments import OutlineSegments
 from .pool_to_mean import PoolToMean
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
 __all__ = ["PASSES", "Pass", "AnnotateCosts", "AssignDevices", "OutlineSegments", "ConvToMatmul", "PoolToMean",
            "GuardIndices", "parse_pipeline", "run_pipeline"]
@@ -49,7 +54,7 @@ def parse_pipeline(text: str) -> list:
     return out
 
 
-def run_pipeline(module, pipeline, verify_each: bool = True):
+def run_pipeline(module: "ir.Module", pipeline: str | list, verify_each: bool = True) -> "ir.Module":
     """Run passes on `module` in place. pipeline: a string (as parse_pipeline reads), or a
     list of Pass objects or (name, {option: Python value}) pairs. The module's polyarch
     contracts and attributes are verified after every pass (dialects/polyarch.py)."""

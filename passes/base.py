@@ -16,12 +16,18 @@ which converts each option to its declared type. A pass checks its option values
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import PolyarchError
 
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
-def option(default, help: str, *, sep: str | None = None, repeat: bool = False, choices: tuple = ()):
+__all__ = ["Pass", "option"]
+
+
+def option(default: Any, help: str, *, sep: str | None = None, repeat: bool = False,
+           choices: tuple = ()) -> Any:
     """A pass option: its default, a line of help, and how it is written in a pipeline:
     `sep` splits one value into a tuple (devices=cpu,vulkan), `repeat` collects a repeated
     option into a tuple (pin=a=cpu pin=b=vulkan), `choices` the values allowed."""
@@ -52,7 +58,7 @@ class Pass:
     def check(self) -> None:
         """Check the option values (after the declared choices); raise PolyarchError."""
 
-    def apply(self, module):
+    def apply(self, module: "ir.Module") -> Any:
         raise NotImplementedError
 
     @classmethod

@@ -5,14 +5,21 @@
 
 Depends only on iree-base-runtime and numpy."""
 
+import os
+from typing import TYPE_CHECKING
+
 from .bundle import verify
 from .devices import DeviceSpec
 from .executor import Bundle
 
+if TYPE_CHECKING:
+    from .ray_executor import RayBundle
+
 __all__ = ["load", "Bundle", "verify", "DeviceSpec"]
 
 
-def load(path, devices=None, plan=None, strict=False, cluster=None, trusted_keys=None):
+def load(path: str | os.PathLike, devices: dict | None = None, plan: str | None = None, strict: bool = False,
+         cluster: str | None = None, trusted_keys=None) -> "Bundle | RayBundle":
     """Load a bundle for execution on this host. -> a callable Bundle.
 
     devices: optional {bundle device name: local device spec} to run a segment on

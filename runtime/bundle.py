@@ -17,11 +17,14 @@ The plan prefix appears when a bundle holds several plans (`polyarch compile --p
 import hashlib
 import json
 import mmap
+import os
 import struct
 import zipfile
 import zlib
 
 from ..errors import BundleError
+
+__all__ = ["read_manifest", "verify", "sha256", "MappedMembers", "FORMAT", "SCHEMA_VERSION", "MANIFEST", "PLAN_KEYS"]
 
 FORMAT = "polyarch-bundle"
 SCHEMA_VERSION = 3  # 3: plans + shared parameter archive; 2: members 4096-aligned; 1: unaligned (read by copying)
@@ -30,7 +33,7 @@ ALIGN = 4096
 PAD_EXTRA_ID = 0x5041  # zip extra field used for alignment padding ("PA")
 
 
-def sha256(data):
+def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -38,7 +41,7 @@ MAX_MANIFEST = 256 << 20  # bytes; a real manifest is kilobytes
 PLAN_KEYS = ("devices", "segments", "schedule", "outputs")  # what every plan of a manifest holds
 
 
-def read_manifest(path, raw=False):
+def read_manifest(path: str | os.PathLike, raw: bool = False) -> dict | tuple:
     """The manifest of the bundle at `path`, with its structure checked (not the hashes).
     raw=True: -> (manifest, the bytes it was parsed from), for a signature check on exactly
     the manifest that the members are then checked against."""
@@ -189,11 +192,11 @@ class MappedMembers:
             self.starts[name] = start
 
     @property
-    def aligned(self):
+    def aligned(self) -> bool:
         """{member: whether its data starts on an ALIGN boundary (schema 2 and later)}."""
         return {name: start % ALIGN == 0 for name, start in self.starts.items()}
 
-    def drop_pages(self, name):
+    def drop_pages(self, name: str) -> None:
         """Let the kernel take back the resident pages of a member (after its data has been
         copied elsewhere, e.g. weights loaded into device memory). The mapping stays valid:
         a later read faults the pages in again from the file."""
@@ -202,7 +205,7 @@ class MappedMembers:
         if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED") and size:
             self._map.madvise(mmap.MADV_DONTNEED, first, start + size - first)
 
-    def close(self):
+    def close(self) -> None:
         self.views.clear()
         try:
             self._map.close()
@@ -211,7 +214,7 @@ class MappedMembers:
         self._file.close()
 
 
-def verify(path):
+def verify(path: str | os.PathLike) -> dict:
     """Check structure and every hash; returns the manifest."""
     manifest = read_manifest(path)
     MappedMembers(path, manifest).close()

@@ -2,12 +2,18 @@
 
 import logging
 import time
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..errors import BundleError, DeviceError, IndexRangeError
 from .bundle import MappedMembers, read_manifest
 from .devices import DeviceSpec
+
+if TYPE_CHECKING:
+    import iree.runtime as rt
+
+__all__ = ["Bundle", "create_device", "available_devices", "to_host", "check_inputs", "first_out_of_range"]
 
 PAGE = 4096  # lavapipe imports host memory only at 4096-byte alignment and size
 
@@ -18,7 +24,7 @@ def _rt():
     return rt
 
 
-def available_devices():
+def available_devices() -> list:
     """{driver: [device info dicts]} for the IREE drivers that find devices on this host."""
     rt = _rt()
     out = {}
@@ -30,7 +36,7 @@ def available_devices():
     return out
 
 
-def create_device(spec):
+def create_device(spec: DeviceSpec | str) -> "rt.HalDevice":
     """The IREE HalDevice for a device spec, or DeviceError naming what is missing."""
     rt = _rt()
     spec = DeviceSpec.parse(spec)
@@ -61,7 +67,7 @@ def _aligned_empty(nbytes):
     return raw[off : off + size]
 
 
-def to_host(device, value):
+def to_host(device: "rt.HalDevice", value: "rt.DeviceArray") -> np.ndarray:
     """A DeviceArray as a numpy array (of its own dtype), owned by the host."""
     rt = _rt()
     bv = value._buffer_view
@@ -179,7 +185,7 @@ class Bundle:
         wanted = plans[self.plans.index(name)] if name is not None else plans[order[0]]
         probed, skipped = {}, []
 
-        def devices_of(plan):
+        def devices_of(plan: dict) -> list:
             out = {}
             for d in dict.fromkeys(s["device"] for s in plan["segments"]):
                 if self._only is not None and d not in self._only:
@@ -268,7 +274,7 @@ class Bundle:
             index.add_from_file_handle(key, handle, length, offset)
         return rt.create_io_parameters_module(ctx.instance, index.create_provider(scope=seg["parameters"]["scope"]))
 
-    def reset_counters(self):
+    def reset_counters(self) -> None:
         """Zero `counters`: calls, seconds, and bytes and seconds spent moving tensors."""
         self.counters = {"calls": 0, "seconds": 0.0, "transfers": 0, "bytes_moved": 0, "transfer_seconds": 0.0,
                          "segment_seconds": {d: 0.0 for d in self.devices}}
@@ -284,7 +290,7 @@ class Bundle:
             args = _by_name(self.path, self.inputs, args, named)
         return self._collect(self._submit(args, wait_each=True))
 
-    def close(self):
+    def close(self) -> None:
         """Release the bundle's modules, device memory and file mapping (after the calls in
         flight are done); a later call raises BundleError. Also `with load(...) as b:`."""
         self._async.clear()
@@ -299,7 +305,7 @@ class Bundle:
     def __exit__(self, *exc):
         self.close()
 
-    def stream(self, requests, depth=2):
+    def stream(self, requests: Iterable, depth: int = 2) -> Iterator:
         """Run a stream of requests pipelined: yields each request's outputs, in order.
 
         requests: an iterable of argument tuples (or of single arrays for one-input bundles).
@@ -432,7 +438,7 @@ class Bundle:
             outs = [torch.from_dlpack(o) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def write_trace(self, path):
+    def write_trace(self, path: str) -> None:
         """The recorded events (set `trace = True` first) as a Chrome/Perfetto trace."""
         from .trace import write_chrome_trace
 
@@ -441,7 +447,7 @@ class Bundle:
                            other={"counters": self.counters})
 
 
-def first_out_of_range(a, lo, hi):
+def first_out_of_range(a: np.ndarray, lo: int, hi: int) -> tuple | None:
     """(value, "[i, j]" position) of the first element of `a` outside [lo, hi], or None."""
     if not a.size or (a.min() >= lo and a.max() <= hi):
         return None
@@ -486,7 +492,7 @@ class _Call:
     def __init__(self, t0, as_torch):
         self.t0, self.as_torch, self.events, self.env = t0, as_torch, [], {}
 
-    def moved(self, src, dst, nbytes, t0, t1, what, counters):
+    def moved(self, src: str, dst: str, nbytes: int, t0: float, t1: float, what: str, counters: dict) -> None:
         nbytes = int(nbytes)
         counters["transfers"] += 1
         counters["bytes_moved"] += nbytes
@@ -495,7 +501,7 @@ class _Call:
                             "dur": t1 - t0, "bytes": nbytes})
 
 
-def pipelined(submit, collect, requests, depth):
+def pipelined(submit: Callable, collect: Callable, requests: Iterable, depth: int) -> Iterator:
     """Yield collect(call) for each request in order, keeping `depth` submitted calls in flight."""
     from collections import deque
 
@@ -508,7 +514,7 @@ def pipelined(submit, collect, requests, depth):
         yield collect(window.popleft())
 
 
-def plan_time_us(plan):
+def plan_time_us(plan: dict) -> float:
     """A plan's expected time per call: measured at compile time where it was, else predicted."""
     return plan.get("measured_us") or plan.get("plan", {}).get("predicted_us", 0.0)
 
@@ -517,7 +523,7 @@ def _kind(device_name):
     return DeviceSpec.parse(device_name).kind
 
 
-def format_spec(spec):
+def format_spec(spec: dict) -> str:
     """'4x64xint64', with '?' for a dynamic dimension and its range: '?x64xint64 (dim 0: 1..64)'."""
     dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
     if not spec["shape"]:
@@ -528,7 +534,7 @@ def format_spec(spec):
     return text + (f" ({', '.join(ranges)})" if ranges else "")
 
 
-def check_inputs(path, inputs, args):
+def check_inputs(path: str, inputs: list, args: list) -> list:
     """The call's arguments as host arrays the bundle's `inputs` (its signature entries) take,
     checked: count, shapes (dynamic dims within their bounds, equal where one symbol), dtypes
     and index ranges. Shared by Bundle and RayBundle. -> [np.ndarray]."""

@@ -22,6 +22,8 @@ import re
 
 from .devices import DeviceSpec
 
+__all__ = ["identify", "identity_key", "is_software", "describe", "cpu_identity", "vulkan_devices"]
+
 SOFTWARE_VULKAN = re.compile(r"llvmpipe|lavapipe|swiftshader|softpipe", re.I)
 _VK_TYPES = {0: "unknown", 1: "integrated-gpu", 2: "discrete-gpu", 3: "virtual-gpu", 4: "cpu-emulation"}
 # CPU features that change generated code (what iree-cpuinfo and /proc/cpuinfo call them)
@@ -29,7 +31,7 @@ _ISA = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl
         "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
 
 
-def cpu_identity():
+def cpu_identity() -> dict:
     """The host CPU: model, logical cores, ISA features that matter for code generation."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
@@ -82,7 +84,7 @@ class _Props2(ctypes.Structure):
     _fields_ = [("sType", ctypes.c_uint32), ("pNext", ctypes.c_void_p), ("properties", _Props)]
 
 
-def vulkan_devices():
+def vulkan_devices() -> list:
     """Every Vulkan physical device as the loader reports it: [{name, type, driver, vendor_id,
     device_id, api_version, driver_version, uuid}] in enumeration order; [] without a loader."""
     lib = ctypes.util.find_library("vulkan") or "libvulkan.so.1"
@@ -132,7 +134,7 @@ def _iree_infos(driver):
         return []
 
 
-def identify(spec):
+def identify(spec: DeviceSpec | str) -> dict | None:
     """The identity of a device of this host, or None if the host lacks it."""
     spec = DeviceSpec.parse(spec)
     target = spec.target
@@ -161,7 +163,7 @@ def identify(spec):
     return ident
 
 
-def identity_key(ident):
+def identity_key(ident: dict) -> str:
     """'KIND-<12 hex>': a digest of what makes the device's speed and correctness what it is
     (name, type, driver and its version; for a CPU or a CPU emulation, the CPU model, cores and ISA)."""
     parts = {k: ident.get(k) for k in ("kind", "name", "type", "driver", "driver_version", "vendor_id", "device_id",
@@ -173,12 +175,12 @@ def identity_key(ident):
     return f"{ident.get('kind', 'device')}-{digest}"
 
 
-def is_software(ident):
+def is_software(ident: dict | None) -> bool:
     """True for a device that runs on the host's CPU cores while posing as a GPU."""
     return bool(ident) and (ident.get("type") == "cpu-emulation" or bool(SOFTWARE_VULKAN.search(ident.get("name", ""))))
 
 
-def describe(ident):
+def describe(ident: dict | None) -> str:
     """One line: 'llvmpipe (LLVM 15.0.6, 256 bits), CPU emulation (software Vulkan), driver llvmpipe Mesa 22.3.6'."""
     if not ident:
         return "not present on this host"

@@ -32,16 +32,19 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .bundle import read_manifest
 from .devices import DeviceError, DeviceSpec
 
+__all__ = ["RayBundle", "resource_name", "start_local_cluster"]
+
 RESOURCE_PREFIX = "polyarch_"
 
 
-def resource_name(device):
+def resource_name(device: str) -> str:
     """The Ray custom resource a node offers for a bundle device: 'cuda:1' -> 'polyarch_cuda_1'."""
     spec = DeviceSpec.parse(device)
     return RESOURCE_PREFIX + spec.kind + (f"_{spec.ordinal}" if spec.ordinal else "")
@@ -64,7 +67,7 @@ class _Worker:
         self.bundle = None
         self.calls = {}
 
-    def load(self, data, filename, plan, local_spec, trusted_keys=None):
+    def load(self, data: bytes, filename: str, plan: str, local_spec: str, trusted_keys: list | None = None) -> dict:
         from .executor import Bundle
 
         device = self.device
@@ -85,7 +88,7 @@ class _Worker:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def where(self):
+    def where(self) -> dict:
         import socket
 
         import ray
@@ -93,7 +96,7 @@ class _Worker:
         return {"device": self.device, "host": socket.gethostname(), "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()}
 
-    def run(self, call_id, index, exports, *args):
+    def run(self, call_id: int, index: int, exports: list, *args) -> list:
         """Run step `index` of the schedule for call `call_id`; -> the exported results
         as host arrays (one, a tuple, or None)."""
         from .executor import _Call
@@ -110,10 +113,10 @@ class _Worker:
             return None
         return outs[0] if len(outs) == 1 else outs
 
-    def release(self, call_id):
+    def release(self, call_id: int) -> None:
         self.calls.pop(call_id, None)
 
-    def counters(self):
+    def counters(self) -> dict:
         return self.bundle.counters
 
 
@@ -224,7 +227,7 @@ class RayBundle:
         if name is not None and name not in names:
             raise DeviceError(f"the bundle has no plan '{name}'", fix=f"choose one of: {', '.join(names)}")
 
-        def missing(p):
+        def missing(p: dict) -> list:
             return [d for d in dict.fromkeys(s["device"] for s in p["segments"]) if resources.get(resource_name(d), 0) < 1]
 
         if name is not None:
@@ -260,7 +263,7 @@ class RayBundle:
                 wanted.update(a for a in step["args"] if device_of.get(a, d) != d)
         return [[r for r in step.get("results", ()) if r in wanted] for step in sched]
 
-    def reset_counters(self):
+    def reset_counters(self) -> None:
         """Zero `counters`: calls, seconds, and tensors handed between actors."""
         self.counters = {"calls": 0, "seconds": 0.0, "transfers": 0}
 
@@ -307,19 +310,19 @@ class RayBundle:
     def __call__(self, *args):
         return self._collect(self._submit(args))
 
-    def stream(self, requests, depth=2):
+    def stream(self, requests: Iterable, depth: int = 2) -> Iterator:
         """Pipelined calls: yields each request's outputs in order, `depth` requests in flight."""
         from .executor import pipelined
 
         return pipelined(self._submit, self._collect, requests, depth)
 
-    def worker_counters(self):
+    def worker_counters(self) -> dict:
         """Each actor's own counters (segment seconds on its device, transfers it made)."""
         import ray
 
         return dict(zip(self.workers, ray.get([w.counters.remote() for w in self.workers.values()])))
 
-    def close(self):
+    def close(self) -> None:
         """End the actors (and the connection, if `load` opened it)."""
         import ray
 
@@ -336,7 +339,7 @@ class RayBundle:
         self.close()
 
 
-def start_local_cluster(devices, object_store_mb=256, units=1):
+def start_local_cluster(devices: list, object_store_mb: int = 256, units: int = 1) -> Callable:
     """Start a one-node Ray cluster on loopback whose node offers `devices` (bundle device
     names, e.g. ["cpu", "vulkan"]), `units` of each (how many loaded bundles may share a
     device): for trying `cluster=` on one machine, and for tests.
@@ -351,7 +354,7 @@ def start_local_cluster(devices, object_store_mb=256, units=1):
     import subprocess
     import sys
 
-    def free_port():
+    def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
@@ -376,7 +379,7 @@ def start_local_cluster(devices, object_store_mb=256, units=1):
         raise DeviceError(f"`ray start` failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}",
                           fix="see `ray start --help`; is another Ray cluster running (`ray stop`)?")
 
-    def stop():
+    def stop() -> None:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env)
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -24,6 +24,8 @@ import zipfile
 from ..errors import BundleError, PolyarchError
 from .bundle import MANIFEST, read_manifest
 
+__all__ = ["keygen", "sign", "check", "read_keys", "signature_of", "key_id", "SIGNATURE"]
+
 SIGNATURE = "manifest.sig"
 ALGORITHM = "ed25519"
 
@@ -37,12 +39,12 @@ def _crypto():
     return serialization, ed25519
 
 
-def key_id(public_pem):
+def key_id(public_pem: bytes) -> str:
     """A short name for a public key: the first 16 hex digits of the SHA-256 of its PEM."""
     return hashlib.sha256(public_pem.strip()).hexdigest()[:16]
 
 
-def keygen(path):
+def keygen(path: str) -> str:
     """Write a new Ed25519 private key to `path` (mode 0600) and its public key to
     `path`.pub. -> (private path, public path, key id)."""
     serialization, ed25519 = _crypto()
@@ -61,7 +63,7 @@ def keygen(path):
     return path, path + ".pub", key_id(public)
 
 
-def read_keys(trusted_keys):
+def read_keys(trusted_keys) -> list:
     """The PEM bytes of public keys given as paths (or already as PEM bytes), each checked to
     be an Ed25519 public key: what travels to Ray actors, which have no key files."""
     return [_public_pem(_load_key(k, private=False)) for k in trusted_keys]
@@ -95,7 +97,7 @@ def _public_pem(key):
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def sign(bundle, key_path):
+def sign(bundle: str, key_path: str) -> str:
     """Sign `bundle` in place (a new file renamed over it: processes that mapped the old one
     keep it) with the private key at `key_path`. -> the key id."""
     read_manifest(bundle)  # a bundle at all
@@ -127,7 +129,7 @@ def sign(bundle, key_path):
     return kid
 
 
-def signature_of(bundle):
+def signature_of(bundle: str) -> dict | None:
     """The bundle's signature record ({"algorithm", "key_id", "signature"}), or None."""
     with zipfile.ZipFile(bundle) as z:
         if SIGNATURE not in z.namelist():
@@ -139,7 +141,7 @@ def signature_of(bundle):
     return rec if isinstance(rec, dict) else {"damaged": True}
 
 
-def check(bundle, trusted_keys, manifest=None):
+def check(bundle: str, trusted_keys, manifest: bytes | None = None) -> str:
     """Raise BundleError unless `bundle`'s manifest is signed by one of `trusted_keys` (paths
     of public keys, or their PEM bytes). manifest: the manifest bytes to check (those the
     caller parsed and will check the members against); default: read from `bundle`.

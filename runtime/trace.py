@@ -4,7 +4,7 @@
 import json
 
 
-def write_chrome_trace(path, process, events, tracks=(), other=None):
+def write_chrome_trace(path: str, process: str, events: list, tracks=(), other: list | None = None) -> None:
     """events: [{name, kind, track, start (s), dur (s), args}]; tracks: names shown first."""
     tracks = list(dict.fromkeys(list(tracks) + [e["track"] for e in events]))
     tid = {t: i for i, t in enumerate(tracks)}

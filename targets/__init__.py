@@ -2,6 +2,8 @@
 support, storage widths (one record per kind: targets/kinds.py). Device speed:
 targets/profiles.py."""
 
+from typing import Iterable
+
 from .kinds import TARGETS, Target
 from .spec import DeviceSpec, parse_devices
 
@@ -36,7 +38,7 @@ BOUNDARY = {"f64": "f32"}
 WIDEN = {"i1": "si32", "si8": "si32", "ui8": "si32", "si16": "si32", "f16": "f32", "bf16": "f32"}
 
 
-def unsupported_reason(spec: DeviceSpec, element_types, op_name: str = "", input_types=()) -> str | None:
+def unsupported_reason(spec: DeviceSpec, element_types: Iterable, op_name: str = "", input_types: Iterable = ()) -> str | None:
     """Why a device cannot run an op touching tensors of `element_types`, or None.
 
     input_types: element types of the tensors the op reads."""
@@ -52,7 +54,7 @@ def has_narrow_storage(spec: DeviceSpec) -> bool:
     return spec.target.narrow_storage(spec.arch)
 
 
-def tunable(device) -> bool:
+def tunable(device: DeviceSpec | str) -> bool:
     """True for a device this host can measure the choices on: the host's own CPU."""
     spec = DeviceSpec.parse(device)
     return spec.kind == "cpu" and spec.arch in (None, "host")

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+__all__ = ["Target", "TARGETS", "CPU", "VULKAN", "CUDA", "ROCM"]
+
 GiB = 1 << 30
 
 

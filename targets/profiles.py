@@ -33,6 +33,8 @@ from ..errors import PolyarchError
 from .kinds import TARGETS
 from .spec import DeviceSpec
 
+__all__ = ["DeviceProfile", "BUILTIN", "SCHEMA", "from_json", "load", "save", "load_all", "match", "resolve", "host_profile"]
+
 SCHEMA = "polyarch-device-profile/1"
 
 FIELDS_HELP = "see `polyarch calibrate --help` or targets/profiles.py for the schema"
@@ -57,15 +59,15 @@ class DeviceProfile:
     half_flops: float = 0.0
 
     @property
-    def kind(self):
+    def kind(self) -> str:
         return DeviceSpec.parse(self.device).kind
 
-    def peak(self, element_type="f32", op_class=None):
+    def peak(self, element_type: str = "f32", op_class: str | None = None) -> float:
         """FLOP/s for an element type, scaled by the op class's efficiency (e.g. "conv")."""
         p = self.peak_flops.get(_FLOP_KEY.get(element_type, element_type), self.peak_flops["f32"])
         return p * self.op_efficiency.get(op_class, 1.0) if op_class else p
 
-    def to_json(self):
+    def to_json(self) -> dict:
         d = asdict(self)
         d["schema"] = SCHEMA
         return d
@@ -83,7 +85,7 @@ _REQUIRED = ("name", "device", "peak_flops", "mem_bw", "launch_s", "mem_capacity
 _DEFAULTS = {"call_s": 0.0, "watts": 0.0, "price_per_hour": 0.0, "source": "", "calibrated": None, "op_efficiency": {}, "half_flops": 0.0}
 
 
-def from_json(obj, where="profile"):
+def from_json(obj: dict, where: str = "profile") -> "DeviceProfile":
     """A DeviceProfile from a parsed JSON object, or PolyarchError naming the bad field."""
     if not isinstance(obj, dict):
         raise PolyarchError(f"{where} is not a JSON object", fix=FIELDS_HELP)
@@ -115,7 +117,7 @@ def from_json(obj, where="profile"):
     return DeviceProfile(**vals)
 
 
-def load(path):
+def load(path: str) -> list:
     """[DeviceProfile] from a profile file (one profile or {"profiles": [...]})."""
     try:
         with open(path) as f:
@@ -139,13 +141,13 @@ def load(path):
     return [from_json(obj, path)]
 
 
-def save(path, profiles):
+def save(path: str, profiles: list) -> None:
     with open(path, "w") as f:
         json.dump({"schema": SCHEMA, "profiles": [p.to_json() for p in profiles]}, f, indent=2)
         f.write("\n")
 
 
-def load_all(paths):
+def load_all(paths) -> list:
     out = []
     for p in paths or ():
         if isinstance(p, DeviceProfile):
@@ -155,7 +157,7 @@ def load_all(paths):
     return out
 
 
-def match(spec, given):
+def match(spec: DeviceSpec | str, given: list) -> "DeviceProfile | None":
     """The given profile that best describes a device spec (same name, then same kind and
     arch, then same kind), or None."""
     s = DeviceSpec.parse(spec)
@@ -168,7 +170,7 @@ def match(spec, given):
     return best
 
 
-def resolve(specs, profiles=()):
+def resolve(specs, profiles=()) -> dict:
     """{spec name: DeviceProfile} for each target: the given profile that matches it best
     (see match), else the built-in one."""
     given = load_all(profiles)
@@ -179,7 +181,7 @@ def resolve(specs, profiles=()):
     return out
 
 
-def host_profile(resolved):
+def host_profile(resolved: dict) -> "DeviceProfile":
     """The profile of the host CPU: the cpu target's, else the built-in one."""
     for name, p in resolved.items():
         if DeviceSpec.parse(name).kind == "cpu":

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from ..errors import DeviceError
 from .kinds import TARGETS, Target
 
+__all__ = ["DeviceSpec", "parse_devices", "SPEC_HELP"]
+
 _SPEC = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<ordinal>\d+))?(?:@(?P<arch>[A-Za-z0-9_.+-]+))?$")
 
 SPEC_HELP = (
@@ -24,7 +26,7 @@ class DeviceSpec:
     arch: str | None = None
 
     @classmethod
-    def parse(cls, text):
+    def parse(cls, text: "str | DeviceSpec") -> "DeviceSpec":
         if isinstance(text, DeviceSpec):
             return text
         m = _SPEC.match(str(text).strip())
@@ -36,7 +38,7 @@ class DeviceSpec:
         return cls(kind, int(m["ordinal"] or 0), m["arch"])
 
     @property
-    def name(self):
+    def name(self) -> str:
         """The canonical spelling, used as the device's name in plans and bundles."""
         s = self.kind
         if self.ordinal:
@@ -59,7 +61,7 @@ class DeviceSpec:
         return self.name
 
 
-def parse_devices(specs):
+def parse_devices(specs) -> list:
     """Parse a list of device specs; rejects duplicates."""
     out = []
     for s in specs:

@@ -145,3 +145,15 @@ def test_no_function_over_60_lines():
                         if n > MAX_LINES:
                             long.append(f"{folder}/{f}:{node.lineno} {node.name}: {n} lines")
     assert long == []
+
+
+def test_every_name_in_all_exists():
+    """A module's __all__ (its public face) names only what it defines or imports."""
+    import importlib
+
+    bad = []
+    for name, path in _modules().items():
+        if "__all__" in open(path).read():
+            mod = importlib.import_module("polyarch" + ("." + name if name else ""))
+            bad += [f"{name or 'polyarch'}.{n}" for n in mod.__all__ if not hasattr(mod, n)]
+    assert bad == []
