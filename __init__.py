@@ -9,12 +9,15 @@
 torch-mlir, iree-base-compiler) is imported the first time `compile` is called.
 """
 
+from typing import Any, Iterable
+
 from .compiler.options import CompileOptions
 from .errors import PolyarchError
 from .version import __version__
 
 
-def compile(model, example_inputs: tuple = (), devices=("cpu",), output: str | None = None, **options) -> str:
+def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",), output: str | None = None,
+            **options) -> str:
     """Compile `model` (an nn.Module or ExportedProgram) into a `.pab` bundle.
 
     See `polyarch.compiler.driver.compile` for the options (or pass options=CompileOptions(...));

@@ -7,12 +7,16 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
 from ..targets import iree_flags
 from .iree import compile_with_retries, iree_compile_tool, iree_error, segment_module
 from .modules import attr_to_py, plan_text, schedule_of, segments_of, tensor_desc
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
 
 def _fallback_order(choice):
@@ -32,7 +36,9 @@ def _fallback_order(choice):
     return order + [()]
 
 
-def compile_segments(module, jobs=None, progress=None, extra_flags=(), params_dir=None, scope_prefix="", tuning=None):
+def compile_segments(module: "ir.Module", jobs: int | None = None, progress: Callable[[str], None] | None = None,
+                     extra_flags: Iterable = (), params_dir: str | None = None, scope_prefix: str = "",
+                     tuning: dict | None = None) -> dict:
     """Compile every segment with iree-compile, in parallel.
     -> {segment name: (vmfb bytes, iree-compile command, parameter archive path or None)}.
 
@@ -151,7 +157,8 @@ def _versions():
     return out
 
 
-def plan_manifest(module, vmfbs, name=None, member_prefix="", scopes=None, scope_prefix=""):
+def plan_manifest(module: "ir.Module", vmfbs: dict, name: str | None = None, member_prefix: str = "",
+                  scopes: dict | None = None, scope_prefix: str = "") -> dict:
     """The manifest entry of one placement plan (module after outline-segments).
     scopes: {parameter scope: {module key: content key}} from parameters.merge, where a
     segment's scope is `<scope_prefix><segment>` (as compile_segments exports it)."""
@@ -215,8 +222,9 @@ def _manifest(sig, plans, parameters=None):
 PARAMS_MEMBER = "weights.irpa"
 
 
-def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), externalize=True, verification=None,
-                 tune="none"):
+def build_bundle(plans: Any, sig: dict, output: str, jobs: int | None = None,
+                 progress: Callable[[str], None] | None = None, extra_flags: Iterable = (), externalize: bool = True,
+                 verification: dict | None = None, tune: str = "none") -> dict:
     """Compile every plan's segments and write one bundle. plans: [(name or None, module)].
     externalize: weights go to one shared parameter archive (each distinct value once)
     rather than inline in every module. verification: a record every plan's manifest entry
@@ -264,7 +272,7 @@ def build_bundle(plans, sig, output, jobs=None, progress=None, extra_flags=(), e
         return write_bundle(output, manifest, members)
 
 
-def rewrite_bundle(src, dst, manifest):
+def rewrite_bundle(src: str, dst: str, manifest: dict) -> None:
     """Write the bundle at `src` to `dst` with a new manifest (members unchanged, streamed)."""
     import shutil
     import zipfile

@@ -37,7 +37,7 @@ def _file_sha256(path):
     return h.hexdigest()
 
 
-def write_bundle(path, manifest, members):
+def write_bundle(path: str, manifest: dict, members: dict) -> dict:
     """Write `members` ({name: bytes, or the path of a file to stream in}) and the manifest
     (hashes filled in) atomically to `path`. -> the manifest written."""
     def size(data):

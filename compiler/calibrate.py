@@ -21,12 +21,17 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
 from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec
 from ..targets import profiles as P
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
+    from ..targets.profiles import DeviceProfile
 
 MATMULS = [(64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
            (256, 384, 384), (256, 384, 1536), (256, 1536, 384), (2048, 512, 512)]
@@ -101,13 +106,13 @@ def _chain_func(k):
   }}"""
 
 
-def suite_mlir(quick=False):
+def suite_mlir(quick: bool = False) -> str:
     mms, convs, adds, _ = _sizes(quick)
     funcs = [_mm_func(*s) for s in mms] + [_conv_func(*s) for s in convs] + [_add_func(n) for n in adds] + [_chain_func(k) for k in CHAIN]
     return "module {" + "".join(funcs) + "\n}\n"
 
 
-def compile_suite(spec, quick=False):
+def compile_suite(spec: Any, quick: bool = False) -> bytes:
     """The microbenchmark module compiled for a device -> vmfb bytes."""
     import subprocess
 
@@ -126,7 +131,7 @@ def compile_suite(spec, quick=False):
             return f.read()
 
 
-def time_median(fn, min_s=0.15, max_reps=40):
+def time_median(fn: "ir.Operation", min_s: float = 0.15, max_reps: int = 40) -> float:
     """Median seconds of fn(): one warm-up call (lazy initialisation), then at least 3 calls
     and more while under min_s seconds in all."""
     fn()
@@ -139,7 +144,8 @@ def time_median(fn, min_s=0.15, max_reps=40):
     return statistics.median(ts)
 
 
-def measure(spec, vmfb, like=None, progress=None, quick=False):
+def measure(spec: Any, vmfb: bytes, like: Any = None, progress: Callable[[str], None] | None = None,
+            quick: bool = False) -> tuple:
     """Run the suite on the device -> (DeviceProfile fitted to it, raw measurements)."""
     import iree.runtime as rt
 
@@ -233,7 +239,8 @@ def _transfers(dev, sizes):
     return up, down
 
 
-def fit(spec, raw, base, progress=None, quick=False):
+def fit(spec: Any, raw: dict, base: "ir.Module", progress: Callable[[str], None] | None = None,
+        quick: bool = False) -> "DeviceProfile":
     """The profile's figures from raw suite measurements (see the module docstring)."""
     progress = progress or (lambda m: None)
     spec = DeviceSpec.parse(spec)
@@ -297,7 +304,8 @@ def _fit_link(upload, download):
     return float(statistics.mean(bws)), float(statistics.mean(lats))
 
 
-def calibrate(devices, like=None, progress=None, quick=False, kernels=None):
+def calibrate(devices: Iterable, like: Any = None, progress: Callable[[str], None] | None = None, quick: bool = False,
+              kernels: str | None = None) -> list:
     """Measure each device -> [DeviceProfile]. kernels: a folder to reuse/store compiled suites."""
     out = []
     for d in devices:

@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import PolyarchError
 from .build import build_bundle, rewrite_bundle
@@ -41,7 +41,7 @@ def _progress(progress):
     return progress or (lambda msg: None)
 
 
-def import_model(model, example_inputs: tuple = (), options: CompileOptions | None = None,
+def import_model(model: Any, example_inputs: tuple = (), options: CompileOptions | None = None,
                  progress: Progress = None) -> "Imported":
     """Stage 1: the model in the torch dialect, with its signature. model: an nn.Module (with
     example_inputs), a torch.export.ExportedProgram, or the path of an .onnx file (then
@@ -136,9 +136,9 @@ def _check_output(model, output):
                             "replace it", fix="write the bundle elsewhere, e.g. output='model.pab'")
 
 
-def plan(model, example_inputs: tuple = (), devices=("cpu",), pins=(), progress: Progress = None,
-         objective: str = "latency", solver: str = "auto", profiles=(), dynamic_dims=(), calibrate: bool = True,
-         details: dict | None = None) -> tuple:
+def plan(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",), pins: Iterable = (),
+         progress: Progress = None, objective: str = "latency", solver: str = "auto", profiles: Iterable = (),
+         dynamic_dims: Iterable = (), calibrate: bool = True, details: dict | None = None) -> tuple:
     """Import and partition without compiling: -> (ir.Module after the three passes, signature).
     details: a dict to fill with "profiles" (the DeviceProfiles used) and "devices" (per
     device: identity, profile name, where the profile came from)."""
@@ -148,9 +148,9 @@ def plan(model, example_inputs: tuple = (), devices=("cpu",), pins=(), progress:
     return plans[0][1], sig
 
 
-def plan_many(model, example_inputs: tuple = (), device_sets=(("cpu",),), pins=(), progress: Progress = None,
-              objective: str = "latency", solver: str = "auto", profiles=(), dynamic_dims=(), calibrate: bool = True,
-              details: dict | None = None) -> tuple:
+def plan_many(model: Any, example_inputs: tuple = (), device_sets: Iterable = (("cpu",),), pins: Iterable = (),
+              progress: Progress = None, objective: str = "latency", solver: str = "auto", profiles: Iterable = (),
+              dynamic_dims: Iterable = (), calibrate: bool = True, details: dict | None = None) -> tuple:
     """Import once, partition once per device set. -> ([(plan name, module)], signature).
     A plan's name is its device set joined by '+', e.g. "vulkan+cpu". dynamic_dims: see
     compile; calibrate, details: see plan."""
@@ -163,10 +163,11 @@ def plan_many(model, example_inputs: tuple = (), device_sets=(("cpu",),), pins=(
     return planned.plans, planned.imported.signature
 
 
-def compile(model, example_inputs: tuple = (), devices=("cpu",), output: str | None = None, pins=(),
-            jobs: int | None = None, progress: Progress = None, iree_extra_flags=(), objective: str = "latency",
-            solver: str = "auto", profiles=(), plans=None, dynamic_dims=(), calibrate: bool = True, verify: bool = True,
-            tune: str = "quick", options: CompileOptions | None = None) -> str:
+def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",), output: str | None = None,
+            pins: Iterable = (), jobs: int | None = None, progress: Progress = None, iree_extra_flags: Iterable = (),
+            objective: str = "latency", solver: str = "auto", profiles: Iterable = (), plans: Any = None,
+            dynamic_dims: Iterable = (), calibrate: bool = True, verify: bool = True, tune: str = "quick",
+            options: CompileOptions | None = None) -> str:
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs), torch.export.ExportedProgram, or the path of

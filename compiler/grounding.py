@@ -13,12 +13,16 @@
 The result is the fastest verified round; a bundle known to be wrong is never returned."""
 
 import os
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
 from ..errors import PolyarchError
 from . import measured
 from .verify import verify_plan
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
 MAX_ROUNDS = 4
 # a plan on one device replaces a multi-device one when faster by more than this factor
@@ -29,7 +33,7 @@ CORRECTION_RANGE = (1e-3, 1e4)
 MIN_SEGMENT_US = 300.0
 
 
-def example_arrays(example_inputs, sig):
+def example_arrays(example_inputs: Iterable, sig: dict) -> list:
     """The example inputs as numpy arrays; for inputs given only as shapes (ONNX), zeros for
     integers (a valid index for any table) and a fixed normal sample for floats."""
     out = []
@@ -47,7 +51,7 @@ def example_arrays(example_inputs, sig):
     return out
 
 
-def eager_outputs(model, inputs):
+def eager_outputs(model: Any, inputs: list) -> list | None:
     """PyTorch's own outputs on the example inputs (a list of arrays), or None when the
     model is not at hand as PyTorch (an ONNX file)."""
     try:
@@ -155,8 +159,9 @@ def _update_corrections(priced, plan_manifest, record):
     return changed
 
 
-def ground(model, example_inputs, base, sig, sets, pins, objective, solver, priced, tmp, jobs=None, progress=None,
-           extra_flags=(), tune="none"):
+def ground(model: Any, example_inputs: Iterable, base: "ir.Module", sig: dict, sets: list, pins: Iterable,
+           objective: str, solver: str, priced: dict, tmp: str, jobs: int | None = None,
+           progress: Callable[[str], None] | None = None, extra_flags: Iterable = (), tune: str = "none") -> tuple:
     """The compile loop above. -> (path of the chosen bundle in tmp, its manifest with
     verification, measured times and the rounds' history)."""
     from .planning import partition

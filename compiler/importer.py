@@ -8,8 +8,12 @@ passes use it for pins and error messages."""
 
 import os
 import re
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import PolyarchError
+
+if TYPE_CHECKING:
+    import torch
 
 _DTYPES = {
     "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64",
@@ -28,7 +32,7 @@ DYNAMIC_HELP = (f"write a dynamic dimension as INPUT:DIM[:MAX][=NAME]: INPUT is 
                 "two inputs sharing a batch of 1 to 64")
 
 
-def parse_dynamic_dim(text):
+def parse_dynamic_dim(text: str) -> tuple:
     """'input0:0:64=batch' -> ('input0', 0, 64, 'batch'); MAX defaults to DEFAULT_MAX, NAME to None."""
     m = _DYNAMIC.match(str(text).strip())
     if not m or (m["max"] is not None and int(m["max"]) < 1):
@@ -36,7 +40,7 @@ def parse_dynamic_dim(text):
     return m["input"], int(m["dim"]), int(m["max"]) if m["max"] else DEFAULT_MAX, m["name"]
 
 
-def parse_input_spec(text):
+def parse_input_spec(text: str) -> tuple:
     """'4x64xi64' -> ((4, 64), 'int64')."""
     m = _INPUT.match(text.strip())
     if not m or m["dtype"] not in _DTYPES:
@@ -45,7 +49,7 @@ def parse_input_spec(text):
     return dims, _DTYPES[m["dtype"]]
 
 
-def example_from_spec(text, seed=0):
+def example_from_spec(text: str, seed: int = 0) -> "torch.Tensor":
     """A deterministic example tensor for an input spec: small non-negative ints, normal floats."""
     import torch
 
@@ -151,7 +155,7 @@ def _one_line(exc):
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
-def signature_of(ep):
+def signature_of(ep: "torch.export.ExportedProgram") -> dict:
     """Input and output names/shapes/dtypes of the user-visible signature. A dynamic
     dimension has its example size in `shape` and an entry in `dynamic`:
     {"dim", "symbol" (inputs whose dims share a symbol must agree), "min", "max"
@@ -265,7 +269,7 @@ def _input_index(ref, names):
     return int(m[1]) if m and int(m[1]) < len(names) else None
 
 
-def export(model, example_inputs, dynamic_dims=()):
+def export(model: Any, example_inputs: Iterable, dynamic_dims: Iterable = ()) -> "torch.export.ExportedProgram":
     """nn.Module + example inputs -> ExportedProgram (an ExportedProgram is returned as is;
     its dynamic dimensions, if it was exported with any, are kept).
     dynamic_dims: INPUT:DIM[:MAX] specs (see DYNAMIC_HELP)."""
@@ -334,11 +338,11 @@ def _lower_to_backend_contract(module):
         PassManager.parse(BACKEND_PIPELINE).run(module.operation)
 
 
-def is_onnx(model):
+def is_onnx(model: Any) -> bool:
     return isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx")
 
 
-def import_onnx(path, example_inputs=()):
+def import_onnx(path: str, example_inputs: Iterable = ()) -> tuple:
     """An ONNX model file -> (torch-dialect ir.Module, signature), through torch-mlir's ONNX
     importer and its onnx -> torch lowering. example_inputs (arrays, tensors or DIMSxDTYPE
     specs, optional) fix the shapes of inputs whose dimensions are symbolic in the file."""
@@ -561,7 +565,7 @@ def _view_base(value):
     return value
 
 
-def import_model(model, example_inputs=(), dynamic_dims=()):
+def import_model(model: Any, example_inputs: Iterable = (), dynamic_dims: Iterable = ()) -> tuple:
     """-> (torch-dialect ir.Module in a polyarch context, signature dict). `model` is an
     nn.Module, an ExportedProgram, or the path of an ONNX model. dynamic_dims:
     INPUT:DIM[:MAX] specs of dimensions that stay dynamic (nn.Module only)."""

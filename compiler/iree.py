@@ -4,13 +4,18 @@ into a PolyarchError that names the op, its module path and a fix."""
 import os
 import re
 import subprocess
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..targets import TARGETS
 
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
-def segment_module(ir, fn):
+
+def segment_module(ir: ModuleType, fn: "ir.Operation") -> "ir.Module":
     """A module holding just this segment function, public, for iree-compile."""
     m = ir.Module.create()
     new = fn.operation.clone(ip=ir.InsertionPoint(m.body))
@@ -22,13 +27,13 @@ def segment_module(ir, fn):
     return m
 
 
-def iree_compile_tool():
+def iree_compile_tool() -> str:
     from iree.compiler.tools.binaries import find_tool
 
     return find_tool("iree-compile")
 
 
-def run_iree_compile(cmd):
+def run_iree_compile(cmd: list) -> subprocess.CompletedProcess:
     """Run one iree-compile command line (cmd[1] is the source, after `-o` the output);
     -> the CompletedProcess. Every segment and verification probe goes through here."""
     return subprocess.run(cmd, capture_output=True, text=True)
@@ -39,7 +44,8 @@ def run_iree_compile(cmd):
 KNOWN_RETRIES = {kind: t.known_retries for kind, t in TARGETS.items()}
 
 
-def compile_with_retries(cmd, kind, progress=None, what="a module"):
+def compile_with_retries(cmd: list, kind: str, progress: Callable[[str], None] | None = None,
+                         what: str = "a module") -> tuple:
     """run_iree_compile, and where IREE refuses for a known reason that a flag gets past
     (KNOWN_RETRIES), again with that flag. -> (CompletedProcess, [retry notes], the command last run)."""
     r, notes = run_iree_compile(cmd), []
@@ -77,7 +83,8 @@ def _ops_at(fn, frames):
     return out
 
 
-def iree_error(stderr, segment, device, fn=None, devices=()):
+def iree_error(stderr: str, segment: str, device: str, fn: "ir.Operation" = None,
+               devices: Iterable = ()) -> PolyarchError:
     """A PolyarchError for a failed segment compile: the message, the module path of the op
     IREE names (matched on its source call stack), and a fix the user can follow."""
     from ..passes.common import describe

@@ -13,25 +13,29 @@ import datetime
 import json
 import os
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec
 from ..runtime.identity import describe, identify, is_software
 from ..targets import profiles as P
 
+if TYPE_CHECKING:
+    from ..targets.profiles import DeviceProfile
+
 CACHE_ENV = "POLYARCH_CACHE_DIR"
 VERDICT_SCHEMA = "polyarch-verdicts/1"
 OP_CLASSES = ("matmul", "conv", "other")
 
 
-def cache_dir():
+def cache_dir() -> str:
     if os.environ.get(CACHE_ENV):
         return os.environ[CACHE_ENV]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "polyarch")
 
 
-def iree_version():
+def iree_version() -> str:
     """The IREE release measurements are valid for: the runtime's (which runs them) and
     the compiler's (which made the code), when they differ."""
     from importlib.metadata import PackageNotFoundError, version
@@ -69,7 +73,7 @@ def _write(path, obj):
     os.replace(tmp, path)
 
 
-def load_profile(ident):
+def load_profile(ident: dict) -> "DeviceProfile | None":
     """The cached measured profile of this device, or None."""
     obj = _read(_path("profiles", ident))
     if not obj or obj.get("identity", {}).get("key") != ident["key"] or obj.get("iree") != iree_version():
@@ -80,11 +84,11 @@ def load_profile(ident):
         return None
 
 
-def store_profile(ident, profile):
+def store_profile(ident: dict, profile: Any) -> None:
     _write(_path("profiles", ident), {"identity": ident, "iree": iree_version(), "profile": profile.to_json()})
 
 
-def load_verdicts(ident):
+def load_verdicts(ident: dict) -> dict:
     """{"wrong_ops": {fingerprint: {op, reason, error, date}}, "corrections": {class: factor}}."""
     obj = _read(_path("verdicts", ident)) if ident else None
     if not obj or obj.get("schema") != VERDICT_SCHEMA or obj.get("identity") != ident["key"]:
@@ -92,7 +96,7 @@ def load_verdicts(ident):
     return {"wrong_ops": dict(obj.get("wrong_ops", {})), "corrections": dict(obj.get("corrections", {}))}
 
 
-def store_verdicts(ident, verdicts):
+def store_verdicts(ident: dict, verdicts: Iterable) -> None:
     _write(_path("verdicts", ident), {"schema": VERDICT_SCHEMA, "identity": ident["key"], "iree": iree_version(),
                                       "device": describe(ident), **verdicts})
 
@@ -110,7 +114,8 @@ SOFTWARE_VULKAN = P.DeviceProfile(
 )
 
 
-def resolve_profiles(specs, given=(), calibrate=True, progress=None):
+def resolve_profiles(specs: Iterable, given: Iterable = (), calibrate: bool = True,
+                     progress: Callable[[str], None] | None = None) -> tuple:
     """Price every device of a compile. -> ([DeviceProfile] in spec order, {device: info}) with
     info = {"identity": dict or None, "profile": name, "source": how it was chosen}.
 
@@ -155,11 +160,11 @@ def resolve_profiles(specs, given=(), calibrate=True, progress=None):
     return out, info
 
 
-def pricing_line(device, info):
+def pricing_line(device: str, info: dict) -> str:
     """'DEVICE: <identity>; priced by PROFILE (SOURCE)', as compile, plan and inspect print it."""
     who = describe(info.get("identity")) if info.get("identity") else "not on the compiling host"
     return f"{device}: {who}; priced by {info.get('profile')} ({info.get('source')})"
 
 
-def now():
+def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -3,11 +3,15 @@
 Helpers over a module after outline-segments (dialects/polyarch.py names the attributes)."""
 
 
+from typing import TYPE_CHECKING, Any
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
-def clone_module(module):
+
+def clone_module(module: "ir.Module") -> "ir.Module":
     """A copy of a module in its context. Clones share the context's weight blobs (dense
     resources), so a copy costs IR, not weights. Call inside `with module.context`."""
     from torch_mlir import ir
@@ -22,7 +26,7 @@ def clone_module(module):
     return copy
 
 
-def segments_of(module):
+def segments_of(module: "ir.Module") -> list:
     """[(name, device, func op)] in module order."""
     out = []
     for op in module.body.operations:
@@ -31,7 +35,7 @@ def segments_of(module):
     return out
 
 
-def tensor_desc(type_):
+def tensor_desc(type_: "ir.Type") -> dict:
     shape, et = pa.tensor_info(type_)
     return {"shape": shape, "dtype": DTYPE_NAMES.get(et, et)}
 
@@ -44,7 +48,7 @@ DTYPE_NAMES = {
 }
 
 
-def schedule_of(module):
+def schedule_of(module: "ir.Module") -> tuple:
     """@main after outline-segments -> (schedule steps, output value names)."""
     from ..passes.common import main_func, tensor_bytes
 
@@ -74,7 +78,7 @@ def schedule_of(module):
     raise PolyarchError("@main has no return")
 
 
-def attr_to_py(attr):
+def attr_to_py(attr: "ir.Attribute") -> Any:
     """A (nested) MLIR dictionary/string/number attribute as plain Python."""
     from torch_mlir import ir
 
@@ -87,7 +91,7 @@ def attr_to_py(attr):
     return str(attr)
 
 
-def plan_text(module):
+def plan_text(module: "ir.Module") -> str:
     """The partitioned module as text, weights and large constants elided."""
     return module.operation.get_asm(large_elements_limit=16, large_resource_limit=64, enable_debug_info=True, pretty_debug_info=False)
 

@@ -21,7 +21,7 @@ FORMAT = "irpa"
 SPLAT = "splat:"  # content keys of splat parameters: "splat:<pattern hex>:<length>"
 
 
-def export_flags(scope, archive_path):
+def export_flags(scope: str, archive_path: str) -> list:
     """iree-compile flags that export a segment's constants of MIN_BYTES or more to `archive_path`."""
     return [
         "--iree-preprocessing-pass-pipeline=builtin.module(iree-flow-outline-constants)",
@@ -30,12 +30,12 @@ def export_flags(scope, archive_path):
     ]
 
 
-def content_key(data):
+def content_key(data: bytes) -> str:
     """The key a value is stored under in the merged archive: its SHA-256 (128 bits, hex)."""
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def merge(archives, output):
+def merge(archives: dict, output: str) -> tuple:
     """Merge per-segment archives ({scope: path or None}) into one archive at `output`,
     each distinct value once. -> (scopes {scope: {module key: content key}}, summary dict).
     Returns no archive (None summary) when no segment exported anything."""

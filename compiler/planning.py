@@ -4,14 +4,19 @@ device set (the three passes: annotate-costs, assign-devices, outline-segments).
 import json
 import os
 import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec, parse_devices
 from .modules import clone_module
 
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
-def import_module(model, example_inputs, dynamic_dims, progress):
+
+def import_module(model: Any, example_inputs: Iterable, dynamic_dims: Iterable,
+                  progress: Callable[[str], None] | None) -> tuple:
     """-> (torch-dialect module, signature), the index inputs' ranges in the signature."""
     from .importer import import_model
 
@@ -29,7 +34,7 @@ def import_module(model, example_inputs, dynamic_dims, progress):
     return base, sig
 
 
-def parse_device_sets(device_sets):
+def parse_device_sets(device_sets: Iterable) -> list:
     sets = [parse_devices(d) for d in device_sets]
     names = ["+".join(s.name for s in specs) for specs in sets]
     dup = {n for n in names if names.count(n) > 1}
@@ -38,7 +43,7 @@ def parse_device_sets(device_sets):
     return sets
 
 
-def price_devices(sets, profiles, calibrate, progress):
+def price_devices(sets: list, profiles: Iterable, calibrate: bool, progress: Callable[[str], None] | None) -> dict:
     """Identify the devices of all plans, choose each one's profile (measured where the
     host has the device: compiler/measured.py) and read what was measured wrong on it.
     -> {"profiles": [DeviceProfile], "devices": {name: info}, "verdicts": {name: verdicts}}"""
@@ -59,7 +64,8 @@ def price_devices(sets, profiles, calibrate, progress):
     return {"profiles": profs, "devices": info, "verdicts": verdicts}
 
 
-def partition(base, sets, pins, progress, objective, solver, priced, keep_base=False):
+def partition(base: "ir.Module", sets: list, pins: Iterable, progress: Callable[[str], None] | None, objective: str,
+              solver: str, priced: dict, keep_base: bool = False) -> list:
     """Run the three passes once per device set on (a copy of) the imported module."""
     from torch_mlir import ir
 
@@ -92,7 +98,7 @@ def partition(base, sets, pins, progress, objective, solver, priced, keep_base=F
     return out
 
 
-def dynamic_summary(sig):
+def dynamic_summary(sig: dict) -> list:
     """One line per dynamic input dimension: where it is, its bound, the size costs are predicted at."""
     out = []
     for i, inp in enumerate(sig["inputs"]):
@@ -103,7 +109,7 @@ def dynamic_summary(sig):
     return out
 
 
-def model_name(model):
+def model_name(model: Any) -> str:
     if isinstance(model, (str, os.PathLike)):  # an ONNX file
         return os.path.splitext(os.path.basename(os.fspath(model)))[0]
     return type(model).__name__

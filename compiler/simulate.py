@@ -3,9 +3,13 @@
 a Gantt chart. Works for fleets this machine does not have: only profiles are needed."""
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
 
 from ..dialects import polyarch as pa
 from ..targets import profiles as P
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
 
 @dataclass
@@ -33,7 +37,7 @@ class Report:
     objective: str = "latency"
     memory: dict = field(default_factory=dict)
 
-    def lines(self, explain=False, ops=False):
+    def lines(self, explain: bool = False, ops: list = False) -> list:
         p = self.plan
         out = [f"plan: {p['objective']} objective, {p['algorithm']}"]
         out.append("profiles: " + ", ".join(f"{d} = {pr.name}" + (" (calibrated)" if pr.calibrated else " (spec sheet)")
@@ -89,7 +93,7 @@ class Report:
         return "; ".join(parts) or "no ops"
 
 
-def explain(module, profile_files=()):
+def explain(module: "ir.Module", profile_files: Iterable = ()) -> "Report":
     """A Report of a module after outline-segments."""
     from ..passes.assign_devices import link_time
     from ..passes.common import body_ops, describe
@@ -139,7 +143,7 @@ def explain(module, profile_files=()):
                   memory=plan.get("memory_bytes", {}))
 
 
-def timeline(report, requests=1):
+def timeline(report: "Report", requests: int = 1) -> list:
     """Simulate `requests` calls: segments run on their device, transfers on the host
     link of each non-cpu end. Greedy list scheduling: repeatedly start, among the next
     steps of all calls, the one that can start earliest (inputs ready, devices free),
@@ -183,7 +187,7 @@ def timeline(report, requests=1):
     return events
 
 
-def write_chrome_trace(path, events, report):
+def write_chrome_trace(path: str, events: list, report: "Report") -> None:
     from ..runtime.trace import write_chrome_trace as write
 
     write(path, "polyarch plan (predicted)",
@@ -191,7 +195,7 @@ def write_chrome_trace(path, events, report):
           other={"plan": report.plan, "profiles": {d: p.name for d, p in report.profiles.items()}})
 
 
-def write_gantt(path, events, report):
+def write_gantt(path: str, events: list, report: "Report") -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec
 from ..targets import tunable  # noqa: F401 (part of this module's face: tuning.tunable)
 
+if TYPE_CHECKING:
+    from torch_mlir import ir
+
 MODES = ("none", "quick", "full")
 DEFAULT = "quick"
 WIN = 0.95  # a candidate replaces the default only when it takes at most this fraction of its time
@@ -44,7 +48,7 @@ FLAG_CANDIDATES = {"cpu": {"default": (), "ukernels": ("--iree-llvmcpu-enable-uk
 SCHEMA = "polyarch-tuning/4"
 
 
-def check_mode(mode):
+def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise PolyarchError(f"unknown tuning mode {mode!r}", fix="use --tune none, quick or full")
     return mode
@@ -71,7 +75,8 @@ def _store(ident, cache):
     _write(_cache_path(ident), {"schema": SCHEMA, "identity": ident["key"], "iree": iree_version(), **cache})
 
 
-def time_function(fn, args, budget_s=0.3, min_calls=5, max_calls=200):
+def time_function(fn: "ir.Operation", args: list, budget_s: float = 0.3, min_calls: int = 5,
+                  max_calls: int = 200) -> float:
     """Median seconds of fn(*args) after two warm-up calls."""
     for _ in range(2):
         fn(*args)
@@ -253,7 +258,8 @@ def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets):
     return best, times
 
 
-def tune_plan(module, mode=DEFAULT, jobs=None, progress=None):
+def tune_plan(module: "ir.Module", mode: str = DEFAULT, jobs: int | None = None,
+              progress: Callable[[str], None] | None = None) -> dict:
     """Choose each cpu segment's lowering (module after outline-segments): marks the
     convolutions to compile as im2col + matmul (`polyarch.lowering`) in place.
     -> {segment name: {"mode", "convs", "rewritten": {lowering: count}, "flags", "extra_flags", "source"}}."""

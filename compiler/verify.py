@@ -22,6 +22,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -29,15 +30,18 @@ from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
 from .calibrate import time_median
 
+if TYPE_CHECKING:
+    from torch_mlir import ir
+
 # max |out - ref| / max |ref| allowed per dtype; integer and bool tensors must be equal
 TOLERANCE = {"float32": 1e-3, "float64": 1e-3, "float16": 1e-2, "bfloat16": 2e-2, "complex64": 1e-3, "complex128": 1e-3}
 
 
-def tolerance(dtype):
+def tolerance(dtype: Any) -> float:
     return TOLERANCE.get(np.dtype(dtype).name if not isinstance(dtype, str) else dtype, 0.0)
 
 
-def rel_error(out, ref):
+def rel_error(out: str, ref: Any) -> float:
     """max |out - ref| / max |ref| (0 for equal tensors; inf where shapes or NaNs differ).
     Integer and bool tensors: the fraction of elements that differ."""
     out, ref = np.asarray(out), np.asarray(ref)
@@ -59,7 +63,7 @@ def rel_error(out, ref):
     return float(diff.max()) / scale
 
 
-def reference_module(module):
+def reference_module(module: "ir.Module") -> "ir.Module":
     """A copy of a partitioned module whose segments all run on the CPU (the reference)."""
     from torch_mlir import ir
 
@@ -93,7 +97,8 @@ def _run_segment(bundle, step, env_in):
     return outs, time_median(once, min_s=1.0, max_reps=10)
 
 
-def verify_plan(module, plan_name, bundle_path, inputs, expected, present, jobs=None, progress=None):
+def verify_plan(module: "ir.Module", plan_name: str, bundle_path: str, inputs: list, expected: list | None,
+                present: set, jobs: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Verify and time one plan of a written bundle. inputs: numpy example inputs;
     expected: eager outputs (list of arrays) or None; present: the devices this host has.
     -> record:
@@ -203,7 +208,8 @@ def _time_plan(b, inputs, segs, record):
     record["measured_us"] = round(seconds * 1e6, 3)
 
 
-def locate(module, seg_name, device, args, tmp, progress=None):
+def locate(module: "ir.Module", seg_name: str, device: str, args: list, tmp: str,
+           progress: Callable[[str], None] | None = None) -> list:
     """The ops of a segment that compute wrong on `device`, each run alone on reference
     values of its operands. -> [{"fingerprint", "op", "path", "max_rel_error"}]."""
     from torch_mlir import ir

@@ -36,8 +36,13 @@ one, so a malformed attribute is caught after the pass that wrote it."""
 
 import re
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import PolyarchError
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
 __all__ = ["Cost", "Times", "Placement", "Segment", "Plan", "verify", "make_context", "tensor_info", "is_tensor",
            "nominal_shape", "set_nominal_shapes", "set_profiles", "create_transfer", "attr_to_py", "py_to_attr"]
@@ -58,7 +63,7 @@ HOST = "host"
 _VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],(.+)>$")
 
 
-def make_context():
+def make_context() -> "ir.Context":
     """An MLIR context with the torch dialect registered and polyarch ops allowed."""
     from torch_mlir import ir
     from torch_mlir.dialects import torch as torch_d
@@ -69,7 +74,7 @@ def make_context():
     return ctx
 
 
-def tensor_info(type_):
+def tensor_info(type_: "ir.Type") -> tuple | None:
     """(shape, element type) of a `!torch.vtensor` type, or None for other types.
 
     Dynamic dims are -1."""
@@ -84,7 +89,7 @@ SHAPES = "polyarch.shapes"
 ARG_SHAPES = "polyarch.arg_shapes"
 
 
-def nominal_shape(value):
+def nominal_shape(value: "ir.Value") -> list | None:
     """The shape of a tensor value with its dynamic dims at their example sizes (recorded
     at import as polyarch.shapes / polyarch.arg_shapes); a dynamic dim with no record
     counts as 1. None for non-tensors."""
@@ -110,7 +115,8 @@ def nominal_shape(value):
     return [r if d == -1 else d for d, r in zip(shape, recorded)]
 
 
-def set_nominal_shapes(ir, op, values, attr=SHAPES, shape_of=nominal_shape):
+def set_nominal_shapes(ir: ModuleType, op: "ir.Operation", values: list, attr: "ir.Attribute" = SHAPES,
+                       shape_of: Callable = nominal_shape) -> None:
     """Record the nominal shapes of `values` (results or arguments of `op`) on `op`, if
     any is dynamic; shape_of(value) gives each tensor's (default: what is recorded)."""
     if any(-1 in (tensor_info(v.type) or ([],))[0] for v in values):
@@ -118,11 +124,12 @@ def set_nominal_shapes(ir, op, values, attr=SHAPES, shape_of=nominal_shape):
         op.attributes[attr] = ir.ArrayAttr.get([ir.DenseI64ArrayAttr.get(s) for s in shapes])
 
 
-def is_tensor(value):
+def is_tensor(value: "ir.Value") -> bool:
     return tensor_info(value.type) is not None
 
 
-def create_transfer(ir, value, src, dst, ip, result_type=None):
+def create_transfer(ir: ModuleType, value: "ir.Value", src: str, dst: str, ip: "ir.InsertionPoint",
+                    result_type: "ir.Type | None" = None) -> "ir.Value":
     """Insert `%y = "polyarch.transfer"(%x) {from, to}` at `ip`."""
     op = ir.Operation.create(
         TRANSFER,
@@ -145,7 +152,7 @@ def _same_or_widened(a, b):
     return bool(ia and ib) and ia[0] == ib[0] and (conv.get(ia[1]) == ib[1] or conv.get(ib[1]) == ia[1])
 
 
-def verify(module):
+def verify(module: "ir.Module") -> None:
     """Check the polyarch contracts of a module and read every polyarch attribute through its
     accessor (a malformed one raises); raises PolyarchError naming the op and its location."""
     plan = Plan.of(module)
@@ -205,7 +212,7 @@ class Cost:
     bytes_written: int
 
     @classmethod
-    def of(cls, op) -> "Cost | None":
+    def of(cls, op: "ir.Operation") -> "Cost | None":
         from torch_mlir import ir
 
         if COST not in op.attributes:
@@ -217,13 +224,13 @@ class Cost:
             raise _malformed(COST, op, "{flops, bytes_read, bytes_written : i64}") from None
         return cls(*vals)
 
-    def to_attr(self):
+    def to_attr(self) -> "ir.Attribute":
         from torch_mlir import ir
 
         i64 = ir.IntegerType.get_signless(64)
         return ir.DictAttr.get({k: ir.IntegerAttr.get(i64, getattr(self, k)) for k in ("flops", "bytes_read", "bytes_written")})
 
-    def put(self, op) -> None:
+    def put(self, op: "ir.Operation") -> None:
         op.attributes[COST] = self.to_attr()
 
 
@@ -234,7 +241,7 @@ class Times:
     us: dict
 
     @classmethod
-    def of(cls, op) -> "Times | None":
+    def of(cls, op: "ir.Operation") -> "Times | None":
         from torch_mlir import ir
 
         if TIME_US not in op.attributes:
@@ -244,13 +251,13 @@ class Times:
         except (ValueError, TypeError):
             raise _malformed(TIME_US, op, "{<device> = f64, ...}") from None
 
-    def to_attr(self):
+    def to_attr(self) -> "ir.Attribute":
         from torch_mlir import ir
 
         f64 = ir.F64Type.get()
         return ir.DictAttr.get({d: ir.FloatAttr.get(f64, t) for d, t in self.us.items()})
 
-    def put(self, op) -> None:
+    def put(self, op: "ir.Operation") -> None:
         op.attributes[TIME_US] = self.to_attr()
 
 
@@ -262,7 +269,7 @@ class Placement:
     reason: str | None = None
 
     @classmethod
-    def of(cls, op) -> "Placement | None":
+    def of(cls, op: "ir.Operation") -> "Placement | None":
         from torch_mlir import ir
 
         if DEVICE not in op.attributes:
@@ -273,7 +280,7 @@ class Placement:
         except (ValueError, TypeError):
             raise _malformed(f"{DEVICE} or {REASON}", op, "a string") from None
 
-    def put(self, op) -> None:
+    def put(self, op: "ir.Operation") -> None:
         from torch_mlir import ir
 
         op.attributes[DEVICE] = ir.StringAttr.get(self.device)
@@ -291,7 +298,7 @@ class Segment:
     fn: object
 
     @classmethod
-    def of(cls, fn) -> "Segment | None":
+    def of(cls, fn: "ir.Operation") -> "Segment | None":
         from torch_mlir import ir
 
         if fn.operation.name != "func.func" or DEVICE not in fn.attributes:
@@ -303,7 +310,7 @@ class Segment:
             raise _malformed("segment attributes", fn, f"{DEVICE} a string and {TIME_US} an f64") from None
 
     @staticmethod
-    def all(module) -> list:
+    def all(module: "ir.Module") -> list:
         """The segments of a module, in module order."""
         return [s for s in (Segment.of(op) for op in module.body.operations) if s is not None]
 
@@ -324,7 +331,7 @@ class Plan:
     profiles: dict
 
     @classmethod
-    def of(cls, module) -> "Plan | None":
+    def of(cls, module: "ir.Module") -> "Plan | None":
         from torch_mlir import ir
 
         attrs = module.operation.attributes
@@ -339,7 +346,7 @@ class Plan:
             raise _malformed("plan attributes", module.operation, f"{DEVICES} strings, {PLAN} and {PROFILES} dictionaries") from None
         return cls(devices, summary, profiles)
 
-    def put(self, module) -> None:
+    def put(self, module: "ir.Module") -> None:
         from torch_mlir import ir
 
         attrs = module.operation.attributes
@@ -349,14 +356,14 @@ class Plan:
             set_profiles(module, self.profiles)
 
 
-def set_profiles(module, profiles: dict) -> None:
+def set_profiles(module: "ir.Module", profiles: dict) -> None:
     """polyarch.profiles: {device: profile name}."""
     from torch_mlir import ir
 
     module.operation.attributes[PROFILES] = ir.DictAttr.get({d: ir.StringAttr.get(n) for d, n in profiles.items()})
 
 
-def attr_to_py(attr):
+def attr_to_py(attr: "ir.Attribute") -> Any:
     """A (nested) MLIR dictionary/array/string/number attribute as plain Python."""
     from torch_mlir import ir
 
@@ -369,7 +376,7 @@ def attr_to_py(attr):
     return str(attr)
 
 
-def py_to_attr(value):
+def py_to_attr(value: "ir.Value") -> "ir.Attribute":
     """Plain Python (dict, list, str, int, float, bool) as an MLIR attribute: ints as i64,
     floats as f64."""
     from torch_mlir import ir

@@ -22,10 +22,15 @@ operands (weights included), bytes_written the tensor results. Views cost nothin
 gathers (embedding, index) read only the rows they fetch."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..dialects import polyarch as pa
 from .base import Pass, option
 from .common import load_verdicts, main_func, placeable_ops, tensor_bytes
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
+    from ..targets.profiles import DeviceProfile
 
 VIEWS = {
     "view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "flatten", "expand", "broadcast_to",
@@ -61,7 +66,7 @@ def _shape(value):
     return pa.nominal_shape(value) or []
 
 
-def op_cost(op):
+def op_cost(op: "ir.Operation") -> tuple:
     """(flops, bytes_read, bytes_written) of one op."""
     name = op.operation.name
     base = name.split(".")[2] if name.startswith("torch.aten.") else name
@@ -102,7 +107,7 @@ def op_cost(op):
     return factor * out_n, read, written
 
 
-def launches(op):
+def launches(op: "ir.Operation") -> int:
     """Dispatches the op is expected to add: elementwise ops and views fuse into a
     neighbour's dispatch in IREE; everything else starts one."""
     name = op.operation.name
@@ -114,18 +119,19 @@ def launches(op):
     return 0
 
 
-def op_class(op):
+def op_class(op: "ir.Operation") -> str | None:
     """The profile's op_efficiency class of an op ("conv", "matmul"), or None."""
     return class_of(op.operation.name)
 
 
-def class_of(op_name):
+def class_of(op_name: str) -> str | None:
     """op_class by op name (as a manifest's op_list records it)."""
     base = op_name.split(".")[2] if op_name.startswith("torch.aten.") else op_name
     return "conv" if base in CONVS else "matmul" if base in MATMULS else None
 
 
-def op_time(flops, nbytes, dispatches, prof, element_type="f32", klass=None):
+def op_time(flops: float, nbytes: int, dispatches: int, prof: "DeviceProfile", element_type: str = "f32",
+            klass: str | None = None) -> float:
     """Predicted seconds of an op on a device profile: a roofline, max(flops / rate,
     bytes / bandwidth), + launch overhead. For matmuls and convolutions the rate is
     peak x op_efficiency[class] x flops / (flops + half_flops): a small op leaves the
@@ -138,13 +144,13 @@ def op_time(flops, nbytes, dispatches, prof, element_type="f32", klass=None):
     return max(flops / rate, nbytes / prof.mem_bw) + dispatches * prof.launch_s
 
 
-def op_seconds(op, prof):
+def op_seconds(op: "ir.Operation", prof: "DeviceProfile") -> float:
     """op_time of an MLIR op on a profile (costs from polyarch.cost, or computed)."""
     flops, r, w = cost_of(op)
     return op_time(flops, r + w, launches(op), prof, result_element_type(op), op_class(op))
 
 
-def result_element_type(op):
+def result_element_type(op: "ir.Operation") -> str:
     for r in op.results:
         info = pa.tensor_info(r.type)
         if info:
@@ -159,7 +165,7 @@ class AnnotateCosts(Pass):
     profile: tuple = option((), "device profile JSON file or DeviceProfile (repeatable)", repeat=True)
     verdicts: tuple = option((), "measured corrections: JSON file or dict (repeatable)", repeat=True)
 
-    def apply(self, module):
+    def apply(self, module: "ir.Module") -> None:
         from ..runtime.devices import parse_devices
         from ..targets import profiles as P
 
@@ -180,19 +186,19 @@ def _annotate(op, resolved, corrections):
                   for name, p in resolved.items()}).put(op)
 
 
-def run(module, **options):
+def run(module: "ir.Module", **options) -> None:
     """Run the pass with Python option values (see AnnotateCosts)."""
     AnnotateCosts(**options).apply(module)
 
 
-def correction(op, factors):
+def correction(op: "ir.Operation", factors: dict | None) -> float:
     """The measured correction of an op's predicted time on a device: factors[class]."""
     if not factors:
         return 1.0
     return float(factors.get(op_class(op) or "other", 1.0))
 
 
-def cost_of(op):
+def cost_of(op: "ir.Operation") -> tuple:
     """`polyarch.cost` as a tuple (flops, bytes_read, bytes_written); computed if absent."""
     c = pa.Cost.of(op)
     return op_cost(op) if c is None else (c.flops, c.bytes_read, c.bytes_written)

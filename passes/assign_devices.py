@@ -29,6 +29,7 @@ polyarch.reason."""
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..targets import profiles as P
 from ..targets import BOUNDARY, ELEMENT_BYTES, WIDEN, has_narrow_storage, unsupported_reason
@@ -41,10 +42,13 @@ from .annotate_costs import correction, op_seconds
 from .common import (body_ops, describe, element_types, load_verdicts, main_func, module_path, op_fingerprint, remat_set,
                      tensor_bytes)
 
+if TYPE_CHECKING:
+    from torch_mlir import ir
+
 INF = math.inf
 
 
-def parse_objective(text):
+def parse_objective(text: str) -> dict:
     """'latency' or 'latency:1,energy:0.5' -> {metric: weight}."""
     text = (text or "latency").strip()
     out = {}
@@ -65,7 +69,7 @@ def parse_objective(text):
     return out
 
 
-def link_time(src, dst, nbytes):
+def link_time(src: "P.DeviceProfile | None", dst: "P.DeviceProfile | None", nbytes: int) -> float:
     """Seconds to move nbytes between two device profiles through host memory (None: the host)."""
     if src is dst or nbytes == 0:
         return 0.0
@@ -149,7 +153,7 @@ def _remat_element_types(op, remat):
     return out
 
 
-def support_reason(op, spec, remat):
+def support_reason(op: "ir.Operation", spec: Any, remat: set) -> str | None:
     """Why device `spec` cannot run this placed op (with what it pulls in), or None.
     remat: the remat_set of the op's function."""
     ets = element_types(op) | _remat_element_types(op, remat)
@@ -167,10 +171,10 @@ class AssignDevices(Pass):
     profile: tuple = option((), "device profile JSON file or DeviceProfile (repeatable)", repeat=True)
     verdicts: tuple = option((), "what was measured on a device: JSON file or dict (repeatable)", repeat=True)
 
-    def check(self):
+    def check(self) -> None:
         parse_objective(self.objective)
 
-    def apply(self, module):
+    def apply(self, module: "ir.Module") -> None:
         measured = load_verdicts(self.verdicts)
         specs = parse_devices(self.devices)
         names = [s.name for s in specs]
@@ -197,7 +201,7 @@ class AssignDevices(Pass):
         }, {}).put(module)
 
 
-def run(module, **options):
+def run(module: "ir.Module", **options) -> None:
     """Run the pass with Python option values (see AssignDevices)."""
     AssignDevices(**options).apply(module)
 

@@ -1,21 +1,25 @@
 """What the passes share: finding @main, classifying ops, describing where an op came from."""
 
 import re
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 
+if TYPE_CHECKING:
+    from torch_mlir import ir
+
 TERMINATORS = ("func.return",)
 
 
-def main_func(module, name="main"):
+def main_func(module: "ir.Module", name: str | None = "main") -> "ir.Operation":
     for op in module.body.operations:
         if op.operation.name == "func.func" and op.attributes["sym_name"].value == name:
             return op
     raise PolyarchError(f"no func.func @{name} in the module", fix="import the model with polyarch.compiler.importer")
 
 
-def body_ops(func):
+def body_ops(func: "ir.Operation") -> tuple:
     """The ops of a single-block function, terminator excluded."""
     blocks = list(func.regions[0].blocks)
     if len(blocks) != 1:
@@ -41,7 +45,7 @@ def _is_block_arg(value):
     return isinstance(value.owner, ir.Block)
 
 
-def remat_set(func):
+def remat_set(func: "ir.Operation") -> set:
     """The rematerialisable ops of a single-block function: constants, constant-foldable
     ops and glue, not placed on any device.
 
@@ -67,7 +71,7 @@ def remat_set(func):
     return out
 
 
-def placeable_ops(func):
+def placeable_ops(func: "ir.Operation") -> list:
     ops, _ = body_ops(func)
     remat = remat_set(func)
     return [op for op in ops if op.operation not in remat]
@@ -77,13 +81,13 @@ _NAME = re.compile(r'^loc\((?:callsite\()?"([^"]+)"\(')
 _FILE = re.compile(r'"([^"]+)":(\d+):(\d+)')
 
 
-def module_path(op):
+def module_path(op: "ir.Operation") -> str:
     """The nn.Module path (e.g. 'encoder.layer.0.attention') recorded at import, or ''."""
     m = _NAME.match(str(op.location))
     return m.group(1) if m else ""
 
 
-def source_line(op):
+def source_line(op: "ir.Operation") -> str:
     """'file.py:LINE' of the innermost source frame of the op, or '' if unknown."""
     m = _FILE.search(str(op.location))
     if not m or m.group(1) in ("-", ""):
@@ -91,7 +95,7 @@ def source_line(op):
     return f"{m.group(1)}:{m.group(2)}"
 
 
-def describe(op):
+def describe(op: "ir.Operation") -> str:
     """'torch.aten.mm (encoder.layer.0.attention.self.query) at modeling_bert.py:210'."""
     s = op.operation.name
     path = module_path(op)
@@ -103,7 +107,7 @@ def describe(op):
     return s
 
 
-def tensor_bytes(value):
+def tensor_bytes(value: "ir.Value") -> int:
     from ..targets import ELEMENT_BYTES
 
     info = pa.tensor_info(value.type)
@@ -115,7 +119,7 @@ def tensor_bytes(value):
     return n * ELEMENT_BYTES.get(info[1], 4)
 
 
-def element_types(op):
+def element_types(op: "ir.Operation") -> set:
     """Element types of the tensors an op reads, and of the results that are used
     (an unused result, e.g. max.dim's indices under softmax, is dropped by IREE)."""
     ts = set()
@@ -142,7 +146,7 @@ def _constant_value(value):
     return None
 
 
-def const_scalar(value):
+def const_scalar(value: "ir.Value") -> Any:
     """The value of a torch.constant.* operand (int, float, bool, str; 'none' for
     torch.constant.none), or None if the operand is not a constant."""
     o = getattr(value.owner, "operation", None)
@@ -151,7 +155,7 @@ def const_scalar(value):
     return o.attributes["value"].value if "value" in o.attributes else o.name.rsplit(".", 1)[1]
 
 
-def const_ints(value):
+def const_ints(value: "ir.Value") -> list | None:
     """The ints of a torch.prim.ListConstruct of torch.constant.int operands, or None."""
     o = getattr(value.owner, "operation", None)
     if o is None or o.name != "torch.prim.ListConstruct":
@@ -165,7 +169,7 @@ def const_ints(value):
     return out
 
 
-def op_fingerprint(op):
+def op_fingerprint(op: "ir.Operation") -> str:
     """What makes an op compute what it computes, as one line: its name, its tensor operand
     and result types and its constant operands (strides, groups, dims...). Two ops with
     the same fingerprint are the same computation on different data: an op measured wrong
@@ -182,7 +186,7 @@ def op_fingerprint(op):
     return f"{op.operation.name}({', '.join(args)}) -> {results}"
 
 
-def load_verdicts(items):
+def load_verdicts(items: Iterable) -> dict:
     """Measured facts about devices, for annotate-costs and assign-devices: each item a dict
     or the path of a JSON file {"device": NAME, "wrong_ops": {fingerprint: {"reason": ...}},
     "corrections": {"matmul"|"conv"|"other": factor}}. -> {device: {"wrong_ops", "corrections"}}."""

@@ -36,18 +36,22 @@ Others are left as they are.
 The new ops carry the convolution's location (module path and source line)."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..dialects import polyarch as pa
 from .base import Pass, option
 from .common import const_ints as _const_list
 from .common import const_scalar as _const_scalar
 
+if TYPE_CHECKING:
+    from torch_mlir import ir
+
 IM2COL = "im2col"
 TAPS = "taps"
 _FLOATS = ("f32", "f16", "bf16", "f64")
 
 
-def conv_params(op):
+def conv_params(op: "ir.Operation") -> dict | None:
     """The parameters of an eligible 2-D convolution, or None if the rewrite does not apply.
     -> dict(x, w, b (or None), stride, padding, dilation, in_shape, w_shape, out_shape, et)."""
     if op.operation.name != "torch.aten.convolution" or len(op.operands) != 9:
@@ -182,7 +186,7 @@ def _finish(bld, op, p, cols, k):
     op.operation.erase()
 
 
-def convolutions(func):
+def convolutions(func: "ir.Operation") -> list:
     """The eligible convolutions of a function, in program order. (Their parameters are
     read by conv_params just before each rewrite: a rewrite replaces the values that later
     convolutions read.)"""
@@ -195,12 +199,12 @@ class ConvToMatmul(Pass):
     convs: str = option("all", "all eligible convolutions, or those marked polyarch.lowering", choices=("all", "marked"))
     kinds: tuple = option((IM2COL, TAPS), "with convs=marked: the lowerings rewritten", sep=",")
 
-    def apply(self, module):
+    def apply(self, module: "ir.Module") -> int:
         """-> the number of convolutions rewritten."""
         return _rewrite_all(module, self.convs, self.kinds)
 
 
-def run(module, **options):
+def run(module: "ir.Module", **options) -> int:
     """Rewrite the eligible convolutions of every function of `module` in place (with
     convs=marked, only those marked with one of `kinds`). -> the number rewritten."""
     return ConvToMatmul(**options).apply(module)

@@ -29,10 +29,14 @@ Options:
 import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..dialects import polyarch as pa
 from .base import Pass, option
 from .common import const_scalar, main_func, module_path, source_line
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
 INPUTS = "polyarch.index_inputs"
 GUARD = "polyarch.index_guard"
@@ -150,7 +154,7 @@ def _where(op):
     return f"{name} at {src}" if src and "/torch/" not in src else name
 
 
-def mark(module):
+def mark(module: "ir.Module") -> dict:
     """Classify every index operand of @main. -> {arg number: {"min", "max", "op"}} for the
     inputs used as indices (also recorded as `polyarch.index_inputs` on @main); computed
     indices are marked `polyarch.index_guard` on their op."""
@@ -177,7 +181,7 @@ def mark(module):
     return ranges
 
 
-def input_ranges(module):
+def input_ranges(module: "ir.Module") -> dict:
     """{arg number: {"min", "max", "op"}} as recorded by `mark`."""
     func = main_func(module)
     if INPUTS not in func.attributes:
@@ -205,7 +209,7 @@ def _check(ir, op, value, lo, hi):
     make("torch.runtime.assert", None, [flag], {"message": ir.StringAttr.get(msg)})
 
 
-def insert(module):
+def insert(module: "ir.Module") -> int:
     """Put a range check in front of every op marked by `mark`, in every function of
     `module`. -> the number of checks inserted."""
     from torch_mlir import ir
@@ -235,7 +239,7 @@ class GuardIndices(Pass):
     stage: str = option("all", "mark: classify and record; insert: the checks; all: both",
                         choices=("mark", "insert", "all"))
 
-    def apply(self, module):
+    def apply(self, module: "ir.Module") -> "ir.Module":
         if self.stage in ("mark", "all"):
             mark(module)
         if self.stage in ("insert", "all"):
@@ -243,6 +247,6 @@ class GuardIndices(Pass):
         return module
 
 
-def run(module, **options):
+def run(module: "ir.Module", **options) -> "ir.Module":
     """Run the pass with Python option values (see GuardIndices)."""
     return GuardIndices(**options).apply(module)

@@ -19,6 +19,8 @@ segment that uses them, never passed between segments. @main becomes a sequence 
 func.call @seg_N, with a "polyarch.transfer" wherever a tensor crosses devices."""
 
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from ..targets import BOUNDARY, WIDEN, has_narrow_storage
 from ..dialects import polyarch as pa
@@ -26,6 +28,9 @@ from ..runtime.devices import DeviceSpec
 from ..errors import PolyarchError
 from .base import Pass
 from .common import body_ops, describe, main_func, remat_set
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
 
 def _segments(ops, remat):
@@ -47,11 +52,11 @@ def _segments(ops, remat):
 class OutlineSegments(Pass):
     NAME = "outline-segments"
 
-    def apply(self, module):
+    def apply(self, module: "ir.Module") -> None:
         _Outliner(module).run()
 
 
-def run(module):
+def run(module: "ir.Module") -> None:
     """Run the pass (see OutlineSegments)."""
     OutlineSegments().apply(module)
 
@@ -168,7 +173,8 @@ def _constant_segment(ir, module, func, name, values, ops, remat, segs, main_val
         main_value[v] = r
 
 
-def make_function(ir, name, inputs, outputs, order, widen, ip):
+def make_function(ir: ModuleType, name: str | None, inputs: list, outputs: list, order: list, widen: bool,
+                  ip: "ir.InsertionPoint") -> tuple:
     """func.func @name(inputs) -> outputs at `ip`, its body clones of `order` (ops in program
     order, glue included), with the boundary types of the device (see _boundary_type).
     -> (function, input types, output types)."""
@@ -256,7 +262,7 @@ def _captured(ir, op):
     return out
 
 
-def program_order(some, ops):
+def program_order(some: list, ops: list) -> list:
     pos = {op.operation: i for i, op in enumerate(ops)}
     return sorted(some, key=lambda op: pos[op.operation])
 

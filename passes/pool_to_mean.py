@@ -13,17 +13,21 @@ dimension #0 to be 1287, but found 1280"; plain iree-compile on the torch-mlir i
 fails the same way). The new op carries the pool's location."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..dialects import polyarch as pa
 from .base import Pass
 from .common import const_ints as _ints
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
 
 
 @dataclass(frozen=True)
 class PoolToMean(Pass):
     NAME = "pool-to-mean"
 
-    def apply(self, module):
+    def apply(self, module: "ir.Module") -> int:
         """-> the number of pools rewritten."""
         return _rewrite_all(module)
 
@@ -33,7 +37,7 @@ def _is_none(value):
     return o is not None and o.name == "torch.constant.none"
 
 
-def whole_window(op):
+def whole_window(op: "ir.Operation") -> bool:
     """True for an avg_pool2d whose single window covers its whole (static) input."""
     if op.operation.name != "torch.aten.avg_pool2d" or len(op.operands) != 7:
         return False
@@ -46,7 +50,7 @@ def whole_window(op):
     return p == [0, 0] and k[0] >= h and k[1] >= w and list(yi[0]) == [n, c, 1, 1] and _is_none(divisor)
 
 
-def run(module):
+def run(module: "ir.Module") -> int:
     """Rewrite every whole-window average pool of `module` in place. -> the number rewritten."""
     return PoolToMean().apply(module)
 

@@ -34,6 +34,7 @@ a plan over capacity is repaired by Lagrangian penalties on weight bytes (heuris
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 INF = math.inf
 METRICS = ("latency", "cost", "energy", "throughput")
@@ -63,11 +64,11 @@ class Problem:
     capacity: list = None  # per device, bytes (None: unlimited)
 
     @property
-    def n(self):
+    def n(self) -> int:
         return len(self.comp)
 
     @property
-    def D(self):
+    def D(self) -> int:
         return len(self.devices)
 
 
@@ -110,7 +111,7 @@ def _src(pb, v, assign):
     return pb.host if v.producer < 0 else assign[v.producer]
 
 
-def metrics(pb, assign):
+def metrics(pb: "Problem", assign: list) -> dict:
     """{latency s, cost $/1M calls, energy J, throughput bottleneck s, busy [s per device]}."""
     tot = [0.0] * (3 + pb.D + 1)
     for i, d in enumerate(assign):
@@ -127,7 +128,7 @@ def _named(pb, tot):
     return {"latency": tot[0], "cost": tot[1], "energy": tot[2], "throughput": max(busy) if busy else 0.0, "busy": busy}
 
 
-def transfer_bytes(pb, assign):
+def transfer_bytes(pb: "Problem", assign: list) -> int:
     return sum(v.nbytes * len(_dests(pb, v, assign) - {_src(pb, v, assign)}) for v in pb.values)
 
 
@@ -140,29 +141,29 @@ class Objective:
         self.norms = norms or normalisers(pb)
         self.additive = all(k in ADDITIVE for k in self.w)
 
-    def of_metrics(self, m):
+    def of_metrics(self, m: dict) -> float:
         return sum(w * m[k] / self.norms[k] for k, w in self.w.items())
 
     def __call__(self, assign):
         return self.of_metrics(metrics(self.pb, assign))
 
-    def unary(self, i, d):
+    def unary(self, i: int, d: int) -> float:
         if self.pb.comp[i][d] == INF:
             return INF
         return self._scal(_op_vec(self.pb, i, d))
 
-    def pair(self, v, src, dst):
+    def pair(self, v: "Value", src: int, dst: int) -> float:
         return self._scal(_value_vec(self.pb, v, src, [dst]))
 
     def _scal(self, vec):
         return sum(w * vec[("latency", "cost", "energy").index(k)] / self.norms[k] for k, w in self.w.items() if k in ADDITIVE)
 
 
-def single_device_plans(pb):
+def single_device_plans(pb: "Problem") -> list:
     return [[d] * pb.n for d in range(pb.D) if all(pb.comp[i][d] != INF for i in range(pb.n))]
 
 
-def normalisers(pb):
+def normalisers(pb: "Problem") -> dict:
     """Each metric's best value over the feasible single-device plans (1 if none, or 0)."""
     singles = single_device_plans(pb)
     out = {}
@@ -173,14 +174,14 @@ def normalisers(pb):
     return out
 
 
-def feasible(pb, assign):
+def feasible(pb: "Problem", assign: list) -> bool:
     return all(pb.comp[i][d] != INF for i, d in enumerate(assign))
 
 
 # ---- exact solvers ----------------------------------------------------------------
 
 
-def brute(pb, obj):
+def brute(pb: "Problem", obj: "Objective") -> list:
     best, best_a = INF, None
     allowed = [[d for d in range(pb.D) if pb.comp[i][d] != INF] for i in range(pb.n)]
     for a in itertools.product(*allowed):
@@ -190,7 +191,7 @@ def brute(pb, obj):
     return best_a
 
 
-def is_chain(pb):
+def is_chain(pb: "Problem") -> bool:
     for v in pb.values:
         nxt = v.producer + 1
         if any(c != nxt for c in v.consumers):
@@ -198,7 +199,7 @@ def is_chain(pb):
     return True
 
 
-def chain_dp(pb, obj):
+def chain_dp(pb: "Problem", obj: "Objective") -> list | None:
     n, D = pb.n, pb.D
     into = [[] for _ in range(n + 1)]  # values produced by op i-1 (or the host for i=0), read by op i
     ret = [[] for _ in range(n)]
@@ -236,7 +237,7 @@ def chain_dp(pb, obj):
     return assign
 
 
-def mincut(pb, obj):
+def mincut(pb: "Problem", obj: "Objective") -> list:
     """Two devices: 0 is the source side, 1 the sink side."""
     import networkx as nx
 
@@ -362,7 +363,7 @@ class _State:
             self._add(self._vv(v), 1)
 
 
-def heft(pb, obj, start=None, check=None):
+def heft(pb: "Problem", obj: "Objective", start: list | None = None, check: Callable | None = None) -> list:
     """Local search from `start` (default: the list schedule); `check(assign)` may veto moves."""
     n, D = pb.n, pb.D
     if start is None:
@@ -429,7 +430,7 @@ def _list_schedule(pb, obj):
 # ---- memory -----------------------------------------------------------------------
 
 
-def memory_use(pb, assign):
+def memory_use(pb: "Problem", assign: list) -> list:
     """Bytes per device: distinct weights of its ops + peak live activations on it."""
     D = pb.D
     weights = [dict() for _ in range(D)]
@@ -458,7 +459,7 @@ def memory_use(pb, assign):
     return out
 
 
-def over_capacity(pb, assign):
+def over_capacity(pb: "Problem", assign: list) -> list:
     if not pb.capacity:
         return []
     use = memory_use(pb, assign)
@@ -476,7 +477,7 @@ ALGORITHMS = {
 }
 
 
-def choose_solver(pb, obj):
+def choose_solver(pb: "Problem", obj: "Objective") -> str:
     if pb.D == 1:
         return "one"
     allowed = 1
@@ -493,7 +494,7 @@ def choose_solver(pb, obj):
     return "heft"
 
 
-def solve(pb, solver="auto"):
+def solve(pb: "Problem", solver: str = "auto") -> tuple:
     """-> (assignment, algorithm text, metrics). Raises ValueError if a solver does not apply."""
     obj = Objective(pb)
     name = choose_solver(pb, obj) if solver == "auto" else solver

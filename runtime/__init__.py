@@ -6,7 +6,7 @@
 Depends only on iree-base-runtime and numpy."""
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .bundle import verify
 from .devices import DeviceSpec
@@ -19,7 +19,7 @@ __all__ = ["load", "Bundle", "verify", "DeviceSpec"]
 
 
 def load(path: str | os.PathLike, devices: dict | None = None, plan: str | None = None, strict: bool = False,
-         cluster: str | None = None, trusted_keys=None) -> "Bundle | RayBundle":
+         cluster: str | None = None, trusted_keys: Any = None) -> "Bundle | RayBundle":
     """Load a bundle for execution on this host. -> a callable Bundle.
 
     devices: optional {bundle device name: local device spec} to run a segment on

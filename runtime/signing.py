@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from typing import Any
 
 from ..errors import BundleError, PolyarchError
 from .bundle import MANIFEST, read_manifest
@@ -63,7 +64,7 @@ def keygen(path: str) -> str:
     return path, path + ".pub", key_id(public)
 
 
-def read_keys(trusted_keys) -> list:
+def read_keys(trusted_keys: Any) -> list:
     """The PEM bytes of public keys given as paths (or already as PEM bytes), each checked to
     be an Ed25519 public key: what travels to Ray actors, which have no key files."""
     return [_public_pem(_load_key(k, private=False)) for k in trusted_keys]
@@ -141,7 +142,7 @@ def signature_of(bundle: str) -> dict | None:
     return rec if isinstance(rec, dict) else {"damaged": True}
 
 
-def check(bundle: str, trusted_keys, manifest: bytes | None = None) -> str:
+def check(bundle: str, trusted_keys: Any, manifest: bytes | None = None) -> str:
     """Raise BundleError unless `bundle`'s manifest is signed by one of `trusted_keys` (paths
     of public keys, or their PEM bytes). manifest: the manifest bytes to check (those the
     caller parsed and will check the members against); default: read from `bundle`.

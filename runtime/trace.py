@@ -2,9 +2,10 @@
 `polyarch plan --trace` (predicted)."""
 
 import json
+from typing import Iterable
 
 
-def write_chrome_trace(path: str, process: str, events: list, tracks=(), other: list | None = None) -> None:
+def write_chrome_trace(path: str, process: str, events: list, tracks: Iterable = (), other: list | None = None) -> None:
     """events: [{name, kind, track, start (s), dur (s), args}]; tracks: names shown first."""
     tracks = list(dict.fromkeys(list(tracks) + [e["track"] for e in events]))
     tid = {t: i for i, t in enumerate(tracks)}

@@ -38,7 +38,8 @@ BOUNDARY = {"f64": "f32"}
 WIDEN = {"i1": "si32", "si8": "si32", "ui8": "si32", "si16": "si32", "f16": "f32", "bf16": "f32"}
 
 
-def unsupported_reason(spec: DeviceSpec, element_types: Iterable, op_name: str = "", input_types: Iterable = ()) -> str | None:
+def unsupported_reason(spec: DeviceSpec, element_types: Iterable, op_name: str = "",
+                       input_types: Iterable = ()) -> str | None:
     """Why a device cannot run an op touching tensors of `element_types`, or None.
 
     input_types: element types of the tensors the op reads."""

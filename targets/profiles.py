@@ -28,6 +28,7 @@ profiles are spec-sheet figures (their sources are cited below and in `source`);
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable
 
 from ..errors import PolyarchError
 from .kinds import TARGETS
@@ -147,7 +148,7 @@ def save(path: str, profiles: list) -> None:
         f.write("\n")
 
 
-def load_all(paths) -> list:
+def load_all(paths: Iterable) -> list:
     out = []
     for p in paths or ():
         if isinstance(p, DeviceProfile):
@@ -170,7 +171,7 @@ def match(spec: DeviceSpec | str, given: list) -> "DeviceProfile | None":
     return best
 
 
-def resolve(specs, profiles=()) -> dict:
+def resolve(specs: Iterable, profiles: Iterable = ()) -> dict:
     """{spec name: DeviceProfile} for each target: the given profile that matches it best
     (see match), else the built-in one."""
     given = load_all(profiles)

@@ -4,6 +4,7 @@ Shared by the compiler and the runtime (device creation)."""
 
 import re
 from dataclasses import dataclass
+from typing import Iterable
 
 from ..errors import DeviceError
 from .kinds import TARGETS, Target
@@ -61,7 +62,7 @@ class DeviceSpec:
         return self.name
 
 
-def parse_devices(specs) -> list:
+def parse_devices(specs: Iterable) -> list:
     """Parse a list of device specs; rejects duplicates."""
     out = []
     for s in specs:

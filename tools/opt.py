@@ -57,7 +57,7 @@ def _run_one(text, pipeline, elide_large, where):
               help=f"Treat each '{SPLIT}'-separated chunk of INPUT as its own module: each is printed, or its "
                    "error as 'error: ...', separated by the same line; the exit status is 1 if any failed "
                    "(for verifier tests).")
-def cli(input, pipeline, output, elide_large, split):
+def cli(input: str, pipeline: str, output: str, elide_large: bool, split: bool) -> None:
     """Run polyarch passes on INPUT (a torch-dialect .mlir file, '-' for stdin).
 
     The module is verified before the passes and after each one: the polyarch.transfer
@@ -99,5 +99,5 @@ def cli(input, pipeline, output, elide_large, split):
 cli.epilog = "\b\nPasses and their options:\n" + _pass_help()
 
 
-def main():
+def main() -> None:
     cli()

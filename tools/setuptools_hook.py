@@ -37,8 +37,12 @@ import re
 import shutil
 import subprocess
 import sys
+from typing import TYPE_CHECKING, Callable
 
 from setuptools.command.build_py import build_py as _build_py
+
+if TYPE_CHECKING:
+    from ..compiler.options import CompileOptions
 
 try:
     import tomllib
@@ -58,7 +62,7 @@ def _option_keys():
     return {f.name for f in fields(CompileOptions)}
 
 
-def bundles_of(project_dir):
+def bundles_of(project_dir: str) -> list:
     """The [[tool.polyarch.bundle]] tables of a project's pyproject.toml, checked (their
     options too)."""
     path = os.path.join(project_dir, "pyproject.toml")
@@ -79,7 +83,7 @@ def bundles_of(project_dir):
     return tables
 
 
-def compile_options(table, project_dir, where="[[tool.polyarch.bundle]]"):
+def compile_options(table: dict, project_dir: str, where: str = "[[tool.polyarch.bundle]]") -> "CompileOptions":
     """The CompileOptions of one bundle table (profiles relative to the project); ValueError
     naming the table for a bad one."""
     from ..compiler.options import CompileOptions
@@ -92,7 +96,7 @@ def compile_options(table, project_dir, where="[[tool.polyarch.bundle]]"):
         raise ValueError(str(e)) from None
 
 
-def compile_args(table, project_dir, output, depfile, options_file):
+def compile_args(table: dict, project_dir: str, output: str, depfile: str | None, options_file: str | None) -> list:
     """`polyarch compile` arguments for one bundle table whose options are in options_file."""
     model = os.path.join(project_dir, table["source"])
     if table.get("entry"):
@@ -103,7 +107,7 @@ def compile_args(table, project_dir, output, depfile, options_file):
     return args
 
 
-def up_to_date(output, depfile, record_file, record):
+def up_to_date(output: str, depfile: str | None, record_file: str, record: dict) -> bool:
     """True if `output` exists, was made as `record` says (arguments and options), and is
     newer than every dependency."""
     if not (os.path.exists(output) and os.path.exists(depfile) and os.path.exists(record_file)):
@@ -119,7 +123,7 @@ def up_to_date(output, depfile, record_file, record):
     return all(os.path.exists(d) and os.path.getmtime(d) <= built for d in deps)
 
 
-def build_bundles(project_dir, build_lib, build_temp, announce=print):
+def build_bundles(project_dir: str, build_lib: str, build_temp: str, announce: Callable[[str], None] = print) -> None:
     """Compile (or reuse) every declared bundle and place it under build_lib."""
     for table in bundles_of(project_dir):
         cache = os.path.join(build_temp, "polyarch", table["output"])
@@ -146,7 +150,7 @@ def build_bundles(project_dir, build_lib, build_temp, announce=print):
 class build_py(_build_py):
     """setuptools' build_py, then the bundles of [[tool.polyarch.bundle]]."""
 
-    def run(self):
+    def run(self) -> None:
         super().run()
         build_temp = self.get_finalized_command("build").build_temp
         build_bundles(os.path.abspath(os.getcwd()), self.build_lib, build_temp,
