@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import click
 
@@ -160,7 +161,7 @@ def _devices(devices, profiles):
     return ("cpu",)
 
 
-def model_options(f):
+def model_options(f: Callable) -> Callable:
     for opt in reversed(_model_options):
         f = opt(f)
     return f
@@ -189,7 +190,7 @@ class _Polyarch(click.Group):
 
 @click.group(cls=_Polyarch, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="polyarch")
-def cli():
+def cli() -> None:
     """Split one PyTorch model across heterogeneous devices, ahead of time.
 
     \b
@@ -228,8 +229,9 @@ def cli():
 @click.option("--iree-flag", "iree_flags", multiple=True, metavar="FLAG",
               help="Pass FLAG to every iree-compile (repeatable), after polyarch's own flags, e.g. "
                    "--iree-flag=--iree-llvmcpu-enable-ukernels=all. Write it with '=' when FLAG starts with '-'.")
-def compile(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, options_file, no_calibrate, output,
-            jobs, quiet, depfile, no_verify, plans, tune, iree_flags):
+def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: tuple, objective: str, solver: str,
+            profiles: tuple, options_file: str | None, no_calibrate: bool, output: str | None, jobs: int | None,
+            quiet: bool, depfile: str | None, no_verify: bool, plans: tuple, tune: str, iree_flags: tuple) -> None:
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -317,8 +319,9 @@ def _compile_options(ctx):
 @click.option("--requests", type=int, default=None, metavar="N",
               help="Simulate N calls in the timeline (default: 1; 4 for the throughput objective, pipelined).")
 @click.option("--mlir", "mlir_out", type=click.Path(dir_okay=False), help="Also write the partitioned module here.")
-def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles, options_file, no_calibrate, explain,
-         show_ops, trace_out, gantt_out, requests, mlir_out):
+def plan(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: tuple, objective: str, solver: str,
+         profiles: tuple, options_file: str | None, no_calibrate: bool, explain: bool, show_ops: bool,
+         trace_out: str | None, gantt_out: str | None, requests: int | None, mlir_out: str | None) -> None:
     """Show where each part of MODEL would run, without compiling.
 
     With --profile files for devices this host does not have, this simulates a
@@ -382,7 +385,8 @@ def plan(model, inputs, dynamic_dims, devices, pins, objective, solver, profiles
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="KEY.pub",
               help="Run the bundle only if it is signed by this public key (`polyarch sign`); repeatable. A bundle "
                    "is native code: use this for bundles from elsewhere.")
-def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict, cluster, trusted_keys):
+def run(bundle: str, inputs: tuple, outputs: tuple, repeat: int, trace_out: str | None, plan_name: str | None,
+        strict: bool, cluster: str | None, trusted_keys: tuple) -> None:
     """Load BUNDLE on this host's devices and run it.
 
     \b
@@ -461,7 +465,7 @@ def run(bundle, inputs, outputs, repeat, trace_out, plan_name, strict, cluster, 
 @click.argument("bundle", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 @click.option("--ops", "show_ops", is_flag=True, help="Every op: source line, module path, segment, device, predicted time.")
-def inspect(bundle, as_json, show_ops):
+def inspect(bundle: str, as_json: bool, show_ops: bool) -> None:
     """Describe BUNDLE: signature, segments, devices, predicted cost, sizes; checks every hash.
 
     \b
@@ -567,7 +571,7 @@ def _verification_lines(v):
 @click.option("--kernels", type=click.Path(file_okay=False), metavar="DIR",
               help="Keep the compiled microbenchmarks here and reuse them (a host with the runtime only can "
                    "calibrate from a folder filled on a host with the compiler).")
-def calibrate(devices, output, quick, like, kernels):
+def calibrate(devices: tuple, output: str, quick: bool, like: tuple, kernels: str | None) -> None:
     """Measure this host's devices and write a device profile for the cost model.
 
     Runs IREE-compiled microbenchmarks on each device: a matmul sweep (peak
@@ -610,7 +614,7 @@ def calibrate(devices, output, quick, like, kernels):
 @cli.command()
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="KEY",
               help="Where to write the private key (mode 0600); the public key goes to KEY.pub.")
-def keygen(output):
+def keygen(output: str) -> None:
     """Make an Ed25519 key pair for signing bundles.
 
     \b
@@ -627,7 +631,7 @@ def keygen(output):
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
 @click.option("--key", "key", required=True, type=click.Path(exists=True, dir_okay=False), metavar="KEY",
               help="The private key from `polyarch keygen`.")
-def sign(bundle, key):
+def sign(bundle: str, key: str) -> None:
     """Sign BUNDLE: an Ed25519 signature over its manifest, which holds every member's SHA-256.
 
     \b
@@ -671,7 +675,7 @@ def _unwind(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def main():
+def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _unwind)
