@@ -63,8 +63,15 @@ class Pass:
 
     @classmethod
     def options(cls) -> dict:
-        """{option name: help} in declaration order."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+        """{option name: help (with the values allowed, the default)} in declaration order."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = (f.metadata.get("sep") or ",").join(default) if isinstance(default, tuple) else default
+            choices = f.metadata.get("choices")
+            out[f.name] = (f.metadata.get("help", "") + (f" ({' | '.join(choices)})" if choices else "")
+                           + (f"; default {shown}" if shown not in ("", None) else ""))
+        return out
 
     @classmethod
     def from_text(cls, items: list) -> "Pass":
