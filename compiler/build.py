@@ -2,7 +2,6 @@
 lowering), the weights merged into one parameter archive, the manifest written."""
 
 import datetime
-import json
 import os
 import tempfile
 import time
@@ -13,7 +12,7 @@ from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
 from ..targets import iree_flags
 from .iree import compile_with_retries, iree_compile_tool, iree_error, segment_module
-from .modules import attr_to_py, plan_text, schedule_of, segments_of, tensor_desc
+from .modules import plan_text, schedule_of, segments_of, tensor_desc
 
 if TYPE_CHECKING:
     from torch_mlir import ir
@@ -165,11 +164,13 @@ def plan_manifest(module: "ir.Module", vmfbs: dict, name: str | None = None, mem
     from ..passes.common import body_ops, module_path, source_line
 
     steps, outputs = schedule_of(module)
-    devices = [a.value for a in module.operation.attributes[pa.DEVICES]]
+    plan = pa.Plan.of(module)
+    devices = list(plan.devices)
     segments = []
-    for seg, device, fn in segments_of(module):
+    for s in pa.Segment.all(module):
+        seg, device, fn = s.name, s.device, s.fn
         ftype = fn.type
-        ops, _ = body_ops(fn)
+        ops = [op for op in body_ops(fn)[0] if pa.is_placed(op)]
         data, cmd, _ = vmfbs[seg]
         entry = {
             "name": seg,
@@ -178,12 +179,12 @@ def plan_manifest(module: "ir.Module", vmfbs: dict, name: str | None = None, mem
             "function": seg,
             "inputs": [tensor_desc(t) for t in ftype.inputs],
             "outputs": [tensor_desc(t) for t in ftype.results],
-            "predicted_us": fn.attributes[pa.TIME_US].value,
-            "ops": sum(1 for op in ops if pa.DEVICE in op.attributes),
+            "predicted_us": s.predicted_us,
+            "ops": len(ops),
             "op_list": [
                 {"op": op.operation.name, "path": module_path(op), "source": source_line(op),
-                 "predicted_us": op.attributes[pa.TIME_US][device].value if pa.TIME_US in op.attributes and device in op.attributes[pa.TIME_US] else 0.0}
-                for op in ops if pa.DEVICE in op.attributes
+                 "predicted_us": (pa.Times.of(op) or pa.Times({})).us.get(device, 0.0)}
+                for op in ops
             ],
             "iree_flags": [c for c in cmd[2:] if c.startswith("--") and "--iree-parameter-export=" not in c],
         }
@@ -194,10 +195,9 @@ def plan_manifest(module: "ir.Module", vmfbs: dict, name: str | None = None, mem
     return {
         "name": name or "+".join(devices),
         "devices": devices,
-        "plan": attr_to_py(module.operation.attributes[pa.PLAN]),
-        "profiles": attr_to_py(module.operation.attributes[pa.PROFILES]) if pa.PROFILES in module.operation.attributes else {},
-        "device_info": json.loads(module.operation.attributes[pa.DEVICE_INFO].value)
-        if pa.DEVICE_INFO in module.operation.attributes else {},
+        "plan": plan.summary,
+        "profiles": plan.profiles,
+        "device_info": plan.device_info or {},
         "segments": segments,
         "schedule": steps,
         "outputs": outputs,

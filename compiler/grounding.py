@@ -78,7 +78,7 @@ def _placement(modules):
     key = []
     for name, module in modules:
         for seg, device, fn in segments_of(module):
-            key.append((name, device, tuple(op.operation.name for op in body_ops(fn)[0] if pa.DEVICE in op.attributes)))
+            key.append((name, device, tuple(op.operation.name for op in body_ops(fn)[0] if pa.is_placed(op))))
     return tuple(key)
 
 

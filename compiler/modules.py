@@ -3,7 +3,7 @@
 Helpers over a module after outline-segments (dialects/polyarch.py names the attributes)."""
 
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 
@@ -30,8 +30,9 @@ def segments_of(module: "ir.Module") -> list:
     """[(name, device, func op)] in module order."""
     out = []
     for op in module.body.operations:
-        if op.operation.name == "func.func" and pa.DEVICE in op.attributes:
-            out.append((op.attributes["sym_name"].value, op.attributes[pa.DEVICE].value, op))
+        s = pa.Segment.of(op)
+        if s is not None:
+            out.append((s.name, s.device, s.fn))
     return out
 
 
@@ -76,19 +77,6 @@ def schedule_of(module: "ir.Module") -> tuple:
         else:
             raise PolyarchError(f"unexpected op {name} in @main after outline-segments")
     raise PolyarchError("@main has no return")
-
-
-def attr_to_py(attr: "ir.Attribute") -> Any:
-    """A (nested) MLIR dictionary/string/number attribute as plain Python."""
-    from torch_mlir import ir
-
-    if isinstance(attr, ir.DictAttr):
-        return {a.name: attr_to_py(a.attr) for a in attr}
-    if isinstance(attr, ir.ArrayAttr):
-        return [attr_to_py(a) for a in attr]
-    if isinstance(attr, (ir.StringAttr, ir.IntegerAttr, ir.FloatAttr, ir.BoolAttr)):
-        return attr.value
-    return str(attr)
 
 
 def plan_text(module: "ir.Module") -> str:

@@ -1,7 +1,6 @@
 """Planning: identify and price the devices, then partition the imported module once per
 device set (the three passes: annotate-costs, assign-devices, outline-segments)."""
 
-import json
 import os
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -92,7 +91,7 @@ def partition(base: "ir.Module", sets: list, pins: Iterable, progress: Callable[
                 OutlineSegments(),
             ])
             info = {d: priced["devices"][d] for d in devs}
-            module.operation.attributes[pa.DEVICE_INFO] = ir.StringAttr.get(json.dumps(info, sort_keys=True))
+            pa.set_device_info(module, info)
         progress(f"partitioned over {', '.join(devs)} in {time.time() - t:.1f}s")
         out.append((name, module))
     return out

@@ -97,27 +97,22 @@ def explain(module: "ir.Module", profile_files: Iterable = ()) -> "Report":
     """A Report of a module after outline-segments."""
     from ..passes.assign_devices import link_time
     from ..passes.common import body_ops, describe
-    from .modules import attr_to_py, schedule_of, segments_of
+    from .modules import schedule_of
 
-    plan = attr_to_py(module.operation.attributes[pa.PLAN])
-    devices = [a.value for a in module.operation.attributes[pa.DEVICES]]
+    placement = pa.Plan.of(module)
+    plan, devices = placement.summary, list(placement.devices)
     profs = P.resolve(devices, profile_files)
     steps, _ = schedule_of(module)
     segs = []
-    for name, device, fn in segments_of(module):
-        body, _ = body_ops(fn)
-        ops = []
-        for op in body:
-            if pa.DEVICE not in op.attributes:
-                continue
-            t = attr_to_py(op.attributes[pa.TIME_US]) if pa.TIME_US in op.attributes else {}
-            r = op.attributes[pa.REASON].value if pa.REASON in op.attributes else None
-            ops.append((describe(op), t, r))
+    for s in pa.Segment.all(module):
+        name, device, fn = s.name, s.device, s.fn
+        ops = [(describe(op), (pa.Times.of(op) or pa.Times({})).us, pa.Placement.of(op).reason)
+               for op in body_ops(fn)[0] if pa.is_placed(op)]
         other = {}
         for d in devices:
             if d != device:
                 other[d] = None if any(d not in t for _, t, _ in ops) else sum(t[d] for _, t, _ in ops)
-        segs.append(Segment(name, device, ops, fn.attributes[pa.TIME_US].value, other, profs[device].call_s))
+        segs.append(Segment(name, device, ops, s.predicted_us, other, profs[device].call_s))
     by_name = {s.name: s for s in segs}
     made_by = {}
     transfer_of = {}

@@ -183,7 +183,7 @@ def _conv_probes(ir, module, items):
                                              False, ir.InsertionPoint(m.body))
             if k == 1:
                 conv = [o for o in new.regions[0].blocks[0].operations if o.operation.name == "torch.aten.convolution"][-1]
-                conv.attributes[pa.LOWERING] = ir.StringAttr.get(conv_params(op)["lowering"])
+                pa.set_lowering(conv, conv_params(op)["lowering"])
         sigs.append((f"conv{i}", in_types))
     return mods[0], mods[1], sigs
 
@@ -213,7 +213,7 @@ def _segment_digest(fn, extra):
     across imports (the bytecode is not: resource names differ)."""
     from ..passes.common import op_fingerprint
 
-    lines = [op_fingerprint(op) + (f" {op.attributes[pa.LOWERING].value}" if pa.LOWERING in op.attributes else "")
+    lines = [op_fingerprint(op) + (f" {pa.lowering_of(op)}" if pa.lowering_of(op) else "")
              for block in fn.regions[0].blocks for op in block.operations]
     return hashlib.sha256("\n".join(lines + list(extra)).encode()).hexdigest()[:24]
 
@@ -317,7 +317,7 @@ def _mark_convs(module, segs, convs, cache, mode, measured):
             for op, fp in convs[n]:
                 choice = cache["convs"][fp]["choice"]
                 if choice != "direct":
-                    op.attributes[pa.LOWERING] = ir.StringAttr.get(choice)
+                    pa.set_lowering(op, choice)
                     marked[choice] = marked.get(choice, 0) + 1
             out[n] = {"mode": mode, "convs": len(convs[n]), "rewritten": marked, "flags": "default", "extra_flags": [],
                       "source": "measured now" if measured else "cached"}
@@ -337,8 +337,8 @@ def _tune_whole(module, n, d, fn, seg_convs, rec, cache, mode, flagsets, tmp, pr
         rec["source"] = "measured now"
     with module.context, ir.Location.unknown():
         for op, _ in seg_convs:
-            if pa.LOWERING in op.attributes and op.attributes[pa.LOWERING].value not in hit["lowering"]:
-                del op.attributes[pa.LOWERING]
+            if pa.lowering_of(op) and pa.lowering_of(op) not in hit["lowering"]:
+                pa.set_lowering(op, None)
     rec["rewritten"] = {k: v for k, v in rec["rewritten"].items() if k in hit["lowering"]}
     rec["flags"] = hit["flags"]
     rec["extra_flags"] = list(FLAG_CANDIDATES["cpu"].get(hit["flags"], ()))

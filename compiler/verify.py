@@ -72,8 +72,9 @@ def reference_module(module: "ir.Module") -> "ir.Module":
     with module.context, ir.Location.unknown():
         ref = clone_module(module)
         for _, _, fn in segments_of(ref):
-            fn.attributes[pa.DEVICE] = ir.StringAttr.get("cpu")
-        ref.operation.attributes[pa.DEVICES] = ir.ArrayAttr.get([ir.StringAttr.get("cpu")])
+            seg = pa.Segment.of(fn)
+            pa.Segment(seg.name, "cpu", seg.predicted_us, fn).put()
+        pa.set_devices(ref, ["cpu"])
     return ref
 
 
@@ -226,7 +227,7 @@ def locate(module: "ir.Module", seg_name: str, device: str, args: list, tmp: str
         ops, _ = body_ops(fn)
         remat = remat_set(fn)
         computed = [op for op in ops if op.operation not in remat]
-        placed = [op for op in computed if pa.DEVICE in op.attributes and any(pa.is_tensor(r) for r in op.results)]
+        placed = [op for op in computed if pa.is_placed(op) and any(pa.is_tensor(r) for r in op.results)]
         # llvm-cpu: every intermediate tensor of the segment on the segment's inputs
         trace_vals = [r for op in computed for r in op.results if pa.is_tensor(r)]
         trace = ir.Module.create()

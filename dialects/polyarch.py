@@ -34,10 +34,11 @@ Typed accessors own the attributes: `Cost`, `Times`, `Placement` (placed ops), `
 (`to_attr()` the attribute). Passes and the compiler go through them; `verify` reads every
 one, so a malformed attribute is caught after the pass that wrote it."""
 
+import json
 import re
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import PolyarchError
 
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
     from torch_mlir import ir
 
 __all__ = ["Cost", "Times", "Placement", "Segment", "Plan", "verify", "make_context", "tensor_info", "is_tensor",
-           "nominal_shape", "set_nominal_shapes", "set_profiles", "create_transfer", "attr_to_py", "py_to_attr"]
+           "nominal_shape", "set_nominal_shapes", "set_profiles", "set_devices", "set_device_info", "is_placed", "pin_of",
+           "lowering_of", "set_lowering", "create_transfer", "attr_to_py", "py_to_attr"]
 
 COST = "polyarch.cost"
 DEVICE = "polyarch.device"
@@ -329,6 +331,7 @@ class Plan:
     devices: tuple
     summary: dict
     profiles: dict
+    device_info: dict | None = None
 
     @classmethod
     def of(cls, module: "ir.Module") -> "Plan | None":
@@ -342,9 +345,11 @@ class Plan:
             summary = attr_to_py(ir.DictAttr(attrs[PLAN])) if PLAN in attrs else {}
             profiles = {a.name: ir.StringAttr(a.attr).value for a in ir.DictAttr(attrs[PROFILES])} \
                 if PROFILES in attrs else {}
+            info = json.loads(ir.StringAttr(attrs[DEVICE_INFO]).value) if DEVICE_INFO in attrs else None
         except (ValueError, TypeError):
-            raise _malformed("plan attributes", module.operation, f"{DEVICES} strings, {PLAN} and {PROFILES} dictionaries") from None
-        return cls(devices, summary, profiles)
+            raise _malformed("plan attributes", module.operation,
+                             f"{DEVICES} strings, {PLAN} and {PROFILES} dictionaries, {DEVICE_INFO} JSON text") from None
+        return cls(devices, summary, profiles, info)
 
     def put(self, module: "ir.Module") -> None:
         from torch_mlir import ir
@@ -354,6 +359,8 @@ class Plan:
         attrs[PLAN] = py_to_attr(self.summary)
         if self.profiles:
             set_profiles(module, self.profiles)
+        if self.device_info is not None:
+            set_device_info(module, self.device_info)
 
 
 def set_profiles(module: "ir.Module", profiles: dict) -> None:
@@ -361,6 +368,51 @@ def set_profiles(module: "ir.Module", profiles: dict) -> None:
     from torch_mlir import ir
 
     module.operation.attributes[PROFILES] = ir.DictAttr.get({d: ir.StringAttr.get(n) for d, n in profiles.items()})
+
+
+def set_devices(module: "ir.Module", devices: Iterable) -> None:
+    """polyarch.devices: the devices a module is placed over."""
+    from torch_mlir import ir
+
+    module.operation.attributes[DEVICES] = ir.ArrayAttr.get([ir.StringAttr.get(d) for d in devices])
+
+
+def set_device_info(module: "ir.Module", info: dict) -> None:
+    """polyarch.device_info: per device its identity on the compiling host (or null), the
+    profile that priced it and where that came from (JSON text)."""
+    from torch_mlir import ir
+
+    module.operation.attributes[DEVICE_INFO] = ir.StringAttr.get(json.dumps(info, sort_keys=True))
+
+
+def is_placed(op: "ir.Operation") -> bool:
+    """True for an op assign-devices placed (weights and glue are not: they are rematerialised)."""
+    return DEVICE in op.attributes
+
+
+def pin_of(op: "ir.Operation") -> str | None:
+    """polyarch.pin: the device the IR itself pins the op to, or None."""
+    from torch_mlir import ir
+
+    return ir.StringAttr(op.attributes[PIN]).value if PIN in op.attributes else None
+
+
+def lowering_of(op: "ir.Operation") -> str | None:
+    """polyarch.lowering: the rewrite tuning chose for a convolution ("im2col", "taps"), or None."""
+    from torch_mlir import ir
+
+    return ir.StringAttr(op.attributes[LOWERING]).value if LOWERING in op.attributes else None
+
+
+def set_lowering(op: "ir.Operation", kind: str | None) -> None:
+    """Mark a convolution with its lowering (None: unmark it)."""
+    from torch_mlir import ir
+
+    if kind is None:
+        if LOWERING in op.attributes:
+            del op.attributes[LOWERING]
+    else:
+        op.attributes[LOWERING] = ir.StringAttr.get(kind)
 
 
 def attr_to_py(attr: "ir.Attribute") -> Any:

@@ -93,8 +93,8 @@ def _parse_pins(pins, names):
 
 
 def _pin_of(op, pins):
-    if pa.PIN in op.attributes:
-        return op.attributes[pa.PIN].value, "pinned in the IR (polyarch.pin)"
+    if pa.pin_of(op) is not None:
+        return pa.pin_of(op), "pinned in the IR (polyarch.pin)"
     name, path = op.operation.name, module_path(op)
     for pattern, dev, hits in pins:
         if name == pattern or (path and (path == pattern or path.startswith(pattern + "."))):

@@ -220,7 +220,7 @@ def _rewrite_all(module, convs, kinds):
                 continue
             for op in convolutions(func):
                 p = conv_params(op)
-                marked = (pa.LOWERING in op.attributes and op.attributes[pa.LOWERING].value == p["lowering"]
+                marked = (pa.lowering_of(op) == p["lowering"]
                           and p["lowering"] in kinds)
                 if convs == "all" or marked:
                     (_rewrite_taps if p["lowering"] == TAPS else _rewrite)(ir, op, p)

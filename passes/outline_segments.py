@@ -38,9 +38,9 @@ def _segments(ops, remat):
     for op in ops:
         if op.operation in remat:
             continue
-        if pa.DEVICE not in op.attributes:
+        if not pa.is_placed(op):
             raise PolyarchError(f"{describe(op)} has no {pa.DEVICE}", fix="run assign-devices before outline-segments")
-        dev = op.attributes[pa.DEVICE].value
+        dev = pa.Placement.of(op).device
         if segs and segs[-1][0] == dev:
             segs[-1][1].append(op)
         else:
@@ -159,14 +159,14 @@ def _constant_segment(ir, module, func, name, values, ops, remat, segs, main_val
     """A segment without inputs that computes `values` (returned by the model, computed from
     constants alone) from clones of the ops they come from; on the plan's cpu if it has one,
     else on its first device. Its call goes before the return."""
-    devs = [a.value for a in module.operation.attributes[pa.DEVICES]] if pa.DEVICES in module.operation.attributes else []
+    plan = pa.Plan.of(module)
+    devs = list(plan.devices) if plan else []
     devs = devs or [d for d, _ in segs] or ["cpu"]
     dev = next((d for d in devs if DeviceSpec.parse(d).kind == "cpu"), devs[0])
     _, closure = _reach(ir, values, set(), remat)  # constants and glue alone: no inputs
     fn, _, out_types = make_function(ir, name, [], values, program_order(closure, ops),
                                      not has_narrow_storage(DeviceSpec.parse(dev)), module_ip)
-    fn.attributes[pa.DEVICE] = ir.StringAttr.get(dev)
-    fn.attributes[pa.TIME_US] = ir.FloatAttr.get(ir.F64Type.get(), 0.0)
+    pa.Segment(name, dev, 0.0, fn).put()
     call = func.CallOp(out_types, ir.FlatSymbolRefAttr.get(name), [], ip=main_ip)
     pa.set_nominal_shapes(ir, call.operation, values)
     for v, r in zip(values, call.results):

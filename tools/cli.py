@@ -12,6 +12,7 @@ from typing import Callable
 import click
 
 from ..errors import PolyarchError
+from ..targets import TARGETS
 
 
 def _load_array(path):
@@ -119,7 +120,7 @@ _model_options = [
                       "attention_mask:0:16=batch for two inputs sharing one batch. Costs are predicted at the "
                       "--input (example) size. PyTorch models only."),
     click.option("-d", "--device", "devices", multiple=True, metavar="SPEC",
-                 help="Target device, repeatable: KIND[:ORDINAL][@ARCH] with KIND cpu, vulkan, cuda, rocm "
+                 help="Target device, repeatable: KIND[:ORDINAL][@ARCH] with KIND " + ", ".join(TARGETS) + " "
                       "(e.g. cpu, vulkan, cuda:1@sm_86, rocm@gfx942). Default: the devices of the --profile "
                       "files, else cpu."),
     click.option("--pin", "pins", multiple=True, metavar="PATTERN=DEVICE",
