@@ -239,7 +239,7 @@ def _transfers(dev, sizes):
     return up, down
 
 
-def fit(spec: Any, raw: dict, base: "ir.Module", progress: Callable[[str], None] | None = None,
+def fit(spec: Any, raw: dict, base: "DeviceProfile", progress: Callable[[str], None] | None = None,
         quick: bool = False) -> "DeviceProfile":
     """The profile's figures from raw suite measurements (see the module docstring)."""
     progress = progress or (lambda m: None)

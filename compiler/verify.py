@@ -41,7 +41,7 @@ def tolerance(dtype: Any) -> float:
     return TOLERANCE.get(np.dtype(dtype).name if not isinstance(dtype, str) else dtype, 0.0)
 
 
-def rel_error(out: str, ref: Any) -> float:
+def rel_error(out: Any, ref: Any) -> float:
     """max |out - ref| / max |ref| (0 for equal tensors; inf where shapes or NaNs differ).
     Integer and bool tensors: the fraction of elements that differ."""
     out, ref = np.asarray(out), np.asarray(ref)

@@ -117,7 +117,7 @@ def nominal_shape(value: "ir.Value") -> list | None:
     return [r if d == -1 else d for d, r in zip(shape, recorded)]
 
 
-def set_nominal_shapes(ir: ModuleType, op: "ir.Operation", values: list, attr: "ir.Attribute" = SHAPES,
+def set_nominal_shapes(ir: ModuleType, op: "ir.Operation", values: list, attr: str = SHAPES,
                        shape_of: Callable = nominal_shape) -> None:
     """Record the nominal shapes of `values` (results or arguments of `op`) on `op`, if
     any is dynamic; shape_of(value) gives each tensor's (default: what is recorded)."""
@@ -428,7 +428,7 @@ def attr_to_py(attr: "ir.Attribute") -> Any:
     return str(attr)
 
 
-def py_to_attr(value: "ir.Value") -> "ir.Attribute":
+def py_to_attr(value: Any) -> "ir.Attribute":
     """Plain Python (dict, list, str, int, float, bool) as an MLIR attribute: ints as i64,
     floats as f64."""
     from torch_mlir import ir

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 TERMINATORS = ("func.return",)
 
 
-def main_func(module: "ir.Module", name: str | None = "main") -> "ir.Operation":
+def main_func(module: "ir.Module", name: str = "main") -> "ir.Operation":
     for op in module.body.operations:
         if op.operation.name == "func.func" and op.attributes["sym_name"].value == name:
             return op

@@ -173,7 +173,7 @@ def _constant_segment(ir, module, func, name, values, ops, remat, segs, main_val
         main_value[v] = r
 
 
-def make_function(ir: ModuleType, name: str | None, inputs: list, outputs: list, order: list, widen: bool,
+def make_function(ir: ModuleType, name: str, inputs: list, outputs: list, order: list, widen: bool,
                   ip: "ir.InsertionPoint") -> tuple:
     """func.func @name(inputs) -> outputs at `ip`, its body clones of `order` (ops in program
     order, glue included), with the boundary types of the device (see _boundary_type).
