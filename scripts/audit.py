@@ -502,6 +502,10 @@ def main():
     ap.add_argument("--only", help="run only groups whose name contains this")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="audit-")
+    # polyarch's temporary folders go to a folder of the audit's own (it and every process it
+    # starts), so that what another compile on this machine leaves meanwhile is not counted
+    os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(work, "tmp")
+    os.makedirs(tempfile.tempdir)
     a = Audit(work, args.verbose)
     t0 = time.time()
     try:
