@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
 from ..targets import iree_flags
-from .iree import compile_with_retries, iree_compile_tool, iree_error, segment_module
+from .iree import compile_with_retries, first_error, iree_compile_tool, iree_error, segment_module
 from .modules import plan_text, schedule_of, segments_of, tensor_desc
 
 if TYPE_CHECKING:
@@ -48,12 +48,11 @@ def compile_segments(module: "ir.Module", jobs: int | None = None, progress: Cal
     to `<params_dir>/<scope>.irpa`, scope `<scope_prefix><segment>`, instead of inlining
     them in the module (compiler/parameters.py merges the archives)."""
     progress = progress or (lambda msg: None)
-    segs = segments_of(module)
     job = _SegmentJob(module, tuning or {}, extra_flags, params_dir, scope_prefix, progress)
     with tempfile.TemporaryDirectory(prefix="polyarch-") as tmp:
-        inputs = job.sources(segs, tmp)
+        inputs = job.sources(tmp)
         results = {}
-        with ThreadPoolExecutor(jobs or max(1, min(len(segs), os.cpu_count() or 1))) as pool:
+        with ThreadPoolExecutor(jobs or max(1, min(len(inputs), os.cpu_count() or 1))) as pool:
             for done, (name, device, data, secs, cmd, archive) in enumerate(pool.map(job.compile, inputs), 1):
                 weights = f" + {os.path.getsize(archive) / 1e6:.1f} MB weights" if archive and os.path.exists(archive) else ""
                 progress(f"[{done}/{len(inputs)}] compiled {scope_prefix}{name} for {device} in {secs:.1f}s "
@@ -69,12 +68,12 @@ class _SegmentJob:
     def __init__(self, module, tuning, extra_flags, params_dir, scope_prefix, progress):
         self.module, self.tuning, self.extra_flags = module, tuning, extra_flags
         self.params_dir, self.scope_prefix, self.progress = params_dir, scope_prefix, progress
-        segs = segments_of(module)
-        self.fns = {name: fn for name, _, fn in segs}
-        self.devices = sorted({d for _, d, _ in segs})
+        self.segs = segments_of(module)
+        self.fns = {name: fn for name, _, fn in self.segs}
+        self.devices = sorted({d for _, d, _ in self.segs})
         self.tool = iree_compile_tool()
 
-    def sources(self, segs, tmp):
+    def sources(self, tmp):
         """[(name, device, [(lowering variant, .mlirbc path)])]: the tuned lowering first;
         where IREE refuses it among its neighbours (it compiled alone when tuned; e.g. a fused
         dispatch over the stack limit): each kind of rewrite alone, then IREE's own lowering.
@@ -85,7 +84,7 @@ class _SegmentJob:
 
         out = []
         with self.module.context, ir.Location.unknown():
-            for name, device, fn in segs:
+            for name, device, fn in self.segs:
                 srcs = []
                 for i, variant in enumerate(_fallback_order(self.tuning.get(name, {})) or [()]):
                     srcs.append((variant, os.path.join(tmp, f"{name}.{i}.mlirbc")))
@@ -136,7 +135,7 @@ class _SegmentJob:
 
     def _refused(self, name, what, tried, variant, stderr):
         """Say and record that IREE refused a tuned lowering, before the next variant is tried."""
-        err = next((l.partition(": error: ")[2] for l in stderr.splitlines() if ": error: " in l), "?").strip()
+        err = first_error(stderr, "?")
         self.progress(f"{what}: IREE refused the tuned lowering ({'+'.join(tried)}: {err[:100]}); "
                       f"trying {'+'.join(variant) or 'IREE' + chr(39) + 's own'}")
         rec = self.tuning[name]

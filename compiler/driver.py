@@ -20,7 +20,7 @@ from ..errors import PolyarchError
 from .build import build_bundle, rewrite_bundle
 from .modules import plan_text
 from .options import CompileOptions
-from .planning import import_module, model_name, parse_device_sets, partition, price_devices
+from .planning import import_module, model_name, partition, price_devices
 
 if TYPE_CHECKING:
     from . import simulate
@@ -68,18 +68,22 @@ class Imported:
         if options.dynamic_dims != self.options.dynamic_dims:
             raise PolyarchError("dynamic_dims differ from the import's: they are fixed when the model is imported",
                                 fix="import the model again with these options")
-        sets = parse_device_sets(options.device_sets)
-        priced = price_devices(sets, options.profiles, options.calibrate, self.progress)
-        return Planned(self, options, sets, priced)
+        priced = price_devices(options.device_specs, options.profiles, options.calibrate, self.progress)
+        return Planned(self, options, priced)
 
 
 class Planned:
     """A model priced for its device sets: `plans` [(plan name, partitioned module)], `priced`
     {"profiles", "devices", "verdicts"} (what each device was priced by and measured wrong)."""
 
-    def __init__(self, imported, options, sets, priced):
-        self.imported, self.options, self.sets, self.priced = imported, options, sets, priced
+    def __init__(self, imported, options, priced):
+        self.imported, self.options, self.priced = imported, options, priced
         self._plans = None
+
+    @property
+    def sets(self) -> list:
+        """[[DeviceSpec]] per plan."""
+        return self.options.device_specs
 
     @property
     def plans(self) -> list:
@@ -156,7 +160,6 @@ def plan_many(model: Any, example_inputs: tuple = (), device_sets: Iterable = ((
     compile; calibrate, details: see plan."""
     options = CompileOptions(plans=tuple(device_sets), pins=pins, objective=objective, solver=solver,
                              profiles=profiles, dynamic_dims=dynamic_dims, calibrate=calibrate)
-    parse_device_sets(options.device_sets)  # a bad device spec is refused before the import
     planned = import_model(model, example_inputs, options, progress).plan()
     if details is not None:
         details.update(planned.priced)
@@ -211,7 +214,6 @@ def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",)
                                  verify=verify, tune=tune, iree_flags=iree_extra_flags, jobs=jobs)
     output = output or f"{model_name(model)}.pab"
     _check_output(model, output)
-    parse_device_sets(options.device_sets)  # a bad device spec is refused before the import
     return import_model(model, example_inputs, options, progress).plan().write(output)
 
 

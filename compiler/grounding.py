@@ -300,7 +300,8 @@ def _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs
                          modules, jobs, progress, extra_flags, tune):
     """Measure each multi-device plan against the CPU alone; keep the faster (see the module doc)."""
     from .build import build_bundle
-    from .planning import parse_device_sets, partition
+    from .options import parse_device_sets
+    from .planning import partition
 
     if len(sets) != 1:
         return path, manifest, modules  # several plans: each already competes at load by measured time

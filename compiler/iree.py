@@ -39,6 +39,11 @@ def run_iree_compile(cmd: list) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
+def first_error(stderr: str, default: str = "") -> str:
+    """The message of the first `: error: ` line iree-compile printed, or `default`."""
+    return next((l.partition(": error: ")[2].strip() for l in stderr.splitlines() if ": error: " in l), default)
+
+
 # IREE refusals that a flag gets past, per device kind, each retried once with it: (what
 # stderr says, the flags, what it is); from each kind's record (targets/kinds.py).
 KNOWN_RETRIES = {kind: t.known_retries for kind, t in TARGETS.items()}
@@ -53,13 +58,13 @@ def compile_with_retries(cmd: list, kind: str, progress: Callable[[str], None] |
         if r.returncode == 0:
             break
         if pattern.search(r.stderr) and not set(flags) <= set(cmd):
-            first = next((l for l in r.stderr.splitlines() if ": error: " in l), "").partition(": error: ")[2]
+            first = first_error(r.stderr)
             cmd = cmd[:-2] + list(flags) + cmd[-2:]
             r = run_iree_compile(cmd)
-            notes.append({"error": first.strip(), "retried_with": list(flags), "known": why,
+            notes.append({"error": first, "retried_with": list(flags), "known": why,
                           "result": "compiled" if r.returncode == 0 else "failed again"})
             if progress:
-                progress(f"{what}: IREE refused it ({first.strip()[:100]}); known IREE 3.13 limitation ({why}): "
+                progress(f"{what}: IREE refused it ({first[:100]}); known IREE 3.13 limitation ({why}): "
                          f"retried with {' '.join(flags)}: {notes[-1]['result']}")
     return r, notes, cmd
 

@@ -2,8 +2,8 @@
 
 Helpers over a module after outline-segments (dialects/polyarch.py names the attributes)."""
 
-
 from typing import TYPE_CHECKING
+
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 
@@ -28,12 +28,7 @@ def clone_module(module: "ir.Module") -> "ir.Module":
 
 def segments_of(module: "ir.Module") -> list:
     """[(name, device, func op)] in module order."""
-    out = []
-    for op in module.body.operations:
-        s = pa.Segment.of(op)
-        if s is not None:
-            out.append((s.name, s.device, s.fn))
-    return out
+    return [(s.name, s.device, s.fn) for s in pa.Segment.all(module)]
 
 
 def tensor_desc(type_: "ir.Type") -> dict:

@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import PolyarchError
+from ..runtime.devices import parse_devices
 
 __all__ = ["CompileOptions"]
 
@@ -64,6 +65,13 @@ class CompileOptions:
         bad = next((f for f in self.iree_flags if not isinstance(f, str) or not f.startswith("-")), None)
         if bad is not None:
             raise PolyarchError(f"iree flag {bad!r} is not a flag", fix='write flags such as "--iree-llvmcpu-enable-ukernels=all"')
+        # the device specs, parsed once: a bad one is refused here, before any import
+        object.__setattr__(self, "_specs", parse_device_sets(self.device_sets))
+
+    @property
+    def device_specs(self) -> list:
+        """[[DeviceSpec]] per plan, parsed from `device_sets`."""
+        return self._specs
 
     @property
     def device_sets(self) -> tuple:
@@ -118,6 +126,16 @@ class CompileOptions:
         with open(path, "w") as f:
             json.dump(self.to_json(), f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+def parse_device_sets(device_sets) -> list:
+    """[[DeviceSpec]] per device set; refuses a bad spec, a device given twice in a set, a set given twice."""
+    sets = [parse_devices(d) for d in device_sets]
+    names = ["+".join(s.name for s in specs) for specs in sets]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise PolyarchError(f"plan {sorted(dup)[0]} is given twice", fix="give each --plans device set once")
+    return sets
 
 
 FIELDS_HELP = "see `polyarch compile --help` (--options) or compiler/options.py for the fields"

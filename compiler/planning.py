@@ -6,8 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..dialects import polyarch as pa
-from ..errors import PolyarchError
-from ..runtime.devices import DeviceSpec, parse_devices
+from ..runtime.devices import DeviceSpec
 from .modules import clone_module
 
 if TYPE_CHECKING:
@@ -31,15 +30,6 @@ def import_module(model: Any, example_inputs: Iterable, dynamic_dims: Iterable,
     for desc in dynamic_summary(sig):
         progress(desc)
     return base, sig
-
-
-def parse_device_sets(device_sets: Iterable) -> list:
-    sets = [parse_devices(d) for d in device_sets]
-    names = ["+".join(s.name for s in specs) for specs in sets]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise PolyarchError(f"plan {sorted(dup)[0]} is given twice", fix="give each --plans device set once")
-    return sets
 
 
 def price_devices(sets: list, profiles: Iterable, calibrate: bool, progress: Callable[[str], None] | None) -> dict:

@@ -337,7 +337,7 @@ def _tune_whole(module, n, d, fn, seg_convs, rec, cache, mode, flagsets, tmp, pr
         rec["source"] = "measured now"
     with module.context, ir.Location.unknown():
         for op, _ in seg_convs:
-            if pa.lowering_of(op) and pa.lowering_of(op) not in hit["lowering"]:
+            if pa.lowering_of(op) not in (None, *hit["lowering"]):
                 pa.set_lowering(op, None)
     rec["rewritten"] = {k: v for k, v in rec["rewritten"].items() if k in hit["lowering"]}
     rec["flags"] = hit["flags"]

@@ -93,8 +93,9 @@ def _parse_pins(pins, names):
 
 
 def _pin_of(op, pins):
-    if pa.pin_of(op) is not None:
-        return pa.pin_of(op), "pinned in the IR (polyarch.pin)"
+    pinned = pa.pin_of(op)
+    if pinned is not None:
+        return pinned, "pinned in the IR (polyarch.pin)"
     name, path = op.operation.name, module_path(op)
     for pattern, dev, hits in pins:
         if name == pattern or (path and (path == pattern or path.startswith(pattern + "."))):
@@ -210,10 +211,10 @@ def _op_times(placed, specs, profs, pins, measured, remat):
     """Seconds per op per device (INF where it cannot go), with the reason for each INF;
     refuses an op no device can run, an op pinned where it cannot run, a pin matching nothing."""
     times, why_not = [], []
+    names = [s.name for s in specs]
     for op in placed:
         dev_pin, pin_why = _pin_of(op, pins)
         row, why = _times_of(op, specs, profs, measured, remat, dev_pin, pin_why)
-        names = [s.name for s in specs]
         if dev_pin is not None and dev_pin in names and row[names.index(dev_pin)] == INF:
             raise PolyarchError(f"{describe(op)} is pinned to {dev_pin}, which cannot run it "
                                 f"({why[names.index(dev_pin)]})", fix="remove the pin or pin it to another device")

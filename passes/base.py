@@ -97,14 +97,4 @@ def _convert(cls, f, text: str, before):
         return (before or ()) + (value if isinstance(value, tuple) else (value,))
     if before is not None:
         raise PolyarchError(f"option {f.name} of pass {cls.NAME} is given twice", fix="give it once")
-    default = f.default if f.default is not dataclasses.MISSING else None
-    if isinstance(default, bool):
-        if value not in ("true", "false"):
-            raise PolyarchError(f"{cls.NAME}: {f.name}={value}", fix=f"use {f.name}=true or {f.name}=false")
-        return value == "true"
-    if isinstance(default, int):
-        try:
-            return int(value)
-        except ValueError:
-            raise PolyarchError(f"{cls.NAME}: {f.name}={value} is not a whole number", fix=f"e.g. {f.name}={default}") from None
     return value
