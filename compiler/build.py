@@ -3,11 +3,11 @@ lowering), the weights merged into one parameter archive, the manifest written."
 
 import datetime
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from ..files import temp_dir
 from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
 from ..targets import iree_flags
@@ -49,7 +49,7 @@ def compile_segments(module: "ir.Module", jobs: int | None = None, progress: Cal
     them in the module (compiler/parameters.py merges the archives)."""
     progress = progress or (lambda msg: None)
     job = _SegmentJob(module, tuning or {}, extra_flags, params_dir, scope_prefix, progress)
-    with tempfile.TemporaryDirectory(prefix="polyarch-") as tmp:
+    with temp_dir(prefix="polyarch-") as tmp:
         inputs = job.sources(tmp)
         results = {}
         with ThreadPoolExecutor(jobs or max(1, min(len(inputs), os.cpu_count() or 1))) as pool:
@@ -233,7 +233,7 @@ def build_bundle(plans: Any, sig: dict, output: str, jobs: int | None = None,
     from .bundle import write_bundle
 
     progress = progress or (lambda msg: None)
-    with tempfile.TemporaryDirectory(prefix="polyarch-params-") as tmp:
+    with temp_dir(prefix="polyarch-params-") as tmp:
         compiled = []
         for i, (name, module) in enumerate(plans):
             prefix = f"p{i}_" if len(plans) > 1 else ""
@@ -279,7 +279,7 @@ def rewrite_bundle(src: str, dst: str, manifest: dict) -> None:
     from ..runtime.bundle import MANIFEST
     from .bundle import write_bundle
 
-    with tempfile.TemporaryDirectory(prefix="polyarch-pack-", dir=os.path.dirname(os.path.abspath(src))) as tmp:
+    with temp_dir(prefix="polyarch-pack-", dir=os.path.dirname(os.path.abspath(src))) as tmp:
         members = {}
         with zipfile.ZipFile(src) as zf:
             for i, name in enumerate(zf.namelist()):

@@ -9,6 +9,7 @@ import struct
 import tempfile
 import zipfile
 
+from ..files import real_target
 from ..runtime.bundle import ALIGN, FORMAT, MANIFEST, PAD_EXTRA_ID, SCHEMA_VERSION, sha256
 
 
@@ -48,6 +49,7 @@ def write_bundle(path: str, manifest: dict, members: dict) -> dict:
 
     manifest = dict(manifest, format=FORMAT, schema_version=SCHEMA_VERSION)
     manifest["members"] = {name: {"sha256": digest(data), "size": size(data)} for name, data in members.items()}
+    path = real_target(path)  # through a link: the file it names is replaced, the link stays
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".pab-", dir=directory)

@@ -18,13 +18,13 @@ from the built-in profile of the device's kind (or --like FILE)."""
 import datetime
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
+from ..files import temp_dir
 from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec
 from ..targets import profiles as P
@@ -114,17 +114,15 @@ def suite_mlir(quick: bool = False) -> str:
 
 def compile_suite(spec: Any, quick: bool = False) -> bytes:
     """The microbenchmark module compiled for a device -> vmfb bytes."""
-    import subprocess
-
-    from .iree import iree_compile_tool
+    from .iree import iree_compile_tool, run_iree_compile
     from ..targets import iree_flags
 
     spec = DeviceSpec.parse(spec)
-    with tempfile.TemporaryDirectory(prefix="polyarch-cal-") as tmp:
+    with temp_dir(prefix="polyarch-cal-") as tmp:
         src, out = os.path.join(tmp, "suite.mlir"), os.path.join(tmp, "suite.vmfb")
         with open(src, "w") as f:
             f.write(suite_mlir(quick))
-        r = subprocess.run([iree_compile_tool(), src, *iree_flags(spec), "-o", out], capture_output=True, text=True)
+        r = run_iree_compile([iree_compile_tool(), src, *iree_flags(spec), "-o", out])
         if r.returncode:
             raise PolyarchError(f"IREE could not compile the calibration suite for {spec.name}: {r.stderr.strip().splitlines()[0] if r.stderr.strip() else r.returncode}")
         with open(out, "rb") as f:

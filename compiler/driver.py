@@ -12,10 +12,10 @@ compile with one CompileOptions (compiler/options.py)."""
 
 import os
 import sys
-import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from ..files import temp_dir
 from ..errors import PolyarchError
 from .build import build_bundle, rewrite_bundle
 from .modules import plan_text
@@ -117,7 +117,7 @@ class Planned:
         if o.verify:
             from . import grounding
 
-            with tempfile.TemporaryDirectory(prefix="polyarch-rounds-") as tmp:
+            with temp_dir(prefix="polyarch-rounds-") as tmp:
                 path, manifest = grounding.ground(imp.model, examples, imp.module, imp.signature, self.sets, o.pins,
                                                   o.objective, o.solver, self.priced, tmp, jobs=o.jobs,
                                                   progress=progress, extra_flags=o.iree_flags, tune=o.tune)
@@ -224,26 +224,30 @@ def _fit_index_examples(examples, sig, progress):
     progress; the user's own arrays are refused with the value and the range."""
     import numpy as np
 
-    from ..runtime.executor import first_out_of_range
+    from ..runtime.executor import first_out_of_range, index_bounds
 
     out = list(examples)
+    if any(isinstance(x, str) for x in out):  # an ONNX model's specs: no arrays yet
+        return tuple(out)
+    shapes = [tuple(x.shape) for x in out]
     for i, spec in enumerate(sig["inputs"]):
-        r = spec.get("index_range")
-        if r is None or i >= len(out) or isinstance(out[i], str):
+        if "index_range" not in spec or i >= len(out):
             continue
-        a = np.asarray(out[i].detach().cpu() if hasattr(out[i], "detach") else out[i])
-        bad = first_out_of_range(a, r["min"], r["max"])
-        if bad is None:
-            continue
-        if getattr(out[i], "polyarch_made_from_spec", False):
-            n = r["max"] + 1 - max(r["min"], 0)
-            out[i] = out[i] % n + max(r["min"], 0)
-            progress(f"example input {i} ('{spec['name']}') made from its spec holds indices up to {int(a.max())}; "
-                     f"{r['op']} takes {r['min']} to {r['max']}: verifying with them taken modulo {n}")
-            continue
-        raise PolyarchError(f"example input {i} ('{spec['name']}') holds {bad[0]} at {bad[1]}, "
-                            f"outside the {r['min']} to {r['max']} that {r['op']} takes (PyTorch raises IndexError on it)",
-                            fix=f"give example indices in [{r['min']}, {r['max']}]")
+        for lo, hi, op, _ in index_bounds(spec, shapes):
+            a = np.asarray(out[i].detach().cpu() if hasattr(out[i], "detach") else out[i])
+            bad = first_out_of_range(a, lo, hi)
+            if bad is None:
+                continue
+            if getattr(out[i], "polyarch_made_from_spec", False):
+                n = hi + 1 - max(lo, 0)
+                out[i] = out[i] % n + max(lo, 0)
+                out[i].polyarch_made_from_spec = True
+                progress(f"example input {i} ('{spec['name']}') made from its spec holds indices up to {int(a.max())}; "
+                         f"{op} takes {lo} to {hi}: verifying with them taken modulo {n}")
+                continue
+            raise PolyarchError(f"example input {i} ('{spec['name']}') holds {bad[0]} at {bad[1]}, "
+                                f"outside the {lo} to {hi} that {op} takes (PyTorch raises IndexError on it)",
+                                fix=f"give example indices in [{lo}, {hi}]")
     return tuple(out)
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
+from ..files import die_with_parent
 from ..targets import TARGETS
 
 if TYPE_CHECKING:
@@ -35,8 +36,9 @@ def iree_compile_tool() -> str:
 
 def run_iree_compile(cmd: list) -> subprocess.CompletedProcess:
     """Run one iree-compile command line (cmd[1] is the source, after `-o` the output);
-    -> the CompletedProcess. Every segment and verification probe goes through here."""
-    return subprocess.run(cmd, capture_output=True, text=True)
+    -> the CompletedProcess. Every segment and verification probe goes through here; the child
+    is killed if this process dies (SIGKILL included), so no iree-compile outlives its compile."""
+    return subprocess.run(die_with_parent(cmd), capture_output=True, text=True)
 
 
 def first_error(stderr: str, default: str = "") -> str:

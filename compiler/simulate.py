@@ -214,5 +214,8 @@ def write_gantt(path: str, events: list, report: "Report") -> None:
     ax.set_title(f"{' + '.join(report.devices)}: {p['objective']} plan, {n} call(s); "
                  f"{p['predicted_us'] / 1000:.3f} ms per call ({', '.join(pr.name for pr in report.profiles.values())})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    from ..files import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)

@@ -26,13 +26,13 @@ the shape (measured per shape on this host, so measured rather than guessed)."""
 import hashlib
 import os
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from ..files import temp_dir
 from ..dialects import polyarch as pa
 from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec
@@ -276,7 +276,7 @@ def tune_plan(module: "ir.Module", mode: str = DEFAULT, jobs: int | None = None,
     ident = identify("cpu")
     cache = _load(ident)
     convs = {n: [(op, op_fingerprint(op)) for op in convolutions(fn)] for n, _, fn in segs}
-    with tempfile.TemporaryDirectory(prefix="polyarch-tune-") as tmp:
+    with temp_dir(prefix="polyarch-tune-") as tmp:
         measured = _measure_new_convs(module, segs, convs, cache, tmp, jobs or max(1, os.cpu_count() or 1), progress)
         out = _mark_convs(module, segs, convs, cache, mode, measured)
         flagsets = list(FLAG_CANDIDATES["cpu"]) if mode == "full" else ["default"]

@@ -20,12 +20,12 @@ verdicts, re-plans and recompiles."""
 import gc
 import os
 import statistics
-import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ..files import temp_dir
 from ..dialects import polyarch as pa
 from ..runtime.devices import DeviceSpec
 from .calibrate import time_median
@@ -117,7 +117,7 @@ def verify_plan(module: "ir.Module", plan_name: str, bundle_path: str, inputs: l
     record = {"status": "verified", "segments": {}, "culprits": []}
     b = _load_plan(bundle_path, plan_name, devices)
     off_cpu = [n for n, d, _ in segs if DeviceSpec.parse(d).kind != "cpu"]
-    with tempfile.TemporaryDirectory(prefix="polyarch-verify-") as tmp:
+    with temp_dir(prefix="polyarch-verify-") as tmp:
         env_ref = None
         if off_cpu:
             env_ref = _reference_values(module, plan_name, b, inputs, tmp, jobs)

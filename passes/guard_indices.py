@@ -18,8 +18,12 @@ scatter is classified:
                    expanded to a dynamic size): the same values every call; left alone.
 
 Valid ranges, as PyTorch's: embedding, index_select, gather, scatter: [0, size); index and
-index_put (negative indices count from the end): [-size, size). A dimension of dynamic
-size is not checked (its size is not known at compile time).
+index_put (negative indices count from the end): [-size, size). Into a dimension of dynamic
+size the range is known only at run time: where the index is an input and the size an
+input's dimension (a table given as an input), both are checked by the runtime before
+anything runs (`sized` in the input's range: [{"input", "dim", "negative", "op"}]);
+otherwise (a computed index, a computed table, constant indices) the check goes in the
+segment, against `torch.aten.size.int` of the indexed tensor.
 
 Options:
   stage=mark     classify, record and mark (the driver runs it on the imported model)
@@ -80,8 +84,8 @@ def _arg_number(value):
 
 
 def _index_operands(op):
-    """-> [(operand number, list item or -1, index value, (lo, hi))] for an index op whose
-    indexed dims are static; [] otherwise."""
+    """-> [(operand number, list item or -1, index value, bound)] for an index op, where bound
+    is (lo, hi) for a static dim and ("dynamic", dim, negative allowed) for a dynamic one."""
     spec = INDEX_OPS.get(op.operation.name)
     if spec is None:
         return []
@@ -92,9 +96,11 @@ def _index_operands(op):
     shape = info[0]
 
     def bounds(dim):
-        if dim is None or not -len(shape) <= dim < len(shape) or shape[dim] < 0:
+        if dim is None or not -len(shape) <= dim < len(shape):
             return None
         n = shape[dim]
+        if n < 0:
+            return ("dynamic", dim % len(shape), negative)
         return (-n if negative else 0, n)
 
     if dim_at == "list":
@@ -123,6 +129,22 @@ def _source_input(value):
             return n if _INT.match((pa.tensor_info(value.type) or ([], ""))[1]) else None
         o = _owner_op(value)
         if o is None or o.name not in _KEEPS_VALUES or not o.operands:
+            return None
+        value = o.operands[0]
+
+
+# ops whose result has operand 0's shape, dimension for dimension
+_KEEPS_SHAPE = {"torch.aten." + n for n in ("clone", "contiguous", "alias", "detach", "to.dtype", "_to_copy")}
+
+
+def _shape_input(value):
+    """The argument number of the input whose shape `value` has, dimension for dimension, or None."""
+    while True:
+        n = _arg_number(value)
+        if n is not None:
+            return n
+        o = _owner_op(value)
+        if o is None or o.name not in _KEEPS_SHAPE or not o.operands:
             return None
         value = o.operands[0]
 
@@ -165,13 +187,26 @@ def mark(module: "ir.Module") -> dict:
     with module.context:
         for op in list(func.regions[0].blocks[0].operations):
             guards = []
-            for at, item, v, (lo, hi) in _index_operands(op):
+            for at, item, v, bound in _index_operands(op):
                 arg = _source_input(v)
-                if arg is not None:  # several uses: the intersection, named by the narrowest
+                if bound[0] == "dynamic":
+                    _, dim, negative = bound
+                    src = INDEX_OPS[op.operation.name][0]
+                    table = _shape_input(op.operands[src])
+                    if arg is not None and table is not None:  # both known on the host: checked there
+                        sized = {"input": table, "dim": dim, "negative": negative, "op": _where(op)}
+                        ranges.setdefault(arg, {"op": _where(op)}).setdefault("sized", []).append(sized)
+                    else:  # against the size at run time, in the segment (constant indices too)
+                        guards.append(ir.DenseI64ArrayAttr.get([at, item, int(negative), dim, src]))
+                    continue
+                lo, hi = bound
+                if arg is not None and "min" not in ranges.get(arg, {"min": 0}):  # only sized uses so far
+                    ranges[arg].update(min=lo, max=hi - 1, op=_where(op))
+                elif arg is not None:  # several uses: the intersection, named by the narrowest
                     old = ranges.get(arg, {"min": lo, "max": hi - 1, "op": _where(op)})
                     narrower = hi - 1 - lo < old["max"] - old["min"]
-                    ranges[arg] = {"min": max(lo, old["min"]), "max": min(hi - 1, old["max"]),
-                                   "op": _where(op) if narrower else old["op"]}
+                    ranges[arg] = dict(old, min=max(lo, old["min"]), max=min(hi - 1, old["max"]),
+                                       op=_where(op) if narrower else old["op"])
                 elif _depends_on_inputs(v, memo):
                     guards.append(ir.DenseI64ArrayAttr.get([at, item, lo, hi]))
             if guards:
@@ -189,23 +224,31 @@ def input_ranges(module: "ir.Module") -> dict:
     return {int(k): v for k, v in json.loads(func.attributes[INPUTS].value).items()}
 
 
-def _check(ir, op, value, lo, hi):
-    """Insert `assert lo <= min(value) and max(value) < hi` in front of `op`."""
+def _check(ir, op, value, lo, hi, sized=None):
+    """Insert `assert lo <= min(value) and max(value) < hi` in front of `op`; sized = (operand,
+    dim, negative): hi is that operand's size there at run time, lo 0 or -hi."""
     ip, loc = ir.InsertionPoint(op), op.location
     make = lambda name, t, operands=(), attrs=None: ir.Operation.create(
         name, results=[ir.Type.parse(t)] if t else [], operands=list(operands), attributes=attrs or {}, ip=ip, loc=loc)
     i64 = lambda n: make("torch.constant.int", "!torch.int", (),
                          {"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), n)}).results[0]
+    if sized is not None:
+        src, dim, negative = sized
+        size = make("torch.aten.size.int", "!torch.int", [op.operands[src], i64(dim)]).results[0]
+        lo_v = make("torch.aten.neg.int", "!torch.int", [size]).results[0] if negative else i64(0)
+        hi_v, valid = size, f"{'-size' if negative else '0'} to size - 1 of dimension {dim} (its size at run time)"
+    else:
+        lo_v, hi_v, valid = i64(lo), i64(hi), f"{lo} to {hi - 1}"
     # min and max, not a reduction over an i1 mask (those come out wrong on Vulkan, docs/architecture.md)
     scalar = re.sub(r"<\[[^\]]*\],", "<[],", str(value.type))
     lo_ok = make("torch.aten.ge.Scalar", "!torch.vtensor<[],i1>",
-                 [make("torch.aten.min", scalar, [value]).results[0], i64(lo)]).results[0]
+                 [make("torch.aten.min", scalar, [value]).results[0], lo_v]).results[0]
     hi_ok = make("torch.aten.lt.Scalar", "!torch.vtensor<[],i1>",
-                 [make("torch.aten.max", scalar, [value]).results[0], i64(hi)]).results[0]
+                 [make("torch.aten.max", scalar, [value]).results[0], hi_v]).results[0]
     ok = make("torch.aten.logical_and", "!torch.vtensor<[],i1>", [lo_ok, hi_ok]).results[0]
     flag = make("torch.aten.Bool.Tensor", "!torch.bool", [ok]).results[0]
     msg = (f"polyarch: an index computed in the model is out of range in {_where(op)}: "
-           f"valid indices are {lo} to {hi - 1} (PyTorch raises IndexError here)")
+           f"valid indices are {valid} (PyTorch raises IndexError here)")
     make("torch.runtime.assert", None, [flag], {"message": ir.StringAttr.get(msg)})
 
 
@@ -223,11 +266,15 @@ def insert(module: "ir.Module") -> int:
                 if GUARD not in op.attributes:
                     continue
                 for g in op.attributes[GUARD]:
-                    at, item, lo, hi = list(ir.DenseI64ArrayAttr(g))
+                    g = list(ir.DenseI64ArrayAttr(g))  # [at, item, lo, hi] or [at, item, negative, dim, operand]
+                    at, item = g[:2]
                     v = op.operands[at]
                     if item >= 0:
                         v = _owner_op(v).operands[item]
-                    _check(ir, op, v, lo, hi)
+                    if len(g) == 5:
+                        _check(ir, op, v, 0, 0, sized=(g[4], g[3], bool(g[2])))
+                    else:
+                        _check(ir, op, v, g[2], g[3])
                     done += 1
                 del op.attributes[GUARD]
     return done

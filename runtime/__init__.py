@@ -19,7 +19,7 @@ __all__ = ["load", "Bundle", "verify", "DeviceSpec"]
 
 
 def load(path: str | os.PathLike, devices: dict | None = None, plan: str | None = None, strict: bool = False,
-         cluster: str | None = None, trusted_keys: Any = None) -> "Bundle | RayBundle":
+         cluster: str | None = None, trusted_keys: Any = None, mmap: bool = False) -> "Bundle | RayBundle":
     """Load a bundle for execution on this host. -> a callable Bundle.
 
     devices: optional {bundle device name: local device spec} to run a segment on
@@ -28,11 +28,21 @@ def load(path: str | os.PathLike, devices: dict | None = None, plan: str | None 
     strict: raise DeviceError rather than fall back when that plan's devices are missing.
     cluster: a Ray address ("ray://HOST:10001"): run each device's segments in a Ray actor
     on a node that offers that device -> a RayBundle (see runtime/ray_executor.py).
-    trusted_keys: paths of Ed25519 public keys (`polyarch keygen`): the bundle must be signed
-    by one of them (`polyarch sign`), checked before any module is mapped (runtime/signing.py),
-    and again by each Ray actor on the bytes it was sent."""
+    trusted_keys: a list of paths of Ed25519 public keys (`polyarch keygen`): the bundle must be
+    signed by one of them (`polyarch sign`), checked before any module is loaded
+    (runtime/signing.py), and again by each Ray actor on the bytes it was sent. None: no check;
+    an empty list, a single string or anything else is refused.
+    mmap: False (default) reads the members into memory and checks them there, so the bytes
+    checked are the bytes run and a bundle changed on disk later changes nothing (nor crashes
+    the process); True maps the file instead (no copy: for weights too large to hold twice),
+    and the file must then only ever be replaced by renaming a new one over it."""
+    if cluster is not None and mmap:
+        from ..errors import BundleError
+
+        raise BundleError("mmap=True is for local loads; a cluster's actors get the bundle's bytes",
+                          fix="drop mmap= with cluster=")
     if cluster is not None:
         from .ray_executor import RayBundle
 
         return RayBundle(path, cluster, plan=plan, devices=devices, trusted_keys=trusted_keys)
-    return Bundle(path, devices=devices, plan=plan, strict=strict, trusted_keys=trusted_keys)
+    return Bundle(path, devices=devices, plan=plan, strict=strict, trusted_keys=trusted_keys, mmap=mmap)

@@ -16,7 +16,7 @@ The plan prefix appears when a bundle holds several plans (`polyarch compile --p
 
 import hashlib
 import json
-import mmap
+import mmap as _mmap
 import os
 import struct
 import zipfile
@@ -24,7 +24,7 @@ import zlib
 
 from ..errors import BundleError
 
-__all__ = ["read_manifest", "verify", "sha256", "MappedMembers", "FORMAT", "SCHEMA_VERSION", "MANIFEST", "PLAN_KEYS"]
+__all__ = ["read_manifest", "verify", "sha256", "Members", "MappedMembers", "FORMAT", "SCHEMA_VERSION", "MANIFEST", "PLAN_KEYS"]
 
 FORMAT = "polyarch-bundle"
 SCHEMA_VERSION = 3  # 3: plans + shared parameter archive; 2: members 4096-aligned; 1: unaligned (read by copying)
@@ -37,7 +37,8 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-MAX_MANIFEST = 256 << 20  # bytes; a real manifest is kilobytes
+MAX_MANIFEST = 64 << 20  # bytes; a real manifest is kilobytes to a few megabytes (every op listed)
+MAX_DEPTH = 64  # nesting of the manifest's JSON; a real one nests about 8 deep
 PLAN_KEYS = ("devices", "segments", "schedule", "outputs")  # what every plan of a manifest holds
 
 
@@ -57,11 +58,17 @@ def read_manifest(path: str | os.PathLike, raw: bool = False) -> dict | tuple:
             if size > MAX_MANIFEST:  # a damaged header: do not try to inflate gigabytes
                 raise BundleError(f"the manifest of '{path}' claims {size} bytes (at most {MAX_MANIFEST}: damaged)",
                                   fix="recompile it with `polyarch compile`")
-            data = zf.read(MANIFEST)
+            with zf.open(MANIFEST) as f:
+                data = f.read(MAX_MANIFEST + 1)
+            if len(data) > MAX_MANIFEST or _depth(data) > MAX_DEPTH:
+                raise BundleError(f"the manifest of '{path}' is over {MAX_MANIFEST >> 20} MB or nested over "
+                                  f"{MAX_DEPTH} levels deep (damaged or not made by polyarch)",
+                                  fix="recompile it with `polyarch compile`")
             manifest = json.loads(data)
         except KeyError:
             raise BundleError(f"'{path}' has no {MANIFEST}", fix="recompile it with `polyarch compile`")
-        except (ValueError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as e:
+        except (ValueError, RecursionError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError,
+                zlib.error) as e:
             raise BundleError(f"the manifest of '{path}' is unreadable: {type(e).__name__}: {e}",
                               fix="recompile it with `polyarch compile`")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -90,6 +97,19 @@ def read_manifest(path: str | os.PathLike, raw: bool = False) -> dict | tuple:
     return (manifest, data) if raw else manifest
 
 
+def _depth(data: bytes) -> int:
+    """How deep the JSON text nests (brackets outside strings), without parsing it: the parser
+    recurses, and a manifest nested 100000 deep must be refused, not overflow the stack."""
+    import re
+
+    text = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"', b"", data)
+    depth = deepest = 0
+    for m in re.finditer(rb"[\[\]{}]", text):
+        depth += 1 if m.group() in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def _damaged(path, what):
     return BundleError(f"the manifest of '{path}' is damaged: {what}", fix="recompile it with `polyarch compile`")
 
@@ -116,6 +136,9 @@ def _check_structure(manifest, path):
             raise _damaged(path, f"signature entry {i} has dtype {spec.get('dtype')!r}") from None
     if not isinstance(plans, list) or not plans or not all(isinstance(p, dict) for p in plans):
         raise _damaged(path, "'plans' is not a list of plans")
+    params = manifest.get("parameters")
+    if params is not None and (not isinstance(params, dict) or params.get("member") not in members):
+        raise _damaged(path, "'parameters' names no member that the bundle lists")
     for plan in plans:
         missing = [k for k in PLAN_KEYS if k not in plan]
         if missing:
@@ -131,8 +154,31 @@ def _check_structure(manifest, path):
                 raise _damaged(path, f"segment {seg['name']}: {e.what}") from None
             if seg["member"] not in members:
                 raise _damaged(path, f"segment {seg['name']} names member '{seg['member']}', which it does not list")
+            _check_segment_parameters(path, seg, params)
             segments[seg["name"]] = seg
         _check_schedule(path, plan, segments, len(sig["inputs"]))
+
+
+def _check_segment_parameters(path, seg, archive):
+    """A segment's parameters: {scope, keys: {key: archive key or "splat:<hex>:<bytes>"}}."""
+    if "parameters" not in seg:
+        return
+    p = seg["parameters"]
+    if not isinstance(p, dict) or not isinstance(p.get("scope"), str) or not isinstance(p.get("keys"), dict):
+        raise _damaged(path, f"segment {seg['name']}'s parameters lack their scope and keys")
+    for key, content in p["keys"].items():
+        if not isinstance(content, str):
+            raise _damaged(path, f"parameter {key} of segment {seg['name']} is not named by a string")
+        if content.startswith("splat:"):
+            parts = content.split(":")
+            try:
+                ok = len(parts) == 3 and len(bytes.fromhex(parts[1])) > 0 and int(parts[2]) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise _damaged(path, f"parameter {key} of segment {seg['name']} is a bad splat {content[:40]!r}")
+        elif archive is None:
+            raise _damaged(path, f"segment {seg['name']} reads parameter {key} but the bundle has no archive")
 
 
 def _check_schedule(path, plan, segments, n_inputs):
@@ -158,64 +204,123 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-class MappedMembers:
-    """The bundle file mapped read-only; `views[name]` is a memoryview of each member's
-    bytes (no copy), checked against its SHA-256. Keep this object alive while modules
-    made from the views are in use."""
+class Members:
+    """The members of a bundle checked against the manifest's SHA-256 and sizes; `views[name]` is
+    a memoryview of each member's bytes.
 
-    def __init__(self, path, manifest):
+    mmap=False (the default): each member is read into memory of its own (page-aligned) and
+    checked there, so the bytes checked are the bytes run, and a bundle truncated, replaced or
+    rewritten on disk afterwards changes nothing in this process.
+    mmap=True: the file is mapped read-only and used in place (no copy; the weights' pages are
+    given back to the kernel once loaded onto the devices): for bundles whose weights do not
+    fit in memory twice. The file must then not change while it is loaded: replace it by
+    renaming a new file over it (as `polyarch compile` and `polyarch sign` do); truncating or
+    rewriting it in place can kill this process with SIGBUS.
+    mmap=None: the hashes are checked reading the file in pieces, and nothing is kept (`verify`).
+    Keep this object alive while modules made from the views are in use."""
+
+    def __init__(self, path, manifest, mmap=False):
+        self.mmapped, self._keep = bool(mmap), mmap is not None
+        self._map = None
         try:
             with zipfile.ZipFile(path) as zf:
                 infos = {i.filename: i for i in zf.infolist()}
             self._file = open(path, "rb")
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._size = os.fstat(self._file.fileno()).st_size
+            if self.mmapped:
+                self._map = _mmap.mmap(self._file.fileno(), 0, access=_mmap.ACCESS_READ)
         except (zipfile.BadZipFile, OSError, ValueError) as e:
             raise BundleError(f"'{path}' is corrupt: {e}", fix="recompile it or copy it again")
         self.views, self.starts = {}, {}  # member -> memoryview of its bytes, its offset in the file
-        whole = memoryview(self._map)
-        for name, meta in manifest["members"].items():
-            info = infos.get(name)
-            if info is None:
-                raise BundleError(f"'{path}' is missing member '{name}'", fix="recompile it with `polyarch compile`")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise BundleError(f"member '{name}' of '{path}' is compressed; bundles store members as is",
-                                  fix="recompile it with `polyarch compile` (do not re-zip bundles)")
-            head = self._map[info.header_offset : info.header_offset + 30]
-            if len(head) < 30 or head[:4] != b"PK\x03\x04":
-                raise BundleError(f"member '{name}' of '{path}' has a bad local header (corrupt bundle)", fix="recompile it or copy it again")
-            n, e = struct.unpack("<HH", head[26:30])
-            start = info.header_offset + 30 + n + e
-            view = whole[start : start + info.file_size]
-            if len(view) != meta["size"] or sha256(view) != meta["sha256"]:
-                raise BundleError(f"member '{name}' of '{path}' fails its SHA-256 check (corrupt bundle)", fix="recompile it or copy it again")
-            self.views[name] = view
-            self.starts[name] = start
+        try:
+            for name, meta in manifest["members"].items():
+                self._member(path, name, meta, infos.get(name))
+        finally:
+            if not self.mmapped:  # everything is in memory: the file is no longer needed
+                self._file.close()
+
+    def _member(self, path, name, meta, info):
+        if info is None:
+            raise BundleError(f"'{path}' is missing member '{name}'", fix="recompile it with `polyarch compile`")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise BundleError(f"member '{name}' of '{path}' is compressed; bundles store members as is",
+                              fix="recompile it with `polyarch compile` (do not re-zip bundles)")
+        head = self._read(info.header_offset, 30)
+        if len(head) < 30 or head[:4] != b"PK\x03\x04":
+            raise BundleError(f"member '{name}' of '{path}' has a bad local header (corrupt bundle)",
+                              fix="recompile it or copy it again")
+        n, e = struct.unpack("<HH", head[26:30])
+        start = info.header_offset + 30 + n + e
+        if info.file_size != meta["size"] or start + meta["size"] > self._size:  # before reading anything
+            raise BundleError(f"member '{name}' of '{path}' is not the size its manifest says (truncated or corrupt "
+                              "bundle)", fix="recompile it or copy it again")
+        if not self._keep:
+            view, digest = None, self._digest(start, meta["size"])
+        else:
+            view = self._read(start, meta["size"], copy=True)
+            digest = sha256(view) if len(view) == meta["size"] else None
+        if digest != meta["sha256"]:
+            raise BundleError(f"member '{name}' of '{path}' fails its SHA-256 check (corrupt bundle)",
+                              fix="recompile it or copy it again")
+        self.views[name] = view
+        self.starts[name] = start
+
+    def _digest(self, offset, size):
+        h, done = hashlib.sha256(), 0
+        while done < size:
+            piece = os.pread(self._file.fileno(), min(16 << 20, size - done), offset + done)
+            if not piece:
+                return None
+            h.update(piece)
+            done += len(piece)
+        return h.hexdigest()
+
+    def _read(self, offset, size, copy=False):
+        """`size` bytes at `offset`: a view of the mapping, or (in memory) bytes read now; a copy
+        is page-aligned, as IREE takes modules and parameters without a copy of its own."""
+        if self._map is not None:
+            return memoryview(self._map)[offset : offset + size]
+        if not copy:
+            return os.pread(self._file.fileno(), size, offset)
+        import numpy as np
+
+        raw = np.empty(size + ALIGN, np.uint8)
+        buf = raw[(-raw.ctypes.data) % ALIGN :][:size]
+        got = self._file.readinto(memoryview(buf)) if self._file.seek(offset) == offset else 0
+        return memoryview(buf)[:got]
 
     @property
-    def aligned(self) -> bool:
-        """{member: whether its data starts on an ALIGN boundary (schema 2 and later)}."""
-        return {name: start % ALIGN == 0 for name, start in self.starts.items()}
+    def aligned(self) -> dict:
+        """{member: whether its bytes start on an ALIGN boundary} (a member read into memory always
+        does; a mapped one where the bundle aligned it: schema 2 and later)."""
+        return {name: not self.mmapped or start % ALIGN == 0 for name, start in self.starts.items()}
 
     def drop_pages(self, name: str) -> None:
-        """Let the kernel take back the resident pages of a member (after its data has been
-        copied elsewhere, e.g. weights loaded into device memory). The mapping stays valid:
-        a later read faults the pages in again from the file."""
+        """Mapped: let the kernel take back the resident pages of a member (after its data has been
+        copied elsewhere, e.g. weights loaded into device memory). The mapping stays valid: a later
+        read faults the pages in again from the file. In memory: nothing (the bytes are the only copy)."""
+        if self._map is None:
+            return
         start, size = self.starts[name], len(self.views[name])
-        first = start - start % mmap.PAGESIZE
-        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED") and size:
-            self._map.madvise(mmap.MADV_DONTNEED, first, start + size - first)
+        first = start - start % _mmap.PAGESIZE
+        if hasattr(self._map, "madvise") and hasattr(_mmap, "MADV_DONTNEED") and size:
+            self._map.madvise(_mmap.MADV_DONTNEED, first, start + size - first)
 
     def close(self) -> None:
         self.views.clear()
-        try:
-            self._map.close()
-        except BufferError:  # a module still uses a view; the mapping goes with the last reference
-            pass
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a module still uses a view; the mapping goes with the last reference
+                pass
         self._file.close()
+
+
+MappedMembers = Members  # the name before members were read into memory by default
 
 
 def verify(path: str | os.PathLike) -> dict:
     """Check structure and every hash; returns the manifest."""
     manifest = read_manifest(path)
-    MappedMembers(path, manifest).close()
+    Members(path, manifest, mmap=None).close()
     return manifest

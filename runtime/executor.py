@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import BundleError, DeviceError, IndexRangeError
-from .bundle import MappedMembers, read_manifest
+from .bundle import Members, read_manifest
 from .devices import DeviceSpec
 
 if TYPE_CHECKING:
     import iree.runtime as rt
 
-__all__ = ["Bundle", "create_device", "available_devices", "to_host", "check_inputs", "first_out_of_range"]
+__all__ = ["Bundle", "create_device", "available_devices", "to_host", "check_inputs", "first_out_of_range",
+           "index_bounds"]
 
 PAGE = 4096  # lavapipe imports host memory only at 4096-byte alignment and size
 
@@ -92,6 +93,15 @@ def to_host(device: "rt.HalDevice", value: "rt.DeviceArray") -> np.ndarray:
     return np.array(host, copy=True)
 
 
+def _iree_version():
+    try:
+        from importlib.metadata import version
+
+        return version("iree-base-runtime")
+    except Exception:
+        return "(version unknown)"
+
+
 def _is_torch(a):
     """A torch tensor, recognised without importing torch."""
     return hasattr(a, "detach") and hasattr(a, "numpy")
@@ -103,7 +113,11 @@ log = logging.getLogger("polyarch.runtime")
 class Bundle:
     """A loaded bundle: call it with numpy arrays (or anything np.asarray takes).
 
-    path     the .pab file (mapped, not read: modules and weights are used in place)
+    path     the .pab file, read into memory and checked there: changing the file afterwards
+             changes nothing here
+    mmap     True: map the file instead of reading it (modules and weights used in place, for
+             weights too large to hold twice); the file must then not be rewritten in place
+             while loaded (replace it by renaming), or this process may die of SIGBUS
     devices  optional {bundle device name: local device spec}, e.g. {"vulkan": "vulkan:1"}
     plan     the name of the placement plan to run (see `plans`); default: the plan with
              the lowest predicted time whose devices are all present on this host
@@ -116,18 +130,19 @@ class Bundle:
     The plan chosen and why is in `plan_name` and `choice`, and logged (logger
     "polyarch.runtime", INFO; a fallback is a WARNING)."""
 
-    def __init__(self, path, devices=None, plan=None, strict=False, only_devices=None, trusted_keys=None):
+    def __init__(self, path, devices=None, plan=None, strict=False, only_devices=None, trusted_keys=None, mmap=False):
         rt = _rt()
         self._only = set(only_devices) if only_devices is not None else None  # a Ray worker's share
         self._closed = False
         self.path = str(path)
         self.manifest, raw = read_manifest(self.path, raw=True)
-        if trusted_keys:  # on the very manifest the members are checked against next
-            from .signing import check
+        from .signing import check, key_list
 
-            check(self.path, list(trusted_keys), manifest=raw)
-        # The file is mapped, not read: aligned members become modules without a copy.
-        self._members = MappedMembers(self.path, self.manifest)
+        trusted_keys = key_list(trusted_keys)  # an empty list or a string is an error, never "no check"
+        if trusted_keys is not None:  # on the very manifest the members are checked against next
+            check(self.path, trusted_keys, manifest=raw)
+        # Read into memory and checked there (the bytes checked are the bytes run), or mapped.
+        self._members = Members(self.path, self.manifest, mmap=mmap)
         self.plans = [p["name"] for p in self.manifest["plans"]]
         remap = dict(devices or {})
         known = {d for p in self.manifest["plans"] for d in p["devices"]}
@@ -152,12 +167,7 @@ class Bundle:
             ctx = rt.SystemContext(config=config)
             if "parameters" in seg:
                 ctx.add_vm_module(self._parameters_module(ctx, params, seg))
-            view = self._members.views[seg["member"]]
-            if self._members.aligned[seg["member"]]:
-                vm = rt.VmModule.wrap_buffer(ctx.instance, view)
-            else:  # a schema-1 bundle (unaligned members): the module needs its own aligned copy
-                vm = rt.VmModule.copy_buffer(ctx.instance, view)
-            ctx.add_vm_module(vm)
+            vm = self._module(ctx, seg)
             self._contexts.append(ctx)
             fn = vm.lookup_function(seg["function"] + "$async")
             if fn is None:
@@ -173,6 +183,23 @@ class Bundle:
         self.trace = False  # True: keep every call's events in self.events (polyarch run --trace)
         self.events = []
         self.reset_counters()
+
+    def _module(self, ctx, seg):
+        """The segment's IREE module, added to its context; a member that IREE cannot load (its
+        hash matched the manifest, but the bytes are no module of this IREE) is a BundleError."""
+        rt = _rt()
+        view = self._members.views[seg["member"]]
+        try:
+            if self._members.aligned[seg["member"]]:
+                vm = rt.VmModule.wrap_buffer(ctx.instance, view)
+            else:  # a schema-1 bundle (unaligned members): the module needs its own aligned copy
+                vm = rt.VmModule.copy_buffer(ctx.instance, view)
+            ctx.add_vm_module(vm)
+        except (RuntimeError, ValueError, TypeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BundleError(f"module {seg['member']} of {self.path} does not load in IREE {_iree_version()}: "
+                              f"{first}", fix="recompile the bundle with `polyarch compile` on this polyarch") from None
+        return vm
 
     def _choose(self, name, strict, remap):
         """-> (plan dict, {device name: HalDevice}) for the plan to run, probing devices
@@ -378,7 +405,7 @@ class Bundle:
         t0 = clock()
         try:
             vm_ctx.invoke(vm_fn, arg_list, rets)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError, TypeError) as e:  # a check in it, or arguments it does not take
             self._failed(dname, tick, seg_name, e)
         event = {"name": seg_name, "kind": "segment", "track": dname, "start": t0 - call.t0, "dur": 0.0, "bytes": 0}
         if wait_each:
@@ -403,7 +430,10 @@ class Bundle:
             what = msg.split("polyarch: ", 1)[1].split(";", 1)[0].strip()
             raise IndexRangeError(f"{what}, in segment {seg_name} on {dname}",
                                   fix="check the inputs that this index is computed from") from None
-        raise BundleError(f"segment {seg_name} failed on {dname}: {msg.splitlines()[0]}") from err
+        first = msg.splitlines()[0] if msg else type(err).__name__
+        raise BundleError(f"segment {seg_name} failed on {dname}: {first}",
+                          fix="if the inputs match `polyarch inspect`'s signature, the bundle's manifest disagrees with "
+                              "its modules (damaged or edited): recompile it with `polyarch compile`") from None
 
     def _to_host(self, v, call, what):
         """Wait for a tensor's producer on its device, then read it back into host memory."""
@@ -455,18 +485,31 @@ def first_out_of_range(a: np.ndarray, lo: int, hi: int) -> tuple | None:
     return a[tuple(where)], "[" + ", ".join(str(int(k)) for k in where) + "]"
 
 
-def _check_index_range(a, i, spec):
+def index_bounds(spec: dict, shapes: list) -> list:
+    """The ranges an index input's values must lie in: [(lo, hi inclusive, op, what fixes hi)],
+    from its signature entry and the shapes of the call's inputs (an index into a dimension
+    of dynamic size given by another input: `sized`)."""
+    r = spec.get("index_range") or {}
+    out = []
+    if "min" in r:
+        out.append((r["min"], r["max"], r["op"], f"the model was built for {r['max'] + 1} rows"))
+    for s in r.get("sized", ()):
+        n = shapes[s["input"]][s["dim"]]
+        out.append((-n if s["negative"] else 0, n - 1, s["op"], f"input {s['input']} has {n} rows (dimension {s['dim']})"))
+    return out
+
+
+def _check_index_range(a, i, spec, shapes):
     """An input used as an index must hold valid indices: IREE reads a gather's source
     unchecked (an id past the table read garbage, or crashed the process)."""
-    r = spec["index_range"]
-    lo, hi = r["min"], r["max"]
-    bad = first_out_of_range(a, lo, hi)
-    if bad is None:
-        return
-    value, pos = bad
-    raise IndexRangeError(
-        f"input {i} ('{spec['name']}'): value {value} at {pos} is out of range for {r['op']}, "
-        f"which takes {lo} to {hi}", fix=f"give indices (token ids) in [{lo}, {hi}]; the model was built for {hi + 1} rows")
+    for lo, hi, op, why in index_bounds(spec, shapes):
+        bad = first_out_of_range(a, lo, hi)
+        if bad is None:
+            continue
+        value, pos = bad
+        raise IndexRangeError(
+            f"input {i} ('{spec['name']}'): value {value} at {pos} is out of range for {op}, which takes {lo} to {hi}",
+            fix=f"give indices (token ids) in [{lo}, {hi}]; {why}")
 
 
 def _fill_pattern(pattern):
@@ -572,9 +615,11 @@ def check_inputs(path: str, inputs: list, args: list) -> list:
                     f"input {i} ('{spec['name']}') dimension {k} is {n} but input {j} dimension {kk} is {m}; "
                     f"the model needs them equal (both are {d.get('name') or sym})", fix="give inputs of matching sizes")
             symbols.setdefault(sym, (n, i, k, n))
-        if "index_range" in spec:
-            _check_index_range(a, i, spec)
         out.append(a)
+    shapes = [a.shape for a in out]
+    for i, (a, spec) in enumerate(zip(out, inputs)):  # after all shapes are known (sized ranges)
+        if "index_range" in spec:
+            _check_index_range(a, i, spec, shapes)
     return out
 
 

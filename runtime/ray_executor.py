@@ -71,9 +71,9 @@ class _Worker:
         from .executor import Bundle
 
         device = self.device
-        # Ray hands large byte objects over zero-copy; the bundle must be a file to map. The
-        # loaded bundle keeps its mapping, so the file goes as soon as it is loaded (an
-        # actor ended by ray.kill runs no clean-up).
+        # Ray hands large byte objects over zero-copy; the bundle is loaded from a file, which
+        # goes as soon as it is loaded (the loaded bundle holds its members in memory; an actor
+        # ended by ray.kill runs no clean-up).
         folder = tempfile.mkdtemp(prefix="polyarch-ray-bundle-")
         try:
             path = os.path.join(folder, filename)
@@ -148,10 +148,10 @@ class RayBundle:
                               fix="pip install 'ray[client]==2.60.0' (requirements.txt pins it)") from e
         self.path = str(path)
         self.manifest, raw = read_manifest(self.path, raw=True)
-        self._keys = None
-        if trusted_keys:
-            from .signing import check, read_keys
+        from .signing import check, key_list, read_keys
 
+        self._keys = None
+        if key_list(trusted_keys) is not None:  # an empty list or a string is an error, never "no check"
             self._keys = read_keys(trusted_keys)
             check(self.path, self._keys, manifest=raw)
         sig = self.manifest["signature"]

@@ -20,15 +20,41 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from typing import Any
 
 from ..errors import BundleError, PolyarchError
+from ..files import real_target
 from .bundle import MANIFEST, read_manifest
 
-__all__ = ["keygen", "sign", "check", "read_keys", "signature_of", "key_id", "SIGNATURE"]
+__all__ = ["keygen", "sign", "check", "read_keys", "signature_of", "key_id", "key_list", "SIGNATURE"]
 
 SIGNATURE = "manifest.sig"
 ALGORITHM = "ed25519"
+MAX_SIGNATURE = 64 << 10  # bytes; a signature record is about 150
+
+
+def key_list(trusted_keys: Any) -> list | None:
+    """`trusted_keys` as a list of key paths (or PEM bytes), or None for no signature check.
+    Anything else is refused rather than read as something it is not: a list that trusts no key
+    (which would let nothing through, or everything if read as 'no check'), a single path given as
+    a string (which would be read letter by letter), an item that is not a path."""
+    if trusted_keys is None:
+        return None
+    fix = "give a list of public key files, e.g. trusted_keys=['release.key.pub'] (or None: no signature check)"
+    if isinstance(trusted_keys, (str, bytes, os.PathLike)):
+        raise BundleError(f"trusted_keys is one {type(trusted_keys).__name__} ({str(trusted_keys)[:60]!r}), "
+                          "not a list of keys", fix=fix)
+    try:
+        keys = list(trusted_keys)
+    except TypeError:
+        raise BundleError(f"trusted_keys is a {type(trusted_keys).__name__}, not a list of keys", fix=fix) from None
+    if not keys:
+        raise BundleError("trusted_keys is empty: no key is trusted, so no bundle could be checked", fix=fix)
+    for k in keys:
+        if not isinstance(k, (str, bytes, os.PathLike)):
+            raise BundleError(f"trusted_keys holds a {type(k).__name__} ({k!r:.60}), not a key path", fix=fix)
+    return keys
 
 
 def _crypto():
@@ -54,30 +80,37 @@ def keygen(path: str) -> str:
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     for p in (path, path + ".pub"):
-        if os.path.exists(p):
-            raise PolyarchError(f"{p} exists; not overwriting a key", fix="choose another name, or remove it first")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-    with open(path + ".pub", "wb") as f:
-        f.write(public)
+        if os.path.lexists(p):  # a file, or a link (dangling too): never written through
+            what = "a symbolic link" if os.path.islink(p) else "exists"
+            raise PolyarchError(f"{p} {what}; not overwriting a key", fix="choose another name, or remove it first")
+    # O_EXCL: created here or not at all (a link or file that appeared meanwhile is refused too)
+    for p, data, mode in ((path, private, 0o600), (path + ".pub", public, 0o644)):
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        except FileExistsError:
+            raise PolyarchError(f"{p} appeared while writing the key; not overwriting it",
+                                fix="choose another name") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
     return path, path + ".pub", key_id(public)
 
 
 def read_keys(trusted_keys: Any) -> list:
     """The PEM bytes of public keys given as paths (or already as PEM bytes), each checked to
     be an Ed25519 public key: what travels to Ray actors, which have no key files."""
-    return [_public_pem(_load_key(k, private=False)) for k in trusted_keys]
+    return [_public_pem(_load_key(k, private=False)) for k in key_list(trusted_keys)]
 
 
 def _load_key(path, private):
     serialization, ed25519 = _crypto()
+    mode = None
     if isinstance(path, bytes):  # PEM already read (read_keys)
         data, path = path, "a trusted key"
     else:
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                mode = os.fstat(f.fileno()).st_mode
+                data = f.read(MAX_SIGNATURE)
         except OSError as e:
             raise PolyarchError(f"cannot read key {path}: {e.strerror}", fix="give the file `polyarch keygen` wrote") from None
     try:
@@ -90,6 +123,9 @@ def _load_key(path, private):
     want = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
     if not isinstance(key, want):
         raise PolyarchError(f"{path} is a {type(key).__name__}, not an Ed25519 key", fix="make one with `polyarch keygen`")
+    if private and mode is not None and mode & 0o077:  # as ssh: a key others can read may have been copied
+        raise PolyarchError(f"permissions {mode & 0o777:04o} for the private key {path} are too open: others "
+                            "can read it", fix=f"chmod 600 {path} (and make a new key if others may have copied it)")
     return key
 
 
@@ -100,8 +136,12 @@ def _public_pem(key):
 
 def sign(bundle: str, key_path: str) -> str:
     """Sign `bundle` in place (a new file renamed over it: processes that mapped the old one
-    keep it) with the private key at `key_path`. -> the key id."""
-    read_manifest(bundle)  # a bundle at all
+    keep it; through a symbolic link, the file it names, and the link stays) with the private
+    key at `key_path`. A bundle that fails its own checks is refused. -> the key id."""
+    from .bundle import verify
+
+    bundle = real_target(bundle)
+    verify(bundle)  # a bundle at all, and every member as its manifest says: never vouch for damage
     key = _load_key(key_path, private=True)
     with zipfile.ZipFile(bundle) as z:
         manifest = z.read(MANIFEST)
@@ -135,9 +175,12 @@ def signature_of(bundle: str) -> dict | None:
     with zipfile.ZipFile(bundle) as z:
         if SIGNATURE not in z.namelist():
             return None
+        if z.getinfo(SIGNATURE).file_size > MAX_SIGNATURE:  # never inflate what a damaged header claims
+            return {"damaged": True}
         try:
-            rec = json.loads(z.read(SIGNATURE))
-        except ValueError:
+            with z.open(SIGNATURE) as f:
+                rec = json.loads(f.read(MAX_SIGNATURE))
+        except (ValueError, RecursionError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error):
             return {"damaged": True}
     return rec if isinstance(rec, dict) else {"damaged": True}
 
@@ -149,7 +192,7 @@ def check(bundle: str, trusted_keys: Any, manifest: bytes | None = None) -> str:
     -> the id of the key that signed it."""
     from cryptography.exceptions import InvalidSignature
 
-    keys = [_load_key(p, private=False) for p in trusted_keys]
+    keys = [_load_key(p, private=False) for p in key_list(trusted_keys)]
     if manifest is None:
         _, manifest = read_manifest(bundle, raw=True)
     rec = signature_of(bundle)

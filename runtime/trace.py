@@ -4,6 +4,8 @@
 import json
 from typing import Iterable
 
+from ..files import atomic_write
+
 
 def write_chrome_trace(path: str, process: str, events: list, tracks: Iterable = (), other: list | None = None) -> None:
     """events: [{name, kind, track, start (s), dur (s), args}]; tracks: names shown first."""
@@ -15,5 +17,5 @@ def write_chrome_trace(path: str, process: str, events: list, tracks: Iterable =
     for e in events:
         out.append({"ph": "X", "pid": 0, "tid": tid[e["track"]], "name": e["name"], "cat": e["kind"],
                     "ts": round((e["start"] - t0) * 1e6, 3), "dur": round(e["dur"] * 1e6, 3), "args": e["args"]})
-    with open(path, "w") as f:
+    with atomic_write(path) as f:  # never half a trace over an old one
         json.dump({"traceEvents": out, "displayTimeUnit": "ms", "otherData": other or {}}, f, indent=1)

@@ -143,7 +143,9 @@ def load(path: str) -> list:
 
 
 def save(path: str, profiles: list) -> None:
-    with open(path, "w") as f:
+    from ..files import atomic_write
+
+    with atomic_write(path) as f:
         json.dump({"schema": SCHEMA, "profiles": [p.to_json() for p in profiles]}, f, indent=2)
         f.write("\n")
 

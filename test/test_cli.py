@@ -37,7 +37,7 @@ def test_run_with_npy_files_matches_eager(mlp_bundle, tmp_path):
 def test_inspect(mlp_bundle):
     r = polyarch("inspect", str(mlp_bundle))
     assert r.returncode == 0, r.stderr
-    for text in ("inputs:  x 32x256xfloat32", "plan 'cpu+vulkan' over cpu, vulkan", "weights: weights.irpa", "seg_0", "vulkan", "predicted", "all SHA-256 verified"):
+    for text in ("inputs:  x 32x256xfloat32", "plan 'cpu+vulkan' over cpu, vulkan", "weights: weights.irpa", "seg_0", "vulkan", "predicted", "each matching the SHA-256 its manifest lists"):
         assert text in r.stdout
 
 

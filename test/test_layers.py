@@ -7,7 +7,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP = {"test", "bench", "examples", "scripts", "docs", "cmake", ".venv", ".git"}
-LAYERS = {"errors": 0, "version": 0, "targets": 1, "runtime": 2, "dialects": 2, "passes": 3, "compiler": 4,
+LAYERS = {"errors": 0, "version": 0, "files": 0, "targets": 1, "runtime": 2, "dialects": 2, "passes": 3, "compiler": 4,
           "tools": 5, "": 5}
 
 

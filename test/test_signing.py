@@ -81,7 +81,9 @@ def test_cli_keygen_sign_run(made, tmp_path):
     assert r.returncode == 0, r.stderr
     assert cli("run", bundle, "--trusted-key", key + ".pub").returncode == 0
     r = cli("inspect", bundle)
-    assert r.returncode == 0 and "signature: ed25519 by key" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "signature: signed, claims key id" in r.stdout, r.stdout + r.stderr
+    r = cli("inspect", bundle, "--trusted-key", key + ".pub")
+    assert r.returncode == 0 and "signature: ed25519, verified: signed by trusted key" in r.stdout, r.stdout + r.stderr
     with zipfile.ZipFile(bundle) as z:
         assert SIGNATURE in z.namelist()
     r = cli("sign", bundle, "--key", key + ".pub")  # the public key by mistake

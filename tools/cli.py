@@ -12,6 +12,7 @@ from typing import Callable
 import click
 
 from ..errors import PolyarchError
+from ..files import atomic_write, check_outputs, printable
 from ..targets import TARGETS
 
 
@@ -90,7 +91,7 @@ def _local_sources(module_names):
 def _write_depfile(path, target, deps):
     """A Makefile-style depfile (what Ninja and CMake's DEPFILE read)."""
     esc = lambda p: os.path.abspath(p).replace("\\", "\\\\").replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$")
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         f.write(f"{esc(target)}: " + " \\\n  ".join(esc(d) for d in dict.fromkeys(deps)) + "\n")
 
 
@@ -178,8 +179,10 @@ class _Polyarch(click.Group):
         try:
             return super().invoke(ctx)
         except PolyarchError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(printable(e)) from None
         except OSError as e:
+            if e.errno == errno.EPIPE:  # `polyarch inspect b.pab | head`: the reader has what it wanted
+                _quiet_exit()
             if e.errno is None:
                 raise
             what = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
@@ -189,9 +192,22 @@ class _Polyarch(click.Group):
             raise click.ClickException(what + (f". Fix: {fix}" if fix else "")) from None
 
 
+def _quiet_exit():
+    """Stop printing to a pipe whose reader is gone: no error, and none at exit either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    sys.exit(0)
+
+
 @click.group(cls=_Polyarch, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="polyarch")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also show the warnings of the libraries polyarch drives (torch, IREE), hidden by default. "
+                   "Give it before the command: polyarch -v compile ...")
+def cli(verbose: bool) -> None:
     """Split one PyTorch model across heterogeneous devices, ahead of time.
 
     \b
@@ -206,6 +222,12 @@ def cli() -> None:
     nn.Module in it (default: Model, build or model), or an ONNX file (model.onnx;
     --input fixes its symbolic dimensions).
     """
+    import warnings
+
+    if verbose:
+        warnings.resetwarnings()
+    else:  # torch's FutureWarnings and the like are for the authors of the code they name, not for users
+        warnings.simplefilter("ignore")
 
 
 @cli.command()
@@ -263,14 +285,17 @@ def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins
     from ..compiler.driver import import_model
 
     options = _compile_options(click.get_current_context())
+    output = output or os.path.splitext(os.path.basename(model.partition(":")[0]))[0] + ".pab"
+    profile_files = [p for p in options.profiles if isinstance(p, str)]
+    sources = [model.partition(":")[0], *profile_files] + ([options_file] if options_file else [])
+    writes = {"the bundle (-o)": output, "the depfile (--depfile)": depfile}
+    check_outputs(writes, _named_inputs(sources))  # before any work: nothing of the user's is replaced
     before = set(sys.modules)
     m, ns = _load_model(model)
     local = _local_sources(set(sys.modules) - before)
+    sources += sorted(local)
+    check_outputs(writes, _named_inputs(sources))  # the modules the model file imports, too
     ex = _example_inputs(inputs, ns)
-    output = output or os.path.splitext(os.path.basename(model.partition(":")[0]))[0] + ".pab"
-    profile_files = [p for p in options.profiles if isinstance(p, str)]
-    sources = [model.partition(":")[0], *sorted(local), *profile_files] + ([options_file] if options_file else [])
-    _refuse_overwriting_sources(output, sources)
     progress = None if quiet else (lambda msg: click.echo(f"polyarch: {msg}", err=True))
     import_model(m, ex, options, progress).plan().write(output)
     if depfile:
@@ -340,6 +365,9 @@ def plan(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: t
     from ..compiler.measured import pricing_line
 
     options = _compile_options(click.get_current_context())
+    sources = [model.partition(":")[0], *(p for p in options.profiles if isinstance(p, str)), options_file]
+    check_outputs({"the trace (--trace)": trace_out, "the chart (--gantt)": gantt_out, "the module (--mlir)": mlir_out},
+                  _named_inputs(sources))
     m, ns = _load_model(model)
     ex = _example_inputs(inputs, ns)
     progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
@@ -362,7 +390,7 @@ def plan(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: t
             simulate.write_gantt(gantt_out, events, report)
             click.echo(f"wrote {gantt_out}")
     if mlir_out:
-        with open(mlir_out, "w") as f:
+        with atomic_write(mlir_out) as f:
             f.write(planned.as_text())
 
 
@@ -402,6 +430,7 @@ def run(bundle: str, inputs: tuple, outputs: tuple, repeat: int, trace_out: str 
     import numpy as np
 
     from ..runtime import load
+    from ..runtime.executor import index_bounds
 
     import logging
 
@@ -409,8 +438,12 @@ def run(bundle: str, inputs: tuple, outputs: tuple, repeat: int, trace_out: str 
     if cluster and (trace_out or strict):
         raise PolyarchError("--trace and --strict are not supported with --cluster",
                             fix="drop them (on a cluster the plan is the fastest one whose devices some node offers)")
+    outputs = [p if p.endswith(".npy") else p + ".npy" for p in outputs]  # as numpy.save names them
+    writes = {f"output file {i} (-o)": p for i, p in enumerate(outputs)}
+    check_outputs(dict(writes, **{"the trace (--trace)": trace_out}),
+                  dict(_named_inputs([*inputs, *trusted_keys]), **{"the bundle being run": bundle}))
     t = time.perf_counter()
-    b = load(bundle, plan=plan_name, strict=strict, cluster=cluster, trusted_keys=trusted_keys)
+    b = load(bundle, plan=plan_name, strict=strict, cluster=cluster, trusted_keys=list(trusted_keys) or None)
     load_s = time.perf_counter() - t
     if inputs:
         args = [_load_array(p) for p in inputs]
@@ -422,8 +455,9 @@ def run(bundle: str, inputs: tuple, outputs: tuple, repeat: int, trace_out: str 
             if dt == np.bool_:
                 args.append(rng.random(spec["shape"]) > 0.5)
             elif dt.kind in "iu":  # an index input: valid indices (token ids) of its table
-                r = spec.get("index_range") or {"min": 0, "max": 99}
-                args.append(rng.integers(max(r["min"], 0), min(r["max"], 99) + 1, spec["shape"]).astype(dt))
+                bounds = index_bounds(spec, [i["shape"] for i in b.inputs]) or [(0, 99, "", "")]
+                lo, hi = max(max(lo for lo, *_ in bounds), 0), min(min(hi for _, hi, *_ in bounds), 99)
+                args.append(rng.integers(lo, hi + 1, spec["shape"]).astype(dt))
             else:
                 args.append(rng.standard_normal(spec["shape"]).astype(dt))
     b.trace = bool(trace_out)
@@ -440,88 +474,98 @@ def run(bundle: str, inputs: tuple, outputs: tuple, repeat: int, trace_out: str 
     res = res if isinstance(res, tuple) else (res,)
     if cluster:
         where = ", ".join(f"{d} (actor pid {p['pid']} on {p['host']})" for d, p in b.placement.items())
-        click.echo(f"loaded {bundle} in {load_s * 1000:.1f} ms on Ray cluster {cluster}: {where}")
+        _say(f"loaded {bundle} in {load_s * 1000:.1f} ms on Ray cluster {cluster}: {where}")
     else:
-        click.echo(f"loaded {bundle} in {load_s * 1000:.1f} ms on {', '.join(f'{k} ({v})' for k, v in b.devices.items())}")
-    click.echo(f"running {b.choice}")
+        _say(f"loaded {bundle} in {load_s * 1000:.1f} ms on {', '.join(f'{k} ({v})' for k, v in b.devices.items())}")
+    _say(f"running {b.choice}")
     for i, r in enumerate(res):
-        click.echo(f"output {i}: {'x'.join(map(str, r.shape))}x{r.dtype}  mean {float(np.mean(r)):.6g}  std {float(np.std(r)):.6g}")
+        _say(f"output {i}: {'x'.join(map(str, r.shape))}x{r.dtype}  mean {float(np.mean(r)):.6g}  std {float(np.std(r)):.6g}")
         if i < len(outputs):
-            np.save(outputs[i], r)
+            with atomic_write(outputs[i], "wb") as f:
+                np.save(f, r)
     times.sort()
-    click.echo(f"time: median {times[len(times) // 2] * 1000:.3f} ms over {len(times)} run(s)")
+    _say(f"time: median {times[len(times) // 2] * 1000:.3f} ms over {len(times)} run(s)")
     c = b.counters
     if cluster:
-        click.echo(f"per call: {c['transfers'] / c['calls']:.0f} tensor(s) handed between actors; segments: "
+        _say(f"per call: {c['transfers'] / c['calls']:.0f} tensor(s) handed between actors; segments: "
                    + ", ".join(f"{d} {w['segment_seconds'][d] / c['calls'] * 1000:.3f} ms" for d, w in workers.items()))
         return
-    click.echo(f"per call: {c['transfers'] / c['calls']:.0f} transfer(s), {c['bytes_moved'] / c['calls'] / 1e6:.3f} MB moved in "
+    _say(f"per call: {c['transfers'] / c['calls']:.0f} transfer(s), {c['bytes_moved'] / c['calls'] / 1e6:.3f} MB moved in "
                f"{c['transfer_seconds'] / c['calls'] * 1000:.3f} ms; segments: "
                + ", ".join(f"{d} {t / c['calls'] * 1000:.3f} ms" for d, t in c["segment_seconds"].items()))
     if trace_out:
-        click.echo(f"wrote {trace_out}")
+        _say(f"wrote {trace_out}")
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 @click.option("--ops", "show_ops", is_flag=True, help="Every op: source line, module path, segment, device, predicted time.")
-def inspect(bundle: str, as_json: bool, show_ops: bool) -> None:
-    """Describe BUNDLE: signature, segments, devices, predicted cost, sizes; checks every hash.
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="KEY.pub",
+              help="Check the signature against this public key (repeatable) and fail unless one of them signed "
+                   "the bundle. Without it the key id a signature claims is shown, not verified.")
+def inspect(bundle: str, as_json: bool, show_ops: bool, trusted_keys: tuple) -> None:
+    """Describe BUNDLE: signature, segments, devices, predicted cost, sizes; checks every hash
+    against the manifest (and the manifest against a signature with --trusted-key).
 
     \b
-    Example:
+    Examples:
       polyarch inspect minilm.pab
+      polyarch inspect minilm.pab --trusted-key release.key.pub   # fails unless signed by that key
     """
-    from ..runtime.bundle import verify
+    from ..runtime.bundle import Members, read_manifest
     from ..runtime.executor import format_spec as fmt
+    from ..runtime.signing import check, signature_of
 
-    m = verify(bundle)
+    m, raw = read_manifest(bundle, raw=True)
+    # the signature on the very manifest bytes that the members are then checked against
+    verified = check(bundle, list(trusted_keys), manifest=raw) if trusted_keys else None
+    Members(bundle, m, mmap=None).close()
     if as_json:
-        click.echo(json.dumps(m, indent=1, sort_keys=True))
+        _say(json.dumps(m, indent=1, sort_keys=True))
         return
-    click.echo(f"{bundle}: polyarch bundle schema {m['schema_version']}, made by polyarch {m['polyarch_version']} on {m['created']}")
-    click.echo(f"  compiled with {', '.join(f'{k} {v}' for k, v in m['compiler'].items())}")
-    from ..runtime.signing import signature_of
-
+    _say(f"{bundle}: polyarch bundle schema {m['schema_version']}, made by polyarch {m['polyarch_version']} on {m['created']}")
+    _say(f"  compiled with {', '.join(f'{k} {v}' for k, v in m['compiler'].items())}")
     sig = signature_of(bundle)
-    click.echo("  signature: " + ("none (a bundle is native code: sign it with `polyarch sign`)" if sig is None else
-                                  "damaged" if sig.get("damaged") else f"{sig.get('algorithm')} by key {sig.get('key_id')} "
-                                  "(checked when loaded with --trusted-key)"))
-    click.echo(f"  inputs:  {', '.join(i['name'] + ' ' + fmt(i) for i in m['signature']['inputs'])}")
-    click.echo(f"  outputs: {', '.join(o['name'] + ' ' + fmt(o) for o in m['signature']['outputs'])}")
+    _say("  signature: " + ("none (a bundle is native code: sign it with `polyarch sign`)" if sig is None else
+                            "damaged" if sig.get("damaged") else
+                            f"{sig.get('algorithm')}, verified: signed by trusted key {verified}" if verified else
+                            f"signed, claims key id {sig.get('key_id')}, not verified (pass --trusted-key KEY.pub)"))
+    _say(f"  inputs:  {', '.join(i['name'] + ' ' + fmt(i) for i in m['signature']['inputs'])}")
+    _say(f"  outputs: {', '.join(o['name'] + ' ' + fmt(o) for o in m['signature']['outputs'])}")
     params = m.get("parameters")
     if params:
         size = m["members"][params["member"]]["size"]
-        click.echo(f"  weights: {params['member']}, {params['count']} distinct parameters, {size / 1e6:.2f} MB "
+        _say(f"  weights: {params['member']}, {params['count']} distinct parameters, {size / 1e6:.2f} MB "
                    f"({params['references']} references, {params['referenced_bytes'] / 1e6:.2f} MB if each were stored "
                    f"where it is used)")
     else:
-        click.echo("  weights: inline in each module")
+        _say("  weights: inline in each module")
     for plan in m["plans"]:
         p = plan.get("plan", {})
         measured = f", measured {plan['measured_us'] / 1000:.3f} ms when compiled" if plan.get("measured_us") else ""
-        click.echo(f"  plan '{plan['name']}' over {', '.join(plan['devices'])}: {p.get('objective', '?')} ({p.get('algorithm', '?')}); "
+        _say(f"  plan '{plan['name']}' over {', '.join(plan['devices'])}: {p.get('objective', '?')} ({p.get('algorithm', '?')}); "
                    f"predicted {p.get('predicted_us', 0) / 1000:.3f} ms{measured}, {p.get('transfer_bytes', 0) / 1e6:.3f} MB transferred")
         for line in _device_lines(plan):
-            click.echo(f"    {line}")
+            _say(f"    {line}")
         for line in _verification_lines(plan.get("verification")):
-            click.echo(f"    {line}")
+            _say(f"    {line}")
         for s in plan["segments"]:
             size = m["members"][s["member"]]["size"]
             nparams = len(s.get("parameters", {}).get("keys", {}))
             got = f"  measured {s['measured_us'] / 1000:8.3f} ms" if s.get("measured_us") else ""
-            click.echo(f"    {s['name']:8s} {s['device']:10s} {s['ops']:5d} ops  predicted {s['predicted_us'] / 1000:8.3f} ms{got}  "
+            _say(f"    {s['name']:8s} {s['device']:10s} {s['ops']:5d} ops  predicted {s['predicted_us'] / 1000:8.3f} ms{got}  "
                        f"{size / 1e6:8.2f} MB  {nparams:3d} params  {s['member']}")
             if show_ops:
                 for op in s.get("op_list", []):
                     where = " ".join(x for x in (f"({op['path']})" if op["path"] else "", f"at {op['source']}" if op["source"] else "") if x)
-                    click.echo(f"        {op['predicted_us']:10.2f} us  {op['op']} {where}")
+                    _say(f"        {op['predicted_us']:10.2f} us  {op['op']} {where}")
         transfers = [s for s in plan["schedule"] if s["op"] == "transfer"]
         if transfers:
-            click.echo(f"    transfers: {len(transfers)}, {sum(t['bytes'] for t in transfers) / 1e6:.3f} MB per call")
+            _say(f"    transfers: {len(transfers)}, {sum(t['bytes'] for t in transfers) / 1e6:.3f} MB per call")
     total = sum(v["size"] for v in m["members"].values())
-    click.echo(f"  members: {len(m['members'])}, {total / 1e6:.2f} MB, all SHA-256 verified")
+    _say(f"  members: {len(m['members'])}, {total / 1e6:.2f} MB, each matching the SHA-256 its manifest lists"
+         + ("" if verified else " (which proves no origin: only a verified signature does)"))
 
 
 def _device_lines(plan):
@@ -646,13 +690,15 @@ def sign(bundle: str, key: str) -> None:
     click.echo(f"signed {bundle} with key {kid}")
 
 
-def _refuse_overwriting_sources(output, sources):
-    """A bundle written over the model's own source (or a module it imports, or a profile)
-    would replace it: refuse before compiling."""
-    for src in sources:
-        if os.path.exists(src) and os.path.exists(output) and os.path.samefile(src, output):
-            raise PolyarchError(f"the output {output} is {src}, an input of this compile: writing the bundle there "
-                                "would replace it", fix="write the bundle elsewhere, e.g. -o model.pab")
+def _say(line: str = "") -> None:
+    """click.echo, with control characters escaped: bundles carry text of others (plan names,
+    paths, versions) that must not reach the terminal raw."""
+    click.echo(printable(line))
+
+
+def _named_inputs(paths):
+    """{what it is: path} for the files a command reads, as check_outputs names them."""
+    return {f"an input of this command ({p})": p for p in paths if p}
 
 
 def _unwind(signum, frame):
@@ -678,6 +724,10 @@ def _unwind(signum, frame):
 
 def main() -> None:
     import signal
+    import warnings
+
+    if not any(a in ("-v", "--verbose") for a in sys.argv[1:2]):
+        warnings.simplefilter("ignore")  # also while the options are parsed (the group's callback runs later)
 
     signal.signal(signal.SIGTERM, _unwind)
     signal.signal(signal.SIGINT, _unwind)
