@@ -3,9 +3,9 @@
 - Every path a command writes is checked before any work starts (`check_outputs`): refused when
   it names an input of the same command, another of its outputs or the bundle being run, and
   when its folder does not take a new file.
-- Every write is atomic (`atomic_write`): a temporary file in the same folder, renamed over the
-  target (the file behind a symbolic link, which stays a link), so a reader sees the old file
-  or the new one, and a killed writer leaves the old one.
+- Every write is atomic (`atomic_write`): a temporary file in the same folder (made if missing),
+  renamed over the target (the file behind a symbolic link, which stays a link), so a reader
+  sees the old file or the new one, and a killed writer leaves the old one.
 - Temporary folders (`temp_dir`) hold a lock for as long as their process lives; the first
   temporary folder a process makes removes those whose process has died (SIGKILL included).
 - Child processes (`die_with_parent`) get SIGKILL when the thread that started them dies.
@@ -71,13 +71,11 @@ def _check_place(what, path):
         raise PolyarchError(f"{what} {path} is not a regular file (a device, pipe or socket)",
                             fix="write to a regular file")
     folder = os.path.dirname(os.path.abspath(target)) or "."
-    fix = "give a path in an existing folder you can write to"
-    if not os.path.isdir(folder):
-        up = folder
-        while up and not os.path.exists(up):
-            up = os.path.dirname(up)
-        why = f"{up} is a file, not a folder" if up and not os.path.isdir(up) else f"the folder {folder} does not exist"
-        raise PolyarchError(f"cannot write {what} {path}: {why}", fix=fix)
+    fix = "give a path in a folder you can write to"
+    while not os.path.isdir(folder):  # missing folders are made when written (atomic_write): check the first that exists
+        if os.path.exists(folder):
+            raise PolyarchError(f"cannot write {what} {path}: {folder} is a file, not a folder", fix=fix)
+        folder = os.path.dirname(folder)
     try:
         fd, probe = tempfile.mkstemp(prefix=".polyarch-probe-", dir=folder)
     except OSError as e:
@@ -95,6 +93,7 @@ def atomic_write(path: str, mode: str = "w", keep_mode: bool = True) -> Iterator
     over the target, on an error removed (the old file, if any, stays as it was)."""
     target = real_target(os.fspath(path))
     folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, mode) as f:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
+from ..runtime.dtypes import np_dtype, to_numpy, to_torch
 from ..errors import PolyarchError
 from . import measured
 from .verify import verify_plan
@@ -41,9 +42,9 @@ def example_arrays(example_inputs: Iterable, sig: dict) -> list:
     for i, spec in enumerate(sig["inputs"]):
         x = example_inputs[i] if i < len(example_inputs or ()) else None
         if x is not None and not isinstance(x, str):
-            out.append(np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, order="C"))
+            out.append(np.asarray(to_numpy(x) if hasattr(x, "detach") else x, order="C"))
             continue
-        dt = np.dtype(spec["dtype"])
+        dt = np_dtype(spec["dtype"])
         if dt.kind in "biu":
             out.append(np.zeros(spec["shape"], dt))
         else:
@@ -64,9 +65,25 @@ def eager_outputs(model: Any, inputs: list) -> list | None:
         return None
     from torch.utils import _pytree
 
-    with torch.no_grad():
-        out = model(*[torch.from_numpy(np.array(x)) for x in inputs])
-    return [t.detach().cpu().numpy() for t in _pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    args = [to_torch(np.array(x)) for x in inputs]
+    try:
+        with torch.no_grad():
+            out = model(*args)
+    except Exception as e:  # torch.export traced it with fake tensors, which check less than eager does
+        import traceback
+
+        torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+        frames = traceback.extract_tb(e.__traceback__)
+        mine = [f for f in frames if not os.path.abspath(f.filename).startswith(torch_dir)] or frames
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        given = ", ".join("x".join(map(str, a.shape)) + "x" + str(a.dtype).replace("torch.", "") for a in args)
+        raise PolyarchError(f"PyTorch eager fails on the example inputs ({given}), so the bundle cannot be verified: "
+                            f"{type(e).__name__}: {first}", f"{mine[-1].filename}:{mine[-1].lineno}",
+                            fix="give inputs of the shapes and dtypes the model takes (-i, e.g. 32x256xf32), "
+                                "or compile with --no-verify if eager is not the reference") from None
+    kinds = {bool: np.bool_, int: np.int64, float: np.float32}  # numbers come back as 0-d arrays (importer)
+    return [to_numpy(t) if isinstance(t, torch.Tensor) else np.asarray(t, kinds[type(t)])
+            for t in _pytree.tree_leaves(out) if isinstance(t, torch.Tensor) or type(t) in kinds]
 
 
 def _placement(modules):

@@ -82,17 +82,117 @@ def _persist_buffers(ep):
             spec.persistent = True
 
 
+def _constant_values(ep):
+    """{placeholder name: the tensor} for the graph inputs torch-mlir's frozen import replaces by
+    their values (parameters, buffers, lifted constants), left out where the model writes them."""
+    values = {}
+    for spec in ep.graph_signature.input_specs:
+        kind, target = spec.kind.name, spec.target
+        if kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") and target is not None:
+            t = ep.state_dict.get(target) if target in ep.state_dict else ep.constants.get(target)
+            if t is not None:
+                values[spec.arg.name] = t
+    return values
+
+
+def _prepare_constants(ep):
+    """Two rewrites of the exported graph that torch-mlir's frozen import needs, as it puts the
+    values of parameters, buffers and constants in place of their graph inputs:
+    - a constant inside a list argument (`biases[:, self.idxs]`: aten.index.Tensor's list of
+      indices; LeViT, EfficientFormer, Swin) became a raw tensor in a list of graph values
+      ("Heterogeneous lists are not supported: expected vtensor, got torch.Tensor"): it is
+      read through an aten.clone node of the graph instead;
+    - `int(self.buffer)` (aten.item of a constant, kept by a strict export) had no value to
+      import: folded to the number. -> the number of rewrites."""
+    import torch
+
+    values = _constant_values(ep)
+    graph, done = ep.graph_module.graph, 0
+    nodes = {n.name: n for n in graph.nodes if n.op == "placeholder" and n.name in values}
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default) \
+                and getattr(node.args[0], "name", None) in nodes and values[node.args[0].name].numel() == 1:
+            node.replace_all_uses_with(values[node.args[0].name].item())
+            graph.erase_node(node)
+            done += 1
+            continue
+        for i, a in enumerate(node.args):
+            if isinstance(a, (list, tuple)) and any(getattr(x, "name", None) in nodes and x is nodes[x.name] for x in a):
+                new = []
+                for x in a:
+                    if getattr(x, "name", None) in nodes and x is nodes[x.name]:
+                        with graph.inserting_before(node):
+                            x2 = graph.call_function(torch.ops.aten.clone.default, (x,))
+                        x2.meta = dict(x.meta)
+                        new.append(x2)
+                        done += 1
+                    else:
+                        new.append(x)
+                node.update_arg(i, type(a)(new))
+    if done:
+        graph.lint()
+        ep.graph_module.recompile()
+    return done
+
+
+def _number_outputs_as_tensors(ep):
+    """Outputs that are Python numbers or bools (constants, or sizes such as x.shape[0]) become
+    0-d tensors of the graph (int64, float32, bool), so that they come back as 0-d arrays.
+    -> the number of outputs rewritten."""
+    import torch
+
+    graph = ep.graph_module.graph
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    dtypes = {bool: torch.bool, int: torch.int64, float: torch.float32}
+    new, done = [], 0
+    for a in out_node.args[0]:
+        val = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+        kind = next((k for k in (bool, int, float) if isinstance(val, k)), None)
+        if isinstance(val, torch.SymInt):
+            kind = int
+        elif isinstance(val, torch.SymFloat):
+            kind = float
+        if kind is None:
+            new.append(a)
+            continue
+        with graph.inserting_before(out_node):
+            t = graph.call_function(torch.ops.aten.scalar_tensor.default, (a,), {"dtype": dtypes[kind]})
+        t.meta["val"] = torch.empty((), dtype=dtypes[kind])
+        new.append(t)
+        done += 1
+    if done:
+        out_node.args = (type(out_node.args[0])(new),) + tuple(out_node.args[1:])
+        graph.lint()
+        ep.graph_module.recompile()
+    return done
+
+
 def _importer_with_module_paths(ctx):
-    """A FxImporter whose op locations are NameLoc(module path) around torch-mlir's own
-    file:line call stack."""
+    """A FxImporter whose op locations are NameLoc(module path) around the file:line call stack,
+    its innermost frame the model's own line (torch's frames, nn.Linear's forward for every
+    Linear, dropped from the inner end)."""
+    import torch
     from torch_mlir import ir
     from torch_mlir.extras.fx_importer import ContextCache, FxImporter
+
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
     class _ModulePathCache(ContextCache):
         __slots__ = []
 
+        def _frames_loc(self, node):
+            frames = re.findall(r'File "([^"]+)", line ([0-9]+),', node.meta.get("stack_trace") or "")
+            while len(frames) > 1 and os.path.abspath(frames[-1][0]).startswith(torch_dir):
+                frames.pop()
+            locs = [ir.Location.file(f, int(n), col=0, context=self._c) for f, n in frames]
+            if len(locs) > 1:
+                return ir.Location.callsite(locs[-1], locs[-2::-1], context=self._c)
+            return locs[0] if locs else None
+
         def get_node_location(self, node):
-            loc = super().get_node_location(node)
+            loc = self._frames_loc(node) if node.meta.get("stack_trace") else super().get_node_location(node)
             stack = node.meta.get("nn_module_stack") or {}
             path = ""
             if stack:
@@ -296,13 +396,22 @@ def export(model: Any, example_inputs: Iterable, dynamic_dims: Iterable = ()) ->
     oblivious = fx_config.patch(backed_size_oblivious=True) if dynamic_dims else contextlib.nullcontext()
     import logging
 
-    # torch logs a failed op's whole traceback before raising it; the error is reported below.
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)
+    # torch logs a failed op's whole traceback (and a data-dependent guard's graph) before
+    # raising; the error is reported below.
+    quiet = [logging.getLogger(n) for n in ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
     try:
         with torch.no_grad(), oblivious:
-            return torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+            try:
+                return torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+            except Exception as e:
+                if not _data_dependent(e):
+                    raise
+                # non-strict export traces with fake tensors: int(self.buffer) has no value there;
+                # strict export (TorchDynamo) sees the buffer's real value and can take it
+                return torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=True)
     except Exception as e:  # torch.export's errors are long; keep the first line and the cause
         if dynamic_dims and ("Constraint" in type(e).__name__ or "specializ" in str(e) or "dynamic" in str(e).lower()):
             raise PolyarchError(f"a dimension marked dynamic ({', '.join(dynamic_dims)}) cannot stay dynamic in {type(model).__name__}: "
@@ -316,7 +425,13 @@ def export(model: Any, example_inputs: Iterable, dynamic_dims: Iterable = ()) ->
                                 "takes (-i); otherwise make the model exportable (no data-dependent Python control "
                                 "flow), or pass an ExportedProgram") from e
     finally:
-        fake_log.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    """Whether a non-strict export failed on a value it could not know (int() of a tensor)."""
+    return "DataDependent" in type(exc).__name__ or "data-dependent expression" in str(exc)
 
 
 def _first_lines(exc, n=3):
@@ -529,8 +644,13 @@ def _evaluate(e, syms):
 def _refuse_state_writes(ep):
     """Refuse a forward that writes in place into a buffer or an input (through views too).
     A bundle is a function without state: such a buffer was frozen at its exported value
-    and the write lost, a silently wrong result from the second call on."""
+    and the write lost, a silently wrong result from the second call on. An input written in
+    place and returned (`x.mul_(2); return x`) has a well-defined result: allowed, and the
+    names of those inputs are returned (the caller's array is not written)."""
     kinds = {s.arg.name: (s.kind.name, s.target) for s in ep.graph_signature.input_specs if hasattr(s.arg, "name")}
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    returned = {_view_base(a).name for a in out_node.args[0] if isinstance(a, type(out_node))}
+    written = []
     for node in ep.graph.nodes:
         schema = getattr(node.target, "_schema", None)
         if node.op != "call_function" or schema is None or not schema.is_mutable:
@@ -541,6 +661,9 @@ def _refuse_state_writes(ep):
             base = _view_base(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
             kind, target = kinds.get(getattr(base, "name", None), (None, None))
             if kind not in ("BUFFER", "USER_INPUT"):
+                continue
+            if kind == "USER_INPUT" and base.name in returned and base is node.args[i]:  # written whole, returned
+                written.append(base.name)
                 continue
             frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
             where = f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
@@ -553,6 +676,23 @@ def _refuse_state_writes(ep):
             raise PolyarchError(f"the model writes into its input '{base.name}' in place ({schema.name}); a bundle does "
                                 "not change the arrays it is given", where,
                                 fix="compute a new tensor instead (y = x + 1, not x.add_(1)) and return it if needed")
+    return list(dict.fromkeys(written))
+
+
+def _drop_input_writes(ep):
+    """The program with its writes into inputs made functional (torch-mlir's decompositions, as
+    its import runs them) and the written values left out of the outputs (a bundle does not
+    write its inputs back). -> the new ExportedProgram."""
+    from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+
+    ep = ep.run_decompositions(get_decomposition_table())
+    specs = ep.graph_signature.output_specs
+    drop = {i for i, s in enumerate(specs) if s.kind.name == "USER_INPUT_MUTATION"}
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    out_node.args = (tuple(a for i, a in enumerate(out_node.args[0]) if i not in drop),) + tuple(out_node.args[1:])
+    specs[:] = [s for i, s in enumerate(specs) if i not in drop]
+    ep.graph_module.recompile()
+    return ep
 
 
 def _view_base(value):
@@ -580,8 +720,12 @@ def import_model(model: Any, example_inputs: Iterable = (), dynamic_dims: Iterab
         return import_onnx(model, example_inputs)
 
     ep = export(model, example_inputs, dynamic_dims)
-    _refuse_state_writes(ep)
+    written = _refuse_state_writes(ep)
+    if written:
+        ep = _drop_input_writes(ep)
     _persist_buffers(ep)
+    _prepare_constants(ep)
+    _number_outputs_as_tensors(ep)
     sig = signature_of(ep)
     _name_dynamic_dims(sig, dynamic_dims)
     dynamic = any("dynamic" in i for i in sig["inputs"])
@@ -600,8 +744,16 @@ def import_model(model: Any, example_inputs: Iterable = (), dynamic_dims: Iterab
             module = fx.export_and_import(ep, output_type="raw", fx_importer=importer, func_name="main")
         _lower_to_backend_contract(module)
     except Exception as e:
-        raise PolyarchError(f"torch-mlir could not lower the model to the torch backend contract: {_one_line(e)}",
-                            fix="the op named is not supported by torch-mlir 20261001; rewrite it with supported ops or file an issue") from e
+        text = _one_line(e)
+        op = re.search(r"'([a-z_]+\.[a-z_.]+)' op|\b(torch\.aten\.[a-z_0-9.]+)", text)
+        where = re.search(r" at (\S+\.py:\d+)$", text)
+        what = (f"the op {op.group(1) or op.group(2)}" if op else "an op") + (f" at {where.group(1)}" if where else "")
+        raise PolyarchError(f"torch-mlir could not lower the model to the torch backend contract: {text}",
+                            fix=f"{what} is not supported by torch-mlir 20261001 (its FX importer or lowering): rewrite "
+                                "that line with other ops, or file an issue with torch-mlir") from e
     if dynamic:
         _record_nominal_shapes(module, sig)
+    if written:  # (said by the driver as progress; not part of the signature)
+        sig["notes"] = [f"the model writes into its input '{n}' in place and returns it: the bundle returns the written "
+                        "value, and leaves the caller's array as it was (PyTorch would have written it)" for n in written]
     return module, sig

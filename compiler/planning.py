@@ -23,6 +23,8 @@ def import_module(model: Any, example_inputs: Iterable, dynamic_dims: Iterable,
     t = time.time()
     base, sig = import_model(model, example_inputs, dynamic_dims)
     progress(f"imported {model_name(model)} into the torch dialect in {time.time() - t:.1f}s")
+    for note in sig.pop("notes", ()):
+        progress(note)
     # inputs used as indices get their valid range in the signature (checked by the runtime);
     # indices computed in the model are marked for a check inside their segment
     for arg, r in guard_indices.mark(base).items():

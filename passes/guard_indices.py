@@ -122,12 +122,16 @@ def _index_operands(op):
 
 
 def _source_input(value):
-    """The argument number of the input whose values `value` holds unchanged, or None."""
+    """The argument number of the input whose values `value` holds unchanged (an integer input,
+    or a float input cast to integers on the way, all of its values: truncated), or None."""
+    partial = False  # through a slice: only some of the input's values are indices
     while True:
         n = _arg_number(value)
         if n is not None:
-            return n if _INT.match((pa.tensor_info(value.type) or ([], ""))[1]) else None
+            et = (pa.tensor_info(value.type) or ([], ""))[1]
+            return n if _INT.match(et) or (et in ("f16", "bf16", "f32", "f64") and not partial) else None
         o = _owner_op(value)
+        partial = partial or (o is not None and o.name in ("torch.aten.slice.Tensor", "torch.aten.select.int"))
         if o is None or o.name not in _KEEPS_VALUES or not o.operands:
             return None
         value = o.operands[0]

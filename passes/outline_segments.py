@@ -268,11 +268,13 @@ def program_order(some: list, ops: list) -> list:
 
 
 # torch ScalarType codes for the dtypes that widening converts between
-_TORCH_DTYPE = {"ui8": 0, "si8": 1, "si16": 2, "si32": 3, "si64": 4, "f16": 5, "f32": 6, "f64": 7, "i1": 11, "bf16": 15}
+_TORCH_DTYPE = {"ui8": 0, "si8": 1, "si16": 2, "si32": 3, "si64": 4, "f16": 5, "f32": 6, "f64": 7, "complex<f32>": 9,
+                "complex<f64>": 10, "i1": 11, "bf16": 15}
 
 
 def _boundary_type(ir, type_, widen):
-    """The type a tensor crosses a segment boundary as: f64 as f32 everywhere (BOUNDARY),
+    """The type a tensor crosses a segment boundary as: f64 as f32 and complex<f64> as
+    complex<f32> everywhere (BOUNDARY),
     narrow types widened to 32 bits where the device needs it."""
     info = pa.tensor_info(type_)
     if info is None:

@@ -120,6 +120,7 @@ def _check_structure(manifest, path):
     import numpy as np
 
     from .devices import DeviceError, DeviceSpec
+    from .dtypes import np_dtype
 
     members, sig, plans = manifest["members"], manifest["signature"], manifest["plans"]
     if not isinstance(members, dict) or not all(
@@ -131,7 +132,7 @@ def _check_structure(manifest, path):
         if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) or not all(map(_is_int, spec["shape"])):
             raise _damaged(path, f"signature entry {i} has no shape")
         try:
-            np.dtype(spec.get("dtype"))
+            np_dtype(spec.get("dtype"))
         except TypeError:
             raise _damaged(path, f"signature entry {i} has dtype {spec.get('dtype')!r}") from None
     if not isinstance(plans, list) or not plans or not all(isinstance(p, dict) for p in plans):
@@ -157,6 +158,7 @@ def _check_structure(manifest, path):
             _check_segment_parameters(path, seg, params)
             segments[seg["name"]] = seg
         _check_schedule(path, plan, segments, len(sig["inputs"]))
+        _check_agreement(path, plan, segments, sig)
 
 
 def _check_segment_parameters(path, seg, archive):
@@ -179,6 +181,46 @@ def _check_segment_parameters(path, seg, archive):
                 raise _damaged(path, f"parameter {key} of segment {seg['name']} is a bad splat {content[:40]!r}")
         elif archive is None:
             raise _damaged(path, f"segment {seg['name']} reads parameter {key} but the bundle has no archive")
+
+
+# (signature dtype, the dtype a segment takes or gives it as): f64 and complex128 cross as 32-bit
+# values everywhere, narrow types widened where a device has 32-bit storage only
+_CROSSES_AS = {("float64", "float32"), ("complex128", "complex64"), ("float16", "float32"), ("bfloat16", "float32"),
+               ("bool", "int32"), ("int8", "int32"), ("uint8", "int32"), ("int16", "int32")}
+
+
+def _agrees(entry, seg_spec):
+    """Whether a segment's argument or result spec can hold the signature entry's values."""
+    if not isinstance(seg_spec, dict) or not isinstance(seg_spec.get("shape"), list):
+        return True  # (older manifests list no per-segment specs)
+    dynamic = {d.get("dim") for d in entry.get("dynamic", ()) if isinstance(d, dict)}
+    shape, theirs = entry["shape"], seg_spec["shape"]
+    same_shape = len(shape) == len(theirs) and all(a == b for k, (a, b) in enumerate(zip(shape, theirs))
+                                                   if k not in dynamic and isinstance(b, int) and b >= 0)
+    dt = (entry.get("dtype"), seg_spec.get("dtype"))
+    return same_shape and (dt[0] == dt[1] or dt in _CROSSES_AS)
+
+
+def _check_agreement(path, plan, segments, sig):
+    """The signature agrees with the segments that take the inputs and give the outputs: a
+    manifest edited to claim other shapes or dtypes than its modules were compiled for is refused
+    (IREE does not check a buffer's element type against the function's)."""
+    made = {}
+    for k, step in enumerate(plan["schedule"]):
+        if step["op"] != "call":
+            continue
+        seg = segments[step["segment"]]
+        for j, name in enumerate(step["args"]):
+            if name.startswith("in") and name[2:].isdigit() and int(name[2:]) < len(sig["inputs"]):
+                spec = seg["inputs"][j] if j < len(seg.get("inputs") or []) else None
+                if spec is not None and not _agrees(sig["inputs"][int(name[2:])], spec):
+                    raise _damaged(path, f"input {name[2:]} of the signature is not what segment {seg['name']} takes")
+        for j, name in enumerate(step["results"]):
+            outs = seg.get("outputs") or []
+            made[name] = outs[j] if j < len(outs) else None
+    for entry, name in zip(sig["outputs"], plan["outputs"]):
+        if made.get(name) is not None and not _agrees(entry, made[name]):
+            raise _damaged(path, f"output {entry.get('name')} of the signature is not what plan '{plan.get('name')}' makes")
 
 
 def _check_schedule(path, plan, segments, n_inputs):

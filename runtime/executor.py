@@ -9,6 +9,7 @@ import numpy as np
 from ..errors import BundleError, DeviceError, IndexRangeError
 from .bundle import Members, read_manifest
 from .devices import DeviceSpec
+from .dtypes import np_dtype, to_numpy, to_torch
 
 if TYPE_CHECKING:
     import iree.runtime as rt
@@ -381,8 +382,8 @@ class Bundle:
                 bvs.append(v.bv)
                 waits.append((sem, v.tick))
                 continue
-            if v.dtype != np.dtype(spec["dtype"]):
-                v = v.astype(spec["dtype"])  # narrow types travel widened to some devices
+            if v.dtype != np_dtype(spec["dtype"]):
+                v = v.astype(np_dtype(spec["dtype"]))  # narrow types travel widened to some devices
             t0 = clock()
             bvs.append(rt.asdevicearray(dev, v)._buffer_view)
             if _kind(dname) != "cpu":
@@ -405,7 +406,7 @@ class Bundle:
         t0 = clock()
         try:
             vm_ctx.invoke(vm_fn, arg_list, rets)
-        except (RuntimeError, ValueError, TypeError) as e:  # a check in it, or arguments it does not take
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a check in it, or arguments it does not take
             self._failed(dname, tick, seg_name, e)
         event = {"name": seg_name, "kind": "segment", "track": dname, "start": t0 - call.t0, "dur": 0.0, "bytes": 0}
         if wait_each:
@@ -455,7 +456,7 @@ class Bundle:
             v = call.env[name]
             if isinstance(v, _OnDevice):
                 v = self._to_host(v, call, f"output {name}")
-            outs.append(v.astype(spec["dtype"]) if v.dtype != np.dtype(spec["dtype"]) else v)
+            outs.append(v.astype(np_dtype(spec["dtype"])) if v.dtype != np_dtype(spec["dtype"]) else v)
         c = self.counters
         c["calls"] += 1
         c["seconds"] += time.perf_counter() - call.t0
@@ -463,9 +464,7 @@ class Bundle:
             n = c["calls"] - 1
             self.events.extend(dict(e, call=n, start=e["start"] + call.t0) for e in call.events)
         if call.as_torch:
-            import torch
-
-            outs = [torch.from_dlpack(o) for o in outs]
+            outs = [to_torch(o) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def write_trace(self, path: str) -> None:
@@ -478,10 +477,21 @@ class Bundle:
 
 
 def first_out_of_range(a: np.ndarray, lo: int, hi: int) -> tuple | None:
-    """(value, "[i, j]" position) of the first element of `a` outside [lo, hi], or None."""
-    if not a.size or (a.min() >= lo and a.max() <= hi):
+    """(value, "[i, j]" position) of the first element of `a` outside [lo, hi], or None. Floats
+    (an index cast from a float input) count as the integers they truncate to; NaN and
+    infinities are out of any range."""
+    if not a.size:
         return None
-    where = np.argwhere((a < lo) | (a > hi))[0]
+    v = np.trunc(a.astype(np.float64)) if a.dtype.kind == "f" else a
+    if v.dtype.kind == "f":
+        bad = ~np.isfinite(v) | (v < lo) | (v > hi)
+    elif v.min() >= lo and v.max() <= hi:
+        return None
+    else:
+        bad = (v < lo) | (v > hi)
+    if not bad.any():
+        return None
+    where = np.argwhere(bad)[0]
     return a[tuple(where)], "[" + ", ".join(str(int(k)) for k in where) + "]"
 
 
@@ -587,15 +597,16 @@ def check_inputs(path: str, inputs: list, args: list) -> list:
             fix="pass one array per input, in order: " + (", ".join(i["name"] for i in inputs) or "none"))
     out, symbols = [], {}
     for i, (a, spec) in enumerate(zip(args, inputs)):
-        a = _as_array(a, np.dtype(spec["dtype"]))
+        a = _as_array(a, np_dtype(spec["dtype"]))
         got = format_spec({"shape": list(a.shape), "dtype": str(a.dtype)})
         dynamic = {d["dim"]: d for d in spec.get("dynamic", ())}
         shape_ok = a.ndim == len(spec["shape"]) and all(
             n == want for k, (n, want) in enumerate(zip(a.shape, spec["shape"])) if k not in dynamic)
-        if not shape_ok or a.dtype != np.dtype(spec["dtype"]):
+        if not shape_ok or a.dtype != np_dtype(spec["dtype"]):
             if shape_ok:  # only the element type differs: a cast, not a recompile
                 raise BundleError(f"input {i} ('{spec['name']}'): expected {format_spec(spec)}, got {got}",
-                                  fix=f"cast it: a.astype(numpy.{spec['dtype']}) (torch: t.to(torch.{spec['dtype']}))")
+                                  fix=f"cast it: a.astype({'ml_dtypes' if spec['dtype'] == 'bfloat16' else 'numpy'}."
+                                      f"{spec['dtype']}) (torch: t.to(torch.{spec['dtype']}))")
             fix = ("the dimensions marked ? are dynamic; the others are fixed at compile time (recompile with matching "
                    "--input specs, or --dynamic-dim for another dimension)" if dynamic else
                    "the bundle was compiled for static shapes; recompile with matching --input specs, or with "
@@ -629,7 +640,7 @@ def _as_array(a, want):
     arrays in the other byte order are swapped. Anything else keeps its dtype, for the
     caller's check."""
     if _is_torch(a):
-        a = a.detach().cpu().numpy()
+        a = to_numpy(a)
     if not isinstance(a, (np.ndarray, np.generic)):
         b = np.asarray(a)  # a new array, C-ordered
         if b.dtype.kind in "biuf" and np.can_cast(b.dtype, want, "same_kind"):

@@ -31,8 +31,9 @@ def iree_flags(spec: DeviceSpec) -> list:
 # Element types that cross segment boundaries as another type on every device: IREE
 # demotes f64 to f32 inside a function by default, but a function returning f64 then
 # fails at run time ("buffer view byte length 196608 exceeds backing buffer byte length
-# 98304", measured on local-task); so segments exchange f64 tensors as f32.
-BOUNDARY = {"f64": "f32"}
+# 98304", measured on local-task); so segments exchange f64 tensors as f32, and complex<f64>
+# (the same failure: "byte length 96 exceeds backing buffer byte length 48") as complex<f32>.
+BOUNDARY = {"f64": "f32", "complex<f64>": "complex<f32>"}
 
 # Narrow element types and the 32-bit type they travel as on targets without 8/16-bit storage.
 WIDEN = {"i1": "si32", "si8": "si32", "ui8": "si32", "si16": "si32", "f16": "f32", "bf16": "f32"}

@@ -191,7 +191,7 @@ def test_no_command_writes_over_its_own_files(small, tmp_path):
         r = cli("run", bundle, *args)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert open(bundle, "rb").read() == before
-    for out in ("/proc/version", "/etc/hostname/x.pab", str(tmp_path / "no" / "x.pab"), str(tmp_path)):
+    for out in ("/proc/version", "/etc/hostname/x.pab", str(model / "x.pab"), str(tmp_path)):
         t = time.time()
         r = cli("compile", str(model), "-o", out)
         assert (r.returncode == 1 and "Fix:" in r.stderr or r.returncode == 2 and "is a directory" in r.stderr) \
@@ -308,3 +308,173 @@ def test_dynamic_dimension_index_in_range_matches_eager(dynamic_lookup):
             np.testing.assert_array_equal(got, w.numpy())
     with pytest.raises(IndexRangeError, match="in segment"):  # the constant index 2 into a 2-row table
         dynamic_lookup(np.zeros((2, 4), np.float32), np.array([0, 0, 0]))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_inputs_and_outputs_match_eager(tmp_path, dtype):
+    """A model with 16-bit weights, inputs and outputs compiles, verifies against eager and runs,
+    taking torch tensors and (bf16) ml_dtypes arrays."""
+    import ml_dtypes
+    import torch
+
+    tdt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).to(tdt).eval()
+    x = torch.randn(4, 16).to(tdt)
+    path = polyarch.compile(model, (x,), devices=["cpu"], output=str(tmp_path / "m.pab"), tune="none")
+    b = polyarch.runtime.load(path)
+    assert b.inputs[0]["dtype"] == dtype and b.outputs[0]["dtype"] == dtype
+    with torch.no_grad():
+        want = model(x).float()
+    got = b(x)
+    assert got.dtype == tdt
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)  # 16-bit rounding of the sums
+    np_dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    arr = b(x.float().numpy().astype(np_dt))
+    assert arr.dtype == np.dtype(np_dt)
+    np.testing.assert_allclose(arr.astype(np.float32), want.numpy(), atol=3e-2, rtol=3e-2)
+    with pytest.raises(BundleError, match="cast it"):
+        b(x.float().numpy())
+
+
+def test_complex128_crosses_segment_boundaries_as_complex64(tmp_path):
+    """A segment returning complex<f64> failed at run time in IREE (as f64 did): it crosses as
+    complex<f32>, and the result matches eager."""
+    import torch
+
+    class Complex(torch.nn.Module):
+        def forward(self, x):
+            z = torch.view_as_complex(x.double().reshape(2, 8, 2))
+            return z[:, 1:4], torch.view_as_real(z[:, :2]).float() * 2
+
+    x = torch.randn(2, 16)
+    path = polyarch.compile(Complex(), (x,), devices=["cpu"], output=str(tmp_path / "c.pab"), tune="none")
+    got = polyarch.runtime.load(path)(x.numpy())
+    want = Complex()(x)
+    np.testing.assert_allclose(got[0], want[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1].numpy(), rtol=1e-6)
+
+
+def test_a_data_dependent_int_is_exported_strictly(tmp_path):
+    """int() of a buffer fails torch.export's non-strict trace (fake tensors have no values); the
+    strict export takes it, and the compile retries with it."""
+    import torch
+
+    class Narrow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.tensor(3))
+
+        def forward(self, x):
+            return x * int(self.n) + 1
+
+    x = torch.randn(2, 8)
+    path = polyarch.compile(Narrow(), (x,), devices=["cpu"], output=str(tmp_path / "n.pab"), tune="none")
+    np.testing.assert_allclose(polyarch.runtime.load(path)(x.numpy()), Narrow()(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("as_buffer", [True, False])
+def test_a_constant_index_tensor_in_an_index_list(tmp_path, as_buffer):
+    """LeViT's and EfficientFormer's attention biases, `biases[:, self.idxs]` with idxs a
+    (non-persistent) buffer or a plain tensor attribute: torch-mlir's frozen import put the raw
+    tensor into the op's list of indices and refused it."""
+    import torch
+
+    class Biases(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.biases = torch.nn.Parameter(torch.randn(4, 9))
+            idxs = torch.randint(0, 9, (16, 16))
+            if as_buffer:
+                self.register_buffer("idxs", idxs, persistent=False)
+            else:
+                self.idxs = idxs
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.proj(x) + self.biases[:, self.idxs]
+
+    model, x = Biases().eval(), torch.randn(1, 4, 16, 16)
+    path = polyarch.compile(model, (x,), devices=["cpu"], output=str(tmp_path / "b.pab"), tune="none")
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(polyarch.runtime.load(path)(x.numpy()), want, rtol=1e-5, atol=1e-5)
+
+
+def test_python_number_outputs_come_back_as_0d_arrays(tmp_path):
+    import torch
+
+    class Numbers(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, 3, 2.5, True, x.shape[0]
+
+    x = torch.randn(4, 3)
+    path = polyarch.compile(Numbers(), (x,), devices=["cpu"], output=str(tmp_path / "n.pab"), tune="none")
+    got = polyarch.runtime.load(path)(x.numpy())
+    np.testing.assert_allclose(got[0], (x * 2).numpy())
+    assert [(g.shape, g.dtype, g.item()) for g in got[1:]] == [((), np.int64, 3), ((), np.float32, 2.5),
+                                                              ((), np.bool_, True), ((), np.int64, 4)]
+
+
+def test_an_input_written_in_place_and_returned(tmp_path):
+    import torch
+
+    class Scale(torch.nn.Module):
+        def forward(self, x):
+            x.mul_(2)
+            return x, x + 1
+
+    x = torch.randn(2, 3)
+    lines = []
+    path = polyarch.compile(Scale(), (x.clone(),), devices=["cpu"], output=str(tmp_path / "s.pab"), tune="none",
+                            progress=lines.append)
+    assert any("writes into its input 'x' in place and returns it" in l for l in lines)
+    arr = x.numpy().copy()
+    got = polyarch.runtime.load(path)(arr)
+    np.testing.assert_allclose(got[0], x.numpy() * 2, rtol=1e-6)
+    np.testing.assert_allclose(got[1], x.numpy() * 2 + 1, rtol=1e-6)
+    np.testing.assert_array_equal(arr, x.numpy())  # the caller's array is not written
+
+    class Hidden(torch.nn.Module):  # written and not returned: still refused (the write would be lost)
+        def forward(self, x):
+            x.mul_(2)
+            return x + 1
+
+    with pytest.raises(PolyarchError, match="writes into its input 'x' in place"):
+        polyarch.compile(Hidden(), (x.clone(),), devices=["cpu"], output=str(tmp_path / "h.pab"), tune="none")
+
+
+def test_one_line_errors_and_the_users_own_lines(tmp_path):
+    """Inputs eager refuses are one line naming the model's line; `plan --ops` names the model's
+    line for each op (not torch/nn/modules/linear.py); a float input cast to indices gets its
+    range, so `polyarch run` without -i makes valid values."""
+    mlp = os.path.join(EXAMPLES, "mlp.py")
+    r = cli("compile", mlp, "-i", "32x256xi64", "-d", "cpu", "--tune", "none", "-q", "-o", str(tmp_path / "i.pab"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "PyTorch eager fails" in r.stderr, r.stderr
+    assert "mlp.py:" in r.stderr and "Traceback" not in r.stderr
+    r = cli("plan", mlp, "-d", "cpu", "--ops", "--no-calibrate")
+    assert r.returncode == 0 and "at " + mlp + ":" in r.stdout and "linear.py" not in r.stdout, r.stdout
+    assert "Warning" not in r.stderr  # torch's FutureWarnings are hidden
+    model = tmp_path / "fidx.py"
+    model.write_text(textwrap.dedent("""
+        import torch
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = torch.nn.Embedding(50, 8)
+            def forward(self, x):
+                return self.emb(x.long())
+        def example_inputs():
+            return (torch.tensor([[1.0, 7.0, 3.0]]),)
+    """))
+    out = str(tmp_path / "f.pab")
+    assert cli("compile", str(model), "-d", "cpu", "--tune", "none", "-q", "-o", out).returncode == 0
+    r = cli("run", out)
+    assert r.returncode == 0, r.stderr
+    from polyarch.errors import IndexRangeError
+
+    b = polyarch.runtime.load(out)
+    for v in (50.0, -1.0, float("nan")):
+        with pytest.raises(IndexRangeError, match="input 0"):
+            b(np.array([[v, 0, 0]], np.float32))

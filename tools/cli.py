@@ -454,7 +454,7 @@ def run(bundle: str, inputs: tuple, outputs: tuple, repeat: int, trace_out: str 
             dt = np.dtype(spec["dtype"])
             if dt == np.bool_:
                 args.append(rng.random(spec["shape"]) > 0.5)
-            elif dt.kind in "iu":  # an index input: valid indices (token ids) of its table
+            elif dt.kind in "iu" or "index_range" in spec:  # an index input: valid indices (token ids) of its table
                 bounds = index_bounds(spec, [i["shape"] for i in b.inputs]) or [(0, 99, "", "")]
                 lo, hi = max(max(lo for lo, *_ in bounds), 0), min(min(hi for _, hi, *_ in bounds), 99)
                 args.append(rng.integers(lo, hi + 1, spec["shape"]).astype(dt))
