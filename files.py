@@ -9,7 +9,9 @@
 - Temporary folders (`temp_dir`) hold a lock for as long as their process lives; the first
   temporary folder a process makes removes those whose process has died (SIGKILL included).
 - Child processes (`die_with_parent`) get SIGKILL when the thread that started them dies.
-- Text from a file the user did not write (a bundle's manifest) is printed escaped (`printable`)."""
+- Text from a file the user did not write (a bundle's manifest) is printed escaped (`printable`).
+- SIGTERM (and the CLI's Ctrl-C) unwinds as an exception (`unwind`; `terminate_unwinds` for the
+  Python API's compiles), so clean-up runs."""
 
 import contextlib
 import errno
@@ -24,7 +26,7 @@ from typing import Iterator
 from .errors import PolyarchError
 
 __all__ = ["check_outputs", "atomic_write", "real_target", "temp_dir", "sweep_dead_temp", "die_with_parent",
-           "printable"]
+           "printable", "unwind", "terminate_unwinds"]
 
 TEMP_PREFIX = "polyarch-"
 LOCK = ".polyarch-lock"
@@ -186,3 +188,44 @@ def printable(text: object) -> str:
     if s.isprintable():
         return s
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+
+
+def unwind(signum: int, frame: object) -> None:
+    """SIGTERM (and Ctrl-C) as an exception that unwinds: temporary folders and partial
+    bundles are removed on the way out. Never inside an import: an exception crossing a native
+    module's initialisation aborts the process (SIGABRT, seen while iree.compiler's bindings
+    loaded), so there the signal is sent again 0.1 s later."""
+    import signal
+    import threading
+
+    f = frame
+    while f is not None:
+        if f.f_code.co_filename.startswith("<frozen importlib"):
+            timer = threading.Timer(0.1, os.kill, (os.getpid(), signum))
+            timer.daemon = True
+            timer.start()
+            return
+        f = f.f_back
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def terminate_unwinds() -> Iterator:
+    """While inside: SIGTERM unwinds as an exception (SystemExit(143)) instead of ending the
+    process at once, so temporary folders and half-written files are removed on the way out,
+    as the CLI does. Only where SIGTERM has its default action and on the main thread (a
+    program with a handler of its own keeps it)."""
+    import signal
+    import threading
+
+    mine = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if mine:
+        signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        if mine:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

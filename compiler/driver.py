@@ -15,7 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from ..files import temp_dir
+from ..files import temp_dir, terminate_unwinds
 from ..errors import PolyarchError
 from .build import build_bundle, rewrite_bundle
 from .modules import plan_text
@@ -110,7 +110,12 @@ class Planned:
     def write(self, output: str) -> str:
         """Stage 3: compile every plan's segments with IREE and write the bundle. With
         options.verify, every plan this host can run is run, checked and timed first, and
-        re-planned on what is measured (compiler/grounding.py). -> the bundle's path."""
+        re-planned on what is measured (compiler/grounding.py). -> the bundle's path. A SIGTERM
+        meanwhile unwinds (files.terminate_unwinds): temporary folders go, the old bundle stays."""
+        with terminate_unwinds():
+            return self._write(output)
+
+    def _write(self, output: str) -> str:
         imp, o, progress = self.imported, self.options, self.imported.progress
         _check_output(imp.model, output)
         examples = _fit_index_examples(imp.example_inputs, imp.signature, progress)

@@ -13,6 +13,14 @@
     tune="full"    as quick, every segment compiled whole with each lowering variant and each
                    candidate flag set (FLAG_CANDIDATES); the fastest kept (by 5%)
 
+Time budget (quick and full): tuning may spend BUDGET times what IREE took to compile the
+convolution probe of IREE's own lowering (a measure of what the convolutions cost to compile
+untuned), at least MIN_BUDGET_S. Convolutions are timed largest first (by FLOPs: where the
+predicted gain is largest), each result cached as it is measured, so a compile that runs out of
+budget or is killed keeps what it measured and the next compile goes on from there; a shape
+not measured yet keeps IREE's lowering for now. A whole segment is timed only while the budget
+left covers another compile of it. Each probe prints a progress line with the time left.
+
 Choices are cached per device identity and IREE version (compiler/measured.py's cache,
 `tuning/<identity key>-iree<version>.json`): convolutions by op fingerprint, whole segments
 by the SHA-256 of their compiled source; a second compile measures nothing. Only devices
@@ -44,6 +52,11 @@ if TYPE_CHECKING:
 MODES = ("none", "quick", "full")
 DEFAULT = "quick"
 WIN = 0.95  # a candidate replaces the default only when it takes at most this fraction of its time
+BUDGET = 1.0  # tuning time / the compile time of the untuned convolution probe
+MIN_BUDGET_S = 10.0
+PROBE_S = 0.05  # timing budget per probe function (at least MIN_CALLS calls)
+MIN_CALLS = 3
+UNCHECKED_WIN = 0.5  # out of budget before a segment is timed whole, a rewrite is kept only at this ratio or better
 FLAG_CANDIDATES = {"cpu": {"default": (), "ukernels": ("--iree-llvmcpu-enable-ukernels=all",)}}
 SCHEMA = "polyarch-tuning/4"
 
@@ -73,6 +86,22 @@ def _store(ident, cache):
     from .measured import _write, iree_version
 
     _write(_cache_path(ident), {"schema": SCHEMA, "identity": ident["key"], "iree": iree_version(), **cache})
+
+
+class Budget:
+    """Seconds tuning may still spend; `left()` counts down from when it was given its size."""
+
+    def __init__(self, seconds: float | None = None):
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def set(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def left(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - (time.perf_counter() - self.start)
+
+    def text(self) -> str:
+        return "" if self.seconds is None else f" ({max(0.0, self.left()):.0f} s of the {self.seconds:.0f} s budget left)"
 
 
 def time_function(fn: "ir.Operation", args: list, budget_s: float = 0.3, min_calls: int = 5,
@@ -188,23 +217,47 @@ def _conv_probes(ir, module, items):
     return mods[0], mods[1], sigs
 
 
-def _measure_convs(module, device, items, tmp, jobs, progress):
-    """Time each convolution both ways on the device. -> [{"direct_us", "rewritten_us"}] per item."""
+def _measure_convs(module, device, items, tmp, jobs, progress, budget, done):
+    """Time each convolution both ways on the device, largest first (items come sorted), while
+    the budget lasts; done(i, times) is called as each finishes (the caller caches it). The
+    budget's size is set here: BUDGET times the untuned probe's compile time."""
+    import iree.runtime as rt
     from torch_mlir import ir
 
     with module.context, ir.Location.unknown():
         direct, rewritten, sigs = _conv_probes(ir, module, items)
     progress(f"tune: timing {len(items)} convolution shape(s) on {device}, IREE's convolution against "
-             "im2col + matmul (taps for depthwise)")
+             "im2col + matmul (taps for depthwise); compiling both")
+    t0 = time.perf_counter()
+    timed = {}
+
+    def compile_one(args):
+        r = _compile(*args)
+        timed[args[3]] = time.perf_counter() - t0
+        return r
+
     with ThreadPoolExecutor(min(2, jobs)) as pool:
-        (d_path, d_err), (i_path, i_err) = pool.map(lambda a: _compile(*a), [
+        (d_path, d_err), (i_path, i_err) = pool.map(compile_one, [
             (direct, device, tmp, "conv-direct"), (rewritten, device, tmp, "conv-rewritten", (), ("im2col", "taps"))])
     if d_err or i_err:
         raise PolyarchError(f"IREE could not compile the tuning probes for {device}: {d_err or i_err}",
                             fix="compile with --tune none (and report the convolution shapes)")
-    calls = [(name, _random_args(types, seed=i)) for i, (name, types) in enumerate(sigs)]
-    td, ti = _time_probe(device, d_path, calls), _time_probe(device, i_path, calls)
-    return [{"direct_us": round(td[name] * 1e6, 1), "rewritten_us": round(ti[name] * 1e6, 1)} for name, _ in calls]
+    if budget.seconds is None:
+        budget.set(max(MIN_BUDGET_S, BUDGET * timed["conv-direct"]))
+    progress(f"tune: probes compiled in {time.perf_counter() - t0:.1f} s; timing each shape, largest first"
+             + budget.text())
+    (dd, dm), (id_, im) = _load_module(device, d_path), _load_module(device, i_path)
+    for i, (name, types) in enumerate(sigs):
+        if budget.left() <= 0:
+            progress(f"tune: budget spent after {i} of {len(sigs)} shape(s); the other {len(sigs) - i} keep IREE's "
+                     "lowering this time (the next compile measures them)")
+            break
+        args = _random_args(types, seed=i)
+        td = time_function(dm[name], [rt.asdevicearray(dd, a) for a in args], PROBE_S, MIN_CALLS)
+        ti = time_function(im[name], [rt.asdevicearray(id_, a) for a in args], PROBE_S, MIN_CALLS)
+        done(i, {"direct_us": round(td * 1e6, 1), "rewritten_us": round(ti * 1e6, 1)})
+        progress(f"tune: shape {i + 1}/{len(sigs)}: IREE {td * 1e3:.3f} ms, rewritten {ti * 1e3:.3f} ms"
+                 + budget.text())
 
 
 def _segment_digest(fn, extra):
@@ -225,7 +278,7 @@ def _variants(kinds):
     return [kinds] + ([(k,) for k in kinds] if len(kinds) > 1 else []) + ([()] if kinds else [])
 
 
-def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets):
+def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets, budget):
     """Compile and time one segment whole with each lowering variant and flag set: the probes
     time each convolution alone, but what a rewrite costs or saves among its neighbours
     (fusion, layouts) shows only here. -> (chosen (kinds, flag set), {label: us or error})."""
@@ -240,15 +293,24 @@ def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets):
     args = _random_args(types)
     times, label = {}, lambda c: f"{'+'.join(c[0]) or 'iree'}/{c[1]}"
     cands = [(k, f) for k in _variants(kinds) or [()] for f in flagsets]
+    cands.sort(key=lambda c: c != default)  # IREE's own first: the reference every other is weighed against
+    last = 0.0  # seconds the previous whole compile took: what another one is expected to take
     for cand in cands:
+        if budget.left() < last:
+            times[label(cand)] = "skipped: budget spent"
+            continue
         with fn.context, ir.Location.unknown():
             seg = segment_module(ir, fn)
+        t0 = time.perf_counter()
         path, err = _compile(seg, device, tmp, f"{name}-{len(times)}", FLAG_CANDIDATES["cpu"][cand[1]], kinds=cand[0],
                              export=True)
+        last = time.perf_counter() - t0
         if err:
             times[label(cand)] = f"failed: {err}"
             continue
         times[label(cand)] = round(_time_probe(device, path, [(name, args)])[name] * 1e6, 1)
+        progress(f"tune: {name} whole as {label(cand)}: {times[label(cand)] / 1e3:.2f} ms (compiled in {last:.1f} s)"
+                 + budget.text())
     ok = {c: times[label(c)] for c in cands if isinstance(times[label(c)], float)}
     best = min(ok, key=ok.get) if ok else default
     if best != default and default in ok and ok[best] > WIN * ok[default]:
@@ -259,9 +321,10 @@ def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets):
 
 
 def tune_plan(module: "ir.Module", mode: str = DEFAULT, jobs: int | None = None,
-              progress: Callable[[str], None] | None = None) -> dict:
+              progress: Callable[[str], None] | None = None, budget_s: float | None = None) -> dict:
     """Choose each cpu segment's lowering (module after outline-segments): marks the
-    convolutions to compile as im2col + matmul (`polyarch.lowering`) in place.
+    convolutions to compile as im2col + matmul (`polyarch.lowering`) in place. budget_s: the
+    seconds tuning may spend (default: BUDGET times the untuned probe's compile time).
     -> {segment name: {"mode", "convs", "rewritten": {lowering: count}, "flags", "extra_flags", "source"}}."""
     from ..passes.common import op_fingerprint
     from ..passes.conv_to_matmul import convolutions
@@ -275,21 +338,23 @@ def tune_plan(module: "ir.Module", mode: str = DEFAULT, jobs: int | None = None,
         return {}
     ident = identify("cpu")
     cache = _load(ident)
+    store = lambda: _store(ident, cache)
+    budget = Budget(budget_s)
     convs = {n: [(op, op_fingerprint(op)) for op in convolutions(fn)] for n, _, fn in segs}
     with temp_dir(prefix="polyarch-tune-") as tmp:
-        measured = _measure_new_convs(module, segs, convs, cache, tmp, jobs or max(1, os.cpu_count() or 1), progress)
+        measured = _measure_new_convs(module, segs, convs, cache, tmp, jobs or max(1, os.cpu_count() or 1), progress,
+                                      budget, store)
         out = _mark_convs(module, segs, convs, cache, mode, measured)
         flagsets = list(FLAG_CANDIDATES["cpu"]) if mode == "full" else ["default"]
         for n, d, fn in segs:
             if out[n]["rewritten"] or mode == "full":
-                _tune_whole(module, n, d, fn, convs[n], out[n], cache, mode, flagsets, tmp, progress)
-    if measured or any(o["source"] == "measured now" for o in out.values()):
-        _store(ident, cache)
+                _tune_whole(module, n, d, fn, convs[n], out[n], cache, mode, flagsets, tmp, progress, budget, store)
     return out
 
 
-def _measure_new_convs(module, segs, convs, cache, tmp, jobs, progress):
-    """Each convolution shape not in the cache measured both ways, its choice cached. -> any measured."""
+def _measure_new_convs(module, segs, convs, cache, tmp, jobs, progress, budget, store):
+    """Each convolution shape not in the cache measured both ways (largest first, while the
+    budget lasts), its choice cached as soon as it is measured. -> any measured."""
     from ..passes.conv_to_matmul import conv_params
 
     firsts = {}
@@ -297,13 +362,20 @@ def _measure_new_convs(module, segs, convs, cache, tmp, jobs, progress):
         for op, fp in convs[n]:
             if fp not in cache["convs"] and fp not in firsts:
                 firsts[fp] = (fn, op)
-    if firsts:
-        times = _measure_convs(module, "cpu", list(firsts.values()), tmp, jobs, progress)
-        for (fp, (_, op)), t in zip(firsts.items(), times):
-            t["lowering"] = conv_params(op)["lowering"]
-            t["choice"] = t["lowering"] if t["rewritten_us"] <= WIN * t["direct_us"] else "direct"
-            cache["convs"][fp] = t
-    return bool(firsts)
+    if not firsts:
+        return False
+    flops = lambda op: (pa.Cost.of(op).flops if pa.Cost.of(op) else 0)
+    order = sorted(firsts, key=lambda fp: -flops(firsts[fp][1]))
+
+    def done(i, t):
+        fp, op = order[i], firsts[order[i]][1]
+        t["lowering"] = conv_params(op)["lowering"]
+        t["choice"] = t["lowering"] if t["rewritten_us"] <= WIN * t["direct_us"] else "direct"
+        cache["convs"][fp] = t
+        store()  # now: a compile killed later keeps it
+
+    _measure_convs(module, "cpu", [firsts[fp] for fp in order], tmp, jobs, progress, budget, done)
+    return True
 
 
 def _mark_convs(module, segs, convs, cache, mode, measured):
@@ -315,7 +387,7 @@ def _mark_convs(module, segs, convs, cache, mode, measured):
         for n, d, fn in segs:
             marked = {}
             for op, fp in convs[n]:
-                choice = cache["convs"][fp]["choice"]
+                choice = cache["convs"][fp]["choice"] if fp in cache["convs"] else "direct"  # (not measured yet)
                 if choice != "direct":
                     pa.set_lowering(op, choice)
                     marked[choice] = marked.get(choice, 0) + 1
@@ -324,16 +396,36 @@ def _mark_convs(module, segs, convs, cache, mode, measured):
     return out
 
 
-def _tune_whole(module, n, d, fn, seg_convs, rec, cache, mode, flagsets, tmp, progress):
+def _tune_whole(module, n, d, fn, seg_convs, rec, cache, mode, flagsets, tmp, progress, budget, store):
     """A whole segment timed with each rewrite kind and flag set (cached per segment digest);
-    the convolutions of the kinds it does not keep are unmarked, `rec` updated."""
+    the convolutions of the kinds it does not keep are unmarked, `rec` updated. Out of budget,
+    the rewrites of the measured convolutions are kept unchecked whole (not cached: the next
+    compile checks them)."""
     from torch_mlir import ir
 
     key = _segment_digest(fn, (mode,))
     hit = cache["segments"].get(key)
+    if hit is None and budget.left() <= 0:  # unchecked whole: only clear wins are kept (the next compile checks)
+        with module.context, ir.Location.unknown():
+            for op, fp in seg_convs:
+                t = cache["convs"].get(fp)
+                if pa.lowering_of(op) and t and t["rewritten_us"] > UNCHECKED_WIN * t["direct_us"]:
+                    pa.set_lowering(op, None)
+        kept = sum(1 for op, _ in seg_convs if pa.lowering_of(op))
+        progress(f"tune: {n}: budget spent before the segment could be timed whole; {kept} convolution(s) at least "
+                 f"{1 / UNCHECKED_WIN:.0f}x faster rewritten kept, the rest as IREE lowers them (the next compile checks)")
+        rec["rewritten"] = {}
+        for op, _ in seg_convs:
+            if pa.lowering_of(op):
+                rec["rewritten"][pa.lowering_of(op)] = rec["rewritten"].get(pa.lowering_of(op), 0) + 1
+        rec["source"] = "measured now, not checked whole (budget spent)"
+        return
     if hit is None:
-        (kinds, flags), times = _tune_segment(fn, d, n, tmp, progress, rec["rewritten"], flagsets)
-        hit = cache["segments"][key] = {"lowering": list(kinds), "flags": flags, "times_us": times}
+        (kinds, flags), times = _tune_segment(fn, d, n, tmp, progress, rec["rewritten"], flagsets, budget)
+        hit = {"lowering": list(kinds), "flags": flags, "times_us": times}
+        if not any(isinstance(v, str) and v.startswith("skipped: budget") for v in times.values()):
+            cache["segments"][key] = hit
+            store()
         rec["source"] = "measured now"
     with module.context, ir.Location.unknown():
         for op, _ in seg_convs:

@@ -104,6 +104,35 @@ def _pin_of(op, pins):
     return None, None
 
 
+def _pin_fix(op, placed, pins, spec, remat):
+    """The fix for a pin refused for one op: where a module path was pinned, the largest
+    sub-modules below it whose every op the device can run, which could be pinned instead."""
+    path = module_path(op)
+    pattern = next((p for p, d, _ in pins if path and (path == p or path.startswith(p + "."))), None)
+    plain = "remove the pin or pin it to another device"
+    if pattern is None:
+        return plain
+    under = [(module_path(o), o) for o in placed if (module_path(o) or "").startswith(pattern + ".")]
+
+    def cover(prefix, items, depth):
+        if all(support_reason(o, spec, remat) is None for _, o in items):
+            return [prefix]
+        if depth == 6:
+            return []
+        children = {}
+        for p, o in items:
+            rest = p[len(prefix) + 1:]
+            if rest:
+                children.setdefault(prefix + "." + rest.split(".")[0], []).append((p, o))
+        return [g for child, its in children.items() for g in cover(child, its, depth + 1)]
+
+    fine = cover(pattern, under, 0) if under else []
+    if not fine or fine == [pattern]:
+        return plain
+    shown = " ".join(f"--pin {g}={spec.name}" for g in fine[:6]) + (f" (and {len(fine) - 6} more)" if len(fine) > 6 else "")
+    return f"pin the parts of {pattern} that {spec.name} can run instead: {shown}; or {plain}"
+
+
 def _boundary_bytes(value, widen):
     """Bytes a tensor moves as between segments: f64 as f32, and narrow types as 32-bit
     when a target lacks narrow storage (outline-segments converts them at the boundary)."""
@@ -216,8 +245,9 @@ def _op_times(placed, specs, profs, pins, measured, remat):
         dev_pin, pin_why = _pin_of(op, pins)
         row, why = _times_of(op, specs, profs, measured, remat, dev_pin, pin_why)
         if dev_pin is not None and dev_pin in names and row[names.index(dev_pin)] == INF:
+            spec = specs[names.index(dev_pin)]
             raise PolyarchError(f"{describe(op)} is pinned to {dev_pin}, which cannot run it "
-                                f"({why[names.index(dev_pin)]})", fix="remove the pin or pin it to another device")
+                                f"({why[names.index(dev_pin)]})", fix=_pin_fix(op, placed, pins, spec, remat))
         if all(t == INF for t in row):
             raise PolyarchError(f"unsupported op: {describe(op)} cannot run on any target device "
                                 f"({'; '.join(r for r in why if r)})", fix="add a device that supports it, e.g. --device cpu")

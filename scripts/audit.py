@@ -395,7 +395,10 @@ def bad_arrays(a, good, ids_bundle):
     x = os.path.join(d, "x.npy")
     np.save(x, np.random.default_rng(0).standard_normal((32, 256)).astype(np.float32))
     a.cli("run -i", "two arrays for one input", ["run", good, "-i", x, "-i", x])
-    a.cli("run -o", "into a missing folder", ["run", good, "-i", x, "-o", os.path.join(d, "no", "o.npy")])
+    a.cli("run -o", "into a missing folder (made, as for every output)", ["run", good, "-i", x, "-o",
+                                                                       os.path.join(d, "no", "o.npy")], expect="ok",
+          check=lambda r: "" if os.path.isfile(os.path.join(d, "no", "o.npy")) else "rc 0 but no file")
+    a.cli("run -o", "under a file", ["run", good, "-i", x, "-o", os.path.join(x, "o.npy")])
     a.cli("run", "--repeat 0", ["run", good, "-i", x, "--repeat", "0"])
     a.cli("run", "--plan nope", ["run", good, "--plan", "nope"])
     for v in (50, -1, 2 ** 40, -(2 ** 62)):

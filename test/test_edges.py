@@ -478,3 +478,29 @@ def test_one_line_errors_and_the_users_own_lines(tmp_path):
     for v in (50.0, -1.0, float("nan")):
         with pytest.raises(IndexRangeError, match="input 0"):
             b(np.array([[v, 0, 0]], np.float32))
+
+
+def test_sigterm_during_an_api_compile_cleans_up(tmp_path):
+    """polyarch.compile from Python, SIGTERM while IREE compiles: the process unwinds (exit 143),
+    its temporary folders are removed, the old bundle stays as it was."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    old = tmp_path / "m.pab"
+    old.write_bytes(b"old bundle")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {EXAMPLES!r})
+        import polyarch, mlp
+        polyarch.compile(mlp.build(), mlp.example_inputs(), devices=["cpu"], output={str(old)!r}, tune="none",
+                         progress=lambda m: print(m, flush=True))
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, TMPDIR=str(tmpdir)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if "partitioned" in line:
+            break
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 128 + signal.SIGTERM
+    assert [n for n in os.listdir(tmpdir) if n.startswith("polyarch-")] == []
+    assert old.read_bytes() == b"old bundle"

@@ -254,3 +254,24 @@ def test_refused_tuned_lowering_falls_back(tmp_path):
     assert choice["seg_0"]["refused"][0]["lowering"] == ["im2col"]
     assert "stack allocation limit" in choice["seg_0"]["refused"][0]["error"]
     assert any("IREE refused the tuned lowering (im2col" in l and "trying IREE's own" in l for l in lines), lines
+
+
+def test_a_spent_budget_keeps_what_it_measured(tmp_path, monkeypatch):
+    """Tuning stops where its budget ends: shapes not timed keep IREE's lowering this time and are
+    not cached, those timed are cached as they finish; the next compile goes on from there."""
+    m, x = Strided().eval(), torch.randn(1, 8, 28, 28)
+    path = tuning._cache_path(identify("cpu"))
+    if os.path.exists(path):
+        os.remove(path)
+    monkeypatch.setattr(tuning, "MIN_BUDGET_S", 0.0)
+    monkeypatch.setattr(tuning, "BUDGET", 0.0)
+    lines = []
+    out = polyarch.compile(m, (x,), devices=["cpu"], output=str(tmp_path / "a.pab"), progress=lines.append)
+    assert any("budget spent after 0 of 2 shape(s)" in l for l in lines), lines
+    assert not os.path.exists(path) or json.load(open(path))["convs"] == {}
+    close(polyarch.runtime.load(out)(x.numpy()), eager(m, (x,)))
+    monkeypatch.setattr(tuning, "MIN_BUDGET_S", 60.0)
+    lines.clear()
+    polyarch.compile(m, (x,), devices=["cpu"], output=str(tmp_path / "b.pab"), progress=lines.append)
+    assert any("tune: shape 2/2" in l for l in lines), lines
+    assert len(json.load(open(path))["convs"]) == 2

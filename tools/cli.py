@@ -12,7 +12,7 @@ from typing import Callable
 import click
 
 from ..errors import PolyarchError
-from ..files import atomic_write, check_outputs, printable
+from ..files import atomic_write, check_outputs, printable, unwind
 from ..targets import TARGETS
 
 
@@ -701,27 +701,6 @@ def _named_inputs(paths):
     return {f"an input of this command ({p})": p for p in paths if p}
 
 
-def _unwind(signum, frame):
-    """SIGTERM (and Ctrl-C) as an exception that unwinds: temporary folders and partial
-    bundles are removed on the way out. Never inside an import: an exception crossing a native
-    module's initialisation aborts the process (SIGABRT, seen while iree.compiler's bindings
-    loaded), so there the signal is sent again 0.1 s later."""
-    import signal
-    import threading
-
-    f = frame
-    while f is not None:
-        if f.f_code.co_filename.startswith("<frozen importlib"):
-            timer = threading.Timer(0.1, os.kill, (os.getpid(), signum))
-            timer.daemon = True
-            timer.start()
-            return
-        f = f.f_back
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
     import signal
     import warnings
@@ -729,8 +708,8 @@ def main() -> None:
     if not any(a in ("-v", "--verbose") for a in sys.argv[1:2]):
         warnings.simplefilter("ignore")  # also while the options are parsed (the group's callback runs later)
 
-    signal.signal(signal.SIGTERM, _unwind)
-    signal.signal(signal.SIGINT, _unwind)
+    signal.signal(signal.SIGTERM, unwind)
+    signal.signal(signal.SIGINT, unwind)
     cli()
 
 
