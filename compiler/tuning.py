@@ -93,6 +93,7 @@ class Budget:
 
     def __init__(self, seconds: float | None = None):
         self.start, self.seconds = time.perf_counter(), seconds
+        self.compile_s = 0.0  # the expected time of a whole-segment compile, once known
 
     def set(self, seconds: float) -> None:
         self.seconds = seconds
@@ -242,6 +243,7 @@ def _measure_convs(module, device, items, tmp, jobs, progress, budget, done):
     if d_err or i_err:
         raise PolyarchError(f"IREE could not compile the tuning probes for {device}: {d_err or i_err}",
                             fix="compile with --tune none (and report the convolution shapes)")
+    budget.compile_s = timed["conv-direct"]  # what compiling the convolutions takes: a whole segment at least
     if budget.seconds is None:
         budget.set(max(MIN_BUDGET_S, BUDGET * timed["conv-direct"]))
     progress(f"tune: probes compiled in {time.perf_counter() - t0:.1f} s; timing each shape, largest first"
@@ -294,7 +296,7 @@ def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets, budget):
     times, label = {}, lambda c: f"{'+'.join(c[0]) or 'iree'}/{c[1]}"
     cands = [(k, f) for k in _variants(kinds) or [()] for f in flagsets]
     cands.sort(key=lambda c: c != default)  # IREE's own first: the reference every other is weighed against
-    last = 0.0  # seconds the previous whole compile took: what another one is expected to take
+    last = budget.compile_s  # seconds the previous whole compile took (first: the probe's): what another takes
     for cand in cands:
         if budget.left() < last:
             times[label(cand)] = "skipped: budget spent"
@@ -405,14 +407,14 @@ def _tune_whole(module, n, d, fn, seg_convs, rec, cache, mode, flagsets, tmp, pr
 
     key = _segment_digest(fn, (mode,))
     hit = cache["segments"].get(key)
-    if hit is None and budget.left() <= 0:  # unchecked whole: only clear wins are kept (the next compile checks)
+    if hit is None and budget.left() < budget.compile_s:  # no time for a whole compile: only clear wins kept
         with module.context, ir.Location.unknown():
             for op, fp in seg_convs:
                 t = cache["convs"].get(fp)
                 if pa.lowering_of(op) and t and t["rewritten_us"] > UNCHECKED_WIN * t["direct_us"]:
                     pa.set_lowering(op, None)
         kept = sum(1 for op, _ in seg_convs if pa.lowering_of(op))
-        progress(f"tune: {n}: budget spent before the segment could be timed whole; {kept} convolution(s) at least "
+        progress(f"tune: {n}: the budget left does not cover timing it whole; {kept} convolution(s) at least "
                  f"{1 / UNCHECKED_WIN:.0f}x faster rewritten kept, the rest as IREE lowers them (the next compile checks)")
         rec["rewritten"] = {}
         for op, _ in seg_convs:

@@ -247,9 +247,11 @@ def locate(module: "ir.Module", seg_name: str, device: str, args: list, tmp: str
             probes.append({"inputs": [index[v] for v in inputs], "outputs": [index[v][1] for v in outs],
                            "record": {"fingerprint": op_fingerprint(op), "op": op.operation.name, "path": module_path(op),
                                       "describe": describe(op)}})
-    (ref_vals,) = _run_module(trace, DeviceSpec.parse("cpu"), [("trace", args)], tmp, "trace")
+    progress(f"verify: narrowing {seg_name} on {device} down to its {len(probes)} op(s): the reference trace on llvm-cpu")
+    (ref_vals,) = _run_module(trace, DeviceSpec.parse("cpu"), [("trace", args)], tmp, "trace", progress)
+    progress(f"verify: narrowing {seg_name}: one probe per op for {device}")
     dev_outs = _run_module(probe, spec, [(f"op{i}", [args[k] if src == "arg" else ref_vals[k] for src, k in p["inputs"]])
-                                         for i, p in enumerate(probes)], tmp, "probe")
+                                         for i, p in enumerate(probes)], tmp, "probe", progress)
     culprits = []
     for p, got in zip(probes, dev_outs):
         worst = max((rel_error(g, ref_vals[k]) for g, k in zip(got, p["outputs"])), default=0.0)
@@ -262,15 +264,18 @@ def locate(module: "ir.Module", seg_name: str, device: str, args: list, tmp: str
     return culprits
 
 
-def _run_module(module, spec, calls, tmp, tag):
-    """Compile a probe module for a device and run it. calls: [(function, arguments)]
-    -> each call's outputs (a list of host arrays)."""
+def _run_module(module, spec, calls, tmp, tag, progress=None):
+    """Compile a probe module for a device and run it, saying how far it is (compiled, then
+    every tenth of the calls). calls: [(function, arguments)] -> each call's outputs (a list of host arrays)."""
     import iree.runtime as rt
 
     from ..runtime.executor import to_host
     from .tuning import _compile, _load_module
 
+    progress = progress or (lambda m: None)
+    t0 = time.perf_counter()
     out, err = _compile(module, spec.name, tmp, f"{tag}.{spec.kind}")
+    progress(f"verify:   {tag} compiled for {spec.name} in {time.perf_counter() - t0:.1f} s; running {len(calls)} call(s)")
     if err:
         from ..errors import PolyarchError
 
@@ -282,4 +287,9 @@ def _run_module(module, spec, calls, tmp, tag):
         res = res if isinstance(res, (tuple, list)) else [res]
         return [to_host(dev, x) for x in res]
 
-    return [call(name, args) for name, args in calls]
+    results, t0, step = [], time.perf_counter(), max(1, len(calls) // 10)
+    for i, (name, args) in enumerate(calls):
+        results.append(call(name, args))
+        if len(calls) > 1 and ((i + 1) % step == 0 or i + 1 == len(calls)):
+            progress(f"verify:   {tag} on {spec.name}: {i + 1}/{len(calls)} run ({time.perf_counter() - t0:.1f} s)")
+    return results

@@ -65,6 +65,20 @@ def _digest(path):
         return None
 
 
+# a float input cast to indices (issue 21: `polyarch run` without -i once made values out of its range)
+FLOAT_INDEX = """
+import torch
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8)
+    def forward(self, x):
+        return self.emb(x.long())
+def example_inputs():
+    return (torch.tensor([[1.0, 7.0, 3.0]]),)
+"""
+
+
 def _one_error_line(text):
     lines = [l for l in text.splitlines() if l.startswith("Error")]
     return lines[0] if len(lines) == 1 else None
@@ -538,7 +552,11 @@ def edges_writes(a, mlp, good):
     a.cli("edges: writes", "run -o twice the same file", ["run", x, "-o", os.path.join(d, "o.npy"), "-o",
                                                          os.path.join(d, "o.npy")])
     a.cli("edges: writes", "plan --trace over the model", ["plan", dep, "--trace", dep], protect=[dep])
-    a.cli("edges: writes", "plan --gantt over a profile", ["plan", dep, "--gantt", dep], protect=[dep])
+    a.cli("edges: writes", "plan --gantt over the model", ["plan", dep, "--gantt", dep], protect=[dep])
+    like = os.path.join(d, "like.json")
+    open(like, "w").write('{"profiles": []}')
+    a.cli("edges: writes", "calibrate -o over its --like profile", ["calibrate", "--like", like, "-o", like], protect=[like])
+    a.cli("edges: writes", "calibrate -o in /proc", ["calibrate", "-o", "/proc/x.json"])
     for out in ("/proc/version", "/etc/hostname/x.pab", os.path.join(dep, "x.pab")):
         t = time.time()
         a.cli("edges: writes", f"-o {out}", ["compile", dep, "-o", out],
@@ -621,17 +639,11 @@ def edges_values(a, mlp):
         p = os.path.join(d, name + ".py")
         open(p, "w").write(textwrap.dedent(text))
         return p
-    fidx = model("fidx", """
-        import torch
-        class Model(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.emb = torch.nn.Embedding(50, 8)
-            def forward(self, x):
-                return self.emb(x.long())
-        def example_inputs():
-            return (torch.tensor([[1.0, 7.0, 3.0]]),)
-    """)
+    a.cli("edges: values", "plan --ops: no third-party warnings, the model's own lines",
+          ["plan", mlp, "--ops", "--no-calibrate"], expect="ok",
+          check=lambda r: "" if "Warning" not in r.stderr and f"at {mlp}:" in r.stdout and "linear.py" not in r.stdout
+          else "warnings printed, or ops located in torch's files")
+    fidx = model("fidx", FLOAT_INDEX)
     out = os.path.join(d, "fidx.pab")
     subprocess.run([*CLI, "compile", fidx, "--tune", "none", "-q", "-o", out], capture_output=True, cwd=a.work)
     a.cli("edges: values", "run without -i: a float input used as an index", ["run", out], expect="ok")

@@ -108,6 +108,9 @@ def _vulkan_unsupported(arch, element_types, op_name, input_types):
     if not arch and base in NARROW_REDUCTIONS and narrow_in:
         return (f"reductions over {'/'.join(narrow_in)} tensors come out wrong on the default Vulkan target "
                 "(32-bit storage only; measured on lavapipe)")
+    if not arch and ("bf16" in element_types or "bf16" in input_types):
+        return ("IREE 3.13 cannot lower bf16 arithmetic for the default Vulkan target (\"failed to legalize "
+                "'vector.bitcast' ... vector<4xbf16>\"); keep these ops elsewhere")
     # f64 needs no check: IREE demotes f64 to f32 for every target by default.
     wide = sorted(t for t in element_types if t in ("si64", "ui64", "i64"))
     if wide and not arch.lower().startswith(_VULKAN_INT64_ARCHS):

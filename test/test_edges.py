@@ -224,7 +224,9 @@ def test_sigkill_mid_compile_leaves_nothing(tmp_path):
     p.kill()
     p.wait()
     time.sleep(1.0)
-    assert all(not _alive(c) for c in children)
+    from audit import _cmd_has
+
+    assert all(not _cmd_has(c, "iree-compile") for c in children)
     assert any(n.startswith("polyarch-") for n in os.listdir(tmpdir))  # left by the killed compile
     r = subprocess.run([exe, "compile", os.path.join(EXAMPLES, "mlp.py"), "-d", "cpu", "--tune", "none", "--no-verify",
                         "-q", "-o", str(tmp_path / "b.pab")], env=env, capture_output=True, text=True)
@@ -233,35 +235,12 @@ def test_sigkill_mid_compile_leaves_nothing(tmp_path):
 
 
 def _iree_children(pid):
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if any(c.endswith(b"iree-compile") for c in cmd) and _descends(int(d), pid):
-                out.append(int(d))
-    return out
+    """The live iree-compile processes below `pid` (the audit's /proc helpers)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(EXAMPLES), "scripts"))
+    from audit import _cmd_has, _descends
 
-
-def _descends(pid, ancestor):
-    while pid > 1:
-        try:
-            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            return False
-        if pid == ancestor:
-            return True
-    return False
-
-
-def _alive(pid):
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and _cmd_has(int(d), "iree-compile")
+            and _descends(int(d), pid)]
 
 
 class DynamicLookup(__import__("torch").nn.Module):
@@ -457,17 +436,10 @@ def test_one_line_errors_and_the_users_own_lines(tmp_path):
     assert r.returncode == 0 and "at " + mlp + ":" in r.stdout and "linear.py" not in r.stdout, r.stdout
     assert "Warning" not in r.stderr  # torch's FutureWarnings are hidden
     model = tmp_path / "fidx.py"
-    model.write_text(textwrap.dedent("""
-        import torch
-        class Model(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.emb = torch.nn.Embedding(50, 8)
-            def forward(self, x):
-                return self.emb(x.long())
-        def example_inputs():
-            return (torch.tensor([[1.0, 7.0, 3.0]]),)
-    """))
+    sys.path.insert(0, os.path.join(os.path.dirname(EXAMPLES), "scripts"))
+    from audit import FLOAT_INDEX
+
+    model.write_text(FLOAT_INDEX)
     out = str(tmp_path / "f.pab")
     assert cli("compile", str(model), "-d", "cpu", "--tune", "none", "-q", "-o", out).returncode == 0
     r = cli("run", out)

@@ -638,6 +638,7 @@ def calibrate(devices: tuple, output: str, quick: bool, like: tuple, kernels: st
     from ..targets import profiles as P
     from ..runtime.identity import identify
 
+    check_outputs({"the profile (-o)": output}, _named_inputs(like))  # before the minute of measuring
     progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
     profs = C.calibrate(list(devices), like=list(like) or None, progress=progress, quick=quick, kernels=kernels)
     P.save(output, profs)
