@@ -106,6 +106,8 @@ def test_inspect_claims_are_not_verification(small, tmp_path):
     _edit_manifest(path, lambda m: m["plans"][0].update(name="evil\x1b[2J\x1b[31m"))
     out = cli("inspect", path).stdout
     assert "claims key id" in out and "\x1b" not in out and "\\x1b[2J" in out
+    as_json = cli("inspect", path, "--json").stdout  # JSON stays JSON (its own escapes), not one escaped line
+    assert "\x1b" not in as_json and json.loads(as_json)["plans"][0]["name"] == "evil\x1b[2J\x1b[31m"
     r = cli("inspect", path, "--trusted-key", key + ".pub")
     assert r.returncode == 1 and "manifest changed after signing" in r.stderr
 

@@ -522,7 +522,7 @@ def inspect(bundle: str, as_json: bool, show_ops: bool, trusted_keys: tuple) -> 
     verified = check(bundle, list(trusted_keys), manifest=raw) if trusted_keys else None
     Members(bundle, m, mmap=None).close()
     if as_json:
-        _say(json.dumps(m, indent=1, sort_keys=True))
+        click.echo(json.dumps(m, indent=1, sort_keys=True))  # (json escapes control characters in strings itself)
         return
     _say(f"{bundle}: polyarch bundle schema {m['schema_version']}, made by polyarch {m['polyarch_version']} on {m['created']}")
     _say(f"  compiled with {', '.join(f'{k} {v}' for k, v in m['compiler'].items())}")
