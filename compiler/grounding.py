@@ -72,9 +72,10 @@ def eager_outputs(model: Any, inputs: list) -> list | None:
     except Exception as e:  # torch.export traced it with fake tensors, which check less than eager does
         import traceback
 
-        torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+        from .importer import in_torch
+
         frames = traceback.extract_tb(e.__traceback__)
-        mine = [f for f in frames if not os.path.abspath(f.filename).startswith(torch_dir)] or frames
+        mine = [f for f in frames if not in_torch(f.filename)] or frames
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         given = ", ".join("x".join(map(str, a.shape)) + "x" + str(a.dtype).replace("torch.", "") for a in args)
         raise PolyarchError(f"PyTorch eager fails on the example inputs ({given}), so the bundle cannot be verified: "

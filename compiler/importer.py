@@ -6,6 +6,7 @@ Every op carries its source as an MLIR location: a name (the nn.Module path, e.g
 'encoder.layer.0.attention.self') around the file:line call stack of the FX node;
 passes use it for pins and error messages."""
 
+import functools
 import os
 import re
 from typing import TYPE_CHECKING, Any, Iterable
@@ -108,29 +109,30 @@ def _prepare_constants(ep):
 
     values = _constant_values(ep)
     graph, done = ep.graph_module.graph, 0
-    nodes = {n.name: n for n in graph.nodes if n.op == "placeholder" and n.name in values}
+    consts = {n for n in graph.nodes if n.op == "placeholder" and n.name in values}
+
+    def through_graph(x, node):
+        """x, or an aten.clone of x in front of `node` where x is a constant's placeholder."""
+        if x not in consts:
+            return x
+        with graph.inserting_before(node):
+            x2 = graph.call_function(torch.ops.aten.clone.default, (x,))
+        x2.meta = dict(x.meta)
+        return x2
+
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default) \
-                and getattr(node.args[0], "name", None) in nodes and values[node.args[0].name].numel() == 1:
+                and node.args[0] in consts and values[node.args[0].name].numel() == 1:
             node.replace_all_uses_with(values[node.args[0].name].item())
             graph.erase_node(node)
             done += 1
             continue
         for i, a in enumerate(node.args):
-            if isinstance(a, (list, tuple)) and any(getattr(x, "name", None) in nodes and x is nodes[x.name] for x in a):
-                new = []
-                for x in a:
-                    if getattr(x, "name", None) in nodes and x is nodes[x.name]:
-                        with graph.inserting_before(node):
-                            x2 = graph.call_function(torch.ops.aten.clone.default, (x,))
-                        x2.meta = dict(x.meta)
-                        new.append(x2)
-                        done += 1
-                    else:
-                        new.append(x)
-                node.update_arg(i, type(a)(new))
+            if isinstance(a, (list, tuple)) and any(x in consts for x in a if isinstance(x, torch.fx.Node)):
+                done += sum(1 for x in a if isinstance(x, torch.fx.Node) and x in consts)
+                node.update_arg(i, type(a)(through_graph(x, node) if isinstance(x, torch.fx.Node) else x for x in a))
     if done:
         graph.lint()
         ep.graph_module.recompile()
@@ -169,22 +171,32 @@ def _number_outputs_as_tensors(ep):
     return done
 
 
+def in_torch(path: str) -> bool:
+    """Whether a source file is torch's own (nn.Linear's forward, functional.py...): a frame that
+    names no line of the user's model."""
+    return os.path.abspath(path).startswith(_torch_dir())
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_dir():
+    import torch
+
+    return os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
 def _importer_with_module_paths(ctx):
     """A FxImporter whose op locations are NameLoc(module path) around the file:line call stack,
     its innermost frame the model's own line (torch's frames, nn.Linear's forward for every
     Linear, dropped from the inner end)."""
-    import torch
     from torch_mlir import ir
     from torch_mlir.extras.fx_importer import ContextCache, FxImporter
-
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
     class _ModulePathCache(ContextCache):
         __slots__ = []
 
         def _frames_loc(self, node):
             frames = re.findall(r'File "([^"]+)", line ([0-9]+),', node.meta.get("stack_trace") or "")
-            while len(frames) > 1 and os.path.abspath(frames[-1][0]).startswith(torch_dir):
+            while len(frames) > 1 and in_torch(frames[-1][0]):
                 frames.pop()
             locs = [ir.Location.file(f, int(n), col=0, context=self._c) for f, n in frames]
             if len(locs) > 1:

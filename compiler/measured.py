@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import PolyarchError
 from ..runtime.devices import DeviceSpec
-from ..runtime.identity import describe, identify, is_software
+from ..runtime.identity import describe, identify, iree_version, is_software
 from ..targets import profiles as P
 
 if TYPE_CHECKING:
@@ -33,21 +33,6 @@ def cache_dir() -> str:
         return os.environ[CACHE_ENV]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "polyarch")
-
-
-def iree_version() -> str:
-    """The IREE release measurements are valid for: the runtime's (which runs them) and
-    the compiler's (which made the code), when they differ."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    vs = []
-    for pkg in ("iree-base-runtime", "iree-base-compiler"):
-        try:
-            vs.append(version(pkg))
-        except PackageNotFoundError:
-            pass
-    vs = list(dict.fromkeys(vs))
-    return "+".join(vs) or "unknown"
 
 
 def _path(what, ident):

@@ -94,8 +94,8 @@ def _store(ident, cache):
 class Budget:
     """Seconds tuning may still spend; `left()` counts down from when it was given its size."""
 
-    def __init__(self, seconds: float | None = None):
-        self.start, self.seconds = time.perf_counter(), seconds
+    def __init__(self):
+        self.start, self.seconds = time.perf_counter(), None  # None: no size yet (nothing to compile), no limit
         self.compile_s = 0.0  # the expected time of a whole-segment compile, once known
 
     def set(self, seconds: float) -> None:
@@ -225,7 +225,8 @@ def _conv_probes(ir, module, items):
 def _measure_convs(module, device, items, tmp, jobs, progress, budget, done):
     """Time each convolution both ways on the device, largest first (items come sorted), while
     the budget lasts; done(i, times) is called as each finishes (the caller caches it). The
-    budget's size is set here: BUDGET times the untuned probe's compile time."""
+    budget's size is set here, once the probes are compiled: BUDGET times the untuned probe's
+    compile time."""
     import iree.runtime as rt
     from torch_mlir import ir
 
@@ -248,8 +249,7 @@ def _measure_convs(module, device, items, tmp, jobs, progress, budget, done):
         raise PolyarchError(f"IREE could not compile the tuning probes for {device}: {d_err or i_err}",
                             fix="compile with --tune none (and report the convolution shapes)")
     budget.compile_s = time.perf_counter() - t0  # both probes: what a whole segment's compile takes at least
-    if budget.seconds is None:
-        budget.set(max(MIN_BUDGET_S, BUDGET * timed["conv-direct"]))
+    budget.set(max(MIN_BUDGET_S, BUDGET * timed["conv-direct"]))
     progress(f"tune: probes compiled in {time.perf_counter() - t0:.1f} s; timing each shape, largest first"
              + budget.text())
     (dd, dm), (id_, im) = _load_module(device, d_path), _load_module(device, i_path)
@@ -327,10 +327,10 @@ def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets, budget):
 
 
 def tune_plan(module: "ir.Module", mode: str = DEFAULT, jobs: int | None = None,
-              progress: Callable[[str], None] | None = None, budget_s: float | None = None) -> dict:
+              progress: Callable[[str], None] | None = None) -> dict:
     """Choose each cpu segment's lowering (module after outline-segments): marks the
-    convolutions to compile as im2col + matmul (`polyarch.lowering`) in place. budget_s: the
-    seconds tuning may spend (default: BUDGET times the untuned probe's compile time).
+    convolutions to compile as im2col + matmul (`polyarch.lowering`) in place, within the budget
+    (module docstring).
     -> {segment name: {"mode", "convs", "rewritten": {lowering: count}, "flags", "extra_flags", "source"}}."""
     from ..passes.common import op_fingerprint
     from ..passes.conv_to_matmul import convolutions
@@ -345,7 +345,7 @@ def tune_plan(module: "ir.Module", mode: str = DEFAULT, jobs: int | None = None,
     ident = identify("cpu")
     cache = _load(ident)
     store = lambda: _store(ident, cache)
-    budget = Budget(budget_s)
+    budget = Budget()
     convs = {n: [(op, op_fingerprint(op)) for op in convolutions(fn)] for n, _, fn in segs}
     with temp_dir(prefix="polyarch-tune-") as tmp:
         measured = _measure_new_convs(module, segs, convs, cache, tmp, jobs or max(1, os.cpu_count() or 1), progress,

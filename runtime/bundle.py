@@ -21,10 +21,14 @@ import os
 import struct
 import zipfile
 import zlib
+from typing import TYPE_CHECKING
 
 from ..errors import BundleError
 
-__all__ = ["read_manifest", "verify", "sha256", "Members", "MappedMembers", "FORMAT", "SCHEMA_VERSION", "MANIFEST", "PLAN_KEYS"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["read_manifest", "verify", "sha256", "Members", "MappedMembers", "aligned_empty", "FORMAT", "SCHEMA_VERSION", "MANIFEST", "PLAN_KEYS"]
 
 FORMAT = "polyarch-bundle"
 SCHEMA_VERSION = 3  # 3: plans + shared parameter archive; 2: members 4096-aligned; 1: unaligned (read by copying)
@@ -206,7 +210,7 @@ def _check_agreement(path, plan, segments, sig):
     manifest edited to claim other shapes or dtypes than its modules were compiled for is refused
     (IREE does not check a buffer's element type against the function's)."""
     made = {}
-    for k, step in enumerate(plan["schedule"]):
+    for step in plan["schedule"]:
         if step["op"] != "call":
             continue
         seg = segments[step["segment"]]
@@ -244,6 +248,18 @@ def _check_schedule(path, plan, segments, n_inputs):
 
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def aligned_empty(nbytes: int) -> "np.ndarray":
+    """Uninitialised host bytes starting on an ALIGN boundary, rounded up to a multiple of ALIGN
+    (IREE takes modules and parameters there without a copy of its own; lavapipe imports host
+    memory only at 4096-byte alignment and size)."""
+    import numpy as np
+
+    size = max(ALIGN, (nbytes + ALIGN - 1) // ALIGN * ALIGN)
+    raw = np.empty(size + ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % ALIGN
+    return raw[off : off + size]
 
 
 class Members:
@@ -324,10 +340,7 @@ class Members:
             return memoryview(self._map)[offset : offset + size]
         if not copy:
             return os.pread(self._file.fileno(), size, offset)
-        import numpy as np
-
-        raw = np.empty(size + ALIGN, np.uint8)
-        buf = raw[(-raw.ctypes.data) % ALIGN :][:size]
+        buf = aligned_empty(size)[:size]
         got = self._file.readinto(memoryview(buf)) if self._file.seek(offset) == offset else 0
         return memoryview(buf)[:got]
 

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import BundleError, DeviceError, IndexRangeError
-from .bundle import Members, read_manifest
+from .bundle import Members, aligned_empty, read_manifest
 from .devices import DeviceSpec
 from .dtypes import np_dtype, to_numpy, to_torch
+from .identity import iree_version
 
 if TYPE_CHECKING:
     import iree.runtime as rt
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
 __all__ = ["Bundle", "create_device", "available_devices", "to_host", "check_inputs", "first_out_of_range",
            "index_bounds"]
 
-PAGE = 4096  # lavapipe imports host memory only at 4096-byte alignment and size
 
 
 def _rt():
@@ -62,13 +62,6 @@ def create_device(spec: DeviceSpec | str) -> "rt.HalDevice":
     return driver.create_device(infos[spec.ordinal]["device_id"])
 
 
-def _aligned_empty(nbytes):
-    size = max(PAGE, (nbytes + PAGE - 1) // PAGE * PAGE)
-    raw = np.empty(size + PAGE, np.uint8)
-    off = (-raw.ctypes.data) % PAGE
-    return raw[off : off + size]
-
-
 def to_host(device: "rt.HalDevice", value: "rt.DeviceArray") -> np.ndarray:
     """A DeviceArray as a numpy array (of its own dtype), owned by the host."""
     rt = _rt()
@@ -80,7 +73,7 @@ def to_host(device: "rt.HalDevice", value: "rt.DeviceArray") -> np.ndarray:
         # Device-local memory: copy into a page-aligned host allocation imported into the device.
         src = bv.get_buffer()
         n = src.byte_length()
-        staging = _aligned_empty(n)
+        staging = aligned_empty(n)
         imported = device.allocator.import_host_allocation(
             staging,
             memory_type=int(rt.MemoryType.HOST_LOCAL | rt.MemoryType.DEVICE_VISIBLE),
@@ -92,15 +85,6 @@ def to_host(device: "rt.HalDevice", value: "rt.DeviceArray") -> np.ndarray:
         raw_dtype = rt.HalElementType.map_to_dtype(bv.element_type)
         host = staging[:n].view(raw_dtype).reshape(shape)
     return np.array(host, copy=True)
-
-
-def _iree_version():
-    try:
-        from importlib.metadata import version
-
-        return version("iree-base-runtime")
-    except Exception:
-        return "(version unknown)"
 
 
 def _is_torch(a):
@@ -198,7 +182,7 @@ class Bundle:
             ctx.add_vm_module(vm)
         except (RuntimeError, ValueError, TypeError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise BundleError(f"module {seg['member']} of {self.path} does not load in IREE {_iree_version()}: "
+            raise BundleError(f"module {seg['member']} of {self.path} does not load in IREE {iree_version()}: "
                               f"{first}", fix="recompile the bundle with `polyarch compile` on this polyarch") from None
         return vm
 

@@ -22,13 +22,28 @@ import re
 
 from .devices import DeviceSpec
 
-__all__ = ["identify", "identity_key", "is_software", "describe", "cpu_identity", "vulkan_devices"]
+__all__ = ["identify", "identity_key", "is_software", "describe", "cpu_identity", "vulkan_devices", "iree_version"]
 
 SOFTWARE_VULKAN = re.compile(r"llvmpipe|lavapipe|swiftshader|softpipe", re.I)
 _VK_TYPES = {0: "unknown", 1: "integrated-gpu", 2: "discrete-gpu", 3: "virtual-gpu", 4: "cpu-emulation"}
 # CPU features that change generated code (what iree-cpuinfo and /proc/cpuinfo call them)
 _ISA = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
         "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+
+
+def iree_version() -> str:
+    """The IREE release in use: the runtime's (which runs the code) and the compiler's (which
+    made it), when both are installed and differ; what measurements are valid for."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    vs = []
+    for pkg in ("iree-base-runtime", "iree-base-compiler"):
+        try:
+            vs.append(version(pkg))
+        except PackageNotFoundError:
+            pass
+    vs = list(dict.fromkeys(vs))
+    return "+".join(vs) or "unknown"
 
 
 def cpu_identity() -> dict:

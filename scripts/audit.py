@@ -30,7 +30,8 @@ import zipfile
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 PY = sys.executable
 CLI = [os.path.join(os.path.dirname(PY), "polyarch")]  # the installed console script, as a user runs it
 KINDS = ("ok", "clear", "unclear", "crash", "wrong", "data loss")
@@ -574,15 +575,9 @@ def edges_writes(a, mlp, good):
                 "while time.time() < end:\\n    assert np.array_equal(b(x), w)\\n")
         c = subprocess.Popen([sys.executable, "-c", code, p], stdout=subprocess.PIPE, text=True)
         c.stdout.readline()
-        for _ in range(3):
-            with open(p, "r+b") as f:
-                f.truncate(100)
-            time.sleep(0.3)
-            with open(p, "r+b") as f:
-                f.write(os.urandom(len(good)))
-            time.sleep(0.3)
-            with open(p, "r+b") as f:
-                f.write(good)
+        sys.path.insert(0, {HERE!r})
+        from audit import damage_in_place
+        damage_in_place(p, good)
         c.wait(60)
         result = "" if c.returncode == 0 else f"the running process ended with {{c.returncode}}"
     """, expect="ok")
@@ -620,6 +615,23 @@ def _descends(pid, ancestor):
         if pid == ancestor:
             return True
     return False
+
+
+def damage_in_place(path, good, rounds=3, pause=0.3, while_truncated=lambda: None):
+    """Truncate the file at `path`, scramble it, write `good` back, all in place (the same inode, as
+    `cp` over a file does), `rounds` times, `pause` seconds after each step; while_truncated() runs
+    in each round while the file is cut short."""
+    for _ in range(rounds):
+        with open(path, "r+b") as f:
+            f.truncate(100)
+        time.sleep(pause)
+        while_truncated()
+        with open(path, "r+b") as f:
+            f.write(os.urandom(len(good)))
+        time.sleep(pause)
+        with open(path, "r+b") as f:
+            f.write(good)
+        time.sleep(pause)
 
 
 def _cmd_has(pid, word):

@@ -18,6 +18,9 @@ import polyarch
 from conftest import EXAMPLES, cli
 from polyarch.errors import BundleError, PolyarchError
 
+sys.path.insert(0, os.path.join(os.path.dirname(EXAMPLES), "scripts"))
+from audit import FLOAT_INDEX, _cmd_has, _descends, damage_in_place  # noqa: E402 (the audit's helpers)
+
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
@@ -59,18 +62,12 @@ def test_a_bundle_rewritten_under_a_running_process(small, tmp_path):
     p = subprocess.Popen([sys.executable, "-c", CALLER, path, "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     assert p.stdout.readline().strip() == "ready"
-    for _ in range(3):
-        with open(path, "r+b") as f:  # in place: the same inode
-            f.truncate(100)
-        time.sleep(0.3)
+
+    def refused():
         with pytest.raises(BundleError):
             polyarch.runtime.load(path)
-        with open(path, "r+b") as f:
-            f.write(os.urandom(len(good)))
-        time.sleep(0.3)
-        with open(path, "r+b") as f:
-            f.write(good)
-        time.sleep(0.3)
+
+    damage_in_place(path, good, while_truncated=refused)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert int(out.split()[-1]) > 10
@@ -226,8 +223,6 @@ def test_sigkill_mid_compile_leaves_nothing(tmp_path):
     p.kill()
     p.wait()
     time.sleep(1.0)
-    from audit import _cmd_has
-
     assert all(not _cmd_has(c, "iree-compile") for c in children)
     assert any(n.startswith("polyarch-") for n in os.listdir(tmpdir))  # left by the killed compile
     r = subprocess.run([exe, "compile", os.path.join(EXAMPLES, "mlp.py"), "-d", "cpu", "--tune", "none", "--no-verify",
@@ -238,9 +233,6 @@ def test_sigkill_mid_compile_leaves_nothing(tmp_path):
 
 def _iree_children(pid):
     """The live iree-compile processes below `pid` (the audit's /proc helpers)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(EXAMPLES), "scripts"))
-    from audit import _cmd_has, _descends
-
     return [int(d) for d in os.listdir("/proc") if d.isdigit() and _cmd_has(int(d), "iree-compile")
             and _descends(int(d), pid)]
 
@@ -438,9 +430,6 @@ def test_one_line_errors_and_the_users_own_lines(tmp_path):
     assert r.returncode == 0 and "at " + mlp + ":" in r.stdout and "linear.py" not in r.stdout, r.stdout
     assert "Warning" not in r.stderr  # torch's FutureWarnings are hidden
     model = tmp_path / "fidx.py"
-    sys.path.insert(0, os.path.join(os.path.dirname(EXAMPLES), "scripts"))
-    from audit import FLOAT_INDEX
-
     model.write_text(FLOAT_INDEX)
     out = str(tmp_path / "f.pab")
     assert cli("compile", str(model), "-d", "cpu", "--tune", "none", "-q", "-o", out).returncode == 0

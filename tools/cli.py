@@ -286,8 +286,7 @@ def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins
 
     options = _compile_options(click.get_current_context())
     output = output or os.path.splitext(os.path.basename(model.partition(":")[0]))[0] + ".pab"
-    profile_files = [p for p in options.profiles if isinstance(p, str)]
-    sources = [model.partition(":")[0], *profile_files] + ([options_file] if options_file else [])
+    sources = _read_files(model, options, options_file)
     writes = {"the bundle (-o)": output, "the depfile (--depfile)": depfile}
     check_outputs(writes, _named_inputs(sources))  # before any work: nothing of the user's is replaced
     before = set(sys.modules)
@@ -365,9 +364,8 @@ def plan(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: t
     from ..compiler.measured import pricing_line
 
     options = _compile_options(click.get_current_context())
-    sources = [model.partition(":")[0], *(p for p in options.profiles if isinstance(p, str)), options_file]
     check_outputs({"the trace (--trace)": trace_out, "the chart (--gantt)": gantt_out, "the module (--mlir)": mlir_out},
-                  _named_inputs(sources))
+                  _named_inputs(_read_files(model, options, options_file)))
     m, ns = _load_model(model)
     ex = _example_inputs(inputs, ns)
     progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
@@ -695,6 +693,11 @@ def _say(line: str = "") -> None:
     """click.echo, with control characters escaped: bundles carry text of others (plan names,
     paths, versions) that must not reach the terminal raw."""
     click.echo(printable(line))
+
+
+def _read_files(model, options, options_file):
+    """The files a compile or plan reads before the model runs: the model file, the profiles, the options file."""
+    return [p for p in (model.partition(":")[0], *(p for p in options.profiles if isinstance(p, str)), options_file) if p]
 
 
 def _named_inputs(paths):
