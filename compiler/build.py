@@ -291,3 +291,74 @@ def rewrite_bundle(src: str, dst: str, manifest: dict) -> None:
                 members[name] = path
         keep = {k: v for k, v in manifest.items() if k not in ("members", "format", "schema_version")}
         write_bundle(dst, keep, members)
+
+
+def build_phases_bundle(phase_plans: dict, phase_sigs: dict, output: str, extra: dict,
+                        jobs: int | None = None, progress: Callable[[str], None] | None = None,
+                        extra_flags: Iterable = (), verification: dict | None = None, tune: str = "none") -> dict:
+    """One bundle of several entry functions over one copy of the weights (a --generate
+    bundle: prefill and decode). phase_plans: {phase: [(plan name, module)]}, the same device
+    sets in the same order for every phase; phase_sigs: {phase: signature}. Each plan entry
+    holds every phase's segments (named `<phase>_seg_N`) and `phases: {phase: {schedule,
+    outputs}}`; its own schedule and outputs, and the manifest's signature, are the first
+    phase's. extra: top-level manifest keys (e.g. "generate"). -> the manifest written."""
+    from . import parameters, tuning
+    from .bundle import write_bundle
+
+    progress = progress or (lambda msg: None)
+    phases = list(phase_plans)
+    n_sets = len(phase_plans[phases[0]])
+    with temp_dir(prefix="polyarch-params-") as tmp:
+        compiled = {}  # (set, phase) -> (module, vmfbs, scope prefix, tuning choices)
+        for k in range(n_sets):
+            for phase in phases:
+                name, module = phase_plans[phase][k]
+                prefix = (f"p{k}_" if n_sets > 1 else "") + f"{phase}_"
+                progress(f"{phase} on {name}")
+                choices = tuning.tune_plan(module, tune, jobs=jobs, progress=progress)
+                vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=extra_flags, params_dir=tmp,
+                                         scope_prefix=prefix, tuning=choices)
+                compiled[k, phase] = (module, vmfbs, prefix, choices)
+        archive = os.path.join(tmp, PARAMS_MEMBER)
+        scopes, summary = parameters.merge({pre + seg: v[2] for _, vmfbs, pre, _ in compiled.values()
+                                            for seg, v in vmfbs.items()}, archive)
+        members = {}
+        if summary:
+            summary["member"] = PARAMS_MEMBER
+            members[PARAMS_MEMBER] = archive
+            progress(f"weights: {summary['count']} distinct parameters, {os.path.getsize(archive) / 1e6:.1f} MB, "
+                     f"shared by {', '.join(phases)} ({summary['referenced_bytes'] / 1e6:.1f} MB before sharing)")
+        entries = [_phases_entry(k, phase_plans, compiled, scopes, members, n_sets) for k in range(n_sets)]
+        if verification is not None:
+            for entry in entries:
+                entry["verification"] = dict(verification)
+        manifest = _manifest(phase_sigs[phases[0]], entries, summary)
+        manifest["phases"] = {p: {"signature": phase_sigs[p]} for p in phases}
+        manifest.update(extra)
+        return write_bundle(output, manifest, members)
+
+
+def _phases_entry(k, phase_plans, compiled, scopes, members, n_sets):
+    """The manifest entry of device set k: every phase's segments, renamed `<phase>_seg_N`."""
+    entry = None
+    for phase in phase_plans:
+        name, _ = phase_plans[phase][k]
+        module, vmfbs, prefix, choices = compiled[k, phase]
+        member_prefix = (name.replace(":", "_").replace("@", "_") + "/" if n_sets > 1 else "") + f"{phase}_"
+        e = plan_manifest(module, vmfbs, name=name, member_prefix=member_prefix, scopes=scopes, scope_prefix=prefix)
+        rename = {s["name"]: f"{phase}_{s['name']}" for s in e["segments"]}
+        for seg in e["segments"]:
+            members[seg["member"]] = vmfbs[seg["name"]][0]
+            if seg["name"] in choices:
+                seg["tuning"] = choices[seg["name"]]
+            seg["name"] = rename[seg["name"]]
+        for step in e["schedule"]:
+            if step["op"] == "call":
+                step["segment"] = rename[step["segment"]]
+        members[f"{member_prefix}plan.mlir"] = plan_text(module).encode()
+        if entry is None:
+            entry = dict(e, segments=[], phases={})
+        entry["segments"] += e["segments"]
+        entry["devices"] = list(dict.fromkeys(entry["devices"] + e["devices"]))
+        entry["phases"][phase] = {"schedule": e["schedule"], "outputs": e["outputs"], "plan": e["plan"]}
+    return entry

@@ -48,6 +48,10 @@ def import_model(model: Any, example_inputs: tuple = (), options: CompileOptions
     example_inputs optional: arrays or "DIMSxDTYPE" specs that fix symbolic dimensions)."""
     options = options or CompileOptions()
     progress = _progress(progress)
+    if options.generate:  # a causal LM: prefill and decode phases (compiler/lm.py)
+        from .lm import ImportedLM
+
+        return ImportedLM(model, options, progress)
     t0 = time.time()
     base, sig = import_module(model, example_inputs, options.dynamic_dims, progress)
     return Imported(model, tuple(example_inputs), base, sig, options, progress, t0)
@@ -175,6 +179,7 @@ def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",)
             pins: Iterable = (), jobs: int | None = None, progress: Progress = None, iree_extra_flags: Iterable = (),
             objective: str = "latency", solver: str = "auto", profiles: Iterable = (), plans: Any = None,
             dynamic_dims: Iterable = (), calibrate: bool = True, verify: bool = True, tune: str = "quick",
+            generate: bool = False, max_context: int = 256, batch: int = 1,
             options: CompileOptions | None = None) -> str:
     """Compile a model into a bundle. Returns the bundle's path.
 
@@ -212,11 +217,17 @@ def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",)
     dynamic_dims   ["INPUT:DIM[:MAX]", ...]: dimensions that stay dynamic (nn.Module only), e.g.
                    ["input0:0:64"]: the bundle then takes any size from 1 to MAX (default 1024) there;
                    costs are predicted at the example's size
+    generate       a causal language model (transformers *ForCausalLM, or the cache protocol of
+                   compiler/causal_lm.py) compiled as prefill + decode sharing the weights, its KV cache
+                   kept on its device; example_inputs are not needed. Run it with `bundle.generate`
+    max_context    with generate: the most tokens (prompt + generated) a sequence may hold
+    batch          with generate: sequences decoded together
     """
     if options is None:
         options = CompileOptions(devices=tuple(devices), plans=tuple(plans or ()), pins=pins, objective=objective,
                                  solver=solver, profiles=profiles, dynamic_dims=dynamic_dims, calibrate=calibrate,
-                                 verify=verify, tune=tune, iree_flags=iree_extra_flags, jobs=jobs)
+                                 verify=verify, tune=tune, iree_flags=iree_extra_flags, jobs=jobs, generate=generate,
+                                 max_context=max_context, batch=batch)
     output = output or f"{model_name(model)}.pab"
     _check_output(model, output)
     return import_model(model, example_inputs, options, progress).plan().write(output)

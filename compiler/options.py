@@ -33,7 +33,11 @@ class CompileOptions:
     verify       run, check and time every plan this host can run, re-plan on what is measured
     tune         none | quick | full: lowering choices measured on this host's CPU
     iree_flags   flags added to every iree-compile command (after polyarch's own)
-    jobs         parallel iree-compile processes (None: one per core)"""
+    jobs         parallel iree-compile processes (None: one per core)
+    generate     compile a causal language model as prefill + decode over a KV cache kept on its
+                 device (compiler/causal_lm.py; the runtime's `generate`)
+    max_context  with generate: the longest prompt + generated tokens a sequence may hold
+    batch        with generate: sequences decoded together (decode's batch, fixed)"""
 
     devices: tuple = ("cpu",)
     plans: tuple = ()
@@ -47,6 +51,9 @@ class CompileOptions:
     tune: str = "quick"
     iree_flags: tuple = ()
     jobs: int | None = None
+    generate: bool = False
+    max_context: int = 256
+    batch: int = 1
 
     def __post_init__(self):
         for name in _LISTS:
@@ -62,6 +69,10 @@ class CompileOptions:
             raise PolyarchError(f"unknown solver '{self.solver}'", fix="use " + ", ".join(SOLVERS))
         if self.jobs is not None and (not isinstance(self.jobs, int) or self.jobs < 1):
             raise PolyarchError(f"jobs={self.jobs!r}", fix="give a whole number of 1 or more, or None (one per core)")
+        for name, low in (("max_context", 2), ("batch", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise PolyarchError(f"{name}={v!r}", fix=f"give a whole number of {low} or more")
         bad = next((f for f in self.iree_flags if not isinstance(f, str) or not f.startswith("-")), None)
         if bad is not None:
             raise PolyarchError(f"iree flag {bad!r} is not a flag", fix='write flags such as "--iree-llvmcpu-enable-ukernels=all"')
@@ -95,7 +106,7 @@ class CompileOptions:
         unknown = sorted(set(obj) - known)
         if unknown:
             raise PolyarchError(f"{where}: unknown option(s) {unknown}", fix=f"known: {sorted(known)}")
-        for key in ("verify", "calibrate"):
+        for key in ("verify", "calibrate", "generate"):
             if not isinstance(obj.get(key, True), bool):
                 raise PolyarchError(f"{where}: '{key}' must be true or false", fix=FIELDS_HELP)
         for key in _LISTS + ("plans",):

@@ -163,6 +163,31 @@ def _check_structure(manifest, path):
             segments[seg["name"]] = seg
         _check_schedule(path, plan, segments, len(sig["inputs"]))
         _check_agreement(path, plan, segments, sig)
+        _check_phases(manifest, path, plan, segments)
+
+
+def _check_phases(manifest, path, plan, segments):
+    """A --generate bundle's phases: each with its signature, schedule and outputs, and the
+    generation settings the runtime reads."""
+    phases = plan.get("phases")
+    if phases is None:
+        return
+    sigs = manifest.get("phases")
+    gen = manifest.get("generate")
+    if not isinstance(phases, dict) or not isinstance(sigs, dict) or not isinstance(gen, dict) or not all(
+            _is_int(gen.get(k)) and gen[k] > 0 for k in ("max_context", "batch", "layers", "vocab")):
+        raise _damaged(path, f"plan '{plan.get('name')}' has phases without their signatures or generation settings")
+    for name, phase in phases.items():
+        sig = sigs.get(name, {}).get("signature") if isinstance(sigs.get(name), dict) else None
+        if not isinstance(phase, dict) or not isinstance(sig, dict) or not all(
+                isinstance(sig.get(k), list) for k in ("inputs", "outputs")):
+            raise _damaged(path, f"phase {name!r} of plan '{plan.get('name')}' lacks its schedule or signature")
+        if len(sig["inputs"]) != 2 + 2 * gen["layers"] or len(sig["outputs"]) != 1 + 2 * gen["layers"]:
+            raise _damaged(path, f"phase {name!r} does not take and give the {2 * gen['layers']} cache tensors "
+                                 "its generation settings say")
+        view = {"name": f"{plan.get('name')}/{name}", "schedule": phase.get("schedule"), "outputs": phase.get("outputs")}
+        _check_schedule(path, view, segments, len(sig["inputs"]))
+        _check_agreement(path, view, segments, sig)
 
 
 def _check_segment_parameters(path, seg, archive):

@@ -15,7 +15,7 @@ from .identity import iree_version
 if TYPE_CHECKING:
     import iree.runtime as rt
 
-__all__ = ["Bundle", "create_device", "available_devices", "to_host", "check_inputs", "first_out_of_range",
+__all__ = ["Bundle", "Resident", "create_device", "available_devices", "to_host", "check_inputs", "first_out_of_range",
            "index_bounds"]
 
 
@@ -165,6 +165,7 @@ class Bundle:
             self._members.drop_pages(self.manifest["parameters"]["member"])
         sig = self.manifest["signature"]
         self.inputs, self.outputs = sig["inputs"], sig["outputs"]
+        self.phases = list(self.plan.get("phases", {}))  # a --generate bundle: prefill, decode
         self.trace = False  # True: keep every call's events in self.events (polyarch run --trace)
         self.events = []
         self.reset_counters()
@@ -289,7 +290,7 @@ class Bundle:
     def reset_counters(self) -> None:
         """Zero `counters`: calls, seconds, and bytes and seconds spent moving tensors."""
         self.counters = {"calls": 0, "seconds": 0.0, "transfers": 0, "bytes_moved": 0, "transfer_seconds": 0.0,
-                         "segment_seconds": {d: 0.0 for d in self.devices}}
+                         "segment_seconds": {d: 0.0 for d in self.devices}, "state_host_bytes": 0}
 
     def __call__(self, *args, **named):
         """Run the bundle. numpy arrays (or anything np.asarray takes) in, numpy out; torch
@@ -301,6 +302,60 @@ class Bundle:
         if named:
             args = _by_name(self.path, self.inputs, args, named)
         return self._collect(self._submit(args, wait_each=True))
+
+    def run_phase(self, phase: str, args: list, keep: Iterable = (), state: Iterable = ()) -> list:
+        """Run one phase of a --generate bundle (`phases`: prefill, decode). args: host arrays,
+        or `Resident` values that an earlier call kept on their device (passed on without a
+        copy through the host); keep: indices of outputs to leave on their device (returned as
+        `Resident`), the others read back as numpy arrays; state: indices of the inputs that
+        are state (the cache). -> the outputs, as a list. Counters: `state_host_bytes` counts
+        the bytes of state that crossed the host (state inputs given as host arrays, kept
+        outputs read back)."""
+        schedule, outputs, specs, out_specs = self._phase(phase)
+        keep, state = set(keep), set(state)
+        host = [(i, a) for i, a in enumerate(args) if not isinstance(a, Resident)]
+        if len(args) != len(specs):
+            raise BundleError(f"phase {phase} of {self.path} takes {len(specs)} input(s), got {len(args)}",
+                              fix="pass " + ", ".join(s["name"] for s in specs))
+        checked = check_inputs(self.path, [specs[i] for i, _ in host], [a for _, a in host])
+        full = list(args)
+        for (i, _), a in zip(host, checked):
+            full[i] = a
+            if i in state:
+                self.counters["state_host_bytes"] += int(a.nbytes)
+        call = self._submit(full, wait_each=True, schedule=schedule, checked=True)
+        outs = []
+        for j, (name, spec) in enumerate(zip(outputs, out_specs)):
+            v = call.env[name]
+            if j in keep and isinstance(v, _OnDevice):
+                outs.append(Resident(v))
+                continue
+            if isinstance(v, _OnDevice):
+                v = self._to_host(v, call, f"output {name}")
+            if j in keep:
+                self.counters["state_host_bytes"] += int(v.nbytes)
+            outs.append(v.astype(np_dtype(spec["dtype"])) if v.dtype != np_dtype(spec["dtype"]) else v)
+        self.counters["calls"] += 1
+        self.counters["seconds"] += time.perf_counter() - call.t0
+        return outs
+
+    def _phase(self, phase):
+        """(schedule, outputs, input specs, output specs) of a phase of the chosen plan."""
+        p = self.plan.get("phases", {}).get(phase)
+        if p is None:
+            raise BundleError(f"{self.path} has no phase {phase!r}" + (f" (its phases: {', '.join(self.phases)})"
+                                                                        if self.phases else ""),
+                              fix="compile the model with --generate (CompileOptions(generate=True)) for prefill and decode")
+        sig = self.manifest["phases"][phase]["signature"]
+        return p["schedule"], p["outputs"], sig["inputs"], sig["outputs"]
+
+    def generate(self, prompt_ids, max_new_tokens: int = 32, **sampling) -> "Iterator":
+        """Generate from a --generate bundle: see runtime/generate.py (`Generation`)."""
+        from .generate import Generator
+
+        if getattr(self, "_generator", None) is None:
+            self._generator = Generator(self)
+        return self._generator.generate(prompt_ids, max_new_tokens, **sampling)
 
     def close(self) -> None:
         """Release the bundle's modules, device memory and file mapping (after the calls in
@@ -329,16 +384,17 @@ class Bundle:
         seconds are not measured in this mode (the trace shows issue -> observed completion)."""
         return pipelined(lambda args: self._submit(args, wait_each=False), self._collect, requests, depth)
 
-    def _submit(self, args, wait_each):
+    def _submit(self, args, wait_each, schedule=None, checked=False):
         """Issue every step of one call; -> the call in flight (outputs not yet read back)."""
         if self._closed:
             raise BundleError(f"{self.path} was closed", fix="load it again: polyarch.runtime.load(path)")
         as_torch = any(_is_torch(a) for a in args)
-        args = check_inputs(self.path, self.inputs, args)
+        if not checked:
+            args = check_inputs(self.path, self.inputs, args)
         clock = time.perf_counter
         call = _Call(clock(), as_torch)
-        env = {f"in{i}": a for i, a in enumerate(args)}
-        for step in self.plan["schedule"]:
+        env = {f"in{i}": (a.value if isinstance(a, Resident) else a) for i, a in enumerate(args)}
+        for step in schedule if schedule is not None else self.plan["schedule"]:
             if step["op"] == "transfer":  # a tensor leaves its device: read back when a consumer needs it
                 env[step["dst"]] = env[step["src"]]
                 continue
@@ -512,6 +568,21 @@ def _fill_pattern(pattern):
         if len(pattern) > n and len(pattern) % n == 0 and pattern == pattern[:n] * (len(pattern) // n):
             return pattern[:n]
     return pattern
+
+
+class Resident:
+    """An output left on its device by `Bundle.run_phase(keep=...)`, to be passed back as an
+    input of a later call (a KV cache between decode steps): it never crosses the host unless
+    a segment on another device reads it. `device` names the bundle device that holds it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    @property
+    def device(self) -> str:
+        return self.value.device
 
 
 class _OnDevice:

@@ -252,9 +252,18 @@ def cli(verbose: bool) -> None:
 @click.option("--iree-flag", "iree_flags", multiple=True, metavar="FLAG",
               help="Pass FLAG to every iree-compile (repeatable), after polyarch's own flags, e.g. "
                    "--iree-flag=--iree-llvmcpu-enable-ukernels=all. Write it with '=' when FLAG starts with '-'.")
+@click.option("--generate", "generate", is_flag=True,
+              help="MODEL is a causal language model (a transformers *ForCausalLM, or a module following the cache "
+                   "protocol of compiler/causal_lm.py): compile it as prefill + decode over one copy of the weights, "
+                   "the KV cache kept on its device; run it with `polyarch generate`. No --input needed.")
+@click.option("--max-context", "max_context", type=click.IntRange(min=2), default=256, show_default=True,
+              help="With --generate: the most tokens (prompt + generated) one sequence may hold.")
+@click.option("--batch", "batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --generate: sequences decoded together (several prompts fill the batch).")
 def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: tuple, objective: str, solver: str,
             profiles: tuple, options_file: str | None, no_calibrate: bool, output: str | None, jobs: int | None,
-            quiet: bool, depfile: str | None, no_verify: bool, plans: tuple, tune: str, iree_flags: tuple) -> None:
+            quiet: bool, depfile: str | None, no_verify: bool, plans: tuple, tune: str, iree_flags: tuple,
+            generate: bool, max_context: int, batch: int) -> None:
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -281,6 +290,7 @@ def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins
       polyarch compile examples/mlp.py -i 8x64xf32 --dynamic-dim input0:0:256 -o mlp.pab  # batch 1..256
       polyarch compile examples/minilm.py --dynamic-dim input_ids:0:16=b --dynamic-dim attention_mask:0:16=b
       polyarch compile model.py -i 1x3x224x224xf32 --tune full --iree-flag=--iree-llvmcpu-enable-ukernels=all
+      polyarch compile llm.py --generate --max-context 512 --batch 4 -o llm.pab   # then: polyarch generate llm.pab
     """
     from ..compiler.driver import import_model
 
@@ -294,7 +304,7 @@ def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins
     local = _local_sources(set(sys.modules) - before)
     sources += sorted(local)
     check_outputs(writes, _named_inputs(sources))  # the modules the model file imports, too
-    ex = _example_inputs(inputs, ns)
+    ex = () if options.generate else _example_inputs(inputs, ns)
     progress = None if quiet else (lambda msg: click.echo(f"polyarch: {msg}", err=True))
     import_model(m, ex, options, progress).plan().write(output)
     if depfile:
@@ -306,7 +316,8 @@ def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins
 _OPTION_FLAGS = {"devices": "--device", "plans": "--plans", "pins": "--pin", "objective": "--objective",
                  "solver": "--solver", "profiles": "--profile", "dynamic_dims": "--dynamic-dim",
                  "no_calibrate": "--no-calibrate", "no_verify": "--no-verify", "tune": "--tune",
-                 "iree_flags": "--iree-flag", "jobs": "--jobs"}
+                 "iree_flags": "--iree-flag", "jobs": "--jobs", "generate": "--generate",
+                 "max_context": "--max-context", "batch": "--batch"}
 
 
 def _compile_options(ctx):
@@ -329,7 +340,8 @@ def _compile_options(ctx):
                           objective=p["objective"], solver=p["solver"], profiles=p["profiles"],
                           dynamic_dims=p["dynamic_dims"], calibrate=not p["no_calibrate"],
                           verify=not p.get("no_verify", False), tune=p.get("tune", "quick"),
-                          iree_flags=p.get("iree_flags", ()), jobs=p.get("jobs"))
+                          iree_flags=p.get("iree_flags", ()), jobs=p.get("jobs"), generate=p.get("generate", False),
+                          max_context=p.get("max_context", 256), batch=p.get("batch", 1))
 
 
 @cli.command()
@@ -719,3 +731,57 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.option("--ids", "ids", multiple=True, metavar="ID,ID,...", required=True,
+              help="A prompt as token ids, comma-separated; repeat for several prompts (they share the decode batch).")
+@click.option("-n", "--max-new-tokens", "max_new", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens to generate per prompt (at most: a stop id ends a sequence earlier).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0: greedy (the most likely token); above 0: sampled from softmax(logits / temperature).")
+@click.option("--top-k", "top_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample among the K most likely tokens only (0: all).")
+@click.option("--top-p", "top_p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Sample among the most likely tokens whose probabilities sum to P.")
+@click.option("--stop", "stops", multiple=True, type=int, metavar="ID", help="A token id that ends a sequence (repeatable).")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler: the same seed gives the same tokens.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Load only if the bundle is signed by this Ed25519 public key (repeatable: any of them).")
+def generate(bundle: str, ids: tuple, max_new: int, temperature: float, top_k: int, top_p: float, stops: tuple,
+             seed: int | None, trusted_keys: tuple) -> None:
+    """Generate tokens from a BUNDLE compiled with `compile --generate`.
+
+    Prints each new token id as it comes (one line per prompt: `N: id id ...`
+    for several prompts, in the order the tokens come), then the time to first
+    token, the time per output token and the KV-cache bytes that crossed the
+    host per decode step (0: the cache stayed on its device).
+
+    \b
+    Examples:
+      polyarch generate llm.pab --ids 1,2,3 -n 64
+      polyarch generate llm.pab --ids 1,2,3 --ids 7,8 -n 16 --temperature 0.8 --top-k 40 --seed 1
+    """
+    from ..runtime import load
+
+    prompts = []
+    for text in ids:
+        try:
+            prompts.append([int(t) for t in text.split(",") if t.strip()])
+        except ValueError:
+            raise PolyarchError(f"--ids {text!r} is not a list of token ids", fix="write ids as 1,2,3") from None
+    with load(bundle, trusted_keys=list(trusted_keys) or None) as b:
+        g = b.generate(prompts if len(prompts) > 1 else prompts[0], max_new, temperature=temperature, top_k=top_k,
+                       top_p=top_p, stop_ids=stops, seed=seed)
+        for item in g:
+            click.echo(f"{item} " if len(prompts) == 1 else f"{item[0]}: {item[1]}", nl=len(prompts) > 1)
+            sys.stdout.flush()  # each token as it comes
+        if len(prompts) == 1:
+            click.echo()
+        st = g.stats
+        ttft = ", ".join(f"{t * 1e3:.1f}" for t in st["ttft_s"])
+        tpot = f"{st['tpot_s'] * 1e3:.2f} ms" if st["tpot_s"] else "-"
+        click.echo(f"polyarch: {st['tokens']} tokens in {st['seconds']:.2f} s; time to first token {ttft} ms; "
+                   f"{tpot} per output token ({st['decode_steps']} decode steps of {b.manifest['generate']['batch']}); "
+                   f"KV-cache bytes through the host per step: {st.get('state_host_bytes_per_step', 0):.0f}", err=True)

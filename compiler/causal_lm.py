@@ -1,0 +1,209 @@
+"""Causal language models as two phases over one functional KV cache (`--generate`).
+
+A causal LM (transformers' `*ForCausalLM`, or any nn.Module that follows the cache protocol
+below) is compiled as two entry functions over the same weights:
+
+    prefill(ids[1, T], slot[1], k_0, v_0, ..., k_{L-1}, v_{L-1}) -> (logits[1, V], k_0', v_0', ...)
+        a prompt of T tokens (1 <= T <= max_context, dynamic) written at positions 0..T-1 of
+        decode slot `slot`; the logits of its last token
+    decode(tokens[B], positions[B], k_0, v_0, ...) -> (logits[B, V], k_0', v_0', ...)
+        one token for each of the B sequences of the batch, each at its own position
+
+Each cache tensor is [B, kv_heads, max_context, head_dim], one key and one value tensor per
+layer: cache in, cache out (functional), so that the runtime passes the outputs of one call
+back as the inputs of the next without the cache leaving its device (runtime/generate.py).
+The write is a `torch.where` over the positions (IREE 3.13 refuses `index_copy` into a
+function argument; docs/architecture.md); attention sees an explicit additive mask (SDPA's
+`is_causal` with a dynamic length does not compile).
+
+The cache protocol, for a model that is not a transformers model: its forward takes
+`input_ids`, `position_ids` ([batch, T]), `attention_mask` (a 4-D additive float mask
+[batch, 1, T, keys]: 0 where a key may be attended, a large negative number elsewhere),
+`past_key_values` (an object with `update(k, v, layer_idx) -> (keys, values)`, k and v
+[batch, kv_heads, T, head_dim]) and `use_cache=True`, calls `past_key_values.update` once per
+attention layer with that layer's new keys and values, attends to the keys it returns under
+the mask, and returns an object with `.logits` [batch, T, vocab] (or that tensor). It
+declares its cache shape as attributes `num_hidden_layers`, `num_key_value_heads`,
+`head_dim`, `vocab_size` on itself or on `.config` (transformers' names)."""
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import PolyarchError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LMShape", "lm_shape", "wrap", "prefill_examples", "decode_examples", "cache_names", "PHASE_INPUTS"]
+
+PHASE_INPUTS = {"prefill": ("ids", "slot"), "decode": ("tokens", "positions")}
+
+
+class LMShape:
+    """What the cache of a causal LM looks like: layers, kv heads, head dim, vocab, dtype."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, vocab: int, dtype: "torch.dtype"):
+        self.layers, self.kv_heads, self.head_dim, self.vocab, self.dtype = layers, kv_heads, head_dim, vocab, dtype
+
+    def cache_shape(self, batch: int, max_context: int) -> tuple:
+        return (batch, self.kv_heads, max_context, self.head_dim)
+
+    def to_json(self) -> dict:
+        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "vocab": self.vocab}
+
+
+def _attr(model, *names):
+    cfg = getattr(model, "config", None)
+    for name in names:
+        for owner in (model, cfg):
+            v = getattr(owner, name, None) if owner is not None else None
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+    return None
+
+
+def lm_shape(model: "torch.nn.Module") -> LMShape:
+    """The cache shape a causal LM declares (module docstring); a model that declares none is
+    refused with what it lacks."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise PolyarchError(f"--generate compiles a causal language model (an nn.Module), not a {type(model).__name__}",
+                            fix="pass a transformers *ForCausalLM model or a module following the cache protocol "
+                                "(compiler/causal_lm.py)")
+    layers = _attr(model, "num_hidden_layers", "n_layer")
+    heads = _attr(model, "num_attention_heads", "n_head")
+    kv_heads = _attr(model, "num_key_value_heads") or heads
+    hidden = _attr(model, "hidden_size", "n_embd")
+    head_dim = _attr(model, "head_dim") or (hidden // heads if hidden and heads else None)
+    vocab = _attr(model, "vocab_size")
+    missing = [n for n, v in (("num_hidden_layers", layers), ("num_key_value_heads", kv_heads), ("head_dim", head_dim),
+                              ("vocab_size", vocab)) if not v]
+    if missing:
+        raise PolyarchError(f"{type(model).__name__} does not say its cache shape: no {', '.join(missing)} on it or its "
+                            ".config", fix="compile a transformers *ForCausalLM, or set these attributes on the module "
+                                           "(the cache protocol: compiler/causal_lm.py)")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return LMShape(layers, kv_heads, head_dim, vocab, dtype)
+
+
+def cache_names(layers: int) -> list:
+    return [f"{kv}_cache_{i}" for i in range(layers) for kv in ("k", "v")]
+
+
+class _Cache:
+    """The functional cache the model's attention layers call: `update(k, v, layer)` records
+    the layer's new cache tensors (where-written, never in place) and returns the keys and
+    values attention reads. `write(layer, k, v, old_k, old_v) -> (new_k, new_v, keys, values)`."""
+
+    def __init__(self, tensors, write):
+        self.tensors, self.write = list(tensors), write
+        self.is_compileable = True
+        self.is_sliding = [False] * (len(self.tensors) // 2)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        k, v = self.tensors[2 * layer_idx], self.tensors[2 * layer_idx + 1]
+        new_k, new_v, keys, values = self.write(layer_idx, key_states, value_states, k, v)
+        self.tensors[2 * layer_idx], self.tensors[2 * layer_idx + 1] = new_k, new_v
+        return keys, values
+
+    def get_seq_length(self, layer_idx=0):  # only read when position_ids are missing: they never are
+        return 0
+
+    def __len__(self):
+        return len(self.tensors) // 2
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _call(model, ids, positions, mask, cache):
+    kwargs = dict(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True)
+    import inspect
+
+    try:
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            kwargs["logits_to_keep"] = 1
+    except (TypeError, ValueError):
+        pass
+    return _logits(model(**kwargs))[:, -1, :]
+
+
+def wrap(model: "torch.nn.Module", phase: str) -> "torch.nn.Module":
+    """The nn.Module whose forward is one phase (module docstring) of `model`."""
+    import torch
+
+    class PrefillPhase(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def run(self, ids, slot, cache):
+            t = ids.shape[1]
+            neg = torch.finfo(cache[0].dtype).min
+            pos = torch.arange(t, device=ids.device)
+            n, b = cache[0].shape[2], cache[0].shape[0]
+            keys = torch.arange(n, device=ids.device)
+            mask = torch.where(keys[None, :] <= pos[:, None], 0.0, neg).to(cache[0].dtype)[None, None]  # [1, 1, T, N]
+            keep = (torch.arange(b, device=ids.device) == slot)[:, None, None, None] & \
+                (torch.arange(n, device=ids.device) < t)[None, None, :, None]
+
+            def write(layer, k, v, old_k, old_v):
+                pad = (0, 0, 0, n - t)
+                k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+                # attention reads the prompt's own keys padded to N (static: IREE 3.13 cannot
+                # compile the grouped-query expand over a dynamic key length), the mask hiding the rest
+                return torch.where(keep, k, old_k), torch.where(keep, v, old_v), k, v
+
+            c = _Cache(cache, write)
+            logits = _call(self.lm, ids, pos[None, :], mask, c)
+            return (logits, *c.tensors)
+
+    class DecodePhase(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def run(self, tokens, positions, cache):
+            n = cache[0].shape[2]
+            neg = torch.finfo(cache[0].dtype).min
+            keys = torch.arange(n, device=tokens.device)
+            mask = torch.where(keys[None, :] <= positions[:, None], 0.0, neg).to(cache[0].dtype)[:, None, None, :]
+            at = (keys[None, :] == positions[:, None])[:, None, :, None]  # [B, 1, N, 1]
+
+            def write(layer, k, v, old_k, old_v):
+                new_k, new_v = torch.where(at, k, old_k), torch.where(at, v, old_v)
+                return new_k, new_v, new_k, new_v
+
+            c = _Cache(cache, write)
+            logits = _call(self.lm, tokens[:, None], positions[:, None], mask, c)
+            return (logits, *c.tensors)
+
+    if phase not in PHASE_INPUTS:
+        raise ValueError(phase)
+    cls = PrefillPhase if phase == "prefill" else DecodePhase
+    # forward with one named parameter per cache tensor: torch.export names the inputs after them
+    names = [*PHASE_INPUTS[phase], *cache_names(lm_shape(model).layers)]
+    scope = {}
+    exec(f"def forward(self, {', '.join(names)}):\n    return self.run({names[0]}, {names[1]}, [{', '.join(names[2:])}])\n",
+         scope)
+    cls.forward = scope["forward"]
+    return cls(model).eval()
+
+
+def prefill_examples(shape: LMShape, batch: int, max_context: int, prompt: int = 8) -> tuple:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape.vocab, (1, min(prompt, max_context)), generator=g)
+    cache = [torch.zeros(shape.cache_shape(batch, max_context), dtype=shape.dtype) for _ in range(2 * shape.layers)]
+    return (ids, torch.zeros(1, dtype=torch.int64), *cache)
+
+
+def decode_examples(shape: LMShape, batch: int, max_context: int) -> tuple:
+    import torch
+
+    tokens = torch.zeros(batch, dtype=torch.int64)
+    positions = torch.full((batch,), min(8, max_context - 1), dtype=torch.int64)
+    cache = [torch.zeros(shape.cache_shape(batch, max_context), dtype=shape.dtype) for _ in range(2 * shape.layers)]
+    return (tokens, positions, *cache)

@@ -1,0 +1,190 @@
+"""Compile a causal language model for generation (`--generate`): its prefill and decode
+phases (compiler/causal_lm.py) imported, partitioned per device set by the same passes (each
+phase for its own latency: time to first token, time per output token), compiled into one
+bundle sharing the weights (build.build_phases_bundle), then verified: the bundle's greedy
+tokens against the same phases run eagerly by PyTorch, with the logits compared at every step."""
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ..files import temp_dir
+from ..errors import PolyarchError
+from . import causal_lm
+from .build import build_phases_bundle, rewrite_bundle
+from .planning import import_module, partition, price_devices
+
+if TYPE_CHECKING:
+    from .options import CompileOptions
+
+__all__ = ["ImportedLM", "PlannedLM", "eager_greedy", "verify_lm", "VERIFY_STEPS", "LOGITS_TOL"]
+
+VERIFY_STEPS = 8  # greedy tokens compared at compile time (the tests compare 64)
+LOGITS_TOL = {"float32": 2e-3, "float16": 5e-2, "bfloat16": 1e-1}  # max |bundle - eager| / max |eager| per step
+
+
+def _pins(pins):
+    """Pins name the user's model; its phases wrap it as `lm`: module paths get that prefix
+    (op names such as torch.aten.mm stay as they are)."""
+    out = []
+    for p in pins:
+        pattern, sep, dev = p.rpartition("=")
+        out.append(p if not sep or pattern.startswith(("torch.", "lm.")) or pattern == "lm" else f"lm.{pattern}={dev}")
+    return out
+
+
+class ImportedLM:
+    """Stage 1 of a --generate compile: both phases imported (`phases`: {phase: (module,
+    signature)}), as driver.Imported is for one forward."""
+
+    def __init__(self, model: Any, options: "CompileOptions", progress: Callable[[str], None]):
+        self.model, self.options, self.progress, self.started = model, options, progress, time.time()
+        self.shape = shape = causal_lm.lm_shape(model)
+        n, b = options.max_context, options.batch
+        progress(f"generate: {type(model).__name__} as prefill (1 prompt of 1..{n} tokens into one of {b} slot(s)) "
+                 f"and decode ({b} token(s) a step), a KV cache of {shape.layers} layers x {shape.kv_heads} kv heads x "
+                 f"{n} positions x {shape.head_dim} ({_cache_mb(shape, b, n):.1f} MB)")
+        self.phases = {}
+        with _eager_attention(model):
+            for phase in ("prefill", "decode"):
+                wrapped = causal_lm.wrap(model, phase)
+                if phase == "prefill":
+                    examples, dyn = causal_lm.prefill_examples(shape, b, n), [f"ids:1:{n}"]
+                else:
+                    examples, dyn = causal_lm.decode_examples(shape, b, n), []
+                self.phases[phase] = import_module(wrapped, examples, dyn, progress)
+
+    def plan(self, options: "CompileOptions | None" = None) -> "PlannedLM":
+        """Stage 2: the devices priced, each phase partitioned per device set."""
+        o = options or self.options
+        if (o.max_context, o.batch) != (self.options.max_context, self.options.batch):
+            raise PolyarchError("max_context and batch differ from the import's: they fix the phases' shapes",
+                                fix="import the model again with these options")
+        priced = price_devices(o.device_specs, o.profiles, o.calibrate, self.progress)
+        plans = {p: partition(base, o.device_specs, _pins(o.pins), self.progress, o.objective, o.solver, priced)
+                 for p, (base, _) in self.phases.items()}
+        return PlannedLM(self, o, plans)
+
+
+class PlannedLM:
+    """Stage 2 of a --generate compile: `plans` {phase: [(plan name, module)]}."""
+
+    def __init__(self, imported: ImportedLM, options: "CompileOptions", plans: dict):
+        self.imported, self.options, self.plans = imported, options, plans
+
+    def as_text(self, plan: int = 0, phase: str = "decode") -> str:
+        from .modules import plan_text
+
+        return plan_text(self.plans[phase][plan][1])
+
+    def write(self, output: str) -> str:
+        """Stage 3: compile both phases into one bundle, verify it (options.verify), write it."""
+        imp, o, progress = self.imported, self.options, self.imported.progress
+        shape = imp.shape
+        extra = {"generate": {"max_context": o.max_context, "batch": o.batch,
+                              "dtype": str(shape.dtype).replace("torch.", ""), **shape.to_json(),
+                              "model": type(imp.model).__name__}}
+        with temp_dir(prefix="polyarch-lm-") as tmp:
+            path = os.path.join(tmp, "unverified.pab")
+            manifest = build_phases_bundle(self.plans, {p: sig for p, (_, sig) in imp.phases.items()}, path, extra,
+                                           jobs=o.jobs, progress=progress, extra_flags=o.iree_flags, tune=o.tune,
+                                           verification={"status": "not verified (verify=False / --no-verify)"})
+            if o.verify:
+                record = verify_lm(path, imp.model, shape, progress)
+                for plan in manifest["plans"]:
+                    plan["verification"] = record[plan["name"]]
+            rewrite_bundle(path, output, manifest)
+        progress(f"wrote {output} ({os.path.getsize(output) / 1e6:.1f} MB, {len(manifest['plans'])} plan(s), prefill + "
+                 f"decode) in {time.time() - imp.started:.1f}s")
+        return output
+
+
+def _cache_mb(shape, b, n):
+    return 2 * shape.layers * b * shape.kv_heads * n * shape.head_dim * shape.dtype.itemsize / 1e6
+
+
+class _eager_attention:
+    """transformers models export with their eager attention (explicit matmul + softmax under
+    the additive mask): SDPA with a dynamic query length does not compile in IREE 3.13."""
+
+    def __init__(self, model):
+        self.model = model
+        self.old = getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+    def __enter__(self):
+        if self.old not in (None, "eager") and hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation("eager")
+
+    def __exit__(self, *exc):
+        if self.old not in (None, "eager") and hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation(self.old)
+
+
+def eager_greedy(model: Any, shape: "causal_lm.LMShape", batch: int, max_context: int, prompt: list,
+                 steps: int) -> tuple:
+    """Greedy tokens and each step's logits from the phases run by PyTorch (slot 0).
+    -> (tokens, [logits per step])."""
+    import torch
+
+    pre, dec = causal_lm.wrap(model, "prefill"), causal_lm.wrap(model, "decode")
+    cache = [torch.zeros(shape.cache_shape(batch, max_context), dtype=shape.dtype) for _ in range(2 * shape.layers)]
+    with torch.no_grad():
+        out = pre(torch.tensor([prompt]), torch.zeros(1, dtype=torch.int64), *cache)
+        logits, cache = [out[0][0].float().numpy()], list(out[1:])
+        tokens = [int(np.argmax(logits[-1]))]
+        for i in range(steps - 1):
+            tok = torch.zeros(batch, dtype=torch.int64)
+            tok[0] = tokens[-1]
+            pos = torch.zeros(batch, dtype=torch.int64)
+            pos[0] = len(prompt) + i
+            out = dec(tok, pos, *cache)
+            cache = list(out[1:])
+            logits.append(out[0][0].float().numpy())
+            tokens.append(int(np.argmax(logits[-1])))
+    return tokens, logits
+
+
+def verify_lm(path: str, model: Any, shape: "causal_lm.LMShape", progress: Callable[[str], None]) -> dict:
+    """Every plan this host can run generates VERIFY_STEPS greedy tokens from a fixed prompt;
+    tokens must equal the eager phases' and logits agree within LOGITS_TOL. A plan found wrong
+    is an error (no wrong bundle is written). -> {plan name: verification record}."""
+    from ..errors import DeviceError
+    from ..runtime import load
+    from ..runtime.generate import Generator
+
+    with load(path) as first:
+        cfg, plans = first.manifest["generate"], first.plans
+    n, b = cfg["max_context"], cfg["batch"]
+    prompt = [int(x) for x in np.random.default_rng(0).integers(0, shape.vocab, min(5, n - VERIFY_STEPS))]
+    ref_tokens, ref_logits = eager_greedy(model, shape, b, n, prompt, VERIFY_STEPS)
+    tol = LOGITS_TOL.get(cfg["dtype"], 1e-1)
+    out = {}
+    for name in plans:
+        try:
+            bundle = load(path, plan=name, strict=True)
+        except DeviceError as e:
+            out[name] = {"status": f"not verified: {e.what}"}
+            continue
+        with bundle:
+            got, errs, g = [], [], Generator(bundle)
+            logits = g.prefill(prompt, 0)
+            for i in range(VERIFY_STEPS):
+                errs.append(float(np.max(np.abs(logits - ref_logits[i])) / max(1e-6, np.max(np.abs(ref_logits[i])))))
+                got.append(int(np.argmax(logits)))
+                if got[-1] != ref_tokens[i] or errs[-1] > tol:
+                    raise PolyarchError(
+                        f"plan {name}: the compiled {'prefill' if i == 0 else 'decode'} phase disagrees with PyTorch at "
+                        f"generated token {i} (token {got[-1]} vs {ref_tokens[i]}, logits off by {errs[-1]:.2e} of "
+                        f"their range, tolerance {tol:.0e})",
+                        fix="compile for other devices (-d cpu), or report the model with `polyarch plan --ops`")
+                if i + 1 < VERIFY_STEPS:
+                    tok, pos = [0] * b, [0] * b
+                    tok[0], pos[0] = ref_tokens[i], len(prompt) + i
+                    logits = g.decode(tok, pos)[0]
+        out[name] = {"status": "verified", "greedy_tokens": VERIFY_STEPS, "max_rel_logits_error": max(errs),
+                     "tolerance": tol}
+        progress(f"verified plan {name}: {VERIFY_STEPS} greedy tokens equal to PyTorch's, logits within "
+                 f"{max(errs):.1e} of their range (tolerance {tol:.0e})")
+    return out

@@ -1,0 +1,182 @@
+"""Language-model bundles (issue 22): prefill + decode over a KV cache kept on its device,
+`generate` against transformers' own `generate(do_sample=False)` (random-init small configs).
+
+Tolerances: greedy tokens must be equal (64 of them); the compile-time verification also
+holds the logits of every step within 2e-3 of their range (compiler/lm.py LOGITS_TOL)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import cli, EXAMPLES
+
+torch = pytest.importorskip("torch")
+T = pytest.importorskip("transformers")
+
+PROMPT = [1, 5, 9, 22, 7]
+STEPS = 64
+
+
+def _model(kind):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)).eval()
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**cfg)).eval()
+    return T.LlamaForCausalLM(T.LlamaConfig(**cfg)).eval()
+
+
+def _reference(model, prompt, n=STEPS):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def _compile(tmp_path, model, name, **kw):
+    import polyarch
+
+    path = str(tmp_path / f"{name}.pab")
+    polyarch.compile(model, output=path, generate=True, tune="none", **{"max_context": 80, **kw})
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_bundle(tmp_path_factory):
+    model = _model("llama")
+    return model, _compile(tmp_path_factory.mktemp("llama"), model, "llama", batch=4)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_greedy_equals_transformers(tmp_path, kind):
+    from polyarch.runtime import load
+
+    model = _model(kind)
+    with load(_compile(tmp_path, model, kind)) as b:
+        g = b.generate(PROMPT, STEPS)
+        assert list(g) == _reference(model, PROMPT)
+        assert g.stats["state_host_bytes_per_step"] == 0  # the cache never left the device
+
+
+def test_llama_greedy_stream_and_cache_on_device(llama_bundle):
+    from polyarch.runtime import load
+
+    model, path = llama_bundle
+    with load(path) as b:
+        assert sorted(b.phases) == ["decode", "prefill"]
+        m = b.manifest
+        assert m["generate"]["batch"] == 4 and m["generate"]["max_context"] == 80
+        assert m["plans"][0]["verification"]["status"] == "verified"
+        g = b.generate(PROMPT, STEPS)
+        first = next(g)  # streamed: the first token comes before the others are made
+        assert g.stats == {} and g.tokens == [[first]]
+        tokens = [first, *g]
+        assert tokens == _reference(model, PROMPT)
+        st = g.stats
+        assert st["decode_steps"] == STEPS - 1 and st["tokens"] == STEPS
+        assert st["state_host_bytes_per_step"] == 0 and st["ttft_s"][0] > 0 and st["tpot_s"] > 0
+        # the weights are stored once for both phases
+        segs = m["plans"][0]["segments"]
+        assert {s["name"] for s in segs} == {"prefill_seg_0", "decode_seg_0"}
+        keys = [set(s["parameters"]["keys"].values()) for s in segs]
+        assert keys[0] & keys[1] and m["parameters"]["count"] == len(keys[0] | keys[1])
+
+
+def test_batch_of_prompts_of_different_lengths(llama_bundle):
+    from polyarch.runtime import load
+
+    model, path = llama_bundle
+    prompts = [[3, 4], PROMPT, [9, 9, 9, 9, 1, 2, 3, 4, 5]]
+    with load(path) as b:
+        g = b.generate(prompts, 24)
+        seen = list(g)
+        assert {i for i, _ in seen} == {0, 1, 2}
+        assert g.stats["decode_steps"] == 23  # all three decoded together, one step per token
+        for i, p in enumerate(prompts):
+            assert g.tokens[i] == _reference(model, p, 24), f"prompt {i}"
+            assert [t for j, t in seen if j == i] == g.tokens[i]
+        # more prompts than the batch: decoded in waves of 4, each as it is alone
+        five = b.generate(prompts + [[7], [8, 8]], 6).run()
+        assert five[4] == _reference(model, [8, 8], 6)
+
+
+def test_sampling_reproducible_and_stop(llama_bundle):
+    from polyarch.runtime import load
+
+    _, path = llama_bundle
+    with load(path) as b:
+        kw = dict(temperature=0.9, top_k=20, top_p=0.9)
+        a = b.generate(PROMPT, 32, seed=7, **kw).run()
+        assert b.generate(PROMPT, 32, seed=7, **kw).run() == a
+        assert b.generate(PROMPT, 32, seed=8, **kw).run() != a
+        greedy = b.generate(PROMPT, 16).run()[0]
+        stopped = b.generate(PROMPT, 16, stop_ids=[greedy[3]]).run()[0]
+        assert stopped == greedy[:greedy.index(greedy[3]) + 1]
+
+
+def test_context_limits_are_one_line_errors(llama_bundle):
+    from polyarch import PolyarchError
+    from polyarch.runtime import load
+
+    _, path = llama_bundle
+    with load(path) as b:
+        with pytest.raises(PolyarchError, match="more than the bundle's context of 80"):
+            b.generate(list(range(81)), 1)
+        with pytest.raises(PolyarchError, match=r"\+ 77 new tokens would pass the bundle's context of 80") as e:
+            b.generate(PROMPT, 77)
+        assert "at most 75 new tokens" in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(PolyarchError, match="outside the vocabulary of 128"):
+            b.generate([1, 500], 4)
+        with pytest.raises(PolyarchError, match="top_p"):
+            b.generate(PROMPT, 4, temperature=1.0, top_p=0)
+
+
+def test_plain_bundle_has_no_generate(tmp_path, mlp):
+    import polyarch
+    from polyarch.errors import BundleError
+    from polyarch.runtime import load
+
+    model, inputs = mlp
+    path = polyarch.compile(model, inputs, output=str(tmp_path / "mlp.pab"), verify=False, tune="none")
+    with load(path) as b, pytest.raises(BundleError, match="was not compiled for generation"):
+        b.generate([1, 2], 4)
+    with pytest.raises(polyarch.PolyarchError, match="cache shape"):
+        polyarch.compile(model, output=str(tmp_path / "x.pab"), generate=True)
+    with pytest.raises(polyarch.PolyarchError, match="max_context"):
+        polyarch.CompileOptions(generate=True, max_context=1)
+
+
+def test_cpu_vulkan_plan_with_a_pinned_block(tmp_path):
+    """A Llama block's MLP pinned to Vulkan (lavapipe here): both phases split, same tokens."""
+    from polyarch.runtime import load
+
+    model = _model("llama")
+    path = _compile(tmp_path, model, "split", devices=["cpu", "vulkan"], pins=["model.layers.1.mlp=vulkan"])
+    with load(path) as b:
+        assert {s["device"] for s in b.plan["segments"] if s["name"].startswith("decode_")} == {"cpu", "vulkan"}
+        assert {s["device"] for s in b.plan["segments"] if s["name"].startswith("prefill_")} == {"cpu", "vulkan"}
+        assert list(b.generate(PROMPT, STEPS)) == _reference(model, PROMPT)
+
+
+def test_cli_compile_options_file_and_generate(tmp_path):
+    """`compile --options` with generate (what CMake and the setuptools hook write), then
+    `polyarch generate`: the same tokens as the API."""
+    from polyarch.runtime import load
+
+    opts = tmp_path / "o.json"
+    opts.write_text(json.dumps({"generate": True, "max_context": 48, "batch": 2, "tune": "none"}))
+    out = str(tmp_path / "tl.pab")
+    r = cli("compile", os.path.join(EXAMPLES, "tiny_llama.py"), "--options", str(opts), "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "verified plan cpu" in r.stderr
+    r = cli("generate", out, "--ids", "1,2,3", "-n", "12")
+    assert r.returncode == 0, r.stderr
+    with load(out) as b:
+        assert [int(t) for t in r.stdout.split()] == b.generate([1, 2, 3], 12).run()[0]
+    assert "KV-cache bytes through the host per step: 0" in r.stderr
+    r = cli("generate", out, "--ids", "1,2,3", "-n", "46")
+    assert r.returncode == 1 and "pass the bundle's context of 48" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
