@@ -179,7 +179,7 @@ def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",)
             pins: Iterable = (), jobs: int | None = None, progress: Progress = None, iree_extra_flags: Iterable = (),
             objective: str = "latency", solver: str = "auto", profiles: Iterable = (), plans: Any = None,
             dynamic_dims: Iterable = (), calibrate: bool = True, verify: bool = True, tune: str = "quick",
-            generate: bool = False, max_context: int = 256, batch: int = 1,
+            generate: bool = False, max_context: int = 256, batch: int = 1, weights_dtype: str = "f32",
             options: CompileOptions | None = None) -> str:
     """Compile a model into a bundle. Returns the bundle's path.
 
@@ -222,12 +222,13 @@ def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",)
                    kept on its device; example_inputs are not needed. Run it with `bundle.generate`
     max_context    with generate: the most tokens (prompt + generated) a sequence may hold
     batch          with generate: sequences decoded together
+    weights_dtype  with generate: f32, f16 or bf16 (weights, activations and cache in 16 bits)
     """
     if options is None:
         options = CompileOptions(devices=tuple(devices), plans=tuple(plans or ()), pins=pins, objective=objective,
                                  solver=solver, profiles=profiles, dynamic_dims=dynamic_dims, calibrate=calibrate,
                                  verify=verify, tune=tune, iree_flags=iree_extra_flags, jobs=jobs, generate=generate,
-                                 max_context=max_context, batch=batch)
+                                 max_context=max_context, batch=batch, weights_dtype=weights_dtype)
     output = output or f"{model_name(model)}.pab"
     _check_output(model, output)
     return import_model(model, example_inputs, options, progress).plan().write(output)

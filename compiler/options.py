@@ -15,6 +15,7 @@ from ..runtime.devices import parse_devices
 __all__ = ["CompileOptions"]
 
 TUNE_MODES = ("none", "quick", "full")
+WEIGHTS_DTYPES = ("f32", "f16", "bf16")
 SOLVERS = ("auto", "brute", "chain-dp", "mincut", "heft")
 _LISTS = ("devices", "pins", "profiles", "dynamic_dims", "iree_flags")
 
@@ -37,7 +38,9 @@ class CompileOptions:
     generate     compile a causal language model as prefill + decode over a KV cache kept on its
                  device (compiler/causal_lm.py; the runtime's `generate`)
     max_context  with generate: the longest prompt + generated tokens a sequence may hold
-    batch        with generate: sequences decoded together (decode's batch, fixed)"""
+    batch        with generate: sequences decoded together (decode's batch, fixed)
+    weights_dtype  with generate: f32 (the model's own), f16 or bf16: weights, activations and
+                 the cache stored and computed in 16 bits (decode reads every weight once a token)"""
 
     devices: tuple = ("cpu",)
     plans: tuple = ()
@@ -54,6 +57,7 @@ class CompileOptions:
     generate: bool = False
     max_context: int = 256
     batch: int = 1
+    weights_dtype: str = "f32"
 
     def __post_init__(self):
         for name in _LISTS:
@@ -73,6 +77,11 @@ class CompileOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise PolyarchError(f"{name}={v!r}", fix=f"give a whole number of {low} or more")
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise PolyarchError(f"weights_dtype={self.weights_dtype!r}", fix="use " + ", ".join(WEIGHTS_DTYPES))
+        if self.weights_dtype != "f32" and not self.generate:
+            raise PolyarchError(f"weights_dtype={self.weights_dtype} applies to --generate compiles only",
+                                fix="add --generate (generate=True), or convert the model yourself (model.half())")
         bad = next((f for f in self.iree_flags if not isinstance(f, str) or not f.startswith("-")), None)
         if bad is not None:
             raise PolyarchError(f"iree flag {bad!r} is not a flag", fix='write flags such as "--iree-llvmcpu-enable-ukernels=all"')

@@ -180,3 +180,26 @@ def test_cli_compile_options_file_and_generate(tmp_path):
     r = cli("generate", out, "--ids", "1,2,3", "-n", "46")
     assert r.returncode == 1 and "pass the bundle's context of 48" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_16_bit_weights(tmp_path):
+    """--weights-dtype f16 / bf16: weights, activations and cache in 16 bits, half the bytes;
+    verified at compile time against the phases run by PyTorch in the same dtype (logits within
+    5e-2 (f16) and 1e-1 (bf16) of their range, tokens equal but for near ties)."""
+    import copy
+
+    from polyarch.runtime import load
+
+    model = _model("llama")
+    f32 = load(_compile(tmp_path, model, "f32", verify=False)).manifest["parameters"]
+    for dt, torch_dt, tol in (("f16", torch.float16, 5e-2), ("bf16", torch.bfloat16, 1e-1)):
+        with load(_compile(tmp_path, model, dt, weights_dtype=dt)) as b:
+            m = b.manifest
+            assert m["generate"]["dtype"] == {"f16": "float16", "bf16": "bfloat16"}[dt]
+            v = m["plans"][0]["verification"]
+            assert v["status"] == "verified" and v["max_rel_logits_error"] <= tol == v["tolerance"]
+            assert m["parameters"]["referenced_bytes"] * 2 == f32["referenced_bytes"]  # half the bytes stored
+            tokens = list(b.generate(PROMPT, STEPS))
+            if dt == "f16":  # bf16's coarser rounding lets random-init near ties go either way over 64 steps
+                assert tokens == _reference(copy.deepcopy(model).to(torch_dt), PROMPT)
+    assert next(model.parameters()).dtype == torch.float32  # the user's model is left as it was

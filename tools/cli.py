@@ -260,10 +260,13 @@ def cli(verbose: bool) -> None:
               help="With --generate: the most tokens (prompt + generated) one sequence may hold.")
 @click.option("--batch", "batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --generate: sequences decoded together (several prompts fill the batch).")
+@click.option("--weights-dtype", "weights_dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32",
+              show_default=True, help="With --generate: store and compute the weights, activations and KV cache in "
+                                      "16 bits (decode reads every weight once a token: half the bytes).")
 def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: tuple, objective: str, solver: str,
             profiles: tuple, options_file: str | None, no_calibrate: bool, output: str | None, jobs: int | None,
             quiet: bool, depfile: str | None, no_verify: bool, plans: tuple, tune: str, iree_flags: tuple,
-            generate: bool, max_context: int, batch: int) -> None:
+            generate: bool, max_context: int, batch: int, weights_dtype: str) -> None:
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -317,7 +320,7 @@ _OPTION_FLAGS = {"devices": "--device", "plans": "--plans", "pins": "--pin", "ob
                  "solver": "--solver", "profiles": "--profile", "dynamic_dims": "--dynamic-dim",
                  "no_calibrate": "--no-calibrate", "no_verify": "--no-verify", "tune": "--tune",
                  "iree_flags": "--iree-flag", "jobs": "--jobs", "generate": "--generate",
-                 "max_context": "--max-context", "batch": "--batch"}
+                 "max_context": "--max-context", "batch": "--batch", "weights_dtype": "--weights-dtype"}
 
 
 def _compile_options(ctx):
@@ -341,7 +344,8 @@ def _compile_options(ctx):
                           dynamic_dims=p["dynamic_dims"], calibrate=not p["no_calibrate"],
                           verify=not p.get("no_verify", False), tune=p.get("tune", "quick"),
                           iree_flags=p.get("iree_flags", ()), jobs=p.get("jobs"), generate=p.get("generate", False),
-                          max_context=p.get("max_context", 256), batch=p.get("batch", 1))
+                          max_context=p.get("max_context", 256), batch=p.get("batch", 1),
+                          weights_dtype=p.get("weights_dtype", "f32"))
 
 
 @cli.command()
