@@ -295,17 +295,21 @@ def rewrite_bundle(src: str, dst: str, manifest: dict) -> None:
 
 def build_phases_bundle(phase_plans: dict, phase_sigs: dict, output: str, extra: dict,
                         jobs: int | None = None, progress: Callable[[str], None] | None = None,
-                        extra_flags: Iterable = (), verification: dict | None = None, tune: str = "none") -> dict:
+                        extra_flags: Iterable = (), verification: dict | None = None, tune: str = "none",
+                        phase_flags: dict | None = None, extra_members: dict | None = None) -> dict:
     """One bundle of several entry functions over one copy of the weights (a --generate
     bundle: prefill and decode). phase_plans: {phase: [(plan name, module)]}, the same device
     sets in the same order for every phase; phase_sigs: {phase: signature}. Each plan entry
     holds every phase's segments (named `<phase>_seg_N`) and `phases: {phase: {schedule,
     outputs}}`; its own schedule and outputs, and the manifest's signature, are the first
-    phase's. extra: top-level manifest keys (e.g. "generate"). -> the manifest written."""
+    phase's. extra: top-level manifest keys (e.g. "generate"); phase_flags: {phase: iree-compile
+    flags for its segments}, before `extra_flags`; extra_members: {member name: file path}
+    stored beside them (a tokenizer). -> the manifest written."""
     from . import parameters, tuning
     from .bundle import write_bundle
 
     progress = progress or (lambda msg: None)
+    phase_flags = phase_flags or {}
     phases = list(phase_plans)
     n_sets = len(phase_plans[phases[0]])
     with temp_dir(prefix="polyarch-params-") as tmp:
@@ -316,13 +320,14 @@ def build_phases_bundle(phase_plans: dict, phase_sigs: dict, output: str, extra:
                 prefix = (f"p{k}_" if n_sets > 1 else "") + f"{phase}_"
                 progress(f"{phase} on {name}")
                 choices = tuning.tune_plan(module, tune, jobs=jobs, progress=progress)
-                vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=extra_flags, params_dir=tmp,
+                flags = [*phase_flags.get(phase, ()), *extra_flags]  # the user's last: they win
+                vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=flags, params_dir=tmp,
                                          scope_prefix=prefix, tuning=choices)
                 compiled[k, phase] = (module, vmfbs, prefix, choices)
         archive = os.path.join(tmp, PARAMS_MEMBER)
         scopes, summary = parameters.merge({pre + seg: v[2] for _, vmfbs, pre, _ in compiled.values()
                                             for seg, v in vmfbs.items()}, archive)
-        members = {}
+        members = dict(extra_members or {})
         if summary:
             summary["member"] = PARAMS_MEMBER
             members[PARAMS_MEMBER] = archive

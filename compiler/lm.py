@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 __all__ = ["ImportedLM", "PlannedLM", "eager_greedy", "verify_lm", "VERIFY_STEPS", "LOGITS_TOL"]
 
 VERIFY_STEPS = 8  # greedy tokens compared at compile time (the tests compare 64)
+# Decode's matmuls have a handful of rows (the batch): IREE's data tiling packs their weights into
+# a copy of their own when the module initialises (+300 MB for a 100M model, per module) for no
+# gain at batch 1 and less at batch 8 (measured: bench/generate.py, docs/architecture.md); without
+# it the weights are used from the bundle's archive in place. Prefill (compute-bound) keeps it, and
+# so do 16-bit weights (f16 decode without it: 19.6 ms/token, with it 12.1, on the same model).
+PHASE_FLAGS = {"f32": {"decode": ["--iree-opt-data-tiling=false"]}}
 LOGITS_TOL = {"float32": 2e-3, "float16": 5e-2, "bfloat16": 1e-1}  # max |bundle - eager| / max |eager| per step
 
 
@@ -89,11 +95,17 @@ class PlannedLM:
         shape = imp.shape
         extra = {"generate": {"max_context": o.max_context, "batch": o.batch,
                               "dtype": str(shape.dtype).replace("torch.", ""), **shape.to_json(),
-                              "model": type(imp.model).__name__}}
+                              "model": type(imp.model).__name__, "eos_token_ids": _eos_ids(imp.model)}}
+        members = {}
+        if o.tokenizer is not None:
+            members[TOKENIZER_MEMBER] = _tokenizer_file(o.tokenizer, shape.vocab, progress)
+            extra["generate"]["tokenizer"] = TOKENIZER_MEMBER
         with temp_dir(prefix="polyarch-lm-") as tmp:
             path = os.path.join(tmp, "unverified.pab")
             manifest = build_phases_bundle(self.plans, {p: sig for p, (_, sig) in imp.phases.items()}, path, extra,
                                            jobs=o.jobs, progress=progress, extra_flags=o.iree_flags, tune=o.tune,
+                                           phase_flags=PHASE_FLAGS.get(o.weights_dtype),
+                                           extra_members=members,
                                            verification={"status": "not verified (verify=False / --no-verify)"})
             if o.verify:
                 record = verify_lm(path, imp.model, shape, progress)
@@ -103,6 +115,41 @@ class PlannedLM:
         progress(f"wrote {output} ({os.path.getsize(output) / 1e6:.1f} MB, {len(manifest['plans'])} plan(s), prefill + "
                  f"decode) in {time.time() - imp.started:.1f}s")
         return output
+
+
+TOKENIZER_MEMBER = "tokenizer.json"
+
+
+def _eos_ids(model):
+    """The token ids that end a sequence, as the model's config says (generate stops there by default)."""
+    cfg = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if cfg is None:
+        cfg = getattr(getattr(model, "config", None), "eos_token_id", None)
+    ids = cfg if isinstance(cfg, (list, tuple)) else [cfg] if cfg is not None else []
+    return [int(i) for i in ids if isinstance(i, int)]
+
+
+def _tokenizer_file(path, vocab, progress):
+    """The tokenizer.json to carry (a folder: its tokenizer.json), checked: it loads with the
+    `tokenizers` package and its ids fit the model's vocabulary. -> its path."""
+    if os.path.isdir(path):
+        path = os.path.join(path, TOKENIZER_MEMBER)
+    if not os.path.isfile(path):
+        raise PolyarchError(f"no tokenizer file {path}", fix="give a tokenizer.json (the `tokenizers` format) or its folder")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise PolyarchError("carrying a tokenizer needs the `tokenizers` package", fix="pip install tokenizers") from None
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:
+        raise PolyarchError(f"{path} is not a tokenizer the `tokenizers` package reads: {str(e).splitlines()[0]}",
+                            fix="give the tokenizer.json saved with the model (tokenizer.save_pretrained)") from None
+    if tok.get_vocab_size() > vocab:
+        raise PolyarchError(f"the tokenizer {path} has {tok.get_vocab_size()} tokens, the model only {vocab}",
+                            fix="give the tokenizer the model was trained with")
+    progress(f"tokenizer: {path} ({tok.get_vocab_size()} tokens) carried in the bundle")
+    return path
 
 
 def _in_dtype(model, name):

@@ -40,7 +40,9 @@ class CompileOptions:
     max_context  with generate: the longest prompt + generated tokens a sequence may hold
     batch        with generate: sequences decoded together (decode's batch, fixed)
     weights_dtype  with generate: f32 (the model's own), f16 or bf16: weights, activations and
-                 the cache stored and computed in 16 bits (decode reads every weight once a token)"""
+                 the cache stored and computed in 16 bits (decode reads every weight once a token)
+    tokenizer    with generate: a tokenizer.json (the `tokenizers` format; or a folder holding one)
+                 carried inside the bundle, so that generate takes and gives text"""
 
     devices: tuple = ("cpu",)
     plans: tuple = ()
@@ -58,6 +60,7 @@ class CompileOptions:
     max_context: int = 256
     batch: int = 1
     weights_dtype: str = "f32"
+    tokenizer: str | None = None
 
     def __post_init__(self):
         for name in _LISTS:
@@ -82,6 +85,8 @@ class CompileOptions:
         if self.weights_dtype != "f32" and not self.generate:
             raise PolyarchError(f"weights_dtype={self.weights_dtype} applies to --generate compiles only",
                                 fix="add --generate (generate=True), or convert the model yourself (model.half())")
+        if self.tokenizer is not None and not self.generate:
+            raise PolyarchError("a tokenizer applies to --generate compiles only", fix="add --generate (generate=True)")
         bad = next((f for f in self.iree_flags if not isinstance(f, str) or not f.startswith("-")), None)
         if bad is not None:
             raise PolyarchError(f"iree flag {bad!r} is not a flag", fix='write flags such as "--iree-llvmcpu-enable-ukernels=all"')
@@ -121,6 +126,8 @@ class CompileOptions:
         for key in _LISTS + ("plans",):
             if not isinstance(obj.get(key, []), list):
                 raise PolyarchError(f"{where}: '{key}' must be a list", fix=FIELDS_HELP)
+        if not isinstance(obj.get("tokenizer", ""), (str, type(None))):
+            raise PolyarchError(f"{where}: 'tokenizer' must be a path", fix=FIELDS_HELP)
         if obj.get("tune", "quick") not in TUNE_MODES:
             raise PolyarchError(f"{where}: 'tune' must be \"none\", \"quick\" or \"full\"", fix=FIELDS_HELP)
         if "devices" in obj and "plans" in obj:
@@ -130,6 +137,8 @@ class CompileOptions:
         if base_dir is not None:
             vals["profiles"] = [os.path.join(base_dir, p) if isinstance(p, str) else p for p in obj.get("profiles", [])]
         vals["profiles"] = [_profile(p, where) if isinstance(p, dict) else p for p in vals.get("profiles", [])]
+        if base_dir is not None and isinstance(vals.get("tokenizer"), str):
+            vals["tokenizer"] = os.path.join(base_dir, vals["tokenizer"])
         return cls(**vals)
 
     @classmethod

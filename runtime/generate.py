@@ -7,11 +7,13 @@ the batch one token per sequence per step, the KV cache kept on its device betwe
     g = b.generate([[1, 2, 3], [4, 5]], 32, temperature=0.8, top_k=40, seed=7)
     for seq, token in g: ...                                          # several prompts: (index, token)
     g.tokens, g.stats                                                 # when done
+    b.generate("Once upon a time", 32).run(); g.text                  # a bundle carrying a tokenizer
 
 Several prompts share the decode batch (the bundle's `--batch B` slots, more prompts run in
 waves of B). Each prompt is prefilled alone into its slot (the logits of its last token give
 the first new token: the time to first token), then every decode step runs the B slots at
-their own positions; a sequence that meets a stop id or its token count leaves the batch.
+their own positions; a sequence that meets a stop id (by default the model's end-of-sequence
+ids) or its token count leaves the batch.
 Sampling runs on the host over the logits read back (B x vocab values a step): temperature
 0 is greedy; otherwise softmax(logits / temperature) restricted to the top_k tokens and the
 smallest set whose probability reaches top_p, drawn from numpy's PCG64 seeded with `seed`,
@@ -70,6 +72,26 @@ class Generator:
         self.vocab = self.config["vocab"]
         self.n_cache = 2 * self.config["layers"]
         self.cache = None
+        self.eos = list(self.config.get("eos_token_ids", ()))
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The bundle's tokenizer (a `tokenizers.Tokenizer`), or a PolyarchError saying why there is none."""
+        if self._tokenizer is None:
+            member = self.config.get("tokenizer")
+            if member is None:
+                raise PolyarchError(f"{self.bundle.path} carries no tokenizer: give token ids, not text",
+                                    fix="compile with --tokenizer tokenizer.json (or put one beside the model file)")
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise PolyarchError("text in and out needs the `tokenizers` package", fix="pip install tokenizers") from None
+            self._tokenizer = Tokenizer.from_str(bytes(self.bundle._members.views[member]).decode("utf-8"))
+        return self._tokenizer
+
+    def encode(self, text: str) -> list:
+        return self.tokenizer.encode(text).ids
 
     def _empty_cache(self):
         spec = self.bundle.manifest["phases"]["decode"]["signature"]["inputs"][2]
@@ -97,8 +119,15 @@ class Generator:
         return out[0]
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, stop_ids: Iterable = (), seed: int | None = None) -> "Generation":
+                 top_p: float = 1.0, stop_ids: Iterable | None = None, seed: int | None = None) -> "Generation":
+        """stop_ids None: the model's end-of-sequence ids (its config's eos_token_id); () for none.
+        prompt_ids: token ids, a list of such lists, or text (str, or a list of str: the bundle's
+        tokenizer encodes it, and `Generation.text` decodes the tokens)."""
         _check_sampling(temperature, top_k, top_p, max_new_tokens)
+        text = isinstance(prompt_ids, str) or (isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) > 0
+                                                and all(isinstance(p, str) for p in prompt_ids))
+        if text:
+            prompt_ids = self.encode(prompt_ids) if isinstance(prompt_ids, str) else [self.encode(p) for p in prompt_ids]
         single = len(prompt_ids) > 0 and all(isinstance(t, (int, np.integer)) for t in prompt_ids)
         prompts = [list(map(int, prompt_ids))] if single else [list(map(int, p)) for p in prompt_ids]
         if not prompts:
@@ -117,8 +146,8 @@ class Generator:
                         f"of {self.max_context}")
                 raise PolyarchError(what, fix=f"shorten the prompt or ask for at most {max(0, self.max_context - len(p))} "
                                               "new tokens, or recompile with a larger --max-context")
-        return Generation(self, prompts, max_new_tokens, temperature, top_k, top_p, set(map(int, stop_ids)), seed,
-                          single)
+        stops = set(map(int, self.eos if stop_ids is None else stop_ids))
+        return Generation(self, prompts, max_new_tokens, temperature, top_k, top_p, stops, seed, single)
 
 
 class Generation:
@@ -148,6 +177,12 @@ class Generation:
         for _ in self:
             pass
         return self.tokens
+
+    @property
+    def text(self) -> "str | list":
+        """The new tokens so far as text (the bundle's tokenizer): a str for one prompt, else a list."""
+        out = [self.gen.tokenizer.decode(t) for t in self.tokens]
+        return out[0] if self.single else out
 
     def _emit(self, i, token):
         self.tokens[i].append(token)

@@ -19,12 +19,15 @@ PROMPT = [1, 5, 9, 22, 7]
 STEPS = 64
 
 
-def _model(kind):
+def _model(kind, eos=None):
+    """eos None: no end-of-sequence id (generate then makes every token it is asked for, as
+    transformers' generate with min_new_tokens does)."""
     torch.manual_seed(0)
     if kind == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)).eval()
+        cfg = T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, eos_token_id=eos)
+        return T.GPT2LMHeadModel(cfg).eval()
     cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128)
+               num_key_value_heads=2, max_position_embeddings=128, eos_token_id=eos)
     if kind == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(**cfg)).eval()
     return T.LlamaForCausalLM(T.LlamaConfig(**cfg)).eval()
@@ -203,3 +206,43 @@ def test_16_bit_weights(tmp_path):
             if dt == "f16":  # bf16's coarser rounding lets random-init near ties go either way over 64 steps
                 assert tokens == _reference(copy.deepcopy(model).to(torch_dt), PROMPT)
     assert next(model.parameters()).dtype == torch.float32  # the user's model is left as it was
+
+
+def _word_tokenizer(path, n=128):
+    """A word-level tokenizer.json of n tokens, w0 .. w{n-1} (the `tokenizers` package)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+def test_text_in_text_out_and_eos(tmp_path):
+    """A tokenizer carried in the bundle: text prompts, text out (API and CLI); generation
+    stops at the model's end-of-sequence id by default, as transformers' generate does."""
+    from polyarch.runtime import load
+
+    ids = [1, 5, 9]
+    greedy = _reference(_model("llama"), ids, 8)
+    k = next(k for k in range(1, 8) if greedy[k] not in greedy[:k])  # a token first made at step k
+    model = _model("llama", eos=greedy[k])
+    tok = _word_tokenizer(tmp_path / "tokenizer.json")
+    path = _compile(tmp_path, model, "text", tokenizer=tok, max_context=48)
+    with load(path) as b:
+        assert b.manifest["generate"]["eos_token_ids"] == [greedy[k]]
+        g = b.generate("w1 w5 w9", 8)
+        g.run()
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, 3:].tolist()
+        assert g.tokens[0] == greedy[:k + 1] == ref  # stopped at the end-of-sequence id, eos included
+        assert g.text == " ".join(f"w{t}" for t in greedy[:k + 1])
+        assert b.generate("w1 w5 w9", 8, stop_ids=()).run()[0] == greedy  # () : no stop
+    r = cli("generate", path, "--prompt", "w1 w5 w9", "-n", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == " ".join(f"w{t}" for t in greedy[:k + 1])
+    r = cli("generate", path, "--ids", "1,5,9", "-n", "8", "--no-stop")
+    assert [int(t) for t in r.stdout.split()] == greedy
+    with load(_compile(tmp_path, model, "ids-only", max_context=48, verify=False)) as b:
+        with pytest.raises(Exception, match="carries no tokenizer"):
+            b.generate("w1 w2", 4)

@@ -260,13 +260,17 @@ def cli(verbose: bool) -> None:
               help="With --generate: the most tokens (prompt + generated) one sequence may hold.")
 @click.option("--batch", "batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --generate: sequences decoded together (several prompts fill the batch).")
+@click.option("--tokenizer", "tokenizer", type=click.Path(), default=None, metavar="PATH",
+              help="With --generate: a tokenizer.json (or its folder) to carry in the bundle, so that `polyarch "
+                   "generate --prompt TEXT` takes and prints text. Default: the tokenizer.json beside the model file, "
+                   "if there is one.")
 @click.option("--weights-dtype", "weights_dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32",
               show_default=True, help="With --generate: store and compute the weights, activations and KV cache in "
                                       "16 bits (decode reads every weight once a token: half the bytes).")
 def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: tuple, objective: str, solver: str,
             profiles: tuple, options_file: str | None, no_calibrate: bool, output: str | None, jobs: int | None,
             quiet: bool, depfile: str | None, no_verify: bool, plans: tuple, tune: str, iree_flags: tuple,
-            generate: bool, max_context: int, batch: int, weights_dtype: str) -> None:
+            generate: bool, max_context: int, batch: int, weights_dtype: str, tokenizer: str | None) -> None:
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -320,7 +324,16 @@ _OPTION_FLAGS = {"devices": "--device", "plans": "--plans", "pins": "--pin", "ob
                  "solver": "--solver", "profiles": "--profile", "dynamic_dims": "--dynamic-dim",
                  "no_calibrate": "--no-calibrate", "no_verify": "--no-verify", "tune": "--tune",
                  "iree_flags": "--iree-flag", "jobs": "--jobs", "generate": "--generate",
-                 "max_context": "--max-context", "batch": "--batch", "weights_dtype": "--weights-dtype"}
+                 "max_context": "--max-context", "batch": "--batch", "weights_dtype": "--weights-dtype",
+                 "tokenizer": "--tokenizer"}
+
+
+def _tokenizer(p):
+    """--tokenizer, or with --generate the tokenizer.json beside the model file."""
+    if p.get("tokenizer") or not p.get("generate"):
+        return p.get("tokenizer")
+    beside = os.path.join(os.path.dirname(os.path.abspath(p["model"].partition(":")[0])), "tokenizer.json")
+    return beside if os.path.isfile(beside) else None
 
 
 def _compile_options(ctx):
@@ -345,7 +358,7 @@ def _compile_options(ctx):
                           verify=not p.get("no_verify", False), tune=p.get("tune", "quick"),
                           iree_flags=p.get("iree_flags", ()), jobs=p.get("jobs"), generate=p.get("generate", False),
                           max_context=p.get("max_context", 256), batch=p.get("batch", 1),
-                          weights_dtype=p.get("weights_dtype", "f32"))
+                          weights_dtype=p.get("weights_dtype", "f32"), tokenizer=_tokenizer(p))
 
 
 @cli.command()
@@ -555,6 +568,13 @@ def inspect(bundle: str, as_json: bool, show_ops: bool, trusted_keys: tuple) -> 
                    f"where it is used)")
     else:
         _say("  weights: inline in each module")
+    g = m.get("generate")
+    if g:
+        cache = 2 * g["layers"] * g["batch"] * g["kv_heads"] * g["max_context"] * g["head_dim"]
+        _say(f"  generate: {g.get('model', '?')}, phases {' + '.join(sorted(m.get('phases', {}), reverse=True))} "
+             f"(inputs and outputs above: prefill's), context {g['max_context']} tokens, batch {g['batch']}, "
+             f"{g['dtype']}; KV cache {g['layers']} layers x {g['kv_heads']} kv heads x {g['head_dim']} "
+             f"({cache} values); run it with `polyarch generate {bundle} --ids 1,2,3`")
     for plan in m["plans"]:
         p = plan.get("plan", {})
         measured = f", measured {plan['measured_us'] / 1000:.3f} ms when compiled" if plan.get("measured_us") else ""
@@ -595,6 +615,9 @@ def _verification_lines(v):
         return
     status = v.get("status", "?")
     line = f"verification: {status}" + (f" against {v['against']}" if v.get("against") else "")
+    if "greedy_tokens" in v:
+        line += (f"; {v['greedy_tokens']} greedy tokens equal to PyTorch's, logits within "
+                 f"{v['max_rel_logits_error']:.1e} of their range (tolerance {v['tolerance']:g})")
     whole = v.get("whole")
     if whole:
         line += f"; max error {whole['max_rel_error']:.2e} of the largest output vs {whole['against']} (tolerance {whole['tolerance']:g})"
@@ -713,7 +736,8 @@ def _say(line: str = "") -> None:
 
 def _read_files(model, options, options_file):
     """The files a compile or plan reads before the model runs: the model file, the profiles, the options file."""
-    return [p for p in (model.partition(":")[0], *(p for p in options.profiles if isinstance(p, str)), options_file) if p]
+    return [p for p in (model.partition(":")[0], *(p for p in options.profiles if isinstance(p, str)), options_file,
+                        options.tokenizer) if p]
 
 
 def _named_inputs(paths):
@@ -739,8 +763,11 @@ if __name__ == "__main__":
 
 @cli.command()
 @click.argument("bundle", type=click.Path(dir_okay=False))
-@click.option("--ids", "ids", multiple=True, metavar="ID,ID,...", required=True,
+@click.option("--ids", "ids", multiple=True, metavar="ID,ID,...",
               help="A prompt as token ids, comma-separated; repeat for several prompts (they share the decode batch).")
+@click.option("-p", "--prompt", "texts", multiple=True, metavar="TEXT",
+              help="A prompt as text (the bundle must carry a tokenizer: compile --tokenizer); repeatable. The "
+                   "output is text too.")
 @click.option("-n", "--max-new-tokens", "max_new", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens to generate per prompt (at most: a stop id ends a sequence earlier).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -749,12 +776,14 @@ if __name__ == "__main__":
               help="Sample among the K most likely tokens only (0: all).")
 @click.option("--top-p", "top_p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
               help="Sample among the most likely tokens whose probabilities sum to P.")
-@click.option("--stop", "stops", multiple=True, type=int, metavar="ID", help="A token id that ends a sequence (repeatable).")
+@click.option("--stop", "stops", multiple=True, type=int, metavar="ID",
+              help="A token id that ends a sequence (repeatable; default: the model's end-of-sequence ids).")
+@click.option("--no-stop", "no_stop", is_flag=True, help="Do not stop at the end-of-sequence ids: always -n tokens.")
 @click.option("--seed", type=int, default=None, help="Seed of the sampler: the same seed gives the same tokens.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Load only if the bundle is signed by this Ed25519 public key (repeatable: any of them).")
-def generate(bundle: str, ids: tuple, max_new: int, temperature: float, top_k: int, top_p: float, stops: tuple,
-             seed: int | None, trusted_keys: tuple) -> None:
+def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: float, top_k: int, top_p: float,
+             stops: tuple, no_stop: bool, seed: int | None, trusted_keys: tuple) -> None:
     """Generate tokens from a BUNDLE compiled with `compile --generate`.
 
     Prints each new token id as it comes (one line per prompt: `N: id id ...`
@@ -769,7 +798,10 @@ def generate(bundle: str, ids: tuple, max_new: int, temperature: float, top_k: i
     """
     from ..runtime import load
 
-    prompts = []
+    if bool(ids) == bool(texts):
+        raise PolyarchError("give the prompts as --ids or as --prompt text" + (", not both" if ids else ""),
+                            fix="e.g. polyarch generate m.pab --ids 1,2,3 (or --prompt 'Once upon a time')")
+    prompts = list(texts)
     for text in ids:
         try:
             prompts.append([int(t) for t in text.split(",") if t.strip()])
@@ -777,12 +809,21 @@ def generate(bundle: str, ids: tuple, max_new: int, temperature: float, top_k: i
             raise PolyarchError(f"--ids {text!r} is not a list of token ids", fix="write ids as 1,2,3") from None
     with load(bundle, trusted_keys=list(trusted_keys) or None) as b:
         g = b.generate(prompts if len(prompts) > 1 else prompts[0], max_new, temperature=temperature, top_k=top_k,
-                       top_p=top_p, stop_ids=stops, seed=seed)
+                       top_p=top_p, stop_ids=() if no_stop else (stops or None), seed=seed)
+        shown = ""
         for item in g:
-            click.echo(f"{item} " if len(prompts) == 1 else f"{item[0]}: {item[1]}", nl=len(prompts) > 1)
+            if texts and len(prompts) == 1:  # the text grows as tokens come (a token may end mid-character)
+                now = g.text
+                click.echo(now[len(shown):] if now.startswith(shown) else "\n" + now, nl=False)
+                shown = now
+            else:
+                click.echo(f"{item} " if len(prompts) == 1 else f"{item[0]}: {item[1]}", nl=len(prompts) > 1)
             sys.stdout.flush()  # each token as it comes
         if len(prompts) == 1:
             click.echo()
+        elif texts:
+            for i, t in enumerate(g.text):
+                click.echo(f"{i}: {t}")
         st = g.stats
         ttft = ", ".join(f"{t * 1e3:.1f}" for t in st["ttft_s"])
         tpot = f"{st['tpot_s'] * 1e3:.2f} ms" if st["tpot_s"] else "-"
