@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bundle_load.py
 	$(VENV)/bin/python bench/stream.py
 	$(VENV)/bin/python bench/ray_overhead.py
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt  # llama.cpp: builds from source
 	$(VENV)/bin/python bench/generate.py
 
 audit: $(STAMP)

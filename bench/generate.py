@@ -5,11 +5,13 @@ eager with its own KV cache, in one run (issue 22).
 
 Model: a Llama-style causal LM with random weights (8 layers, hidden 768, 12 heads, 4 KV heads,
 intermediate 2048, vocab 32000: about 100M parameters), f32, 2 threads. Engines are timed in
-blocks ordered A B C C B A (eager, polyarch f32, polyarch f16 weights, then back), each block warmed up by one
+blocks ordered A B C .. C B A (eager, polyarch f32, polyarch f16 weights, llama.cpp f32, f16, then back), each block warmed up by one
 generation first; figures are the median of the blocks. Prefill: ms for the prompt (time to
 first token); decode: ms per output token at batch 1, and tokens/s at each batch size.
 Peak RSS of polyarch is measured in a child process that loads the bundle and generates
-(compared with weights + cache). llama.cpp is not part of this run yet (README: not built).
+(compared with weights + cache). llama.cpp runs on the same weights written as GGUF
+(bench/llamacpp.py; f32 and f16), when llama-cpp-python is installed (bench/requirements.txt,
+which `make bench` installs).
 Targets (issue 22): f32 prefill and decode at least as fast as llama.cpp f32; batch 8 decode
 at least 4x the tokens/s of batch 1; peak RSS at most 1.2x (weights + cache)."""
 
@@ -56,10 +58,27 @@ def eager_run(model, prompt, new):
 
 
 def polyarch_run(bundle, prompts, new):
-    g = bundle.generate(prompts if len(prompts) > 1 else prompts[0], new)
+    g = bundle.generate(prompts if len(prompts) > 1 else prompts[0], new, stop_ids=())
     g.run()
     st = g.stats
-    return st["ttft_s"][0], st["tpot_s"], st["tokens"] / st["seconds"], st["state_host_bytes_per_step"]
+    return st["ttft_s"][0], st["tpot_s"], st["tokens"] / st["seconds"], st["state_host_bytes_per_step"], g.tokens[0]
+
+
+def llamacpp_engines(model, out, ctx, prompt_len):
+    """{name: LlamaCpp} for f32 and f16 GGUF files of the model, or {} with the reason printed."""
+    try:
+        import llama_cpp  # noqa: F401
+
+        from llamacpp import LlamaCpp, write_gguf
+    except ImportError as e:
+        print(f"llama.cpp: not measured ({e}); `make bench` installs it: pip install -r bench/requirements.txt",
+              file=sys.stderr)
+        return {}
+    engines = {}
+    for name, f16 in (("llama.cpp f32", False), ("llama.cpp f16", True)):
+        path = write_gguf(model, os.path.join(out, f"llama100m-{'f16' if f16 else 'f32'}.gguf"), f16)
+        engines[name] = LlamaCpp(path, ctx, prompt_len, THREADS)
+    return engines
 
 
 def blocks(*fns):
@@ -115,9 +134,17 @@ def main():
     t = time.time()
     polyarch.compile(model, output=path16, generate=True, max_context=ctx, batch=1, tune="none", weights_dtype="f16")
     print(f"compiled batch 1, f16 weights, in {time.time() - t:.0f} s", file=sys.stderr)
+    sys.path.insert(0, HERE)
+    cpp = llamacpp_engines(model, args.out, ctx, args.prompt)
     with load(paths[batches[0]]) as b1, load(path16) as b16:
-        e, p, h = blocks(lambda: eager_run(model, prompt, args.new), lambda: polyarch_run(b1, [prompt], args.new),
-                         lambda: polyarch_run(b16, [prompt], args.new))
+        e, p, h, *c = blocks(lambda: eager_run(model, prompt, args.new), lambda: polyarch_run(b1, [prompt], args.new),
+                             lambda: polyarch_run(b16, [prompt], args.new),
+                             *[(lambda eng=eng: eng.run(prompt, args.new)) for eng in cpp.values()])
+    for name, runs in zip(cpp, c):
+        res[f"{name} prefill_ms"] = statistics.median(x[0] for x in runs) * 1e3
+        res[f"{name} decode_ms"] = statistics.median(x[1] for x in runs) * 1e3
+        ref = p[0][4] if name.endswith("f32") else h[0][4]
+        res[f"{name} greedy tokens equal to polyarch's"] = sum(a == b for a, b in zip(runs[0][2], ref))
     res["eager_prefill_ms"] = statistics.median(x[0] for x in e) * 1e3
     res["eager_decode_ms"] = statistics.median(x[1] for x in e) * 1e3
     res["polyarch_prefill_ms"] = statistics.median(x[0] for x in p) * 1e3
@@ -141,11 +168,23 @@ def main():
     with open(os.path.join(args.out, "generate.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(f"Llama-style {params / 1e6:.1f}M parameters, f32, prompt {args.prompt}, {args.new} new tokens, "
-          f"{THREADS} threads (load {res['load']:.1f} -> {res['load_after']:.1f}); blocks A B C C B A")
+          f"{THREADS} threads (load {res['load']:.1f} -> {res['load_after']:.1f}); blocks A B C .. C B A")
     print(f"| engine | prefill ms | decode ms/token |\n|---|---|---|")
     print(f"| transformers eager (DynamicCache) | {res['eager_prefill_ms']:.1f} | {res['eager_decode_ms']:.2f} |")
     print(f"| polyarch cpu | {res['polyarch_prefill_ms']:.1f} | {res['polyarch_decode_ms']:.2f} |")
     print(f"| polyarch cpu, f16 weights | {res['polyarch_f16_prefill_ms']:.1f} | {res['polyarch_f16_decode_ms']:.2f} |")
+    for name in cpp:
+        print(f"| {name} | {res[name + ' prefill_ms']:.1f} | {res[name + ' decode_ms']:.2f} |")
+    for name in cpp:
+        print(f"{name}: greedy tokens equal to polyarch's: {res[name + ' greedy tokens equal to polyarch' + chr(39) + 's']}"
+              f" of {args.new} (same weights: the first tokens agree unless the GGUF conversion is wrong)")
+    if cpp:
+        def target(what, ours, theirs):
+            r = res[ours] / res[theirs]
+            print(f"target {what}: polyarch / llama.cpp {r:.2f} ({'met' if r <= 1 else 'MISSED'})")
+        target("f32 prefill", "polyarch_prefill_ms", "llama.cpp f32 prefill_ms")
+        target("f32 decode", "polyarch_decode_ms", "llama.cpp f32 decode_ms")
+        target("16-bit decode", "polyarch_f16_decode_ms", "llama.cpp f16 decode_ms")
     print(f"polyarch / eager: prefill {res['polyarch_prefill_ms'] / res['eager_prefill_ms']:.2f}, decode "
           f"{res['polyarch_decode_ms'] / res['eager_decode_ms']:.2f}")
     print("decode tokens/s by batch: " + ", ".join(f"{b}: {v:.1f}" for b, v in res["tokens_per_s"].items()))

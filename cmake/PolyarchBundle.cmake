@@ -3,7 +3,12 @@
 #                     [DEVICES <spec>...] [PLANS <spec,spec>...]
 #                     [PINS <PATTERN=DEVICE>...] [PROFILES <profile.json>...]
 #                     [OBJECTIVE <obj>] [NO_VERIFY] [NO_CALIBRATE] [TUNE none|quick|full]
-#                     [IREE_FLAGS <flag>...] OUTPUT <bundle.pab>)
+#                     [IREE_FLAGS <flag>...]
+#                     [GENERATE [MAX_CONTEXT <n>] [BATCH <b>] [WEIGHTS_DTYPE f32|f16|bf16]
+#                      [TOKENIZER <tokenizer.json>]] OUTPUT <bundle.pab>)
+#
+# GENERATE compiles a causal language model as prefill + decode (polyarch compile --generate;
+# the README's "Language models"); INPUTS are not needed then.
 #
 # By default the compile measures the build host's devices (cached per user) and runs and
 # checks the bundle on them (see the README); NO_VERIFY skips the run (cross-compiles for
@@ -54,7 +59,8 @@ function(_polyarch_json_list json_var key list_var)
 endfunction()
 
 function(polyarch_add_bundle)
-  cmake_parse_arguments(PARSE_ARGV 0 PB "NO_VERIFY;NO_CALIBRATE" "NAME;SOURCE;ENTRY;OUTPUT;OBJECTIVE;TUNE"
+  cmake_parse_arguments(PARSE_ARGV 0 PB "NO_VERIFY;NO_CALIBRATE;GENERATE"
+                        "NAME;SOURCE;ENTRY;OUTPUT;OBJECTIVE;TUNE;MAX_CONTEXT;BATCH;WEIGHTS_DTYPE;TOKENIZER"
                         "INPUTS;DYNAMIC_DIMS;DEVICES;PLANS;PINS;PROFILES;IREE_FLAGS")
   if(PB_UNPARSED_ARGUMENTS)
     message(FATAL_ERROR "polyarch_add_bundle: unknown arguments: ${PB_UNPARSED_ARGUMENTS}")
@@ -114,6 +120,30 @@ function(polyarch_add_bundle)
     string(JSON json SET "${json}" tune "${v}")
   endif()
   _polyarch_json_list(json iree_flags PB_IREE_FLAGS)
+  set(tokenizer "")
+  if(PB_GENERATE)
+    string(JSON json SET "${json}" generate true)
+    foreach(n MAX_CONTEXT BATCH)
+      if(PB_${n})
+        if(NOT PB_${n} MATCHES "^[0-9]+$")
+          message(FATAL_ERROR "polyarch_add_bundle(${PB_NAME}): ${n} must be a whole number, not '${PB_${n}}'")
+        endif()
+        string(TOLOWER "${n}" key)
+        string(JSON json SET "${json}" ${key} ${PB_${n}})
+      endif()
+    endforeach()
+    if(PB_WEIGHTS_DTYPE)
+      _polyarch_json_string(v "${PB_WEIGHTS_DTYPE}")
+      string(JSON json SET "${json}" weights_dtype "${v}")
+    endif()
+    if(PB_TOKENIZER)
+      get_filename_component(tokenizer "${PB_TOKENIZER}" ABSOLUTE BASE_DIR "${CMAKE_CURRENT_SOURCE_DIR}")
+      _polyarch_json_string(v "${tokenizer}")
+      string(JSON json SET "${json}" tokenizer "${v}")
+    endif()
+  elseif(PB_MAX_CONTEXT OR PB_BATCH OR PB_WEIGHTS_DTYPE OR PB_TOKENIZER)
+    message(FATAL_ERROR "polyarch_add_bundle(${PB_NAME}): MAX_CONTEXT, BATCH, WEIGHTS_DTYPE and TOKENIZER go with GENERATE")
+  endif()
   set(options "${CMAKE_CURRENT_BINARY_DIR}/${PB_NAME}.options.json")
   file(GENERATE OUTPUT "${options}" CONTENT "${json}\n")
   set(args compile "${model}" -o "${output}" --depfile "${output}.d" -q --options "${options}")
@@ -127,7 +157,7 @@ function(polyarch_add_bundle)
   add_custom_command(
     OUTPUT "${output}"
     COMMAND "${POLYARCH_EXECUTABLE}" ${args}
-    DEPENDS "${source}" "${options}" "${command}" ${profiles}
+    DEPENDS "${source}" "${options}" "${command}" ${profiles} ${tokenizer}
     DEPFILE "${output}.d"
     COMMENT "polyarch: compiling ${PB_SOURCE} into ${PB_OUTPUT}"
     VERBATIM)

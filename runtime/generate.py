@@ -36,14 +36,23 @@ def sample(logits: np.ndarray, rng: "np.random.Generator | None", temperature: f
     if temperature <= 0 or rng is None:
         return int(np.argmax(logits))
     z = logits / temperature
-    order = np.argsort(-z, kind="stable")
-    if top_k and top_k > 0:
-        order = order[:top_k]
-    z = z[order]
-    p = np.exp(z - z.max())
-    p /= p.sum()
+    full = np.exp(z - z.max())
+    full /= full.sum()
+    # The candidates, most likely first: the top_k, or (top_p alone) the fewest whose mass reaches
+    # top_p, found among a growing partition rather than by sorting the whole vocabulary.
+    if not (top_k and top_k > 0) and top_p >= 1.0:  # the whole distribution: no order needed
+        return int(np.searchsorted(np.cumsum(full), rng.random() * full.sum(), side="right").clip(0, len(z) - 1))
+    k = min(len(z), top_k) if top_k and top_k > 0 else min(len(z), 64)
+    while True:
+        part = np.argpartition(-full, k - 1)[:k] if k < len(z) else np.arange(len(z))
+        order = part[np.lexsort((part, -full[part]))]  # by probability, ties by token id (deterministic)
+        if top_k or k == len(z) or full[order].sum() >= top_p:
+            break
+        k = min(len(z), 4 * k)
+    p = full[order]
+    p = p / p.sum()
     if top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
+        keep = int(min(len(p) - 1, np.searchsorted(np.cumsum(p), top_p)) + 1)
         order, p = order[:keep], p[:keep] / p[:keep].sum()
     return int(order[rng.choice(len(p), p=p)])
 

@@ -67,6 +67,9 @@ def test_consumer_builds_runs_and_rebuilds_only_on_change(consumer):
     np.testing.assert_allclose(polyarch.runtime.load(build / "mlp.pab")(x), ref, atol=1e-5, rtol=0)
     assert polyarch.runtime.load(build / "mlp.pab").plan["verification"]["status"] == "verified"
     assert polyarch.runtime.load(build / "mlp_unverified.pab").plan["verification"]["status"].startswith("not verified")
+    llm = polyarch.runtime.load(build / "llm.pab")  # GENERATE MAX_CONTEXT 32 BATCH 2
+    assert llm.manifest["generate"]["max_context"] == 32 and llm.manifest["generate"]["batch"] == 2
+    assert llm.plan["verification"]["status"] == "verified"
 
     # nothing changed: no compile
     out, again = build_and_stamp(build)

@@ -185,7 +185,7 @@ def test_cli_compile_options_file_and_generate(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_16_bit_weights(tmp_path):
+def test_16_bit_weights(tmp_path, llama_bundle):
     """--weights-dtype f16 / bf16: weights, activations and cache in 16 bits, half the bytes;
     verified at compile time against the phases run by PyTorch in the same dtype (logits within
     5e-2 (f16) and 1e-1 (bf16) of their range, tokens equal but for near ties)."""
@@ -193,8 +193,9 @@ def test_16_bit_weights(tmp_path):
 
     from polyarch.runtime import load
 
-    model = _model("llama")
-    f32 = load(_compile(tmp_path, model, "f32", verify=False)).manifest["parameters"]
+    model, path = llama_bundle
+    with load(path) as b:
+        f32 = b.manifest["parameters"]
     for dt, torch_dt, tol in (("f16", torch.float16, 5e-2), ("bf16", torch.bfloat16, 1e-1)):
         with load(_compile(tmp_path, model, dt, weights_dtype=dt)) as b:
             m = b.manifest
@@ -218,7 +219,7 @@ def _word_tokenizer(path, n=128):
     return str(path)
 
 
-def test_text_in_text_out_and_eos(tmp_path):
+def test_text_in_text_out_and_eos(tmp_path, llama_bundle):
     """A tokenizer carried in the bundle: text prompts, text out (API and CLI); generation
     stops at the model's end-of-sequence id by default, as transformers' generate does."""
     from polyarch.runtime import load
@@ -243,6 +244,48 @@ def test_text_in_text_out_and_eos(tmp_path):
     assert r.stdout.strip() == " ".join(f"w{t}" for t in greedy[:k + 1])
     r = cli("generate", path, "--ids", "1,5,9", "-n", "8", "--no-stop")
     assert [int(t) for t in r.stdout.split()] == greedy
-    with load(_compile(tmp_path, model, "ids-only", max_context=48, verify=False)) as b:
+    with load(llama_bundle[1]) as b:
         with pytest.raises(Exception, match="carries no tokenizer"):
             b.generate("w1 w2", 4)
+
+
+def test_generate_options_from_every_front_end(tmp_path):
+    """The setuptools hook's table and the options file reach CompileOptions alike (CMake's
+    GENERATE writes the same JSON: test_cmake builds one)."""
+    from polyarch.compiler.options import CompileOptions
+    from polyarch.tools.setuptools_hook import compile_options
+
+    o = compile_options({"source": "llm.py", "generate": True, "max_context": 64, "batch": 2,
+                         "weights_dtype": "f16", "tokenizer": "tok/tokenizer.json"}, str(tmp_path))
+    assert (o.generate, o.max_context, o.batch, o.weights_dtype) == (True, 64, 2, "f16")
+    assert o.tokenizer == os.path.join(str(tmp_path), "tok/tokenizer.json")
+    assert CompileOptions.from_json(o.to_json()) == CompileOptions.from_json(json.loads(json.dumps(o.to_json())))
+    for bad, what in (({"generate": "yes"}, "true or false"), ({"generate": True, "batch": 0}, "batch"),
+                      ({"weights_dtype": "f16"}, "applies to --generate"), ({"generate": True, "weights_dtype": "i8"},
+                                                                             "weights_dtype")):
+        with pytest.raises(Exception, match=what):
+            CompileOptions.from_json(bad)
+
+
+def test_sampler_distribution_and_limits():
+    """runtime.generate.sample: greedy at temperature 0; softmax(logits / T) frequencies within
+    0.01 over 40000 draws; top_k and top_p keep exactly the most likely tokens they name."""
+    from polyarch.runtime.generate import sample
+
+    rng = np.random.Generator(np.random.PCG64(0))
+    logits = np.array([0.0, 1.0, 2.0, 3.0, -5.0])
+    assert sample(logits, rng) == 3 == sample(logits, None, temperature=1.0)
+    p = np.exp(logits / 2.0 - 1.5)
+    p /= p.sum()
+    freq = np.bincount([sample(logits, rng, temperature=2.0) for _ in range(40000)], minlength=5) / 40000
+    np.testing.assert_allclose(freq, p, atol=0.01)
+    assert {sample(logits, rng, temperature=5.0, top_k=2) for _ in range(500)} == {2, 3}
+    # top_p 0.8 at T=1: p(3)=0.64, p(2)=0.24 reach it; token 1 (0.09) is left out
+    assert {sample(logits, rng, temperature=1.0, top_p=0.8) for _ in range(2000)} == {2, 3}
+    big = np.random.default_rng(1).standard_normal(32000) * 3  # the partition grows until top_p is reached
+    z = np.exp(big - big.max())
+    z /= z.sum()
+    order = np.argsort(-z)
+    keep = set(order[:int(np.searchsorted(np.cumsum(z[order]), 0.95) + 1)].tolist())
+    got = {sample(big, rng, temperature=1.0, top_p=0.95) for _ in range(3000)}
+    assert got <= keep and len(got) > 64
