@@ -77,18 +77,22 @@ class LlamaCpp:
         self.llm = Llama(model_path=path, n_ctx=context, n_batch=prompt, n_ubatch=prompt, n_threads=threads,
                          n_threads_batch=threads, verbose=False)
 
+    def _last_logits(self):
+        """The logits of the last token evaluated (llama.cpp keeps only those without logits_all)."""
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+
     def run(self, prompt: list, new: int) -> tuple:
         """-> (prefill s, decode s per token, tokens)."""
         llm = self.llm
         llm.reset()
         t = time.perf_counter()
         llm.eval(prompt)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(self._last_logits()))
         prefill = time.perf_counter() - t
         tokens = [tok]
         t = time.perf_counter()
         for _ in range(new - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(self._last_logits()))
             tokens.append(tok)
         return prefill, (time.perf_counter() - t) / (new - 1), tokens

@@ -33,7 +33,7 @@ from ..errors import PolyarchError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LMShape", "lm_shape", "wrap", "prefill_examples", "decode_examples", "cache_names", "PHASE_INPUTS"]
+__all__ = ["LMShape", "lm_shape", "model_int", "wrap", "prefill_examples", "decode_examples", "cache_names", "PHASE_INPUTS"]
 
 PHASE_INPUTS = {"prefill": ("ids", "slot"), "decode": ("tokens", "positions")}
 
@@ -51,7 +51,8 @@ class LMShape:
         return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "vocab": self.vocab}
 
 
-def _attr(model, *names):
+def model_int(model: "torch.nn.Module", *names: str) -> int | None:
+    """The first of `names` that the model or its .config sets to a whole number, or None."""
     cfg = getattr(model, "config", None)
     for name in names:
         for owner in (model, cfg):
@@ -70,12 +71,12 @@ def lm_shape(model: "torch.nn.Module") -> LMShape:
         raise PolyarchError(f"--generate compiles a causal language model (an nn.Module), not a {type(model).__name__}",
                             fix="pass a transformers *ForCausalLM model or a module following the cache protocol "
                                 "(compiler/causal_lm.py)")
-    layers = _attr(model, "num_hidden_layers", "n_layer")
-    heads = _attr(model, "num_attention_heads", "n_head")
-    kv_heads = _attr(model, "num_key_value_heads") or heads
-    hidden = _attr(model, "hidden_size", "n_embd")
-    head_dim = _attr(model, "head_dim") or (hidden // heads if hidden and heads else None)
-    vocab = _attr(model, "vocab_size")
+    layers = model_int(model, "num_hidden_layers", "n_layer")
+    heads = model_int(model, "num_attention_heads", "n_head")
+    kv_heads = model_int(model, "num_key_value_heads") or heads
+    hidden = model_int(model, "hidden_size", "n_embd")
+    head_dim = model_int(model, "head_dim") or (hidden // heads if hidden and heads else None)
+    vocab = model_int(model, "vocab_size")
     missing = [n for n, v in (("num_hidden_layers", layers), ("num_key_value_heads", kv_heads), ("head_dim", head_dim),
                               ("vocab_size", vocab)) if not v]
     if missing:

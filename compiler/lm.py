@@ -51,6 +51,10 @@ class ImportedLM:
         self.model, self.options, self.progress, self.started = model, options, progress, time.time()
         self.shape = shape = causal_lm.lm_shape(model)
         n, b = options.max_context, options.batch
+        limit = causal_lm.model_int(model, "max_position_embeddings", "n_positions")
+        if limit and n > limit:
+            raise PolyarchError(f"max_context {n} is more than the {limit} positions {type(model).__name__} was built "
+                                "for (max_position_embeddings)", fix=f"compile with --max-context {limit} or less")
         progress(f"generate: {type(model).__name__} as prefill (1 prompt of 1..{n} tokens into one of {b} slot(s)) "
                  f"and decode ({b} token(s) a step), a KV cache of {shape.layers} layers x {shape.kv_heads} kv heads x "
                  f"{n} positions x {shape.head_dim} ({_cache_mb(shape, b, n):.1f} MB)")

@@ -218,7 +218,8 @@ class Generation:
             state_base = counters["state_host_bytes"]
             while live:
                 t = time.perf_counter()
-                logits = gen.decode(last, pos)
+                # a slot that is done (or unused) repeats a harmless write at a position in range
+                logits = gen.decode(last, [min(q, gen.max_context - 1) for q in pos])
                 step_s += time.perf_counter() - t
                 steps += 1
                 for slot in sorted(live):

@@ -150,6 +150,8 @@ def test_plain_bundle_has_no_generate(tmp_path, mlp):
         polyarch.compile(model, output=str(tmp_path / "x.pab"), generate=True)
     with pytest.raises(polyarch.PolyarchError, match="max_context"):
         polyarch.CompileOptions(generate=True, max_context=1)
+    with pytest.raises(polyarch.PolyarchError, match="more than the 128 positions GPT2LMHeadModel was built for"):
+        polyarch.compile(_model("gpt2"), output=str(tmp_path / "g.pab"), generate=True, max_context=129)
 
 
 def test_cpu_vulkan_plan_with_a_pinned_block(tmp_path):
