@@ -229,7 +229,7 @@ def build_bundle(plans: Any, sig: dict, output: str, jobs: int | None = None,
     rather than inline in every module. verification: a record every plan's manifest entry
     gets as it is written. tune: none | quick | full (compiler/tuning.py), each segment's
     choice recorded in its manifest entry. -> the manifest written."""
-    from . import parameters, tuning
+    from . import tuning
     from .bundle import write_bundle
 
     progress = progress or (lambda msg: None)
@@ -246,29 +246,44 @@ def build_bundle(plans: Any, sig: dict, output: str, jobs: int | None = None,
         scopes, summary = {}, None
         members = {}
         if externalize:
-            archives = {prefix + seg: v[2] for _, _, vmfbs, prefix, _ in compiled for seg, v in vmfbs.items()}
-            archive = os.path.join(tmp, PARAMS_MEMBER)
-            scopes, summary = parameters.merge(archives, archive)
-            if summary:
-                summary["member"] = PARAMS_MEMBER
-                members[PARAMS_MEMBER] = archive  # streamed from the file, not read into memory
-                progress(f"weights: {summary['count']} distinct parameters, {os.path.getsize(archive) / 1e6:.1f} MB "
-                         f"({summary['references']} references, {summary['referenced_bytes'] / 1e6:.1f} MB before sharing)")
+            scopes, summary = _merge_weights({prefix + seg: v[2] for _, _, vmfbs, prefix, _ in compiled
+                                              for seg, v in vmfbs.items()}, tmp, members, progress)
         plan_entries = []
         for name, module, vmfbs, prefix, choices in compiled:
             member_prefix = name.replace(":", "_").replace("@", "_") + "/" if len(plans) > 1 else ""
             entry = plan_manifest(module, vmfbs, name=name, member_prefix=member_prefix, scopes=scopes, scope_prefix=prefix)
             plan_entries.append(entry)
-            for seg in entry["segments"]:
-                members[seg["member"]] = vmfbs[seg["name"]][0]
-                if seg["name"] in choices:
-                    seg["tuning"] = choices[seg["name"]]
-            members[f"{member_prefix}plan.mlir"] = plan_text(module).encode()
+            _plan_members(entry, module, vmfbs, choices, member_prefix, members)
         if verification is not None:
             for entry in plan_entries:
                 entry["verification"] = dict(verification)
         manifest = _manifest(sig, plan_entries, summary)
         return write_bundle(output, manifest, members)
+
+
+def _merge_weights(archives, tmp, members, progress, shared_by=()):
+    """The segments' exported weights merged into one archive, each distinct value once, added
+    to `members` (streamed from the file, not read into memory). -> (scopes, summary or None)."""
+    from . import parameters
+
+    archive = os.path.join(tmp, PARAMS_MEMBER)
+    scopes, summary = parameters.merge(archives, archive)
+    if summary:
+        summary["member"] = PARAMS_MEMBER
+        members[PARAMS_MEMBER] = archive
+        progress(f"weights: {summary['count']} distinct parameters, {os.path.getsize(archive) / 1e6:.1f} MB"
+                 + (f", shared by {', '.join(shared_by)}" if shared_by else "")
+                 + f" ({summary['references']} references, {summary['referenced_bytes'] / 1e6:.1f} MB before sharing)")
+    return scopes, summary
+
+
+def _plan_members(entry, module, vmfbs, choices, member_prefix, members):
+    """A plan entry's modules (and each segment's tuning record) and its plan.mlir into `members`."""
+    for seg in entry["segments"]:
+        members[seg["member"]] = vmfbs[seg["name"]][0]
+        if seg["name"] in choices:
+            seg["tuning"] = choices[seg["name"]]
+    members[f"{member_prefix}plan.mlir"] = plan_text(module).encode()
 
 
 def rewrite_bundle(src: str, dst: str, manifest: dict) -> None:
@@ -305,7 +320,7 @@ def build_phases_bundle(phase_plans: dict, phase_sigs: dict, output: str, extra:
     phase's. extra: top-level manifest keys (e.g. "generate"); phase_flags: {phase: iree-compile
     flags for its segments}, before `extra_flags`; extra_members: {member name: file path}
     stored beside them (a tokenizer). -> the manifest written."""
-    from . import parameters, tuning
+    from . import tuning
     from .bundle import write_bundle
 
     progress = progress or (lambda msg: None)
@@ -324,15 +339,9 @@ def build_phases_bundle(phase_plans: dict, phase_sigs: dict, output: str, extra:
                 vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=flags, params_dir=tmp,
                                          scope_prefix=prefix, tuning=choices)
                 compiled[k, phase] = (module, vmfbs, prefix, choices)
-        archive = os.path.join(tmp, PARAMS_MEMBER)
-        scopes, summary = parameters.merge({pre + seg: v[2] for _, vmfbs, pre, _ in compiled.values()
-                                            for seg, v in vmfbs.items()}, archive)
         members = dict(extra_members or {})
-        if summary:
-            summary["member"] = PARAMS_MEMBER
-            members[PARAMS_MEMBER] = archive
-            progress(f"weights: {summary['count']} distinct parameters, {os.path.getsize(archive) / 1e6:.1f} MB, "
-                     f"shared by {', '.join(phases)} ({summary['referenced_bytes'] / 1e6:.1f} MB before sharing)")
+        scopes, summary = _merge_weights({pre + seg: v[2] for _, vmfbs, pre, _ in compiled.values()
+                                          for seg, v in vmfbs.items()}, tmp, members, progress, shared_by=phases)
         entries = [_phases_entry(k, phase_plans, compiled, scopes, members, n_sets) for k in range(n_sets)]
         if verification is not None:
             for entry in entries:
@@ -351,16 +360,13 @@ def _phases_entry(k, phase_plans, compiled, scopes, members, n_sets):
         module, vmfbs, prefix, choices = compiled[k, phase]
         member_prefix = (name.replace(":", "_").replace("@", "_") + "/" if n_sets > 1 else "") + f"{phase}_"
         e = plan_manifest(module, vmfbs, name=name, member_prefix=member_prefix, scopes=scopes, scope_prefix=prefix)
+        _plan_members(e, module, vmfbs, choices, member_prefix, members)
         rename = {s["name"]: f"{phase}_{s['name']}" for s in e["segments"]}
         for seg in e["segments"]:
-            members[seg["member"]] = vmfbs[seg["name"]][0]
-            if seg["name"] in choices:
-                seg["tuning"] = choices[seg["name"]]
             seg["name"] = rename[seg["name"]]
         for step in e["schedule"]:
             if step["op"] == "call":
                 step["segment"] = rename[step["segment"]]
-        members[f"{member_prefix}plan.mlir"] = plan_text(module).encode()
         if entry is None:
             entry = dict(e, segments=[], phases={})
         entry["segments"] += e["segments"]

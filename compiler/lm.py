@@ -46,7 +46,6 @@ class ImportedLM:
     signature)}), as driver.Imported is for one forward."""
 
     def __init__(self, model: Any, options: "CompileOptions", progress: Callable[[str], None]):
-        self.user_model = model
         model = _in_dtype(model, options.weights_dtype)
         self.model, self.options, self.progress, self.started = model, options, progress, time.time()
         self.shape = shape = causal_lm.lm_shape(model)

@@ -324,20 +324,7 @@ class Bundle:
             if i in state:
                 self.counters["state_host_bytes"] += int(a.nbytes)
         call = self._submit(full, wait_each=True, schedule=schedule, checked=True)
-        outs = []
-        for j, (name, spec) in enumerate(zip(outputs, out_specs)):
-            v = call.env[name]
-            if j in keep and isinstance(v, _OnDevice):
-                outs.append(Resident(v))
-                continue
-            if isinstance(v, _OnDevice):
-                v = self._to_host(v, call, f"output {name}")
-            if j in keep:
-                self.counters["state_host_bytes"] += int(v.nbytes)
-            outs.append(v.astype(np_dtype(spec["dtype"])) if v.dtype != np_dtype(spec["dtype"]) else v)
-        self.counters["calls"] += 1
-        self.counters["seconds"] += time.perf_counter() - call.t0
-        return outs
+        return self._collect(call, outputs, out_specs, keep)
 
     def _phase(self, phase):
         """(schedule, outputs, input specs, output specs) of a phase of the chosen plan."""
@@ -489,13 +476,22 @@ class Bundle:
             call.moved(v.device, "host", host.nbytes, t1, clock(), what, self.counters)
         return host
 
-    def _collect(self, call):
-        """Wait for a call's outputs, read them back, account for it. -> its outputs."""
+    def _collect(self, call, outputs=None, specs=None, keep=()):
+        """Wait for a call's outputs, read them back, account for it. -> its outputs (one
+        alone, else a tuple). outputs, specs: a phase's value names and signature entries
+        (run_phase; then a list comes back), keep: indices of outputs left on their device as
+        `Resident` (a kept output that is read back anyway counts in `state_host_bytes`)."""
         outs = []
-        for name, spec in zip(self.plan["outputs"], self.outputs):
+        for j, (name, spec) in enumerate(zip(self.plan["outputs"] if outputs is None else outputs,
+                                             self.outputs if specs is None else specs)):
             v = call.env[name]
+            if j in keep and isinstance(v, _OnDevice):
+                outs.append(Resident(v))
+                continue
             if isinstance(v, _OnDevice):
                 v = self._to_host(v, call, f"output {name}")
+            if j in keep:
+                self.counters["state_host_bytes"] += int(v.nbytes)
             outs.append(v.astype(np_dtype(spec["dtype"])) if v.dtype != np_dtype(spec["dtype"]) else v)
         c = self.counters
         c["calls"] += 1
@@ -505,6 +501,8 @@ class Bundle:
             self.events.extend(dict(e, call=n, start=e["start"] + call.t0) for e in call.events)
         if call.as_torch:
             outs = [to_torch(o) for o in outs]
+        if outputs is not None:
+            return outs
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def write_trace(self, path: str) -> None:

@@ -80,6 +80,8 @@ class Generator:
         self.batch, self.max_context = self.config["batch"], self.config["max_context"]
         self.vocab = self.config["vocab"]
         self.n_cache = 2 * self.config["layers"]
+        # each phase gives the cache back as outputs 1.., and takes it as inputs 2..
+        self._kept, self._state = range(1, 1 + self.n_cache), range(2, 2 + self.n_cache)
         self.cache = None
         self.eos = list(self.config.get("eos_token_ids", ()))
         self._tokenizer = None
@@ -112,18 +114,16 @@ class Generator:
         """Write a prompt into decode slot `slot`. -> the logits of its last token [vocab]."""
         ids = np.asarray(list(ids), np.int64)[None, :]
         cache = self.cache if self.cache is not None else self._empty_cache()
-        keep = range(1, 1 + self.n_cache)
-        out = self.bundle.run_phase("prefill", [ids, np.array([slot], np.int64), *cache], keep=keep,
-                                    state=range(2, 2 + self.n_cache))
+        out = self.bundle.run_phase("prefill", [ids, np.array([slot], np.int64), *cache], keep=self._kept,
+                                    state=self._state)
         self.cache = out[1:]
         return out[0][0]
 
     def decode(self, tokens: Iterable, positions: Iterable) -> np.ndarray:
         """One step for every slot: token b at position b. -> logits [batch, vocab]."""
-        keep = range(1, 1 + self.n_cache)
         out = self.bundle.run_phase("decode", [np.asarray(list(tokens), np.int64),
-                                               np.asarray(list(positions), np.int64), *self.cache], keep=keep,
-                                    state=range(2, 2 + self.n_cache))
+                                               np.asarray(list(positions), np.int64), *self.cache], keep=self._kept,
+                                    state=self._state)
         self.cache = out[1:]
         return out[0]
 
