@@ -405,6 +405,10 @@ class Bundle:
             v = env[name]
             if isinstance(v, _OnDevice) and v.device != dname:
                 v = env[name] = self._to_host(v, call, f"{name} to host")
+            elif isinstance(v, _OnDevice) and (v.bv.element_type & 0xFF) != 8 * np_dtype(spec["dtype"]).itemsize:
+                # a narrow value reaching, on its own device, a segment compiled with widened
+                # inputs (a Vulkan segment run on the cpu when a plan is verified there)
+                v = self._to_host(v, call, f"{name} to host")
             if isinstance(v, _OnDevice):
                 bvs.append(v.bv)
                 waits.append((sem, v.tick))

@@ -104,6 +104,37 @@ def test_narrow_input_to_vulkan_is_widened(tmp_path):
     np.testing.assert_allclose(out, eager(Masked(), (x, m)), atol=1e-5, rtol=0)
 
 
+def test_narrow_value_from_cpu_segment_to_vulkan_segment_verified(tmp_path):
+    """A bool computed on cpu and read by a Vulkan segment (which takes it widened to i32):
+    verification runs the Vulkan segments on llvm-cpu too, where the bool arrives on the
+    same device and must still be widened (this failed `make demo`'s MiniLM plan)."""
+    import torch
+
+    class Mask(torch.nn.Module):
+        def forward(self, x):
+            return x > 0
+
+    class Fill(torch.nn.Module):
+        def forward(self, x, m):
+            return torch.softmax(x.masked_fill(~m, -1e4), -1) * 2
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mask, self.fill = Mask(), Fill()
+
+        def forward(self, x):
+            return self.fill(x * 3, self.mask(x))
+
+    x = torch.randn(4, 16, 16)
+    run, out = _run(tmp_path, Model(), (x,), ["cpu", "vulkan"], pins=["mask=cpu", "fill=vulkan"])
+    segs = run.plan["segments"]
+    vk = [s for s in segs if s["device"] == "vulkan"]
+    assert vk and any(i["dtype"] == "int32" for s in vk for i in s["inputs"])
+    assert any(o["dtype"] == "bool" for s in segs if s["device"] == "cpu" for o in s["outputs"])
+    np.testing.assert_allclose(out, eager(Model(), (x,)), atol=1e-5, rtol=0)
+
+
 def test_unsupported_everywhere_is_one_clear_line(tmp_path):
     import torch
 
