@@ -8,6 +8,10 @@ below) is compiled as two entry functions over the same weights:
         decode slot `slot`; the logits of its last token
     decode(tokens[B], positions[B], k_0, v_0, ...) -> (logits[B, V], k_0', v_0', ...)
         one token for each of the B sequences of the batch, each at its own position
+    verify(tokens[B, K], positions[B], k_0, v_0, ...) -> (logits[B, K, V], k_0', v_0', ...)
+        (with a draft model: speculative decoding) K tokens for each sequence at positions
+        positions[b] .. positions[b] + K - 1 (those past the cache are not written), the logits
+        of every one: the target checks K - 1 drafted tokens and gives the next in one call
 
 Each cache tensor is [B, kv_heads, max_context, head_dim], one key and one value tensor per
 layer: cache in, cache out (functional), so that the runtime passes the outputs of one call
@@ -33,9 +37,10 @@ from ..errors import PolyarchError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LMShape", "lm_shape", "model_int", "wrap", "prefill_examples", "decode_examples", "cache_names", "PHASE_INPUTS"]
+__all__ = ["LMShape", "lm_shape", "model_int", "wrap", "prefill_examples", "decode_examples", "verify_examples",
+           "cache_names", "PHASE_INPUTS"]
 
-PHASE_INPUTS = {"prefill": ("ids", "slot"), "decode": ("tokens", "positions")}
+PHASE_INPUTS = {"prefill": ("ids", "slot"), "decode": ("tokens", "positions"), "verify": ("tokens", "positions")}
 
 
 class LMShape:
@@ -118,77 +123,105 @@ def _logits(out):
     return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _call(model, ids, positions, mask, cache):
+def _call(model, ids, positions, mask, cache, last_only=True):
+    """The model's logits: of the last token [batch, V], or (last_only False) of all [batch, T, V]."""
     kwargs = dict(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True)
     import inspect
 
     try:
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        if last_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
             kwargs["logits_to_keep"] = 1
     except (TypeError, ValueError):
         pass
-    return _logits(model(**kwargs))[:, -1, :]
+    logits = _logits(model(**kwargs))
+    return logits[:, -1, :] if last_only else logits
+
+
+def _prefill(lm, ids, slot, cache):
+    import torch
+
+    t = ids.shape[1]
+    neg = torch.finfo(cache[0].dtype).min
+    pos = torch.arange(t, device=ids.device)
+    n, b = cache[0].shape[2], cache[0].shape[0]
+    keys = torch.arange(n, device=ids.device)
+    mask = torch.where(keys[None, :] <= pos[:, None], 0.0, neg).to(cache[0].dtype)[None, None]  # [1, 1, T, N]
+    keep = (torch.arange(b, device=ids.device) == slot)[:, None, None, None] & \
+        (torch.arange(n, device=ids.device) < t)[None, None, :, None]
+
+    def write(layer, k, v, old_k, old_v):
+        pad = (0, 0, 0, n - t)
+        k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+        # attention reads the prompt's own keys padded to N (static: IREE 3.13 cannot
+        # compile the grouped-query expand over a dynamic key length), the mask hiding the rest
+        return torch.where(keep, k, old_k), torch.where(keep, v, old_v), k, v
+
+    c = _Cache(cache, write)
+    logits = _call(lm, ids, pos[None, :], mask, c)
+    return (logits, *c.tensors)
+
+
+def _decode(lm, tokens, positions, cache):
+    import torch
+
+    n = cache[0].shape[2]
+    neg = torch.finfo(cache[0].dtype).min
+    keys = torch.arange(n, device=tokens.device)
+    mask = torch.where(keys[None, :] <= positions[:, None], 0.0, neg).to(cache[0].dtype)[:, None, None, :]
+    at = (keys[None, :] == positions[:, None])[:, None, :, None]  # [B, 1, N, 1]
+
+    def write(layer, k, v, old_k, old_v):
+        new_k, new_v = torch.where(at, k, old_k), torch.where(at, v, old_v)
+        return new_k, new_v, new_k, new_v
+
+    c = _Cache(cache, write)
+    logits = _call(lm, tokens[:, None], positions[:, None], mask, c)
+    return (logits, *c.tensors)
+
+
+def _verify(lm, tokens, positions, cache):
+    import torch
+
+    n, k = cache[0].shape[2], tokens.shape[1]
+    neg = torch.finfo(cache[0].dtype).min
+    keys = torch.arange(n, device=tokens.device)
+    at = positions[:, None] + torch.arange(k, device=tokens.device)[None, :]  # [B, K]
+    mask = torch.where(keys[None, None, :] <= at[:, :, None], 0.0, neg).to(cache[0].dtype)[:, None]  # [B, 1, K, N]
+    # row n of the cache takes token j where n == positions[b] + j: a one-hot [B, N, K] product
+    # (exact: one 1 per row) places the K new keys, a where keeps the others
+    onehot = (keys[None, :, None] == at[:, None, :]).to(cache[0].dtype)
+    written = onehot.sum(-1)[:, None, :, None] > 0  # [B, 1, N, 1]
+
+    def write(layer, k_, v_, old_k, old_v):
+        new_k = torch.where(written, torch.einsum("bnk,bhkd->bhnd", onehot, k_), old_k)
+        new_v = torch.where(written, torch.einsum("bnk,bhkd->bhnd", onehot, v_), old_v)
+        return new_k, new_v, new_k, new_v
+
+    c = _Cache(cache, write)
+    logits = _call(lm, tokens, at, mask, c, last_only=False)
+    return (logits, *c.tensors)
+
+
+_RUN = {"prefill": _prefill, "decode": _decode, "verify": _verify}
 
 
 def wrap(model: "torch.nn.Module", phase: str) -> "torch.nn.Module":
-    """The nn.Module whose forward is one phase (module docstring) of `model`."""
+    """The nn.Module whose forward is one phase (module docstring) of `model`, held as `.lm`."""
     import torch
-
-    class PrefillPhase(torch.nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-
-        def run(self, ids, slot, cache):
-            t = ids.shape[1]
-            neg = torch.finfo(cache[0].dtype).min
-            pos = torch.arange(t, device=ids.device)
-            n, b = cache[0].shape[2], cache[0].shape[0]
-            keys = torch.arange(n, device=ids.device)
-            mask = torch.where(keys[None, :] <= pos[:, None], 0.0, neg).to(cache[0].dtype)[None, None]  # [1, 1, T, N]
-            keep = (torch.arange(b, device=ids.device) == slot)[:, None, None, None] & \
-                (torch.arange(n, device=ids.device) < t)[None, None, :, None]
-
-            def write(layer, k, v, old_k, old_v):
-                pad = (0, 0, 0, n - t)
-                k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
-                # attention reads the prompt's own keys padded to N (static: IREE 3.13 cannot
-                # compile the grouped-query expand over a dynamic key length), the mask hiding the rest
-                return torch.where(keep, k, old_k), torch.where(keep, v, old_v), k, v
-
-            c = _Cache(cache, write)
-            logits = _call(self.lm, ids, pos[None, :], mask, c)
-            return (logits, *c.tensors)
-
-    class DecodePhase(torch.nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-
-        def run(self, tokens, positions, cache):
-            n = cache[0].shape[2]
-            neg = torch.finfo(cache[0].dtype).min
-            keys = torch.arange(n, device=tokens.device)
-            mask = torch.where(keys[None, :] <= positions[:, None], 0.0, neg).to(cache[0].dtype)[:, None, None, :]
-            at = (keys[None, :] == positions[:, None])[:, None, :, None]  # [B, 1, N, 1]
-
-            def write(layer, k, v, old_k, old_v):
-                new_k, new_v = torch.where(at, k, old_k), torch.where(at, v, old_v)
-                return new_k, new_v, new_k, new_v
-
-            c = _Cache(cache, write)
-            logits = _call(self.lm, tokens[:, None], positions[:, None], mask, c)
-            return (logits, *c.tensors)
 
     if phase not in PHASE_INPUTS:
         raise ValueError(phase)
-    cls = PrefillPhase if phase == "prefill" else DecodePhase
+
+    def __init__(self, lm):
+        torch.nn.Module.__init__(self)
+        self.lm = lm
+
     # forward with one named parameter per cache tensor: torch.export names the inputs after them
     names = [*PHASE_INPUTS[phase], *cache_names(lm_shape(model).layers)]
     scope = {}
-    exec(f"def forward(self, {', '.join(names)}):\n    return self.run({names[0]}, {names[1]}, [{', '.join(names[2:])}])\n",
-         scope)
-    cls.forward = scope["forward"]
+    exec(f"def forward(self, {', '.join(names)}):\n    return _run(self.lm, {names[0]}, {names[1]}, "
+         f"[{', '.join(names[2:])}])\n", {"_run": _RUN[phase]}, scope)
+    cls = type(f"{phase.capitalize()}Phase", (torch.nn.Module,), {"__init__": __init__, "forward": scope["forward"]})
     return cls(model).eval()
 
 
@@ -206,5 +239,14 @@ def decode_examples(shape: LMShape, batch: int, max_context: int) -> tuple:
 
     tokens = torch.zeros(batch, dtype=torch.int64)
     positions = torch.full((batch,), min(8, max_context - 1), dtype=torch.int64)
+    cache = [torch.zeros(shape.cache_shape(batch, max_context), dtype=shape.dtype) for _ in range(2 * shape.layers)]
+    return (tokens, positions, *cache)
+
+
+def verify_examples(shape: LMShape, batch: int, max_context: int, k: int) -> tuple:
+    import torch
+
+    tokens = torch.zeros(batch, k, dtype=torch.int64)
+    positions = torch.full((batch,), min(8, max_context - k), dtype=torch.int64)
     cache = [torch.zeros(shape.cache_shape(batch, max_context), dtype=shape.dtype) for _ in range(2 * shape.layers)]
     return (tokens, positions, *cache)

@@ -180,7 +180,8 @@ def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",)
             objective: str = "latency", solver: str = "auto", profiles: Iterable = (), plans: Any = None,
             dynamic_dims: Iterable = (), calibrate: bool = True, verify: bool = True, tune: str = "quick",
             generate: bool = False, max_context: int = 256, batch: int = 1, weights_dtype: str = "f32",
-            tokenizer: str | None = None, options: CompileOptions | None = None) -> str:
+            tokenizer: str | None = None, draft: Any = None, speculate: int = 4, draft_pins: Iterable = (),
+            options: CompileOptions | None = None) -> str:
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs), torch.export.ExportedProgram, or the path of
@@ -220,17 +221,17 @@ def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",)
     generate       a causal language model (transformers *ForCausalLM, or the cache protocol of
                    compiler/causal_lm.py) compiled as prefill + decode sharing the weights, its KV cache
                    kept on its device; example_inputs are not needed. Run it with `bundle.generate`
-    max_context    with generate: the most tokens (prompt + generated) a sequence may hold
-    batch          with generate: sequences decoded together
+    max_context, batch  with generate: the most tokens (prompt + generated) a sequence holds; sequences decoded together
     weights_dtype  with generate: f32, f16 or bf16 (weights, activations and cache in 16 bits)
     tokenizer      with generate: a tokenizer.json (or its folder) carried in the bundle: text in, text out
+    draft, speculate, draft_pins  with generate: a smaller LM (same vocabulary) for speculative decoding
     """
     if options is None:
         options = CompileOptions(devices=tuple(devices), plans=tuple(plans or ()), pins=pins, objective=objective,
                                  solver=solver, profiles=profiles, dynamic_dims=dynamic_dims, calibrate=calibrate,
                                  verify=verify, tune=tune, iree_flags=iree_extra_flags, jobs=jobs, generate=generate,
                                  max_context=max_context, batch=batch, weights_dtype=weights_dtype,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, draft=draft, speculate=speculate, draft_pins=draft_pins)
     output = output or f"{model_name(model)}.pab"
     _check_output(model, output)
     return import_model(model, example_inputs, options, progress).plan().write(output)

@@ -58,14 +58,22 @@ class ImportedLM:
                  f"and decode ({b} token(s) a step), a KV cache of {shape.layers} layers x {shape.kv_heads} kv heads x "
                  f"{n} positions x {shape.head_dim} ({_cache_mb(shape, b, n):.1f} MB)")
         self.phases = {}
+        self.draft = self.draft_shape = None
+        k = options.speculate + 1
+        if options.draft is not None:
+            self.draft, self.draft_shape = _draft(options.draft, options.weights_dtype, shape, n)
+            progress(f"generate: draft {type(self.draft).__name__} ({self.draft_shape.layers} layers, "
+                     f"{_params_m(self.draft):.1f}M parameters against {_params_m(model):.1f}M) as its own prefill and "
+                     f"decode; the model checks up to {options.speculate} drafted tokens a step in one verify call "
+                     f"({k} tokens)")
         with _eager_attention(model):
-            for phase in ("prefill", "decode"):
-                wrapped = causal_lm.wrap(model, phase)
-                if phase == "prefill":
-                    examples, dyn = causal_lm.prefill_examples(shape, b, n), [f"ids:1:{n}"]
-                else:
-                    examples, dyn = causal_lm.decode_examples(shape, b, n), []
-                self.phases[phase] = import_module(wrapped, examples, dyn, progress)
+            for phase in ("prefill", "decode") + (("verify",) if self.draft is not None else ()):
+                self.phases[phase] = _import_phase(model, phase, shape, b, n, k, progress)
+        if self.draft is not None:
+            with _eager_attention(self.draft):
+                for phase in ("prefill", "decode"):
+                    self.phases[DRAFT_PREFIX + phase] = _import_phase(self.draft, phase, self.draft_shape, b, n, k,
+                                                                      progress)
 
     def plan(self, options: "CompileOptions | None" = None) -> "PlannedLM":
         """Stage 2: the devices priced, each phase partitioned per device set."""
@@ -76,7 +84,8 @@ class ImportedLM:
                                 "shapes and types",
                                 fix="import the model again with these options")
         priced = price_devices(o.device_specs, o.profiles, o.calibrate, self.progress)
-        plans = {p: partition(base, o.device_specs, _pins(o.pins), self.progress, o.objective, o.solver, priced)
+        plans = {p: partition(base, o.device_specs, _pins(o.draft_pins if p.startswith(DRAFT_PREFIX) else o.pins),
+                              self.progress, o.objective, o.solver, priced)
                  for p, (base, _) in self.phases.items()}
         return PlannedLM(self, o, plans)
 
@@ -100,6 +109,9 @@ class PlannedLM:
                               "dtype": str(shape.dtype).replace("torch.", ""), **shape.to_json(),
                               "model": type(imp.model).__name__, "eos_token_ids": _eos_ids(imp.model)}}
         members = {}
+        if imp.draft is not None:
+            d = imp.draft_shape
+            extra["generate"]["draft"] = {"model": type(imp.draft).__name__, **d.to_json(), "speculate": o.speculate}
         if o.tokenizer is not None:
             members[TOKENIZER_MEMBER] = _tokenizer_file(o.tokenizer, shape.vocab, progress)
             extra["generate"]["tokenizer"] = TOKENIZER_MEMBER
@@ -111,16 +123,48 @@ class PlannedLM:
                                            extra_members=members,
                                            verification={"status": "not verified (verify=False / --no-verify)"})
             if o.verify:
-                record = verify_lm(path, imp.model, shape, progress)
+                record = verify_lm(path, imp.model, shape, progress, draft=imp.draft, draft_shape=imp.draft_shape)
                 for plan in manifest["plans"]:
                     plan["verification"] = record[plan["name"]]
             rewrite_bundle(path, output, manifest)
-        progress(f"wrote {output} ({os.path.getsize(output) / 1e6:.1f} MB, {len(manifest['plans'])} plan(s), prefill + "
-                 f"decode) in {time.time() - imp.started:.1f}s")
+        progress(f"wrote {output} ({os.path.getsize(output) / 1e6:.1f} MB, {len(manifest['plans'])} plan(s), phases "
+                 f"{', '.join(imp.phases)}) in {time.time() - imp.started:.1f}s")
         return output
 
 
 TOKENIZER_MEMBER = "tokenizer.json"
+DRAFT_PREFIX = "draft_"  # the draft model's phases: draft_prefill, draft_decode
+
+
+def _import_phase(model, phase, shape, b, n, k, progress):
+    if phase == "prefill":
+        examples, dyn = causal_lm.prefill_examples(shape, b, n), [f"ids:1:{n}"]
+    elif phase == "decode":
+        examples, dyn = causal_lm.decode_examples(shape, b, n), []
+    else:
+        examples, dyn = causal_lm.verify_examples(shape, b, n, k), []
+    return import_module(causal_lm.wrap(model, phase), examples, dyn, progress)
+
+
+def _params_m(model):
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def _draft(draft, weights_dtype, shape, n):
+    """The draft model, checked against the model it drafts for. -> (draft in weights_dtype, its LMShape)."""
+    if isinstance(draft, str):
+        raise PolyarchError(f"draft {draft!r} is a path: the command line loads model files",
+                            fix="from Python, pass the draft model itself: compile(..., draft=module)")
+    draft = _in_dtype(draft, weights_dtype)
+    d = causal_lm.lm_shape(draft)
+    if d.vocab != shape.vocab:
+        raise PolyarchError(f"the draft's vocabulary has {d.vocab} tokens, the model's {shape.vocab}: the draft must "
+                            "propose the model's tokens", fix="give a draft trained with the same tokenizer")
+    limit = causal_lm.model_int(draft, "max_position_embeddings", "n_positions")
+    if limit and n > limit:
+        raise PolyarchError(f"max_context {n} is more than the {limit} positions the draft {type(draft).__name__} was "
+                            "built for", fix=f"compile with --max-context {limit} or less")
+    return draft, d
 
 
 def _eos_ids(model):
@@ -212,10 +256,12 @@ def eager_greedy(model: Any, shape: "causal_lm.LMShape", batch: int, max_context
     return tokens, logits
 
 
-def verify_lm(path: str, model: Any, shape: "causal_lm.LMShape", progress: Callable[[str], None]) -> dict:
+def verify_lm(path: str, model: Any, shape: "causal_lm.LMShape", progress: Callable[[str], None],
+              draft: Any = None, draft_shape: "causal_lm.LMShape | None" = None) -> dict:
     """Every plan this host can run generates VERIFY_STEPS greedy tokens from a fixed prompt;
-    tokens must equal the eager phases' and logits agree within LOGITS_TOL. A plan found wrong
-    is an error (no wrong bundle is written). -> {plan name: verification record}."""
+    tokens must equal the eager phases' and logits agree within LOGITS_TOL; so must the draft
+    model's phases, and the verify phase's logits for the greedy tokens. A plan found wrong is
+    an error (no wrong bundle is written). -> {plan name: verification record}."""
     from ..errors import DeviceError
     from ..runtime import load
     from ..runtime.generate import Generator
@@ -224,7 +270,8 @@ def verify_lm(path: str, model: Any, shape: "causal_lm.LMShape", progress: Calla
         cfg, plans = first.manifest["generate"], first.plans
     n, b = cfg["max_context"], cfg["batch"]
     prompt = [int(x) for x in np.random.default_rng(0).integers(0, shape.vocab, min(5, n - VERIFY_STEPS))]
-    ref_tokens, ref_logits = eager_greedy(model, shape, b, n, prompt, VERIFY_STEPS)
+    ref = eager_greedy(model, shape, b, n, prompt, VERIFY_STEPS)
+    ref_draft = eager_greedy(draft, draft_shape, b, n, prompt, VERIFY_STEPS) if draft is not None else None
     tol = LOGITS_TOL.get(cfg["dtype"], 1e-1)
     out = {}
     for name in plans:
@@ -234,25 +281,60 @@ def verify_lm(path: str, model: Any, shape: "causal_lm.LMShape", progress: Calla
             out[name] = {"status": f"not verified: {e.what}"}
             continue
         with bundle:
-            got, errs, g = [], [], Generator(bundle)
-            logits = g.prefill(prompt, 0)
-            for i in range(VERIFY_STEPS):
-                errs.append(float(np.max(np.abs(logits - ref_logits[i])) / max(1e-6, np.max(np.abs(ref_logits[i])))))
-                got.append(int(np.argmax(logits)))
-                ref = ref_logits[i]
-                tie = (ref.max() - ref[got[-1]]) <= tol * max(1e-6, np.max(np.abs(ref)))  # a near tie in eager too
-                if (got[-1] != ref_tokens[i] and not tie) or errs[-1] > tol:
-                    raise PolyarchError(
-                        f"plan {name}: the compiled {'prefill' if i == 0 else 'decode'} phase disagrees with PyTorch at "
-                        f"generated token {i} (token {got[-1]} vs {ref_tokens[i]}, logits off by {errs[-1]:.2e} of "
-                        f"their range, tolerance {tol:.0e})",
-                        fix="compile for other devices (-d cpu), or report the model with `polyarch plan --ops`")
-                if i + 1 < VERIFY_STEPS:
-                    tok, pos = [0] * b, [0] * b
-                    tok[0], pos[0] = ref_tokens[i], len(prompt) + i
-                    logits = g.decode(tok, pos)[0]
+            g = Generator(bundle)
+            errs = _check_greedy(g, name, "", prompt, *ref, tol)
+            if ref_draft is not None:
+                errs += _check_greedy(g.draft, name, "the draft's ", prompt, *ref_draft, tol)
+                errs += _check_verify(g, name, prompt, *ref, tol)
         out[name] = {"status": "verified", "greedy_tokens": VERIFY_STEPS, "max_rel_logits_error": max(errs),
                      "tolerance": tol}
-        progress(f"verified plan {name}: {VERIFY_STEPS} greedy tokens equal to PyTorch's, logits within "
+        progress(f"verified plan {name}: {VERIFY_STEPS} greedy tokens equal to PyTorch's"
+                 f"{' (the draft too, and verify)' if ref_draft is not None else ''}, logits within "
                  f"{max(errs):.1e} of their range (tolerance {tol:.0e})")
     return out
+
+
+def _rel(got, want):
+    return float(np.max(np.abs(got - want)) / max(1e-6, np.max(np.abs(want))))
+
+
+def _disagree(name, phase, i, got, want, err, tol):
+    return PolyarchError(f"plan {name}: the compiled {phase} phase disagrees with PyTorch at generated token {i} (token "
+                         f"{got} vs {want}, logits off by {err:.2e} of their range, tolerance {tol:.0e})",
+                         fix="compile for other devices (-d cpu), or report the model with `polyarch plan --ops`")
+
+
+def _check_greedy(g, name, who, prompt, ref_tokens, ref_logits, tol):
+    """Prefill then decode on slot 0, each step's logits against eager's. -> the relative errors."""
+    errs, b = [], g.batch
+    g.cache = None
+    logits = g.prefill(prompt, 0)
+    for i in range(VERIFY_STEPS):
+        errs.append(_rel(logits, ref_logits[i]))
+        got = int(np.argmax(logits))
+        want = ref_logits[i]
+        tie = (want.max() - want[got]) <= tol * max(1e-6, np.max(np.abs(want)))  # a near tie in eager too
+        if (got != ref_tokens[i] and not tie) or errs[-1] > tol:
+            raise _disagree(name, who + ("prefill" if i == 0 else "decode"), i, got, ref_tokens[i], errs[-1], tol)
+        if i + 1 < VERIFY_STEPS:
+            tok, pos = [0] * b, [0] * b
+            tok[0], pos[0] = ref_tokens[i], len(prompt) + i
+            logits = g.decode(tok, pos)[0]
+    return errs
+
+
+def _check_verify(g, name, prompt, ref_tokens, ref_logits, tol):
+    """After a prefill, one verify call of eager's greedy tokens on slot 0: its rows must be
+    eager's logits of the steps that follow. -> the relative errors."""
+    k = g.verify_tokens
+    g.cache = None
+    g.prefill(prompt, 0)
+    tokens = np.zeros((g.batch, k), np.int64)
+    rows = min(k, VERIFY_STEPS - 1)
+    tokens[0, :rows] = ref_tokens[:rows]
+    got = g.verify(tokens, [len(prompt)] + [0] * (g.batch - 1))[0]
+    errs = [_rel(got[j], ref_logits[j + 1]) for j in range(rows)]
+    bad = next((j for j, e in enumerate(errs) if e > tol), None)
+    if bad is not None:
+        raise _disagree(name, "verify", bad + 1, int(np.argmax(got[bad])), ref_tokens[bad + 1], errs[bad], tol)
+    return errs

@@ -7,7 +7,8 @@ JSON form is `to_json()`: the field names below, lists for tuples; unknown keys 
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from typing import Any
+from dataclasses import dataclass, fields
 
 from ..errors import PolyarchError
 from ..runtime.devices import parse_devices
@@ -17,7 +18,7 @@ __all__ = ["CompileOptions"]
 TUNE_MODES = ("none", "quick", "full")
 WEIGHTS_DTYPES = ("f32", "f16", "bf16")
 SOLVERS = ("auto", "brute", "chain-dp", "mincut", "heft")
-_LISTS = ("devices", "pins", "profiles", "dynamic_dims", "iree_flags")
+_LISTS = ("devices", "pins", "profiles", "dynamic_dims", "iree_flags", "draft_pins")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,14 @@ class CompileOptions:
     weights_dtype  with generate: f32 (the model's own), f16 or bf16: weights, activations and
                  the cache stored and computed in 16 bits (decode reads every weight once a token)
     tokenizer    with generate: a tokenizer.json (the `tokenizers` format; or a folder holding one)
-                 carried inside the bundle, so that generate takes and gives text"""
+                 carried inside the bundle, so that generate takes and gives text
+    draft        with generate: a smaller causal LM of the same vocabulary (an nn.Module; the CLI
+                 and options files give MODEL.py[:ATTR]) compiled into the same bundle, as its
+                 own prefill and decode, for speculative decoding: it drafts up to `speculate`
+                 tokens, the model checks them all in one `verify` call
+    speculate    with draft: the most tokens drafted per step (verify takes speculate + 1)
+    draft_pins   with draft: pins for the draft's phases (the draft's module paths), e.g.
+                 ["model.layers=vulkan"]; `pins` apply to the model's phases"""
 
     devices: tuple = ("cpu",)
     plans: tuple = ()
@@ -61,6 +69,9 @@ class CompileOptions:
     batch: int = 1
     weights_dtype: str = "f32"
     tokenizer: str | None = None
+    draft: Any = None
+    speculate: int = 4
+    draft_pins: tuple = ()
 
     def __post_init__(self):
         for name in _LISTS:
@@ -85,6 +96,12 @@ class CompileOptions:
         if self.weights_dtype != "f32" and not self.generate:
             raise PolyarchError(f"weights_dtype={self.weights_dtype} applies to --generate compiles only",
                                 fix="add --generate (generate=True), or convert the model yourself (model.half())")
+        if not isinstance(self.speculate, int) or isinstance(self.speculate, bool) or not 1 <= self.speculate <= 16:
+            raise PolyarchError(f"speculate={self.speculate!r}", fix="give a whole number from 1 to 16 (tokens drafted a step)")
+        if (self.draft is not None or self.draft_pins) and not self.generate:
+            raise PolyarchError("a draft model applies to --generate compiles only", fix="add --generate (generate=True)")
+        if self.draft_pins and self.draft is None:
+            raise PolyarchError("draft_pins without a draft model", fix="give the draft: --draft DRAFT.py[:ATTR] (draft=)")
         if self.tokenizer is not None and not self.generate:
             raise PolyarchError("a tokenizer applies to --generate compiles only", fix="add --generate (generate=True)")
         bad = next((f for f in self.iree_flags if not isinstance(f, str) or not f.startswith("-")), None)
@@ -105,7 +122,9 @@ class CompileOptions:
 
     def to_json(self) -> dict:
         """The options as JSON values (profiles given as DeviceProfile objects are written inline)."""
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out["draft"] is not None and not isinstance(out["draft"], str):
+            raise PolyarchError("a draft given as a module has no JSON form", fix="give the draft as a model file path")
         out["profiles"] = [p if isinstance(p, str) else p.to_json() for p in self.profiles]
         del out["devices" if self.plans else "plans"]  # the one that says where the plans run
         return {k: list(map(list, v)) if k == "plans" else list(v) if isinstance(v, tuple) else v for k, v in out.items()}
@@ -126,6 +145,8 @@ class CompileOptions:
         for key in _LISTS + ("plans",):
             if not isinstance(obj.get(key, []), list):
                 raise PolyarchError(f"{where}: '{key}' must be a list", fix=FIELDS_HELP)
+        if not isinstance(obj.get("draft", ""), (str, type(None))):
+            raise PolyarchError(f"{where}: 'draft' must be a model file (DRAFT.py[:ATTR])", fix=FIELDS_HELP)
         if not isinstance(obj.get("tokenizer", ""), (str, type(None))):
             raise PolyarchError(f"{where}: 'tokenizer' must be a path", fix=FIELDS_HELP)
         if obj.get("tune", "quick") not in TUNE_MODES:
@@ -137,8 +158,9 @@ class CompileOptions:
         if base_dir is not None:
             vals["profiles"] = [os.path.join(base_dir, p) if isinstance(p, str) else p for p in obj.get("profiles", [])]
         vals["profiles"] = [_profile(p, where) if isinstance(p, dict) else p for p in vals.get("profiles", [])]
-        if base_dir is not None and isinstance(vals.get("tokenizer"), str):
-            vals["tokenizer"] = os.path.join(base_dir, vals["tokenizer"])
+        for key in ("tokenizer", "draft"):
+            if base_dir is not None and isinstance(vals.get(key), str):
+                vals[key] = os.path.join(base_dir, vals[key])
         return cls(**vals)
 
     @classmethod

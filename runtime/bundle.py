@@ -177,13 +177,18 @@ def _check_phases(manifest, path, plan, segments):
     if not isinstance(phases, dict) or not isinstance(sigs, dict) or not isinstance(gen, dict) or not all(
             _is_int(gen.get(k)) and gen[k] > 0 for k in ("max_context", "batch", "layers", "vocab")):
         raise _damaged(path, f"plan '{plan.get('name')}' has phases without their signatures or generation settings")
+    draft = gen.get("draft")
+    if draft is not None and not (isinstance(draft, dict) and _is_int(draft.get("layers")) and draft["layers"] > 0
+                                  and _is_int(draft.get("speculate")) and draft["speculate"] > 0):
+        raise _damaged(path, "its draft model's generation settings lack their layers or speculate count")
     for name, phase in phases.items():
+        layers = draft["layers"] if name.startswith("draft_") and draft is not None else gen["layers"]
         sig = sigs.get(name, {}).get("signature") if isinstance(sigs.get(name), dict) else None
         if not isinstance(phase, dict) or not isinstance(sig, dict) or not all(
                 isinstance(sig.get(k), list) for k in ("inputs", "outputs")):
             raise _damaged(path, f"phase {name!r} of plan '{plan.get('name')}' lacks its schedule or signature")
-        if len(sig["inputs"]) != 2 + 2 * gen["layers"] or len(sig["outputs"]) != 1 + 2 * gen["layers"]:
-            raise _damaged(path, f"phase {name!r} does not take and give the {2 * gen['layers']} cache tensors "
+        if len(sig["inputs"]) != 2 + 2 * layers or len(sig["outputs"]) != 1 + 2 * layers:
+            raise _damaged(path, f"phase {name!r} does not take and give the {2 * layers} cache tensors "
                                  "its generation settings say")
         view = {"name": f"{plan.get('name')}/{name}", "schedule": phase.get("schedule"), "outputs": phase.get("outputs")}
         _check_schedule(path, view, segments, len(sig["inputs"]))

@@ -347,6 +347,10 @@ class Bundle:
     def close(self) -> None:
         """Release the bundle's modules, device memory and file mapping (after the calls in
         flight are done); a later call raises BundleError. Also `with load(...) as b:`."""
+        gen = getattr(self, "_generator", None)
+        if gen is not None:  # its caches are device buffers: freed now, while their device is held
+            gen.release()
+            self._generator = None
         self._async.clear()
         self._contexts.clear()
         self._splat_buffers.clear()

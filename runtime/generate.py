@@ -17,7 +17,12 @@ ids) or its token count leaves the batch.
 Sampling runs on the host over the logits read back (B x vocab values a step): temperature
 0 is greedy; otherwise softmax(logits / temperature) restricted to the top_k tokens and the
 smallest set whose probability reaches top_p, drawn from numpy's PCG64 seeded with `seed`,
-one draw per sequence and step in a fixed order (so a seed reproduces the tokens)."""
+one draw per sequence and step in a fixed order (so a seed reproduces the tokens).
+
+A bundle compiled with a draft model (`--draft`) decodes speculatively by default: the draft
+proposes tokens, the model checks them in one `verify` call (Generation._speculate); greedy
+tokens are the model's own, sampled ones follow its distribution. `speculative=False` decodes
+with the model alone."""
 
 import time
 from typing import Any, Iterable, Iterator
@@ -26,22 +31,22 @@ import numpy as np
 
 from ..errors import BundleError, PolyarchError
 
-__all__ = ["Generator", "Generation", "sample"]
+__all__ = ["Generator", "Generation", "sample", "distribution", "DRAFT"]
+
+DRAFT = "draft_"  # the phases of a bundle's draft model: draft_prefill, draft_decode
 
 
-def sample(logits: np.ndarray, rng: "np.random.Generator | None", temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0) -> int:
-    """One token from one row of logits (module docstring)."""
-    logits = np.asarray(logits, np.float64)
-    if temperature <= 0 or rng is None:
-        return int(np.argmax(logits))
-    z = logits / temperature
+def _candidates(logits, temperature, top_k, top_p):
+    """The tokens sampling may draw and their probabilities (summing to 1): softmax(logits /
+    temperature) over the top_k tokens and the fewest whose mass reaches top_p. -> (ids, p);
+    ids None for the whole vocabulary (then p is over every token, in id order)."""
+    z = np.asarray(logits, np.float64) / temperature
     full = np.exp(z - z.max())
     full /= full.sum()
     # The candidates, most likely first: the top_k, or (top_p alone) the fewest whose mass reaches
     # top_p, found among a growing partition rather than by sorting the whole vocabulary.
     if not (top_k and top_k > 0) and top_p >= 1.0:  # the whole distribution: no order needed
-        return int(np.searchsorted(np.cumsum(full), rng.random() * full.sum(), side="right").clip(0, len(z) - 1))
+        return None, full
     k = min(len(z), top_k) if top_k and top_k > 0 else min(len(z), 64)
     while True:
         part = np.argpartition(-full, k - 1)[:k] if k < len(z) else np.arange(len(z))
@@ -54,7 +59,33 @@ def sample(logits: np.ndarray, rng: "np.random.Generator | None", temperature: f
     if top_p < 1.0:
         keep = int(min(len(p) - 1, np.searchsorted(np.cumsum(p), top_p)) + 1)
         order, p = order[:keep], p[:keep] / p[:keep].sum()
-    return int(order[rng.choice(len(p), p=p)])
+    return order, p
+
+
+def sample(logits: np.ndarray, rng: "np.random.Generator | None", temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> int:
+    """One token from one row of logits (module docstring)."""
+    if temperature <= 0 or rng is None:
+        return int(np.argmax(logits))
+    ids, p = _candidates(logits, temperature, top_k, top_p)
+    if ids is None:
+        return _draw(p, rng)
+    return int(ids[rng.choice(len(p), p=p)])
+
+
+def distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The probability of every token under the sampling settings (zeros outside top_k/top_p)."""
+    ids, p = _candidates(logits, temperature, top_k, top_p)
+    if ids is None:
+        return p
+    full = np.zeros(len(logits))
+    full[ids] = p
+    return full
+
+
+def _draw(p, rng):
+    """A token drawn from the probabilities p over the vocabulary (inverse CDF, one uniform)."""
+    return int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right").clip(0, len(p) - 1))
 
 
 def _check_sampling(temperature, top_k, top_p, max_new_tokens):
@@ -71,15 +102,19 @@ def _check_sampling(temperature, top_k, top_p, max_new_tokens):
 class Generator:
     """The generation state of one loaded bundle: its decode batch's cache, on its device."""
 
-    def __init__(self, bundle: Any):  # an executor.Bundle (which imports this module: no import back)
-        if "prefill" not in bundle.phases or "decode" not in bundle.phases:
+    def __init__(self, bundle: Any, prefix: str = ""):  # an executor.Bundle (which imports this module: no import back)
+        if prefix + "prefill" not in bundle.phases or prefix + "decode" not in bundle.phases:
             raise BundleError(f"{bundle.path} was not compiled for generation (it has no prefill and decode phases)",
                               fix="compile the model with `polyarch compile --generate` (CompileOptions(generate=True))")
-        self.bundle = bundle
-        self.config = bundle.manifest["generate"]
+        self.bundle, self.prefix = bundle, prefix
+        cfg = bundle.manifest["generate"]
+        self.config = {**cfg, **cfg["draft"]} if prefix else cfg
         self.batch, self.max_context = self.config["batch"], self.config["max_context"]
         self.vocab = self.config["vocab"]
         self.n_cache = 2 * self.config["layers"]
+        # with a draft model: its own generator (its own cache), and the tokens verify takes
+        self.draft = Generator(bundle, DRAFT) if not prefix and "draft" in cfg and "verify" in bundle.phases else None
+        self.verify_tokens = cfg["draft"]["speculate"] + 1 if self.draft is not None else None
         # each phase gives the cache back as outputs 1.., and takes it as inputs 2..
         self._kept, self._state = range(1, 1 + self.n_cache), range(2, 2 + self.n_cache)
         self.cache = None
@@ -105,7 +140,7 @@ class Generator:
         return self.tokenizer.encode(text).ids
 
     def _empty_cache(self):
-        spec = self.bundle.manifest["phases"]["decode"]["signature"]["inputs"][2]
+        spec = self.bundle.manifest["phases"][self.prefix + "decode"]["signature"]["inputs"][2]
         from .dtypes import np_dtype
 
         return [np.zeros(spec["shape"], np_dtype(spec["dtype"])) for _ in range(self.n_cache)]
@@ -114,25 +149,49 @@ class Generator:
         """Write a prompt into decode slot `slot`. -> the logits of its last token [vocab]."""
         ids = np.asarray(list(ids), np.int64)[None, :]
         cache = self.cache if self.cache is not None else self._empty_cache()
-        out = self.bundle.run_phase("prefill", [ids, np.array([slot], np.int64), *cache], keep=self._kept,
+        out = self.bundle.run_phase(self.prefix + "prefill", [ids, np.array([slot], np.int64), *cache], keep=self._kept,
                                     state=self._state)
         self.cache = out[1:]
         return out[0][0]
 
     def decode(self, tokens: Iterable, positions: Iterable) -> np.ndarray:
         """One step for every slot: token b at position b. -> logits [batch, vocab]."""
-        out = self.bundle.run_phase("decode", [np.asarray(list(tokens), np.int64),
-                                               np.asarray(list(positions), np.int64), *self.cache], keep=self._kept,
-                                    state=self._state)
+        out = self.bundle.run_phase(self.prefix + "decode", [np.asarray(list(tokens), np.int64),
+                                                             np.asarray(list(positions), np.int64), *self.cache],
+                                    keep=self._kept, state=self._state)
+        self.cache = out[1:]
+        return out[0]
+
+    def release(self) -> None:
+        """Drop the caches (device buffers) of the model and of its draft."""
+        self.cache = None
+        if self.draft is not None:
+            self.draft.cache = None
+
+    def predicted_us(self, *phases: str) -> tuple:
+        """The compile-time predicted time of each phase's call on the loaded plan (microseconds)."""
+        plan = self.bundle.plan["phases"]
+        return tuple(max(1e-3, float(plan[p].get("plan", {}).get("predicted_us") or 1.0)) for p in phases)
+
+    def verify(self, tokens: Iterable, positions: Iterable) -> np.ndarray:
+        """(A bundle with a draft) tokens[b] ([verify_tokens] ids) at positions[b] onwards into
+        every slot's cache. -> logits [batch, verify_tokens, vocab], one row per token."""
+        out = self.bundle.run_phase("verify", [np.asarray(tokens, np.int64), np.asarray(list(positions), np.int64),
+                                               *self.cache], keep=self._kept, state=self._state)
         self.cache = out[1:]
         return out[0]
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, stop_ids: Iterable | None = None, seed: int | None = None) -> "Generation":
+                 top_p: float = 1.0, stop_ids: Iterable | None = None, seed: int | None = None,
+                 speculative: "bool | None" = None) -> "Generation":
         """stop_ids None: the model's end-of-sequence ids (its config's eos_token_id); () for none.
         prompt_ids: token ids, a list of such lists, or text (str, or a list of str: the bundle's
-        tokenizer encodes it, and `Generation.text` decodes the tokens)."""
+        tokenizer encodes it, and `Generation.text` decodes the tokens). speculative: None uses
+        the bundle's draft model where it has one, False decodes with the model alone."""
         _check_sampling(temperature, top_k, top_p, max_new_tokens)
+        if speculative and self.draft is None:
+            raise PolyarchError(f"{self.bundle.path} has no draft model to speculate with",
+                                fix="compile with --draft DRAFT.py (CompileOptions(draft=...)), or leave speculative unset")
         text = isinstance(prompt_ids, str) or (isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) > 0
                                                 and all(isinstance(p, str) for p in prompt_ids))
         if text:
@@ -156,7 +215,8 @@ class Generator:
                 raise PolyarchError(what, fix=f"shorten the prompt or ask for at most {max(0, self.max_context - len(p))} "
                                               "new tokens, or recompile with a larger --max-context")
         stops = set(map(int, self.eos if stop_ids is None else stop_ids))
-        return Generation(self, prompts, max_new_tokens, temperature, top_k, top_p, stops, seed, single)
+        spec = self.draft is not None and speculative is not False
+        return Generation(self, prompts, max_new_tokens, temperature, top_k, top_p, stops, seed, single, spec)
 
 
 class Generation:
@@ -164,16 +224,20 @@ class Generation:
     (prompt index, token) for several); `tokens` holds each prompt's new tokens, `stats`
     the times: ttft_s (per prompt: from the start to its first token), tpot_s (mean time per
     output token over the decode steps), decode_steps, tokens_per_s, and
-    state_host_bytes_per_step (KV-cache bytes that crossed the host per decode step)."""
+    state_host_bytes_per_step (KV-cache bytes that crossed the host per decode step); with
+    a draft model (speculative decoding, `Generation._speculate`) also `speculative`: drafted
+    and accepted tokens, acceptance_rate, mean_k (tokens drafted a step), and the draft's and
+    verify's calls and seconds (decode_steps then counts verify calls)."""
 
-    def __init__(self, gen, prompts, max_new, temperature, top_k, top_p, stops, seed, single):
+    def __init__(self, gen, prompts, max_new, temperature, top_k, top_p, stops, seed, single, speculative=False):
         self.gen, self.prompts, self.max_new, self.single = gen, prompts, max_new, single
+        self.speculative, self.seed = speculative, seed
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.stops = stops
         self.rng = np.random.Generator(np.random.PCG64(seed)) if temperature > 0 else None
         self.tokens = [[] for _ in prompts]
         self.stats = {}
-        self._it = self._run()
+        self._it = self._speculate() if speculative else self._run()
 
     def __iter__(self) -> Iterator:
         return self
@@ -235,3 +299,130 @@ class Generation:
         self.stats.update(ttft_s=ttft, tpot_s=step_s / steps if steps else None, decode_steps=steps,
                           tokens=n, seconds=total, tokens_per_s=n / total if total else None,
                           state_host_bytes=counters["state_host_bytes"] - state0)
+
+    def _speculate(self):
+        """Speculative decoding (a bundle with a draft model): each step the draft proposes k
+        tokens per sequence (k decode calls of the draft), the model checks them and gives one
+        more in a single verify call; greedy keeps the drafted tokens up to the first the model
+        would not have chosen (so the tokens are the model's own), sampling accepts token d with
+        probability min(1, p(d) / q(d)) and on rejection draws from max(0, p - q) renormalised
+        (the standard scheme: the tokens follow the model's distribution). k (1 .. speculate)
+        is chosen each step for the most tokens per second, from the acceptance rate and the
+        draft and verify call times measured so far."""
+        gen, draft, b = self.gen, self.gen.draft, self.gen.batch
+        # k from measured call times, except when a seed asks for reproducible sampling: the draws
+        # a step makes depend on k, so then the times are the plan's predicted ones (fixed per bundle)
+        costs = None if self.rng is None or self.seed is None else gen.predicted_us(DRAFT + "decode", "verify")
+        t0 = time.perf_counter()
+        ttft = [None] * len(self.prompts)
+        counters = gen.bundle.counters
+        state0 = counters["state_host_bytes"]
+        st = self._spec = {"steps": 0, "drafted": 0, "accepted": 0, "draft_s": 0.0, "draft_calls": 0, "verify_s": 0.0,
+                           "verify_calls": 0, "k": []}
+        state_steps = 0  # state bytes through the host in the decode steps (prefill's empty caches excluded)
+        for wave in range(0, len(self.prompts), b):
+            ids = list(range(wave, min(wave + b, len(self.prompts))))
+            gen.cache = draft.cache = None
+            pos, last, live = [0] * b, [0] * b, set()
+            for slot, i in enumerate(ids):
+                logits = gen.prefill(self.prompts[i], slot)
+                tok = sample(logits, self.rng, **self.sampling)
+                ttft[i] = time.perf_counter() - t0
+                pos[slot], last[slot] = len(self.prompts[i]), tok
+                yield self._emit(i, tok)
+                if tok not in self.stops and self.max_new > 1:
+                    live.add(slot)
+                self._timed("draft", draft.prefill, self.prompts[i], slot)  # after the first token: no delay to it
+            state_base = counters["state_host_bytes"]
+            while live:
+                # never draft past what any live sequence may still emit, nor past the cache
+                room = max(self.max_new - len(self.tokens[ids[s]]) for s in live) - 1
+                k = max(0, min(self._choose_k(st, gen.verify_tokens - 1, costs), room))
+                yield from self._spec_step(k, ids, pos, last, live)
+            state_steps += counters["state_host_bytes"] - state_base
+        total = time.perf_counter() - t0
+        out = sum(map(len, self.tokens))
+        self.stats.update(ttft_s=ttft, tpot_s=(st["draft_s"] + st["verify_s"]) / max(1, out - len(self.prompts))
+                          if st["steps"] else None, decode_steps=st["steps"], tokens=out, seconds=total,
+                          tokens_per_s=out / total if total else None,
+                          state_host_bytes=counters["state_host_bytes"] - state0,
+                          state_host_bytes_per_step=state_steps / max(1, st["steps"]),
+                          speculative={"drafted": st["drafted"], "accepted": st["accepted"],
+                                       "acceptance_rate": st["accepted"] / st["drafted"] if st["drafted"] else None,
+                                       "mean_k": float(np.mean(st["k"])) if st["k"] else None,
+                                       **{key: st[key] for key in ("draft_calls", "draft_s", "verify_calls", "verify_s")}})
+
+    def _timed(self, what, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        self._spec[f"{what}_s"] += time.perf_counter() - t
+        self._spec[f"{what}_calls"] += 1
+        return out
+
+    def _spec_step(self, k, ids, pos, last, live):
+        """One speculative step for the batch: k draft calls, one verify call, the tokens each
+        live sequence keeps (yielded), its position and last token moved on."""
+        gen, draft, b, st = self.gen, self.gen.draft, self.gen.batch, self._spec
+        n = gen.max_context
+        drafts, qs = [[] for _ in range(b)], [[] for _ in range(b)]
+        dl, dp = list(last), list(pos)  # slots not live repeat a harmless write at their position
+        for _ in range(k):
+            logits = self._timed("draft", draft.decode, dl, [min(q, n - 1) for q in dp])
+            for s in sorted(live):
+                if self.rng is None:
+                    d = int(np.argmax(logits[s]))
+                else:
+                    qs[s].append(distribution(logits[s], **self.sampling))
+                    d = _draw(qs[s][-1], self.rng)
+                drafts[s].append(d)
+                dl[s], dp[s] = d, dp[s] + 1
+        tokens = np.zeros((b, gen.verify_tokens), np.int64)
+        for s in range(b):
+            tokens[s, :1 + len(drafts[s])] = [last[s], *drafts[s]]
+        logits = self._timed("verify", gen.verify, tokens, [min(q, n - 1) for q in pos])
+        st["steps"] += 1
+        st["k"].append(k)
+        catch_up = {}
+        for s in sorted(live):
+            i = ids[s]
+            new, accepted = self._check(logits[s], drafts[s], qs[s])
+            st["drafted"] += k
+            st["accepted"] += accepted
+            if accepted == k and k:  # the draft has not yet seen its own last token
+                catch_up[s] = (drafts[s][-1], pos[s] + k)
+            for tok in new:
+                pos[s], last[s] = pos[s] + 1, tok
+                yield self._emit(i, tok)
+                if tok in self.stops or len(self.tokens[i]) >= self.max_new:
+                    live.discard(s)
+                    break
+        if live & set(catch_up):
+            self._timed("draft", draft.decode, [catch_up[s][0] if s in catch_up else last[s] for s in range(b)],
+                        [min(catch_up[s][1] if s in catch_up else pos[s], n - 1) for s in range(b)])
+
+    def _check(self, rows, drafted, qs):
+        """The tokens one verify row gives: the drafted tokens the model accepts, then one of
+        its own (a correction, or after all of them the next). -> (tokens, accepted count)."""
+        for j, d in enumerate(drafted):
+            if self.rng is None:
+                if int(np.argmax(rows[j])) != d:
+                    return drafted[:j] + [int(np.argmax(rows[j]))], j
+                continue
+            p = distribution(rows[j], **self.sampling)
+            if self.rng.random() * qs[j][d] >= p[d]:  # rejected: draw from what the draft under-proposes
+                rest = np.maximum(p - qs[j], 0.0)
+                return drafted[:j] + [_draw(rest if rest.sum() > 0 else p, self.rng)], j
+        return drafted + [sample(rows[len(drafted)], self.rng, **self.sampling)], len(drafted)
+
+    @staticmethod
+    def _choose_k(st, kmax, costs=None):
+        """The draft length with the most expected tokens per second: a step of k drafts yields
+        (1 - a^(k+1)) / (1 - a) tokens for acceptance rate a, and costs k draft calls and one
+        verify call (its time does not depend on k: its shape is fixed). Before any step: kmax.
+        costs: (draft call, verify call) times to use instead of the measured ones."""
+        if not st["verify_calls"] or not st["drafted"]:
+            return kmax
+        a = (st["accepted"] + 2.0) / (st["drafted"] + 4.0)  # the measured rate, pulled towards 1/2 early on
+        td, tv = costs or (st["draft_s"] / max(1, st["draft_calls"]), st["verify_s"] / st["verify_calls"])
+        gain = lambda k: (k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)) / (k * td + tv)
+        return max(range(1, kmax + 1), key=gain)

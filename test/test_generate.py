@@ -155,15 +155,24 @@ def test_plain_bundle_has_no_generate(tmp_path, mlp):
 
 
 def test_cpu_vulkan_plan_with_a_pinned_block(tmp_path):
-    """A Llama block's MLP pinned to Vulkan (lavapipe here): both phases split, same tokens."""
+    """A Llama block's MLP pinned to Vulkan (lavapipe here): both phases split, same tokens.
+    The same bundle carries the model as its own draft (issue 23), its blocks pinned to Vulkan
+    (the draft on vulkan, the target mostly on cpu): speculative greedy tokens are the same too,
+    and with a draft equal to the target nearly every drafted token is accepted."""
     from polyarch.runtime import load
 
     model = _model("llama")
-    path = _compile(tmp_path, model, "split", devices=["cpu", "vulkan"], pins=["model.layers.1.mlp=vulkan"])
+    path = _compile(tmp_path, model, "split", devices=["cpu", "vulkan"], pins=["model.layers.1.mlp=vulkan"],
+                    draft=model, speculate=3, draft_pins=["model.layers=vulkan"])
     with load(path) as b:
         assert {s["device"] for s in b.plan["segments"] if s["name"].startswith("decode_")} == {"cpu", "vulkan"}
         assert {s["device"] for s in b.plan["segments"] if s["name"].startswith("prefill_")} == {"cpu", "vulkan"}
-        assert list(b.generate(PROMPT, STEPS)) == _reference(model, PROMPT)
+        draft_ops = [s for s in b.plan["segments"] if s["name"].startswith("draft_decode_")]
+        assert "vulkan" in {s["device"] for s in draft_ops}
+        assert list(b.generate(PROMPT, STEPS, speculative=False)) == _reference(model, PROMPT)
+        g = b.generate(PROMPT, STEPS)
+        assert list(g) == _reference(model, PROMPT)
+        assert g.stats["speculative"]["acceptance_rate"] > 0.9
 
 
 def test_cli_compile_options_file_and_generate(tmp_path):

@@ -267,10 +267,20 @@ def cli(verbose: bool) -> None:
 @click.option("--weights-dtype", "weights_dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32",
               show_default=True, help="With --generate: store and compute the weights, activations and KV cache in "
                                       "16 bits (decode reads every weight once a token: half the bytes).")
+@click.option("--draft", "draft", default=None, metavar="DRAFT.py[:ATTR]",
+              help="With --generate: a smaller causal LM of the same vocabulary (a model file, as MODEL is) compiled "
+                   "into the bundle for speculative decoding: it drafts tokens, MODEL checks them all in one call. "
+                   "Greedy output is MODEL's own, token for token.")
+@click.option("--speculate", "speculate", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="With --draft: the most tokens drafted a step (the runtime adapts it to the acceptance rate).")
+@click.option("--draft-pin", "draft_pins", multiple=True, metavar="PATTERN=DEVICE",
+              help="With --draft: force the draft's ops (its module paths) onto a device, e.g. "
+                   "--draft-pin model.layers=vulkan; --pin applies to MODEL's phases.")
 def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: tuple, objective: str, solver: str,
             profiles: tuple, options_file: str | None, no_calibrate: bool, output: str | None, jobs: int | None,
             quiet: bool, depfile: str | None, no_verify: bool, plans: tuple, tune: str, iree_flags: tuple,
-            generate: bool, max_context: int, batch: int, weights_dtype: str, tokenizer: str | None) -> None:
+            generate: bool, max_context: int, batch: int, weights_dtype: str, tokenizer: str | None,
+            draft: str | None, speculate: int, draft_pins: tuple) -> None:
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -298,6 +308,7 @@ def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins
       polyarch compile examples/minilm.py --dynamic-dim input_ids:0:16=b --dynamic-dim attention_mask:0:16=b
       polyarch compile model.py -i 1x3x224x224xf32 --tune full --iree-flag=--iree-llvmcpu-enable-ukernels=all
       polyarch compile llm.py --generate --max-context 512 --batch 4 -o llm.pab   # then: polyarch generate llm.pab
+      polyarch compile llm.py --generate --draft small.py --speculate 4 -o spec.pab  # speculative decoding
     """
     from ..compiler.driver import import_model
 
@@ -308,6 +319,10 @@ def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins
     check_outputs(writes, _named_inputs(sources))  # before any work: nothing of the user's is replaced
     before = set(sys.modules)
     m, ns = _load_model(model)
+    if isinstance(options.draft, str):  # the draft model file, loaded as MODEL is
+        import dataclasses
+
+        options = dataclasses.replace(options, draft=_load_model(options.draft)[0])
     local = _local_sources(set(sys.modules) - before)
     sources += sorted(local)
     check_outputs(writes, _named_inputs(sources))  # the modules the model file imports, too
@@ -325,7 +340,7 @@ _OPTION_FLAGS = {"devices": "--device", "plans": "--plans", "pins": "--pin", "ob
                  "no_calibrate": "--no-calibrate", "no_verify": "--no-verify", "tune": "--tune",
                  "iree_flags": "--iree-flag", "jobs": "--jobs", "generate": "--generate",
                  "max_context": "--max-context", "batch": "--batch", "weights_dtype": "--weights-dtype",
-                 "tokenizer": "--tokenizer"}
+                 "tokenizer": "--tokenizer", "draft": "--draft", "speculate": "--speculate", "draft_pins": "--draft-pin"}
 
 
 def _tokenizer(p):
@@ -358,7 +373,8 @@ def _compile_options(ctx):
                           verify=not p.get("no_verify", False), tune=p.get("tune", "quick"),
                           iree_flags=p.get("iree_flags", ()), jobs=p.get("jobs"), generate=p.get("generate", False),
                           max_context=p.get("max_context", 256), batch=p.get("batch", 1),
-                          weights_dtype=p.get("weights_dtype", "f32"), tokenizer=_tokenizer(p))
+                          weights_dtype=p.get("weights_dtype", "f32"), tokenizer=_tokenizer(p),
+                          draft=p.get("draft"), speculate=p.get("speculate", 4), draft_pins=p.get("draft_pins", ()))
 
 
 @cli.command()
@@ -575,6 +591,10 @@ def inspect(bundle: str, as_json: bool, show_ops: bool, trusted_keys: tuple) -> 
              f"(inputs and outputs above: prefill's), context {g['max_context']} tokens, batch {g['batch']}, "
              f"{g['dtype']}; KV cache {g['layers']} layers x {g['kv_heads']} kv heads x {g['head_dim']} "
              f"({cache} values); run it with `polyarch generate {bundle} --ids 1,2,3`")
+        d = g.get("draft")
+        if isinstance(d, dict):
+            _say(f"  draft: {d.get('model', '?')}, {d.get('layers')} layers, drafts up to {d.get('speculate')} tokens "
+                 f"a step, checked by the verify phase (speculative decoding; `generate --no-draft` decodes without)")
     for plan in m["plans"]:
         p = plan.get("plan", {})
         measured = f", measured {plan['measured_us'] / 1000:.3f} ms when compiled" if plan.get("measured_us") else ""
@@ -737,7 +757,8 @@ def _say(line: str = "") -> None:
 def _read_files(model, options, options_file):
     """The files a compile or plan reads before the model runs: the model file, the profiles, the options file."""
     return [p for p in (model.partition(":")[0], *(p for p in options.profiles if isinstance(p, str)), options_file,
-                        options.tokenizer) if p]
+                        options.tokenizer, options.draft.partition(":")[0] if isinstance(options.draft, str) else None)
+            if p]
 
 
 def _named_inputs(paths):
@@ -780,16 +801,20 @@ if __name__ == "__main__":
               help="A token id that ends a sequence (repeatable; default: the model's end-of-sequence ids).")
 @click.option("--no-stop", "no_stop", is_flag=True, help="Do not stop at the end-of-sequence ids: always -n tokens.")
 @click.option("--seed", type=int, default=None, help="Seed of the sampler: the same seed gives the same tokens.")
+@click.option("--no-draft", "no_draft", is_flag=True,
+              help="A bundle compiled with --draft: decode with the model alone (no speculative decoding).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Load only if the bundle is signed by this Ed25519 public key (repeatable: any of them).")
 def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: float, top_k: int, top_p: float,
-             stops: tuple, no_stop: bool, seed: int | None, trusted_keys: tuple) -> None:
+             stops: tuple, no_stop: bool, seed: int | None, no_draft: bool, trusted_keys: tuple) -> None:
     """Generate tokens from a BUNDLE compiled with `compile --generate`.
 
     Prints each new token id as it comes (one line per prompt: `N: id id ...`
     for several prompts, in the order the tokens come), then the time to first
     token, the time per output token and the KV-cache bytes that crossed the
-    host per decode step (0: the cache stayed on its device).
+    host per decode step (0: the cache stayed on its device). A bundle compiled
+    with --draft decodes speculatively (unless --no-draft) and also prints
+    the drafted tokens' acceptance rate and the draft's and verify's times.
 
     \b
     Examples:
@@ -809,7 +834,8 @@ def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: f
             raise PolyarchError(f"--ids {text!r} is not a list of token ids", fix="write ids as 1,2,3") from None
     with load(bundle, trusted_keys=list(trusted_keys) or None) as b:
         g = b.generate(prompts if len(prompts) > 1 else prompts[0], max_new, temperature=temperature, top_k=top_k,
-                       top_p=top_p, stop_ids=() if no_stop else (stops or None), seed=seed)
+                       top_p=top_p, stop_ids=() if no_stop else (stops or None), seed=seed,
+                       speculative=False if no_draft else None)
         shown = ""
         for item in g:
             if texts and len(prompts) == 1:  # the text grows as tokens come (a token may end mid-character)
@@ -830,3 +856,10 @@ def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: f
         click.echo(f"polyarch: {st['tokens']} tokens in {st['seconds']:.2f} s; time to first token {ttft} ms; "
                    f"{tpot} per output token ({st['decode_steps']} decode steps of {b.manifest['generate']['batch']}); "
                    f"KV-cache bytes through the host per step: {st.get('state_host_bytes_per_step', 0):.0f}", err=True)
+        sp = st.get("speculative")
+        if sp:
+            rate = f"{sp['acceptance_rate']:.2f}" if sp["acceptance_rate"] is not None else "-"
+            click.echo(f"polyarch: speculative: {sp['accepted']} of {sp['drafted']} drafted tokens accepted ({rate}), "
+                       f"{sp['mean_k'] or 0:.1f} drafted a step; draft {sp['draft_calls']} calls, "
+                       f"{sp['draft_s'] * 1e3:.1f} ms; verify {sp['verify_calls']} calls, {sp['verify_s'] * 1e3:.1f} ms",
+                       err=True)
