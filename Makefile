@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/ray_overhead.py
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt  # llama.cpp: builds from source
 	$(VENV)/bin/python bench/generate.py
+	$(VENV)/bin/python bench/speculative.py
 
 audit: $(STAMP)
 	$(VENV)/bin/python scripts/audit.py

@@ -26,8 +26,9 @@ VERIFY_STEPS = 8  # greedy tokens compared at compile time (the tests compare 64
 # a copy of their own when the module initialises (+300 MB for a 100M model, per module) for no
 # gain at batch 1 and less at batch 8 (measured: bench/generate.py, docs/architecture.md); without
 # it the weights are used from the bundle's archive in place. Prefill (compute-bound) keeps it, and
-# so do 16-bit weights (f16 decode without it: 19.6 ms/token, with it 12.1, on the same model).
-PHASE_FLAGS = {"f32": {"decode": ["--iree-opt-data-tiling=false"]}}
+# so do 16-bit weights (f16 decode without it: 19.6 ms/token, with it 12.1, on the same model). The
+# draft's decode and the verify phase (speculate + 1 rows) are decode-like: the same flags.
+PHASE_FLAGS = {"f32": {p: ["--iree-opt-data-tiling=false"] for p in ("decode", "draft_decode", "verify")}}
 LOGITS_TOL = {"float32": 2e-3, "float16": 5e-2, "bfloat16": 1e-1}  # max |bundle - eager| / max |eager| per step
 
 

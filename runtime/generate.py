@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import BundleError, PolyarchError
 
-__all__ = ["Generator", "Generation", "sample", "distribution", "DRAFT"]
+__all__ = ["Generator", "Generation", "sample", "distribution", "speculative_gain", "DRAFT"]
 
 DRAFT = "draft_"  # the phases of a bundle's draft model: draft_prefill, draft_decode
 
@@ -227,7 +227,9 @@ class Generation:
     state_host_bytes_per_step (KV-cache bytes that crossed the host per decode step); with
     a draft model (speculative decoding, `Generation._speculate`) also `speculative`: drafted
     and accepted tokens, acceptance_rate, mean_k (tokens drafted a step), and the draft's and
-    verify's calls and seconds (decode_steps then counts verify calls)."""
+    verify's calls and seconds (decode_steps then counts verify calls). acceptance_rate is
+    the probability that a drafted token is accepted (accepted / drafts checked: a step checks
+    its drafts up to the first rejected one; the ones after it are drafted but not checked)."""
 
     def __init__(self, gen, prompts, max_new, temperature, top_k, top_p, stops, seed, single, speculative=False):
         self.gen, self.prompts, self.max_new, self.single = gen, prompts, max_new, single
@@ -317,8 +319,8 @@ class Generation:
         ttft = [None] * len(self.prompts)
         counters = gen.bundle.counters
         state0 = counters["state_host_bytes"]
-        st = self._spec = {"steps": 0, "drafted": 0, "accepted": 0, "draft_s": 0.0, "draft_calls": 0, "verify_s": 0.0,
-                           "verify_calls": 0, "k": []}
+        st = self._spec = {"steps": 0, "drafted": 0, "accepted": 0, "tested": 0, "draft_s": 0.0, "draft_calls": 0,
+                           "verify_s": 0.0, "verify_calls": 0, "k": []}
         state_steps = 0  # state bytes through the host in the decode steps (prefill's empty caches excluded)
         for wave in range(0, len(self.prompts), b):
             ids = list(range(wave, min(wave + b, len(self.prompts))))
@@ -348,7 +350,7 @@ class Generation:
                           state_host_bytes=counters["state_host_bytes"] - state0,
                           state_host_bytes_per_step=state_steps / max(1, st["steps"]),
                           speculative={"drafted": st["drafted"], "accepted": st["accepted"],
-                                       "acceptance_rate": st["accepted"] / st["drafted"] if st["drafted"] else None,
+                                       "acceptance_rate": st["accepted"] / st["tested"] if st["tested"] else None,
                                        "mean_k": float(np.mean(st["k"])) if st["k"] else None,
                                        **{key: st[key] for key in ("draft_calls", "draft_s", "verify_calls", "verify_s")}})
 
@@ -388,6 +390,7 @@ class Generation:
             new, accepted = self._check(logits[s], drafts[s], qs[s])
             st["drafted"] += k
             st["accepted"] += accepted
+            st["tested"] += accepted + (accepted < k)  # drafts checked up to the first rejected one
             if accepted == k and k:  # the draft has not yet seen its own last token
                 catch_up[s] = (drafts[s][-1], pos[s] + k)
             for tok in new:
@@ -416,13 +419,20 @@ class Generation:
 
     @staticmethod
     def _choose_k(st, kmax, costs=None):
-        """The draft length with the most expected tokens per second: a step of k drafts yields
-        (1 - a^(k+1)) / (1 - a) tokens for acceptance rate a, and costs k draft calls and one
-        verify call (its time does not depend on k: its shape is fixed). Before any step: kmax.
-        costs: (draft call, verify call) times to use instead of the measured ones."""
-        if not st["verify_calls"] or not st["drafted"]:
+        """The draft length with the most expected tokens per second (`speculative_gain`). Before
+        any step: kmax. costs: (draft call, verify call) times to use instead of the measured ones."""
+        if not st["verify_calls"] or not st["tested"]:
             return kmax
-        a = (st["accepted"] + 2.0) / (st["drafted"] + 4.0)  # the measured rate, pulled towards 1/2 early on
+        a = (st["accepted"] + 2.0) / (st["tested"] + 4.0)  # the measured rate, pulled towards 1/2 early on
         td, tv = costs or (st["draft_s"] / max(1, st["draft_calls"]), st["verify_s"] / st["verify_calls"])
-        gain = lambda k: (k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)) / (k * td + tv)
-        return max(range(1, kmax + 1), key=gain)
+        return max(range(1, kmax + 1), key=lambda k: speculative_gain(a, k, td, tv))
+
+
+def speculative_gain(a: float, k: int, draft_s: float, verify_s: float) -> float:
+    """Expected tokens per second of speculative steps: k drafted tokens, each accepted with
+    probability a, yield (1 - a^(k+1)) / (1 - a) tokens a step, for k draft calls, one more
+    when all k are accepted (the draft then catches up on its last token: probability a^k),
+    and one verify call (whose time does not depend on k: its shape is fixed). The speed-up
+    over plain decoding is this times the time of one plain decode call."""
+    tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+    return tokens / ((k + a ** k) * draft_s + verify_s)
