@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt  # llama.cpp: builds from source
 	$(VENV)/bin/python bench/generate.py
 	$(VENV)/bin/python bench/speculative.py
+	$(VENV)/bin/python bench/fleet.py
 
 audit: $(STAMP)
 	$(VENV)/bin/python scripts/audit.py

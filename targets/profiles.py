@@ -86,8 +86,10 @@ _REQUIRED = ("name", "device", "peak_flops", "mem_bw", "launch_s", "mem_capacity
 _DEFAULTS = {"call_s": 0.0, "watts": 0.0, "price_per_hour": 0.0, "source": "", "calibrated": None, "op_efficiency": {}, "half_flops": 0.0}
 
 
-def from_json(obj: dict, where: str = "profile") -> "DeviceProfile":
-    """A DeviceProfile from a parsed JSON object, or PolyarchError naming the bad field."""
+def from_json(obj: dict, where: str = "profile", prediction_only: bool = False) -> "DeviceProfile":
+    """A DeviceProfile from a parsed JSON object, or PolyarchError naming the bad field.
+    prediction_only: the device may be of a kind polyarch cannot compile for (a fleet
+    prediction's accelerator, `polyarch plan --generate`): its spec is checked for form only."""
     if not isinstance(obj, dict):
         raise PolyarchError(f"{where} is not a JSON object", fix=FIELDS_HELP)
     schema = obj.get("schema", SCHEMA)
@@ -100,7 +102,10 @@ def from_json(obj: dict, where: str = "profile") -> "DeviceProfile":
     if unknown:
         raise PolyarchError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}", fix=FIELDS_HELP)
     vals = {**_DEFAULTS, **{k: v for k, v in obj.items() if k != "schema"}}
-    DeviceSpec.parse(vals["device"])
+    if not prediction_only:
+        DeviceSpec.parse(vals["device"])
+    elif not isinstance(vals["device"], str) or not vals["device"].strip():
+        raise PolyarchError(f"{where}: device must name the device (a string)", fix=FIELDS_HELP)
     pf = vals["peak_flops"]
     if not isinstance(pf, dict) or "f32" not in pf:
         raise PolyarchError(f"{where}: peak_flops must be an object with at least an 'f32' entry", fix=FIELDS_HELP)
@@ -118,8 +123,9 @@ def from_json(obj: dict, where: str = "profile") -> "DeviceProfile":
     return DeviceProfile(**vals)
 
 
-def load(path: str) -> list:
-    """[DeviceProfile] from a profile file (one profile or {"profiles": [...]})."""
+def load(path: str, prediction_only: bool = False) -> list:
+    """[DeviceProfile] from a profile file (one profile or {"profiles": [...]}); prediction_only:
+    see from_json."""
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -135,11 +141,11 @@ def load(path: str) -> list:
         if not isinstance(obj["profiles"], list) or not all(isinstance(p, dict) for p in obj["profiles"]):
             raise PolyarchError(f"profile file {path}: 'profiles' must be a list of profiles (objects), "
                                 f"not {json.dumps(obj['profiles'])[:60]}", fix="write it with `polyarch calibrate -o FILE`")
-        return [from_json(p, f"{path}: profile {i}") for i, p in enumerate(obj["profiles"])]
+        return [from_json(p, f"{path}: profile {i}", prediction_only) for i, p in enumerate(obj["profiles"])]
     if not isinstance(obj, dict):
         raise PolyarchError(f"profile file {path} holds {type(obj).__name__}, not a profile (an object)",
                             fix="write it with `polyarch calibrate -o FILE`")
-    return [from_json(obj, path)]
+    return [from_json(obj, path, prediction_only)]
 
 
 def save(path: str, profiles: list) -> None:

@@ -389,21 +389,51 @@ def _compile_options(ctx):
 @click.option("--requests", type=int, default=None, metavar="N",
               help="Simulate N calls in the timeline (default: 1; 4 for the throughput objective, pipelined).")
 @click.option("--mlir", "mlir_out", type=click.Path(dir_okay=False), help="Also write the partitioned module here.")
+@click.option("--generate", "generate", is_flag=True,
+              help="MODEL is a causal LM: predict generation instead (no import, no compile): time to first token, "
+                   "time per output token, tokens/s per user and in total, $ per million tokens and J per token of "
+                   "single-device, phase-split and (with --draft) speculative plans over the -d devices and the "
+                   "--profile files (which may describe devices polyarch cannot compile for), sweeping --batches and "
+                   "--draft-lengths. MODEL may be built on torch's meta device (no memory for weights).")
+@click.option("--draft", "draft", default=None, metavar="DRAFT.py[:ATTR]", help="With --generate: a draft model.")
+@click.option("--batches", default="1,4,16,64,256", show_default=True, metavar="B,B,...",
+              help="With --generate: the decode batch sizes to sweep.")
+@click.option("--draft-lengths", "draft_lengths", default="1,2,4,8", show_default=True, metavar="K,K,...",
+              help="With --generate --draft: the draft lengths to sweep.")
+@click.option("--acceptance", type=click.FloatRange(0, 1, max_open=True), default=0.7, show_default=True,
+              help="With --draft: the probability that the model accepts a drafted token.")
+@click.option("--prompt-tokens", "prompt_tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="With --generate: prompt length.")
+@click.option("--new-tokens", "new_tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="With --generate: tokens generated per request.")
+@click.option("--weights-dtype", "weights_dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32",
+              show_default=True, help="With --generate: the weights', activations' and cache's element type.")
+@click.option("--pareto", "pareto_out", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="With --generate: draw tokens/s per device against tokens/s per user, each plan kind's Pareto front.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), metavar="FILE.json",
+              help="With --generate: write every predicted plan.")
 def plan(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: tuple, objective: str, solver: str,
          profiles: tuple, options_file: str | None, no_calibrate: bool, explain: bool, show_ops: bool,
-         trace_out: str | None, gantt_out: str | None, requests: int | None, mlir_out: str | None) -> None:
+         trace_out: str | None, gantt_out: str | None, requests: int | None, mlir_out: str | None, generate: bool,
+         **gen) -> None:
     """Show where each part of MODEL would run, without compiling.
 
     With --profile files for devices this host does not have, this simulates a
     fleet: the plan and its predicted timeline are for those devices. (With
-    --options naming several plans, the first is shown.)
+    --options naming several plans, the first is shown.) With --generate,
+    predicts a language model's generation on a fleet instead
+    (compiler/fleet.py).
 
     \b
     Examples:
       polyarch plan examples/minilm.py -d cpu -d vulkan --explain
       polyarch plan examples/minilm.py --profile profile.json --objective energy
       polyarch plan examples/minilm.py --profile h100.json --profile cpu.json --trace t.json --gantt t.png
+      polyarch plan llm.py --generate --draft small.py -d cuda \\
+          --profile examples/profiles/sram-decode-accelerator.json --weights-dtype bf16 --pareto p.png
     """
+    if generate:
+        return _plan_generate(model, devices, profiles, **gen)
     from ..compiler import simulate
     from ..compiler.driver import import_model
     from ..compiler.measured import pricing_line
@@ -435,6 +465,56 @@ def plan(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: t
     if mlir_out:
         with atomic_write(mlir_out) as f:
             f.write(planned.as_text())
+
+
+def _plan_generate(model, devices, profile_files, draft, batches, draft_lengths, acceptance, prompt_tokens, new_tokens,
+                   weights_dtype, pareto_out, json_out):
+    """`plan --generate`: the fleet prediction of compiler/fleet.py, as a table (each kind's
+    Pareto plans), a JSON file and a PNG."""
+    import json
+
+    from ..compiler import fleet, measured
+    from ..targets import profiles as P
+
+    check_outputs({"the chart (--pareto)": pareto_out, "the table (--json)": json_out},
+                  _named_inputs([model.partition(":")[0], *profile_files, draft and draft.partition(":")[0]]))
+    progress = lambda msg: click.echo(f"polyarch: {msg}", err=True)
+    profs = {}
+    if devices:  # this host's measured profiles where cached, else spec sheets
+        for d, p in zip(devices, measured.resolve_profiles(list(devices), (), False, progress)[0]):
+            profs[d] = p
+    for f in profile_files:
+        for p in P.load(f, prediction_only=True):
+            profs[p.name] = p
+    if not profs:
+        raise PolyarchError("no devices to predict for", fix="give -d DEVICE (e.g. -d cuda: the H100 spec sheet) "
+                                                            "and/or --profile FILE.json")
+    ints = lambda text, what: [int(x) for x in text.split(",") if x.strip()] or _bad(what, text)
+    spec = fleet.LMSpec.of(_load_model(model)[0], weights_dtype)
+    dspec = fleet.LMSpec.of(_load_model(draft)[0], weights_dtype) if draft else None
+    rows = fleet.predict(spec, profs, prompt_tokens, new_tokens, ints(batches, "--batches"), dspec,
+                         ints(draft_lengths, "--draft-lengths") if draft else (1,), acceptance, weights_dtype)
+    title = (f"{spec.name}: {spec.params / 1e9:.2f}B parameters, {weights_dtype}, prompt {prompt_tokens}, "
+             f"{new_tokens} new" + (f"; draft {dspec.params / 1e9:.2f}B, acceptance {acceptance}" if dspec else ""))
+    click.echo(title)
+    click.echo("| plan | devices | batch | k | TTFT ms | TPOT ms | tok/s per user | tok/s | devices used | $ per 1M tok "
+               "| J per tok |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(fleet.pareto(rows), key=lambda r: (fleet.KINDS.index(r["kind"]), -r["tokens_per_s_per_user"])):
+        click.echo(f"| {r['kind']} | {r['devices']} | {r['batch']} | {r['k'] or '-'} | {r['ttft_ms']:.2f} | "
+                   f"{r['tpot_ms']:.3f} | {r['tokens_per_s_per_user']:.1f} | {r['tokens_per_s']:.0f} | "
+                   f"{r['devices_used']} | {r['usd_per_m_tokens']:.3f} | {r['joules_per_token']:.3f} |")
+    click.echo(f"({len(rows)} plans predicted; the Pareto plans of each kind shown: none faster per user and per device)")
+    if json_out:
+        with atomic_write(json_out) as f:
+            json.dump({"title": title, "profiles": {k: p.to_json() for k, p in profs.items()}, "plans": rows}, f, indent=1)
+        click.echo(f"wrote {json_out}")
+    if pareto_out:
+        fleet.write_pareto_png(pareto_out, rows, title)
+        click.echo(f"wrote {pareto_out}")
+
+
+def _bad(what, text):
+    raise PolyarchError(f"{what} {text!r} names no sizes", fix=f"give whole numbers, e.g. {what} 1,4,16")
 
 
 @cli.command()
