@@ -42,6 +42,12 @@ def _pins(pins):
     return out
 
 
+def _phase_pins(o, phase):
+    """The pins of one phase: the model's (or the draft's), then the phase's own (they win)."""
+    own = [pin.partition(":")[2] for pin in o.phase_pins if pin.partition(":")[0] == phase]
+    return _pins([*(o.draft_pins if phase.startswith(DRAFT_PREFIX) else o.pins), *own])
+
+
 class ImportedLM:
     """Stage 1 of a --generate compile: both phases imported (`phases`: {phase: (module,
     signature)}), as driver.Imported is for one forward."""
@@ -85,8 +91,7 @@ class ImportedLM:
                                 "shapes and types",
                                 fix="import the model again with these options")
         priced = price_devices(o.device_specs, o.profiles, o.calibrate, self.progress)
-        plans = {p: partition(base, o.device_specs, _pins(o.draft_pins if p.startswith(DRAFT_PREFIX) else o.pins),
-                              self.progress, o.objective, o.solver, priced)
+        plans = {p: partition(base, o.device_specs, _phase_pins(o, p), self.progress, o.objective, o.solver, priced)
                  for p, (base, _) in self.phases.items()}
         return PlannedLM(self, o, plans)
 

@@ -18,7 +18,7 @@ __all__ = ["CompileOptions"]
 TUNE_MODES = ("none", "quick", "full")
 WEIGHTS_DTYPES = ("f32", "f16", "bf16")
 SOLVERS = ("auto", "brute", "chain-dp", "mincut", "heft")
-_LISTS = ("devices", "pins", "profiles", "dynamic_dims", "iree_flags", "draft_pins")
+_LISTS = ("devices", "pins", "profiles", "dynamic_dims", "iree_flags", "draft_pins", "phase_pins")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,11 @@ class CompileOptions:
                  tokens, the model checks them all in one `verify` call
     speculate    with draft: the most tokens drafted per step (verify takes speculate + 1)
     draft_pins   with draft: pins for the draft's phases (the draft's module paths), e.g.
-                 ["model.layers=vulkan"]; `pins` apply to the model's phases"""
+                 ["model.layers=vulkan"]; `pins` apply to the model's phases
+    phase_pins   with generate: pins for one phase only, "PHASE:PATTERN=DEVICE" (PHASE: prefill,
+                 decode, verify, draft_prefill, draft_decode), after the others: e.g.
+                 ["prefill:model.layers=vulkan", "decode:model=cpu"] runs prefill and decode on
+                 different devices (the cache moves once per prompt, between them)"""
 
     devices: tuple = ("cpu",)
     plans: tuple = ()
@@ -72,6 +76,7 @@ class CompileOptions:
     draft: Any = None
     speculate: int = 4
     draft_pins: tuple = ()
+    phase_pins: tuple = ()
 
     def __post_init__(self):
         for name in _LISTS:
@@ -100,6 +105,16 @@ class CompileOptions:
             raise PolyarchError(f"speculate={self.speculate!r}", fix="give a whole number from 1 to 16 (tokens drafted a step)")
         if (self.draft is not None or self.draft_pins) and not self.generate:
             raise PolyarchError("a draft model applies to --generate compiles only", fix="add --generate (generate=True)")
+        for pin in self.phase_pins:
+            phase, sep, rest = pin.partition(":")
+            if not sep or phase not in PHASES or "=" not in rest:
+                raise PolyarchError(f"phase pin {pin!r} is not PHASE:PATTERN=DEVICE with PHASE one of {', '.join(PHASES)}",
+                                    fix="e.g. prefill:model.layers=vulkan")
+            if not self.generate:
+                raise PolyarchError("phase pins apply to --generate compiles only", fix="add --generate (generate=True)")
+            if phase.startswith("draft_") and self.draft is None or phase == "verify" and self.draft is None:
+                raise PolyarchError(f"phase pin {pin!r} names a phase that only a draft model brings",
+                                    fix="give the draft: --draft DRAFT.py[:ATTR] (draft=)")
         if self.draft_pins and self.draft is None:
             raise PolyarchError("draft_pins without a draft model", fix="give the draft: --draft DRAFT.py[:ATTR] (draft=)")
         if self.tokenizer is not None and not self.generate:
@@ -189,6 +204,7 @@ def parse_device_sets(device_sets) -> list:
     return sets
 
 
+PHASES = ("prefill", "decode", "verify", "draft_prefill", "draft_decode")
 FIELDS_HELP = "see `polyarch compile --help` (--options) or compiler/options.py for the fields"
 
 

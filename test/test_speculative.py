@@ -150,3 +150,28 @@ def test_draft_errors_are_one_line(spec, tmp_path):
     r = cli("compile", "nothing.py", "--generate", "--draft", "nothing.py", "--speculate", "0")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "x.pab")
+
+
+def test_phase_split_plan_gives_the_single_device_tokens(tmp_path):
+    """Prefill pinned to Vulkan (lavapipe here), decode to the cpu: the cache moves once per
+    prompt; the tokens are those of the model on one device (transformers' greedy ones)."""
+    import polyarch
+    from polyarch.runtime import load
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                             eos_token_id=None)).eval()
+    path = polyarch.compile(model, generate=True, max_context=48, devices=["cpu", "vulkan"], tune="none",
+                            phase_pins=["prefill:model.layers=vulkan", "decode:model=cpu"],
+                            output=str(tmp_path / "split.pab"))
+    with load(path) as b:
+        segs = b.plan["segments"]
+        assert "vulkan" in {s["device"] for s in segs if s["name"].startswith("prefill_")}
+        assert {s["device"] for s in segs if s["name"].startswith("decode_")} == {"cpu"}
+        g = b.generate(PROMPTS[0], 24, stop_ids=())
+        assert list(g) == _reference(model, PROMPTS[0], 24)
+    r = cli("inspect", path)
+    assert "moves from prefill's devices to decode's once per prompt" in r.stdout
+    with pytest.raises(polyarch.PolyarchError, match="PHASE:PATTERN=DEVICE"):
+        polyarch.compile(model, generate=True, phase_pins=["warmup:model=cpu"], output=str(tmp_path / "x.pab"))

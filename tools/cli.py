@@ -276,11 +276,15 @@ def cli(verbose: bool) -> None:
 @click.option("--draft-pin", "draft_pins", multiple=True, metavar="PATTERN=DEVICE",
               help="With --draft: force the draft's ops (its module paths) onto a device, e.g. "
                    "--draft-pin model.layers=vulkan; --pin applies to MODEL's phases.")
+@click.option("--phase-pin", "phase_pins", multiple=True, metavar="PHASE:PATTERN=DEVICE",
+              help="With --generate: a pin for one phase only (prefill, decode, verify, draft_prefill, draft_decode), "
+                   "e.g. --phase-pin prefill:model.layers=vulkan --phase-pin decode:model=cpu runs prefill and decode "
+                   "on different devices; the KV cache then moves between them once per prompt.")
 def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: tuple, objective: str, solver: str,
             profiles: tuple, options_file: str | None, no_calibrate: bool, output: str | None, jobs: int | None,
             quiet: bool, depfile: str | None, no_verify: bool, plans: tuple, tune: str, iree_flags: tuple,
             generate: bool, max_context: int, batch: int, weights_dtype: str, tokenizer: str | None,
-            draft: str | None, speculate: int, draft_pins: tuple) -> None:
+            draft: str | None, speculate: int, draft_pins: tuple, phase_pins: tuple) -> None:
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -340,7 +344,8 @@ _OPTION_FLAGS = {"devices": "--device", "plans": "--plans", "pins": "--pin", "ob
                  "no_calibrate": "--no-calibrate", "no_verify": "--no-verify", "tune": "--tune",
                  "iree_flags": "--iree-flag", "jobs": "--jobs", "generate": "--generate",
                  "max_context": "--max-context", "batch": "--batch", "weights_dtype": "--weights-dtype",
-                 "tokenizer": "--tokenizer", "draft": "--draft", "speculate": "--speculate", "draft_pins": "--draft-pin"}
+                 "tokenizer": "--tokenizer", "draft": "--draft", "speculate": "--speculate", "draft_pins": "--draft-pin",
+                 "phase_pins": "--phase-pin"}
 
 
 def _tokenizer(p):
@@ -374,7 +379,8 @@ def _compile_options(ctx):
                           iree_flags=p.get("iree_flags", ()), jobs=p.get("jobs"), generate=p.get("generate", False),
                           max_context=p.get("max_context", 256), batch=p.get("batch", 1),
                           weights_dtype=p.get("weights_dtype", "f32"), tokenizer=_tokenizer(p),
-                          draft=p.get("draft"), speculate=p.get("speculate", 4), draft_pins=p.get("draft_pins", ()))
+                          draft=p.get("draft"), speculate=p.get("speculate", 4), draft_pins=p.get("draft_pins", ()),
+                          phase_pins=p.get("phase_pins", ()))
 
 
 @cli.command()
@@ -511,6 +517,26 @@ def _plan_generate(model, devices, profile_files, draft, batches, draft_lengths,
     if pareto_out:
         fleet.write_pareto_png(pareto_out, rows, title)
         click.echo(f"wrote {pareto_out}")
+
+
+def _phase_devices(plan, cache_bytes):
+    """Where each phase of a --generate plan runs, and whether the cache moves from prefill's
+    devices to decode's."""
+    used = {}
+    for seg in plan.get("segments", []):
+        phase = next((p for p in sorted(plan.get("phases", {}), key=len, reverse=True)
+                      if str(seg.get("name", "")).startswith(p + "_seg_")), None)
+        if phase:
+            used.setdefault(phase, []).append(seg.get("device"))
+    text = ", ".join(f"{p} on {'+'.join(dict.fromkeys(d))}" for p, d in used.items())
+    pre, dec = set(used.get("prefill", ())), set(used.get("decode", ()))
+    if pre and dec and pre != dec:
+        text += f"; the KV cache ({cache_bytes / 1e6:.1f} MB) moves from prefill's devices to decode's once per prompt"
+    return text
+
+
+def _itemsize(dtype):
+    return {"float16": 2, "bfloat16": 2}.get(dtype, 4)
 
 
 def _bad(what, text):
@@ -671,6 +697,8 @@ def inspect(bundle: str, as_json: bool, show_ops: bool, trusted_keys: tuple) -> 
              f"(inputs and outputs above: prefill's), context {g['max_context']} tokens, batch {g['batch']}, "
              f"{g['dtype']}; KV cache {g['layers']} layers x {g['kv_heads']} kv heads x {g['head_dim']} "
              f"({cache} values); run it with `polyarch generate {bundle} --ids 1,2,3`")
+        for plan in m["plans"]:
+            _say(f"  phases of plan {plan.get('name')}: " + _phase_devices(plan, cache * _itemsize(g.get("dtype"))))
         d = g.get("draft")
         if isinstance(d, dict):
             _say(f"  draft: {d.get('model', '?')}, {d.get('layers')} layers, drafts up to {d.get('speculate')} tokens "
