@@ -181,7 +181,7 @@ def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",)
             dynamic_dims: Iterable = (), calibrate: bool = True, verify: bool = True, tune: str = "quick",
             generate: bool = False, max_context: int = 256, batch: int = 1, weights_dtype: str = "f32",
             tokenizer: str | None = None, draft: Any = None, speculate: int = 4, draft_pins: Iterable = (),
-            phase_pins: Iterable = (), options: CompileOptions | None = None) -> str:
+            phase_pins: Iterable = (), draft_dtype: str | None = None, options: CompileOptions | None = None) -> str:
     """Compile a model into a bundle. Returns the bundle's path.
 
     model          torch.nn.Module (with example_inputs), torch.export.ExportedProgram, or the path of
@@ -224,16 +224,16 @@ def compile(model: Any, example_inputs: tuple = (), devices: Iterable = ("cpu",)
     max_context, batch  with generate: the most tokens (prompt + generated) a sequence holds; sequences decoded together
     weights_dtype  with generate: f32, f16 or bf16 (weights, activations and cache in 16 bits)
     tokenizer      with generate: a tokenizer.json (or its folder) carried in the bundle: text in, text out
-    draft, speculate, draft_pins, phase_pins  with generate: a draft LM for speculative decoding; pins per phase
+    draft, speculate, draft_pins, draft_dtype, phase_pins  with generate: a draft LM (compiler/options.py)
     """
     if options is None:
         options = CompileOptions(devices=tuple(devices), plans=tuple(plans or ()), pins=pins, objective=objective,
                                  solver=solver, profiles=profiles, dynamic_dims=dynamic_dims, calibrate=calibrate,
                                  verify=verify, tune=tune, iree_flags=iree_extra_flags, jobs=jobs, generate=generate,
-                                 max_context=max_context, batch=batch, weights_dtype=weights_dtype,
-                                 tokenizer=tokenizer, draft=draft, speculate=speculate, draft_pins=draft_pins, phase_pins=phase_pins)
-    output = output or f"{model_name(model)}.pab"
-    _check_output(model, output)
+                                 max_context=max_context, batch=batch, weights_dtype=weights_dtype, tokenizer=tokenizer,
+                                 draft=draft, speculate=speculate, draft_pins=draft_pins, phase_pins=phase_pins,
+                                 draft_dtype=draft_dtype)
+    _check_output(model, output := output or f"{model_name(model)}.pab")
     return import_model(model, example_inputs, options, progress).plan().write(output)
 
 

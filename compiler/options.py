@@ -51,6 +51,8 @@ class CompileOptions:
     speculate    with draft: the most tokens drafted per step (verify takes speculate + 1)
     draft_pins   with draft: pins for the draft's phases (the draft's module paths), e.g.
                  ["model.layers=vulkan"]; `pins` apply to the model's phases
+    draft_dtype  with draft: its weights' dtype (f32, f16, bf16; None: weights_dtype), e.g. a
+                 16-bit draft for an f32 model: each draft call reads half the bytes
     phase_pins   with generate: pins for one phase only, "PHASE:PATTERN=DEVICE" (PHASE: prefill,
                  decode, verify, draft_prefill, draft_decode), after the others: e.g.
                  ["prefill:model.layers=vulkan", "decode:model=cpu"] runs prefill and decode on
@@ -77,6 +79,7 @@ class CompileOptions:
     speculate: int = 4
     draft_pins: tuple = ()
     phase_pins: tuple = ()
+    draft_dtype: str | None = None
 
     def __post_init__(self):
         for name in _LISTS:
@@ -115,6 +118,9 @@ class CompileOptions:
             if phase.startswith("draft_") and self.draft is None or phase == "verify" and self.draft is None:
                 raise PolyarchError(f"phase pin {pin!r} names a phase that only a draft model brings",
                                     fix="give the draft: --draft DRAFT.py[:ATTR] (draft=)")
+        if self.draft_dtype is not None and (self.draft_dtype not in WEIGHTS_DTYPES or self.draft is None):
+            raise PolyarchError(f"draft_dtype={self.draft_dtype!r}" + ("" if self.draft is not None else " without a draft"),
+                                fix="use " + ", ".join(WEIGHTS_DTYPES) + " with a draft model (--draft)")
         if self.draft_pins and self.draft is None:
             raise PolyarchError("draft_pins without a draft model", fix="give the draft: --draft DRAFT.py[:ATTR] (draft=)")
         if self.tokenizer is not None and not self.generate:
@@ -160,6 +166,8 @@ class CompileOptions:
         for key in _LISTS + ("plans",):
             if not isinstance(obj.get(key, []), list):
                 raise PolyarchError(f"{where}: '{key}' must be a list", fix=FIELDS_HELP)
+        if not isinstance(obj.get("draft_dtype", ""), (str, type(None))):
+            raise PolyarchError(f"{where}: 'draft_dtype' must be f32, f16 or bf16", fix=FIELDS_HELP)
         if not isinstance(obj.get("draft", ""), (str, type(None))):
             raise PolyarchError(f"{where}: 'draft' must be a model file (DRAFT.py[:ATTR])", fix=FIELDS_HELP)
         if not isinstance(obj.get("tokenizer", ""), (str, type(None))):

@@ -56,14 +56,16 @@ def _reference(model, prompt, n=STEPS):
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
-    """The bundle, compiled from the command line: target + draft, batch 2, up to 4 drafted a step."""
+    """The bundle, compiled from the command line: target (f32) + draft (f16 weights), batch 2, up
+    to 4 drafted a step."""
     import importlib.util
 
     d = tmp_path_factory.mktemp("spec")
     (d / "models.py").write_text(MODELS)
     path = str(d / "spec.pab")
     r = cli("compile", str(d / "models.py") + ":target", "--generate", "--draft", str(d / "models.py") + ":draft",
-            "--speculate", "4", "--batch", "2", "--max-context", "96", "--tune", "none", "-q", "-o", path)
+            "--speculate", "4", "--draft-dtype", "f16", "--batch", "2", "--max-context", "96", "--tune", "none", "-q",
+            "-o", path)
     assert r.returncode == 0, r.stderr
     spec_ = importlib.util.spec_from_file_location("spec_models", d / "models.py")
     mod = importlib.util.module_from_spec(spec_)
@@ -79,6 +81,7 @@ def test_greedy_speculative_is_the_targets_own(spec):
     with load(path) as b:
         assert sorted(b.phases) == ["decode", "draft_decode", "draft_prefill", "prefill", "verify"]
         assert b.manifest["generate"]["draft"]["speculate"] == 4
+        assert b.manifest["generate"]["draft"]["dtype"] == "float16" and b.manifest["generate"]["dtype"] == "float32"
         assert b.plans and b.manifest["plans"][0]["verification"]["status"] == "verified"
         g = b.generate(PROMPTS[0], STEPS, stop_ids=())
         tokens = list(g)
@@ -129,6 +132,13 @@ def test_cli_generate_speculative_and_no_draft(spec):
     r = cli("generate", path, "--ids", "1,5,9,22,7", "-n", "12", "--no-stop")
     assert r.returncode == 0, r.stderr
     assert "speculative:" in r.stderr and "accepted" in r.stderr
+    trace = os.path.join(os.path.dirname(path), "gen.json")
+    r2 = cli("generate", path, "--ids", "1,5,9,22,7", "-n", "12", "--no-stop", "--trace", trace)
+    assert r2.returncode == 0 and r2.stdout == r.stdout, r2.stderr
+    import json
+
+    names = {e["name"] for e in json.load(open(trace))["traceEvents"] if e.get("ph") == "X"}
+    assert any(n.startswith("verify_") for n in names) and any(n.startswith("draft_decode_") for n in names)
     r2 = cli("generate", path, "--ids", "1,5,9,22,7", "-n", "12", "--no-stop", "--no-draft")
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout == r.stdout and "speculative:" not in r2.stderr

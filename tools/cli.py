@@ -276,6 +276,9 @@ def cli(verbose: bool) -> None:
 @click.option("--draft-pin", "draft_pins", multiple=True, metavar="PATTERN=DEVICE",
               help="With --draft: force the draft's ops (its module paths) onto a device, e.g. "
                    "--draft-pin model.layers=vulkan; --pin applies to MODEL's phases.")
+@click.option("--draft-dtype", "draft_dtype", type=click.Choice(["f32", "f16", "bf16"]), default=None,
+              help="With --draft: the draft's weights dtype (default: --weights-dtype), e.g. f16 for an f32 model: "
+                   "a draft call then reads half the bytes.")
 @click.option("--phase-pin", "phase_pins", multiple=True, metavar="PHASE:PATTERN=DEVICE",
               help="With --generate: a pin for one phase only (prefill, decode, verify, draft_prefill, draft_decode), "
                    "e.g. --phase-pin prefill:model.layers=vulkan --phase-pin decode:model=cpu runs prefill and decode "
@@ -284,7 +287,7 @@ def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins
             profiles: tuple, options_file: str | None, no_calibrate: bool, output: str | None, jobs: int | None,
             quiet: bool, depfile: str | None, no_verify: bool, plans: tuple, tune: str, iree_flags: tuple,
             generate: bool, max_context: int, batch: int, weights_dtype: str, tokenizer: str | None,
-            draft: str | None, speculate: int, draft_pins: tuple, phase_pins: tuple) -> None:
+            draft: str | None, speculate: int, draft_pins: tuple, draft_dtype: str | None, phase_pins: tuple) -> None:
     """Compile MODEL into a .pab bundle for the given devices.
 
     Weights are stored once, in an IREE parameter archive inside the bundle,
@@ -345,7 +348,7 @@ _OPTION_FLAGS = {"devices": "--device", "plans": "--plans", "pins": "--pin", "ob
                  "iree_flags": "--iree-flag", "jobs": "--jobs", "generate": "--generate",
                  "max_context": "--max-context", "batch": "--batch", "weights_dtype": "--weights-dtype",
                  "tokenizer": "--tokenizer", "draft": "--draft", "speculate": "--speculate", "draft_pins": "--draft-pin",
-                 "phase_pins": "--phase-pin"}
+                 "phase_pins": "--phase-pin", "draft_dtype": "--draft-dtype"}
 
 
 def _tokenizer(p):
@@ -380,7 +383,7 @@ def _compile_options(ctx):
                           max_context=p.get("max_context", 256), batch=p.get("batch", 1),
                           weights_dtype=p.get("weights_dtype", "f32"), tokenizer=_tokenizer(p),
                           draft=p.get("draft"), speculate=p.get("speculate", 4), draft_pins=p.get("draft_pins", ()),
-                          phase_pins=p.get("phase_pins", ()))
+                          phase_pins=p.get("phase_pins", ()), draft_dtype=p.get("draft_dtype"))
 
 
 @cli.command()
@@ -911,10 +914,14 @@ if __name__ == "__main__":
 @click.option("--seed", type=int, default=None, help="Seed of the sampler: the same seed gives the same tokens.")
 @click.option("--no-draft", "no_draft", is_flag=True,
               help="A bundle compiled with --draft: decode with the model alone (no speculative decoding).")
+@click.option("--trace", "trace_out", type=click.Path(dir_okay=False), metavar="FILE.json",
+              help="Write a Chrome/Perfetto trace of the generation: every phase's segments on their device "
+                   "(prefill_*, decode_*, and with a draft draft_* and verify_*), every transfer with its bytes.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Load only if the bundle is signed by this Ed25519 public key (repeatable: any of them).")
 def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: float, top_k: int, top_p: float,
-             stops: tuple, no_stop: bool, seed: int | None, no_draft: bool, trusted_keys: tuple) -> None:
+             stops: tuple, no_stop: bool, seed: int | None, no_draft: bool, trace_out: str | None,
+             trusted_keys: tuple) -> None:
     """Generate tokens from a BUNDLE compiled with `compile --generate`.
 
     Prints each new token id as it comes (one line per prompt: `N: id id ...`
@@ -940,7 +947,9 @@ def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: f
             prompts.append([int(t) for t in text.split(",") if t.strip()])
         except ValueError:
             raise PolyarchError(f"--ids {text!r} is not a list of token ids", fix="write ids as 1,2,3") from None
+    check_outputs({"the trace (--trace)": trace_out}, {"the bundle": bundle})
     with load(bundle, trusted_keys=list(trusted_keys) or None) as b:
+        b.trace = bool(trace_out)
         g = b.generate(prompts if len(prompts) > 1 else prompts[0], max_new, temperature=temperature, top_k=top_k,
                        top_p=top_p, stop_ids=() if no_stop else (stops or None), seed=seed,
                        speculative=False if no_draft else None)
@@ -971,3 +980,6 @@ def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: f
                        f"{sp['mean_k'] or 0:.1f} drafted a step; draft {sp['draft_calls']} calls, "
                        f"{sp['draft_s'] * 1e3:.1f} ms; verify {sp['verify_calls']} calls, {sp['verify_s'] * 1e3:.1f} ms",
                        err=True)
+        if trace_out:
+            b.write_trace(trace_out)
+            click.echo(f"polyarch: wrote {trace_out} ({len(b.events)} events; open in ui.perfetto.dev)", err=True)
