@@ -80,9 +80,10 @@ def host_part(out):
     draft = make_draft(base, 2)
     if not os.path.exists(path):
         polyarch.compile(scaled(base, 2, 0.0234), output=path, generate=True, max_context=64 + 128 + 5, draft=draft,
-                         speculate=4, tune="none")
+                         speculate=4, draft_dtype="f16", tune="none")
     prompt = list(range(1, 65))
     with load(path) as b:
+        ddtype = {"float16": "f16", "bfloat16": "bf16"}.get(b.manifest["generate"]["draft"].get("dtype"), "f32")
         runs = {}
         for name, spec in (("plain", False), ("speculative", None), ("speculative", None), ("plain", False)):
             b.generate(prompt, 16, stop_ids=(), speculative=spec).run()  # warm-up
@@ -92,7 +93,7 @@ def host_part(out):
     cpu = measured.resolve_profiles(["cpu"], (), False, None)[0][0]
     sp = runs["speculative"][0]["speculative"]
     a, k = sp["acceptance_rate"], max(1, round(sp["mean_k"]))
-    rows = fleet.predict(fleet.LMSpec.of(base), {"cpu": cpu}, 64, 128, [1], fleet.LMSpec.of(draft), [k], a)
+    rows = fleet.predict(fleet.LMSpec.of(base), {"cpu": cpu}, 64, 128, [1], fleet.LMSpec.of(draft, ddtype), [k], a)
     single = next(r for r in rows if r["kind"] == "single")
     spec_row = next(r for r in rows if r["kind"] == "speculative")
     med = lambda name, key: statistics.median(s[key] for s in runs[name])

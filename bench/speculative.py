@@ -12,7 +12,7 @@ identity (their attention and MLP output projections times s): s = 0 makes the t
 draft, s = 1 leaves it as built. For each rate, s is found by bisection on the greedy
 agreement of the two models, teacher-forced on the target's own greedy continuation (eager).
 
-Per rate, one bundle (target + draft, cpu, f32) is compiled, and plain decoding
+Per rate, one bundle (target f32 + draft, its weights f16 by default: --draft-dtype) is compiled, and plain decoding
 (`speculative=False`) and speculative decoding are timed in blocks A B B A, each warmed up;
 decode time per token is the mean over the new tokens after the first (prefill excluded).
 Predicted speed-up: runtime/generate.py's `speculative_gain` (the expected tokens per step
@@ -115,6 +115,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--speculate", type=int, default=4)
+    ap.add_argument("--draft-dtype", default="f16", choices=["f32", "f16", "bf16"],
+                    help="the draft's weights (the target stays f32): f16 halves what a draft call reads")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     args = ap.parse_args()
     import numpy as np
@@ -131,7 +133,8 @@ def main():
     prompt = [int(x) for x in np.random.default_rng(0).integers(0, 32000, args.prompt)]
     n_t = sum(p.numel() for p in base.parameters()) / 1e6
     n_d = sum(p.numel() for p in draft.parameters()) / 1e6
-    res = {"target_m": n_t, "draft_m": n_d, "prompt": args.prompt, "new": args.new, "threads": THREADS,
+    res = {"target_m": n_t, "draft_m": n_d, "draft_dtype": args.draft_dtype, "prompt": args.prompt, "new": args.new,
+           "threads": THREADS,
            "speculate": args.speculate, "load": os.getloadavg()[0], "rates": {}}
     for rate in [float(r) for r in args.rates.split(",")]:
         s, agree = scale_for(base, draft, args.draft_layers, rate, prompt)
@@ -139,7 +142,7 @@ def main():
         path = os.path.join(args.out, f"speculative-{rate}.pab")
         t = time.time()
         polyarch.compile(target, output=path, generate=True, max_context=args.prompt + args.new + args.speculate + 1,
-                         draft=draft, speculate=args.speculate, tune="none")
+                         draft=draft, speculate=args.speculate, draft_dtype=args.draft_dtype, tune="none")
         print(f"rate {rate}: s = {s:.4f} (teacher-forced agreement {agree:.2f}); compiled in {time.time() - t:.0f} s",
               file=sys.stderr)
         with load(path) as b:
@@ -163,8 +166,8 @@ def main():
     res["load_after"] = os.getloadavg()[0]
     with open(os.path.join(args.out, "speculative.json"), "w") as f:
         json.dump(res, f, indent=2)
-    print(f"target {n_t:.1f}M parameters, draft {n_d:.1f}M ({args.draft_layers} of {args.layers} layers, same "
-          f"embedding and head), f32, cpu, {THREADS} threads, prompt {args.prompt}, {args.new} new tokens, up to "
+    print(f"target {n_t:.1f}M parameters (f32), draft {n_d:.1f}M ({args.draft_layers} of {args.layers} layers, same "
+          f"embedding and head; {args.draft_dtype}), cpu, {THREADS} threads, prompt {args.prompt}, {args.new} new tokens, up to "
           f"{args.speculate} drafted a step (load {res['load']:.1f} -> {res['load_after']:.1f}); blocks A B B A")
     print("| acceptance (set / measured) | mean k | plain ms/token | speculative ms/token | speed-up | predicted "
           "| cost model | call ms (decode / draft / verify) |\n|---|---|---|---|---|---|---|---|")
