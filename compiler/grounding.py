@@ -6,8 +6,8 @@
                so the next compile avoids them at once), re-plan, recompile
              - all right: the measured segment times correct the cost model per device and
                op class; re-plan; stop when the plan no longer changes (or MAX_ROUNDS)
-    then     a plan that uses several devices is measured against the same model on the
-             CPU alone; if the CPU alone is faster, the plan runs on the CPU alone (adding a
+    then     a plan that uses another device than the CPU (alone or with it) is measured
+             against the same model on the CPU alone; if the CPU alone is faster, the plan runs on the CPU alone (adding a
              device never makes a model slower). Not done where the user pinned ops.
 
 The result is the fastest verified round; a bundle known to be wrong is never returned."""
@@ -326,7 +326,7 @@ def _single_device_check(base, sig, sets, objective, solver, priced, tmp, inputs
     plan = manifest["plans"][0]
     used = {s["device"] for s in plan["segments"]}
     cpu = [s.name for s in sets[0] if s.kind == "cpu"]
-    if len(used) < 2 or not cpu or not plan.get("measured_us"):
+    if not cpu or used == {cpu[0]} or not plan.get("measured_us"):  # (a plan all on another device counts too)
         return path, manifest, modules
     progress(f"measuring {cpu[0]} alone against the {'+'.join(sorted(used))} plan")
     single = partition(base, parse_device_sets([[cpu[0]]]), (), progress, objective, solver, priced, keep_base=True)

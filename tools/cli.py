@@ -300,7 +300,7 @@ def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins
     whole against PyTorch eager. Ops that compute wrong on a device are kept
     off it (remembered for that device), measured times correct the cost
     model, and the model is re-planned until the plan stops changing. A plan
-    over several devices that is slower than the CPU alone is replaced by the
+    that puts work off the CPU and is slower than the CPU alone is replaced by the
     CPU alone (unless --pin asks otherwise). A bundle known to be wrong is
     never written.
 
