@@ -80,6 +80,10 @@ def test_cli_plan_generate_fleet(tmp_path):
     assert ("split", "cuda -> sram-lpu") in kinds and ("speculative", "cuda + draft on sram-lpu") in kinds
     lpu = next(p for p in plans if p["kind"] == "single" and p["devices"] == "sram-lpu" and p["batch"] == 1)
     assert lpu["devices_used"] > 1  # 230 MB of SRAM a chip: the model is spread over several
+    for bad, said in ((["--batches", "4,x"], "--batches '4,x' is not a list"), (["--pin", "model=cpu"],
+                                                                                "--pin does not apply to plan --generate")):
+        r = cli("plan", f"{tmp_path / 'models.py'}:target", "--generate", "-d", "cuda", *bad)
+        assert r.returncode != 0 and said in r.stderr and "Traceback" not in r.stderr
     # the accelerator profile is for prediction only: compiling for it is refused in one line
     r = cli("plan", f"{tmp_path / 'models.py'}:target", "--profile", ACCEL)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "lpu" in r.stderr

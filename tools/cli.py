@@ -442,6 +442,12 @@ def plan(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: t
           --profile examples/profiles/sram-decode-accelerator.json --weights-dtype bf16 --pareto p.png
     """
     if generate:
+        given = [flag for flag, v in (("--input", inputs), ("--dynamic-dim", dynamic_dims), ("--pin", pins),
+                                      ("--options", options_file), ("--explain", explain), ("--ops", show_ops),
+                                      ("--trace", trace_out), ("--gantt", gantt_out), ("--mlir", mlir_out)) if v]
+        if given:
+            raise PolyarchError(f"{given[0]} does not apply to plan --generate (a fleet prediction from profiles: "
+                                "no import, no placement of ops)", fix=f"drop {given[0]}, or drop --generate")
         return _plan_generate(model, devices, profiles, **gen)
     from ..compiler import simulate
     from ..compiler.driver import import_model
@@ -498,9 +504,12 @@ def _plan_generate(model, devices, profile_files, draft, batches, draft_lengths,
     if not profs:
         raise PolyarchError("no devices to predict for", fix="give -d DEVICE (e.g. -d cuda: the H100 spec sheet) "
                                                             "and/or --profile FILE.json")
-    ints = lambda text, what: [int(x) for x in text.split(",") if x.strip()] or _bad(what, text)
+    ints = lambda text, what: _sizes(text, what)
     spec = fleet.LMSpec.of(_load_model(model)[0], weights_dtype)
     dspec = fleet.LMSpec.of(_load_model(draft)[0], weights_dtype) if draft else None
+    if dspec is not None and dspec.vocab != spec.vocab:
+        raise PolyarchError(f"the draft's vocabulary has {dspec.vocab} tokens, the model's {spec.vocab}",
+                            fix="give a draft trained with the same tokenizer")
     rows = fleet.predict(spec, profs, prompt_tokens, new_tokens, ints(batches, "--batches"), dspec,
                          ints(draft_lengths, "--draft-lengths") if draft else (1,), acceptance, weights_dtype)
     title = (f"{spec.name}: {spec.params / 1e9:.2f}B parameters, {weights_dtype}, prompt {prompt_tokens}, "
@@ -542,8 +551,16 @@ def _itemsize(dtype):
     return {"float16": 2, "bfloat16": 2}.get(dtype, 4)
 
 
-def _bad(what, text):
-    raise PolyarchError(f"{what} {text!r} names no sizes", fix=f"give whole numbers, e.g. {what} 1,4,16")
+def _sizes(text, what):
+    """--batches / --draft-lengths: whole numbers of 1 or more, comma-separated."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise PolyarchError(f"{what} {text!r} is not a list of whole numbers of 1 or more",
+                            fix=f"e.g. {what} 1,4,16")
+    return out
 
 
 @cli.command()
