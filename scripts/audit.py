@@ -554,6 +554,11 @@ def edges_writes(a, mlp, good):
                                                          os.path.join(d, "o.npy")])
     a.cli("edges: writes", "plan --trace over the model", ["plan", dep, "--trace", dep], protect=[dep])
     a.cli("edges: writes", "plan --gantt over the model", ["plan", dep, "--gantt", dep], protect=[dep])
+    a.cli("edges: writes", "generate --trace over the bundle", ["generate", x, "--ids", "1", "--trace", x], protect=[x])
+    a.cli("edges: writes", "plan --generate --pareto over the model", ["plan", dep, "--generate", "-d", "cuda",
+                                                                      "--pareto", dep], protect=[dep])
+    a.cli("edges: writes", "compile -o over the --draft model", ["compile", os.path.join(ROOT, "examples", "tiny_llama.py"),
+                                                                "--generate", "--draft", dep, "-o", dep], protect=[dep])
     like = os.path.join(d, "like.json")
     open(like, "w").write('{"profiles": []}')
     a.cli("edges: writes", "calibrate -o over its --like profile", ["calibrate", "--like", like, "-o", like], protect=[like])
