@@ -12,6 +12,7 @@ import numpy as np
 
 from ..files import temp_dir
 from ..errors import PolyarchError
+from ..runtime.generate import DRAFT as DRAFT_PREFIX  # the draft model's phases: draft_prefill, draft_decode
 from . import causal_lm
 from .build import build_phases_bundle, rewrite_bundle
 from .planning import import_module, partition, price_devices
@@ -57,10 +58,7 @@ class ImportedLM:
         self.model, self.options, self.progress, self.started = model, options, progress, time.time()
         self.shape = shape = causal_lm.lm_shape(model)
         n, b = options.max_context, options.batch
-        limit = causal_lm.model_int(model, "max_position_embeddings", "n_positions")
-        if limit and n > limit:
-            raise PolyarchError(f"max_context {n} is more than the {limit} positions {type(model).__name__} was built "
-                                "for (max_position_embeddings)", fix=f"compile with --max-context {limit} or less")
+        _check_context(model, n, "")
         progress(f"generate: {type(model).__name__} as prefill (1 prompt of 1..{n} tokens into one of {b} slot(s)) "
                  f"and decode ({b} token(s) a step), a KV cache of {shape.layers} layers x {shape.kv_heads} kv heads x "
                  f"{n} positions x {shape.head_dim} ({_cache_mb(shape, b, n):.1f} MB)")
@@ -140,7 +138,6 @@ class PlannedLM:
 
 
 TOKENIZER_MEMBER = "tokenizer.json"
-DRAFT_PREFIX = "draft_"  # the draft model's phases: draft_prefill, draft_decode
 
 
 def _phase_flags(o, phases):
@@ -177,11 +174,16 @@ def _draft(draft, weights_dtype, shape, n):
     if d.vocab != shape.vocab:
         raise PolyarchError(f"the draft's vocabulary has {d.vocab} tokens, the model's {shape.vocab}: the draft must "
                             "propose the model's tokens", fix="give a draft trained with the same tokenizer")
-    limit = causal_lm.model_int(draft, "max_position_embeddings", "n_positions")
-    if limit and n > limit:
-        raise PolyarchError(f"max_context {n} is more than the {limit} positions the draft {type(draft).__name__} was "
-                            "built for", fix=f"compile with --max-context {limit} or less")
+    _check_context(draft, n, "the draft ")
     return draft, d
+
+
+def _check_context(model, n, who):
+    """max_context past the model's position table would index out of it: refused."""
+    limit = causal_lm.model_int(model, "max_position_embeddings", "n_positions")
+    if limit and n > limit:
+        raise PolyarchError(f"max_context {n} is more than the {limit} positions {who}{type(model).__name__} was built "
+                            "for (max_position_embeddings)", fix=f"compile with --max-context {limit} or less")
 
 
 def _eos_ids(model):

@@ -115,7 +115,7 @@ class CompileOptions:
                                     fix="e.g. prefill:model.layers=vulkan")
             if not self.generate:
                 raise PolyarchError("phase pins apply to --generate compiles only", fix="add --generate (generate=True)")
-            if phase.startswith("draft_") and self.draft is None or phase == "verify" and self.draft is None:
+            if phase not in ("prefill", "decode") and self.draft is None:
                 raise PolyarchError(f"phase pin {pin!r} names a phase that only a draft model brings",
                                     fix="give the draft: --draft DRAFT.py[:ATTR] (draft=)")
         if self.draft_dtype is not None and (self.draft_dtype not in WEIGHTS_DTYPES or self.draft is None):

@@ -20,7 +20,7 @@ smallest set whose probability reaches top_p, drawn from numpy's PCG64 seeded wi
 one draw per sequence and step in a fixed order (so a seed reproduces the tokens).
 
 A bundle compiled with a draft model (`--draft`) decodes speculatively by default: the draft
-proposes tokens, the model checks them in one `verify` call (Generation._speculate); greedy
+proposes tokens, the model checks them in one `verify` call (Generation._spec_step); greedy
 tokens are the model's own, sampled ones follow its distribution. `speculative=False` decodes
 with the model alone."""
 
@@ -225,7 +225,7 @@ class Generation:
     the times: ttft_s (per prompt: from the start to its first token), tpot_s (mean time per
     output token over the decode steps), decode_steps, tokens_per_s, and
     state_host_bytes_per_step (KV-cache bytes that crossed the host per decode step); with
-    a draft model (speculative decoding, `Generation._speculate`) also `speculative`: drafted
+    a draft model (speculative decoding, `Generation._spec_step`) also `speculative`: drafted
     and accepted tokens, acceptance_rate, mean_k (tokens drafted a step), and the draft's and
     verify's calls and seconds (decode_steps then counts verify calls). acceptance_rate is
     the probability that a drafted token is accepted (accepted / drafts checked: a step checks
@@ -239,7 +239,7 @@ class Generation:
         self.rng = np.random.Generator(np.random.PCG64(seed)) if temperature > 0 else None
         self.tokens = [[] for _ in prompts]
         self.stats = {}
-        self._it = self._speculate() if speculative else self._run()
+        self._it = self._run()
 
     def __iter__(self) -> Iterator:
         return self
@@ -264,67 +264,26 @@ class Generation:
         return token if self.single else (i, token)
 
     def _run(self):
-        gen, b = self.gen, self.gen.batch
-        t0 = time.perf_counter()
-        ttft, steps, step_s = [None] * len(self.prompts), 0, 0.0
-        counters = gen.bundle.counters
-        state0 = counters["state_host_bytes"]
-        for wave in range(0, len(self.prompts), b):
-            ids = list(range(wave, min(wave + b, len(self.prompts))))
-            gen.cache = None  # a fresh cache per wave (its rows are rewritten by each prefill)
-            pos, last, live = [0] * b, [0] * b, set()
-            for slot, i in enumerate(ids):
-                logits = gen.prefill(self.prompts[i], slot)
-                tok = sample(logits, self.rng, **self.sampling)
-                ttft[i] = time.perf_counter() - t0
-                pos[slot], last[slot] = len(self.prompts[i]), tok
-                yield self._emit(i, tok)
-                if tok not in self.stops and self.max_new > 1:
-                    live.add(slot)
-            state_base = counters["state_host_bytes"]
-            while live:
-                t = time.perf_counter()
-                # a slot that is done (or unused) repeats a harmless write at a position in range
-                logits = gen.decode(last, [min(q, gen.max_context - 1) for q in pos])
-                step_s += time.perf_counter() - t
-                steps += 1
-                for slot in sorted(live):
-                    i = ids[slot]
-                    tok = sample(logits[slot], self.rng, **self.sampling)
-                    pos[slot], last[slot] = pos[slot] + 1, tok
-                    yield self._emit(i, tok)
-                    if tok in self.stops or len(self.tokens[i]) >= self.max_new:
-                        live.discard(slot)
-            self.stats["state_host_bytes_per_step"] = (counters["state_host_bytes"] - state_base) / max(1, steps)
-        total = time.perf_counter() - t0
-        n = sum(map(len, self.tokens))
-        self.stats.update(ttft_s=ttft, tpot_s=step_s / steps if steps else None, decode_steps=steps,
-                          tokens=n, seconds=total, tokens_per_s=n / total if total else None,
-                          state_host_bytes=counters["state_host_bytes"] - state0)
-
-    def _speculate(self):
-        """Speculative decoding (a bundle with a draft model): each step the draft proposes k
-        tokens per sequence (k decode calls of the draft), the model checks them and gives one
-        more in a single verify call; greedy keeps the drafted tokens up to the first the model
-        would not have chosen (so the tokens are the model's own), sampling accepts token d with
-        probability min(1, p(d) / q(d)) and on rejection draws from max(0, p - q) renormalised
-        (the standard scheme: the tokens follow the model's distribution). k (1 .. speculate)
-        is chosen each step for the most tokens per second, from the acceptance rate and the
-        draft and verify call times measured so far."""
-        gen, draft, b = self.gen, self.gen.draft, self.gen.batch
+        """Each wave of up to `batch` prompts: every prompt prefilled into its slot (its first
+        token is the time to first token), then decode steps (`_decode_step`, or with a draft
+        `_spec_step`) until every sequence of the wave is done."""
+        gen, draft, b = self.gen, self.gen.draft if self.speculative else None, self.gen.batch
         # k from measured call times, except when a seed asks for reproducible sampling: the draws
         # a step makes depend on k, so then the times are the plan's predicted ones (fixed per bundle)
-        costs = None if self.rng is None or self.seed is None else gen.predicted_us(DRAFT + "decode", "verify")
+        costs = None if not draft or self.rng is None or self.seed is None else \
+            gen.predicted_us(DRAFT + "decode", "verify")
         t0 = time.perf_counter()
         ttft = [None] * len(self.prompts)
         counters = gen.bundle.counters
         state0 = counters["state_host_bytes"]
-        st = self._spec = {"steps": 0, "drafted": 0, "accepted": 0, "tested": 0, "draft_s": 0.0, "draft_calls": 0,
-                           "verify_s": 0.0, "verify_calls": 0, "k": []}
+        st = self._st = {"steps": 0, "drafted": 0, "accepted": 0, "tested": 0, "k": [],
+                         **{f"{w}_{x}": 0 for w in ("decode", "draft", "verify") for x in ("s", "calls")}}
         state_steps = 0  # state bytes through the host in the decode steps (prefill's empty caches excluded)
         for wave in range(0, len(self.prompts), b):
             ids = list(range(wave, min(wave + b, len(self.prompts))))
-            gen.cache = draft.cache = None
+            gen.cache = None  # a fresh cache per wave (its rows are rewritten by each prefill)
+            if draft:
+                draft.cache = None
             pos, last, live = [0] * b, [0] * b, set()
             for slot, i in enumerate(ids):
                 logits = gen.prefill(self.prompts[i], slot)
@@ -334,9 +293,13 @@ class Generation:
                 yield self._emit(i, tok)
                 if tok not in self.stops and self.max_new > 1:
                     live.add(slot)
-                self._timed("draft", draft.prefill, self.prompts[i], slot)  # after the first token: no delay to it
+                if draft:
+                    self._timed("draft", draft.prefill, self.prompts[i], slot)  # after the first token: no delay to it
             state_base = counters["state_host_bytes"]
             while live:
+                if not draft:
+                    yield from self._decode_step(ids, pos, last, live)
+                    continue
                 # never draft past what any live sequence may still emit, nor past the cache
                 room = max(self.max_new - len(self.tokens[ids[s]]) for s in live) - 1
                 k = max(0, min(self._choose_k(st, gen.verify_tokens - 1, costs), room))
@@ -344,27 +307,52 @@ class Generation:
             state_steps += counters["state_host_bytes"] - state_base
         total = time.perf_counter() - t0
         out = sum(map(len, self.tokens))
-        self.stats.update(ttft_s=ttft, tpot_s=(st["draft_s"] + st["verify_s"]) / max(1, out - len(self.prompts))
-                          if st["steps"] else None, decode_steps=st["steps"], tokens=out, seconds=total,
+        steps = st["steps"]
+        spent = st["draft_s"] + st["verify_s"] if draft else st["decode_s"]
+        self.stats.update(ttft_s=ttft, tpot_s=spent / (max(1, out - len(self.prompts)) if draft else steps)
+                          if steps else None, decode_steps=steps, tokens=out, seconds=total,
                           tokens_per_s=out / total if total else None,
                           state_host_bytes=counters["state_host_bytes"] - state0,
-                          state_host_bytes_per_step=state_steps / max(1, st["steps"]),
-                          speculative={"drafted": st["drafted"], "accepted": st["accepted"],
-                                       "acceptance_rate": st["accepted"] / st["tested"] if st["tested"] else None,
-                                       "mean_k": float(np.mean(st["k"])) if st["k"] else None,
-                                       **{key: st[key] for key in ("draft_calls", "draft_s", "verify_calls", "verify_s")}})
+                          state_host_bytes_per_step=state_steps / max(1, steps))
+        if draft:
+            self.stats["speculative"] = {
+                "drafted": st["drafted"], "accepted": st["accepted"],
+                "acceptance_rate": st["accepted"] / st["tested"] if st["tested"] else None,
+                "mean_k": float(np.mean(st["k"])) if st["k"] else None,
+                **{key: st[key] for key in ("draft_calls", "draft_s", "verify_calls", "verify_s")}}
+
+    def _decode_step(self, ids, pos, last, live):
+        """One decode step for the batch: one token per live sequence (yielded)."""
+        gen = self.gen
+        # a slot that is done (or unused) repeats a harmless write at a position in range
+        logits = self._timed("decode", gen.decode, last, [min(q, gen.max_context - 1) for q in pos])
+        self._st["steps"] += 1
+        for slot in sorted(live):
+            i = ids[slot]
+            tok = sample(logits[slot], self.rng, **self.sampling)
+            pos[slot], last[slot] = pos[slot] + 1, tok
+            yield self._emit(i, tok)
+            if tok in self.stops or len(self.tokens[i]) >= self.max_new:
+                live.discard(slot)
 
     def _timed(self, what, fn, *args):
         t = time.perf_counter()
         out = fn(*args)
-        self._spec[f"{what}_s"] += time.perf_counter() - t
-        self._spec[f"{what}_calls"] += 1
+        self._st[f"{what}_s"] += time.perf_counter() - t
+        self._st[f"{what}_calls"] += 1
         return out
 
     def _spec_step(self, k, ids, pos, last, live):
-        """One speculative step for the batch: k draft calls, one verify call, the tokens each
-        live sequence keeps (yielded), its position and last token moved on."""
-        gen, draft, b, st = self.gen, self.gen.draft, self.gen.batch, self._spec
+        """One speculative step for the batch (a bundle with a draft model): the draft proposes
+        k tokens per sequence (k decode calls of the draft), the model checks them and gives one
+        more in a single verify call; greedy keeps the drafted tokens up to the first the model
+        would not have chosen (so the tokens are the model's own), sampling accepts token d with
+        probability min(1, p(d) / q(d)) and on rejection draws from max(0, p - q) renormalised
+        (the standard scheme: the tokens follow the model's distribution). The tokens each live
+        sequence keeps are yielded, its position and last token moved on. k (1 .. speculate) is
+        chosen each step (`_choose_k`) for the most tokens per second, from the acceptance rate
+        and the draft and verify call times measured so far."""
+        gen, draft, b, st = self.gen, self.gen.draft, self.gen.batch, self._st
         n = gen.max_context
         drafts, qs = [[] for _ in range(b)], [[] for _ in range(b)]
         dl, dp = list(last), list(pos)  # slots not live repeat a harmless write at their position
