@@ -132,7 +132,8 @@ class Generator:
             try:
                 from tokenizers import Tokenizer
             except ImportError:
-                raise PolyarchError("text in and out needs the `tokenizers` package", fix="pip install tokenizers") from None
+                raise PolyarchError("text in and out needs the `tokenizers` package",
+                                    fix="pip install tokenizers (a dependency of polyarch: reinstall it)") from None
             self._tokenizer = Tokenizer.from_str(bytes(self.bundle._members.views[member]).decode("utf-8"))
         return self._tokenizer
 
@@ -200,6 +201,14 @@ class Generator:
         prompts = [list(map(int, prompt_ids))] if single else [list(map(int, p)) for p in prompt_ids]
         if not prompts:
             raise PolyarchError("no prompt given", fix="give token ids, e.g. [1, 2, 3], or a list of such lists")
+        self.check_prompts(prompts, max_new_tokens)
+        stops = set(map(int, self.eos if stop_ids is None else stop_ids))
+        spec = self.draft is not None and speculative is not False
+        return Generation(self, prompts, max_new_tokens, temperature, top_k, top_p, stops, seed, single, spec)
+
+    def check_prompts(self, prompts: list, max_new_tokens: int) -> None:
+        """PolyarchError for a prompt that is empty, holds an id outside the vocabulary, or
+        with max_new_tokens would pass the bundle's context."""
         for i, p in enumerate(prompts):
             if not p:
                 raise PolyarchError(f"prompt {i} is empty", fix="give at least one token id")
@@ -214,9 +223,6 @@ class Generator:
                         f"of {self.max_context}")
                 raise PolyarchError(what, fix=f"shorten the prompt or ask for at most {max(0, self.max_context - len(p))} "
                                               "new tokens, or recompile with a larger --max-context")
-        stops = set(map(int, self.eos if stop_ids is None else stop_ids))
-        spec = self.draft is not None and speculative is not False
-        return Generation(self, prompts, max_new_tokens, temperature, top_k, top_p, stops, seed, single, spec)
 
 
 class Generation:

@@ -62,7 +62,7 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
-        raise PolyarchError("signing needs the `cryptography` package", fix="pip install -r requirements.txt") from None
+        raise PolyarchError("signing needs the `cryptography` package", fix="pip install 'polyarch[signing]'") from None
     return serialization, ed25519
 
 

@@ -1,5 +1,5 @@
 """Strict layers (issue 14): errors/version <- targets <- runtime, dialects <- passes <- compiler
-<- tools and the package's face. No module imports one of a higher layer, also inside a
+<- tools and the package's face; the server sits on the runtime alone (runtime <- server <- tools). No module imports one of a higher layer, also inside a
 function, and no modules import each other in a circle."""
 
 import ast
@@ -7,7 +7,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP = {"test", "bench", "examples", "scripts", "docs", "cmake", ".venv", ".git"}
-LAYERS = {"errors": 0, "version": 0, "files": 0, "targets": 1, "runtime": 2, "dialects": 2, "passes": 3, "compiler": 4,
+LAYERS = {"errors": 0, "version": 0, "files": 0, "targets": 1, "runtime": 2, "dialects": 2, "passes": 3, "server": 3, "compiler": 4,
           "tools": 5, "": 5}
 
 
@@ -57,6 +57,16 @@ def _graph():
 
 def _layer(module):
     return LAYERS[module.split(".")[0]]
+
+
+def test_server_stands_on_the_runtime_alone():
+    """A deployment host has the runtime only: the server imports nothing of the compiler side."""
+    graph = _graph()
+    compiler_side = {"compiler", "passes", "dialects", "tools"}
+    found = sorted(f"{m} imports {t}" for m, ts in graph.items() if m.split(".")[0] == "server"
+                   for t in ts if t.split(".")[0] in compiler_side)
+    assert found == []
+    assert any(m.startswith("server.") for m in graph)
 
 
 def test_no_import_runs_up_a_layer():

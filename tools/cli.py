@@ -192,6 +192,19 @@ class _Polyarch(click.Group):
             raise click.ClickException(what + (f". Fix: {fix}" if fix else "")) from None
 
 
+def _need_compiler(command: str) -> None:
+    """One line, with the install command, when this install has the runtime only."""
+    for module in ("torch", "torch_mlir", "iree.compiler"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # a parent package missing
+            found = False
+        if not found:
+            raise PolyarchError(f"`polyarch {command}` needs the compiler, which this install does not have "
+                                f"(no module {module}); run, inspect, generate and serve need only the runtime",
+                                fix="pip install 'polyarch[compiler]'")
+
+
 def _quiet_exit():
     """Stop printing to a pipe whose reader is gone: no error, and none at exit either."""
     try:
@@ -317,6 +330,7 @@ def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins
       polyarch compile llm.py --generate --max-context 512 --batch 4 -o llm.pab   # then: polyarch generate llm.pab
       polyarch compile llm.py --generate --draft small.py --speculate 4 -o spec.pab  # speculative decoding
     """
+    _need_compiler("compile")
     from ..compiler.driver import import_model
 
     options = _compile_options(click.get_current_context())
@@ -441,6 +455,7 @@ def plan(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: t
       polyarch plan llm.py --generate --draft small.py -d cuda \\
           --profile examples/profiles/sram-decode-accelerator.json --weights-dtype bf16 --pareto p.png
     """
+    _need_compiler("plan")
     if generate:
         given = [flag for flag, v in (("--input", inputs), ("--dynamic-dim", dynamic_dims), ("--pin", pins),
                                       ("--options", options_file), ("--explain", explain), ("--ops", show_ops),
@@ -819,6 +834,8 @@ def calibrate(devices: tuple, output: str, quick: bool, like: tuple, kernels: st
       polyarch plan examples/minilm.py --profile profile.json --explain
       polyarch compile examples/minilm.py --profile profile.json -o m.pab
     """
+    if not (kernels and os.path.isdir(kernels) and os.listdir(kernels)):  # else: measure the kernels kept there
+        _need_compiler("calibrate")
     from ..compiler import calibrate as C, measured as M
     from ..targets import profiles as P
     from ..runtime.identity import identify
@@ -905,9 +922,6 @@ def main() -> None:
     signal.signal(signal.SIGINT, unwind)
     cli()
 
-
-if __name__ == "__main__":
-    main()
 
 
 @cli.command()
@@ -1000,3 +1014,101 @@ def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: f
         if trace_out:
             b.write_trace(trace_out)
             click.echo(f"polyarch: wrote {trace_out} ({len(b.events)} events; open in ui.perfetto.dev)", err=True)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; put a proxy with TLS and authentication in "
+                   "front of it: the server has neither).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free port; the one taken is printed).")
+@click.option("--name", metavar="NAME", help="The model's name in the APIs (default: the bundle's file name without .pab).")
+@click.option("--plan", "plans", multiple=True, metavar="NAME|all",
+              help="Serve this placement plan (repeatable), or `all` the plans this host can run: each request goes "
+                   "to the plan whose devices are free soonest by prediction (requests waiting x measured time per "
+                   "call). Default: the plan `run` would choose.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Dynamic batching (a bundle whose batch dimension is dynamic): rows per call at most (default: "
+                   "the bundle's bound on that dimension, or 64). 1: no batching.")
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="How long the first request of a batch waits for others to join it.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests waiting per plan at most; more are answered 503 with Retry-After.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds a request may wait in the queue (504 after that).")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="KEY.pub",
+              help="Serve the bundle only if it is signed by this public key (repeatable).")
+def serve(bundle: str, host: str, port: int, name: str | None, plans: tuple, max_batch: int | None,
+          max_delay_ms: float, max_queue: int, timeout_s: float, trusted_keys: tuple) -> None:
+    """Serve BUNDLE over HTTP until stopped (Ctrl-C or SIGTERM: requests in flight finish first).
+
+    \b
+    Speaks:
+      KServe v2 / Triton inference protocol (JSON and binary tensors):
+        GET /v2/health/live, /v2/health/ready, /v2/models/NAME, /v2/models/NAME/ready
+        POST /v2/models/NAME/infer            (tritonclient.http works unchanged)
+      OpenAI completions, for a bundle compiled with --generate:
+        POST /v1/completions (stream: true for server-sent events), GET /v1/models
+                                              (the openai client works unchanged)
+      Prometheus metrics: GET /metrics
+    Concurrent requests to a bundle with a dynamic batch dimension are batched
+    (--max-batch, --max-delay-ms); a --generate bundle batches its streams
+    continuously (a new one joins the decode batch between steps).
+
+    \b
+    Examples:
+      polyarch serve minilm.pab --port 8000
+      polyarch serve mlp.pab --max-batch 32 --max-delay-ms 5
+      polyarch serve llm.pab --port 8000   # then: openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")
+      polyarch serve multi.pab --plan all  # route each request to the plan free soonest
+    """
+    try:
+        import uvicorn
+
+        from ..server.app import Served, create_app
+    except ImportError as e:
+        raise PolyarchError(f"`polyarch serve` needs {e.name}, which this install does not have",
+                            fix="pip install polyarch (its dependencies bring FastAPI, uvicorn and prometheus-client)") from None
+    import socket
+
+    chosen = None if not plans else "all" if "all" in plans else list(plans)
+    served = Served(bundle, name=name, plans=chosen, max_batch=max_batch, max_delay_ms=max_delay_ms,
+                    max_queue=max_queue, timeout_s=timeout_s, trusted_keys=list(trusted_keys) or None)
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # connections wait in the backlog until the server takes them
+    except OSError as e:
+        served.close()
+        raise PolyarchError(f"cannot listen on {host}:{port}: {e.strerror}",
+                            fix="choose another --port (0: any free one)") from None
+    port = sock.getsockname()[1]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    what = []
+    for p in served.plans:
+        w = p.worker
+        what.append(f"plan {p.name}" + ("" if served.generate else
+                                        f" (batching up to {w.max_batch} rows, {max_delay_ms:g} ms)" if w.max_batch > 1
+                                        else " (no batching: the bundle's batch dimension is static)"))
+    api = (f"OpenAI {url}/v1/completions (continuous batching over {served.manifest['generate']['batch']} slots)"
+           if served.generate else f"KServe v2 {url}/v2/models/{served.name}/infer")
+    click.echo(f"polyarch: serving {served.name} at {url}: {api}; metrics {url}/metrics; {', '.join(what)}", err=True)
+    sys.stderr.flush()
+    config = uvicorn.Config(create_app(served), log_level="warning", timeout_graceful_shutdown=None, lifespan="on")
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    except (SystemExit, KeyboardInterrupt):
+        # uvicorn sends the signal that stopped it again once it has shut down gracefully: that
+        # is the stop asked for, not an error (a second signal during the shutdown is)
+        if not server.should_exit or server.force_exit:
+            raise
+    finally:
+        served.close()
+    click.echo("polyarch: stopped (the requests in flight were answered)", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""`polyarch serve`: one bundle behind an HTTP server (FastAPI on uvicorn).
+
+    app = create_app(Served("m.pab", max_batch=16))
+    uvicorn.run(app, port=8000)
+
+Speaks the KServe v2 inference protocol (server/kserve.py: what `tritonclient.http` sends),
+for a --generate bundle the OpenAI completions API (server/completions.py: what the `openai`
+client sends), and Prometheus metrics at /metrics (server/metrics.py). Each plan served has
+one worker thread that owns its loaded bundle (runtime/batching.py): calls are batched
+dynamically where the bundle's batch dimension is dynamic, generation is batched
+continuously. A full queue answers 503 with Retry-After; a request that waited past its
+timeout answers 504; a bad request answers 400 naming the field; a request that fails in
+the runtime answers 500 alone while the server goes on serving."""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..errors import BundleError, DeviceError, PolyarchError
+from ..runtime import load
+from ..runtime.batching import CallWorker, GenerationWorker, Overloaded
+from ..runtime.bundle import read_manifest
+from ..runtime.executor import plan_time_us
+from ..version import __version__
+from .kserve import RequestError, encode_infer, parse_infer, tensor_metadata
+from .metrics import Metrics
+
+__all__ = ["Served", "create_app"]
+
+log = logging.getLogger("polyarch.server")
+
+
+class _Plan:
+    """One plan served: its loaded bundle and its worker."""
+
+    def __init__(self, bundle, worker, predicted_s):
+        self.bundle, self.worker, self.predicted_s = bundle, worker, predicted_s
+        self.name = bundle.plan_name
+
+    def call_s(self):
+        return self.worker._call_s if self.worker._call_s is not None else self.predicted_s
+
+    def free_at_s(self):
+        """When a request sent now would be done, by prediction: the work ahead of it and its own call."""
+        return self.worker.predicted_wait_s() + self.call_s()
+
+
+class Served:
+    """A bundle loaded for serving. plans: None serves the plan `load` chooses; "all" each plan
+    whose devices this host has (requests routed to the one free soonest by prediction); or
+    a list of plan names. The other arguments as `polyarch serve --help` says."""
+
+    def __init__(self, path, name=None, plans=None, max_batch=None, max_delay_ms=2.0, max_queue=64,
+                 timeout_s=60.0, trusted_keys=None):
+        self.path = str(path)
+        manifest = read_manifest(self.path)
+        self.name = name or os.path.splitext(os.path.basename(self.path))[0]
+        self.version = "1"
+        self.timeout_s = timeout_s
+        self.metrics = Metrics()
+        self.generate = "generate" in manifest
+        all_plans = [p["name"] for p in manifest["plans"]]
+        if plans is None:
+            names = [None]
+        elif plans == "all":
+            names = all_plans
+        else:
+            unknown = [p for p in plans if p not in all_plans]
+            if unknown:
+                raise BundleError(f"{self.path} has no plan {unknown[0]!r}", fix="its plans: " + ", ".join(all_plans))
+            names = list(plans)
+        self.plans = []
+        try:
+            for pname in names:
+                try:
+                    b = load(self.path, plan=pname, strict=pname is not None, trusted_keys=trusted_keys)
+                except DeviceError as e:
+                    if plans == "all":
+                        log.warning("plan %s is not served: %s", pname, e)
+                        continue
+                    raise
+                predicted = plan_time_us(b.plan) / 1e6
+                if self.generate:
+                    w = GenerationWorker(b, max_queue=max_queue, timeout_s=timeout_s,
+                                         on_step=lambda active, s, d: self.metrics.step(active, s, d["segment_seconds"]))
+                else:
+                    w = CallWorker(b, max_batch=max_batch, max_delay_s=max_delay_ms / 1e3, max_queue=max_queue,
+                                   timeout_s=timeout_s,
+                                   on_call=lambda n, rows, s, d, plan=b.plan_name: self.metrics.call(plan, n, rows, s, d))
+                self.plans.append(_Plan(b, w, predicted))
+                if self.generate:
+                    break  # one decode batch: generation is served by one plan
+        except BaseException:
+            self.close()
+            raise
+        if not self.plans:
+            raise BundleError(f"none of the plans of {self.path} can run on this host's devices",
+                              fix="see `polyarch inspect` for the devices each plan needs")
+        first = self.plans[0].bundle
+        self.inputs, self.outputs = first.inputs, first.outputs
+        self.manifest = first.manifest
+        self.ready = True
+
+    @property
+    def batching(self) -> bool:
+        return not self.generate and self.plans[0].worker.max_batch > 1
+
+    def route(self) -> _Plan:
+        """The plan whose devices are free soonest by prediction (queue x measured time per call)."""
+        return min(self.plans, key=lambda p: p.free_at_s())
+
+    def close(self, timeout_s=None) -> None:
+        """Finish the work in flight, then release the bundles."""
+        self.ready = False
+        for p in self.plans:
+            p.worker.close(timeout_s)
+        for p in self.plans:
+            p.bundle.close()
+        self.plans = []
+
+
+def _error(status, message, headers=None):
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(served: Served) -> FastAPI:
+    """The ASGI app serving `served` (closed when the app shuts down)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        served.close()  # uvicorn has let the requests in flight finish
+
+    app = FastAPI(title="polyarch", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    m = served.metrics
+    app.state.served = served
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        t0 = time.perf_counter()
+        m.in_flight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            m.in_flight.dec()
+        endpoint = _endpoint(request.url.path)
+        if endpoint != "metrics":
+            m.requests.labels(endpoint, str(response.status_code)).inc()
+            m.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "polyarch", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    async def live():
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return Response(status_code=200 if served.ready else 503)
+
+    def _model(name, version):
+        if name != served.name:
+            raise RequestError(f"no model {name!r} here (this server serves {served.name!r})", "model", 404)
+        if version not in (None, "", served.version):
+            raise RequestError(f"model {name!r} has no version {version!r} (its version: {served.version})",
+                               "version", 404)
+
+    async def model_metadata(name: str, version: str | None = None):
+        try:
+            _model(name, version)
+        except RequestError as e:
+            return _error(e.status, str(e))
+        return {"name": served.name, "versions": [served.version], "platform": "polyarch",
+                "inputs": [tensor_metadata(s) for s in served.inputs],
+                "outputs": [tensor_metadata(s) for s in served.outputs],
+                "parameters": {"plans": [p.name for p in served.plans], "max_batch": served.plans[0].worker.max_batch
+                               if not served.generate else None}}
+
+    async def model_ready(name: str, version: str | None = None):
+        try:
+            _model(name, version)
+        except RequestError as e:
+            return _error(e.status, str(e))
+        return Response(status_code=200 if served.ready else 503)
+
+    async def infer(request: Request, name: str, version: str | None = None):
+        try:
+            _model(name, version)
+            if served.generate:
+                raise RequestError("this bundle is a language model (compiled with --generate): ask it for "
+                                   "completions at /v1/completions", "model", 400)
+            body = await request.body()
+            rid, args, asked, binary = parse_infer(body, request.headers.get("Inference-Header-Content-Length"),
+                                                   served.inputs)
+        except RequestError as e:
+            m.errors.labels("infer", "not_found" if e.status == 404 else "bad_request").inc()
+            return _error(e.status, str(e))
+        plan = served.route()
+        m.plan_requests.labels(plan.name).inc()
+        try:
+            fut = plan.worker.submit(args)
+        except Overloaded as e:
+            m.errors.labels("infer", "overloaded").inc()
+            return _error(503, str(e), {"Retry-After": str(int(np.ceil(e.retry_after_s)))})
+        except PolyarchError as e:  # the input check: shapes, dtypes, index ranges
+            m.errors.labels("infer", "bad_request").inc()
+            return _error(400, str(e))
+        finally:
+            m.queue_depth.labels(plan.name).set(plan.worker.depth)
+        try:
+            outs = await asyncio.wait_for(asyncio.wrap_future(fut), served.timeout_s)
+        except (TimeoutError, asyncio.TimeoutError) as e:
+            fut.cancel()
+            m.errors.labels("infer", "timeout").inc()
+            return _error(504, str(e) or f"no answer within the request timeout ({served.timeout_s} s)")
+        except Exception as e:
+            m.errors.labels("infer", "runtime").inc()
+            log.warning("request failed in the runtime: %s", e)
+            return _error(500, f"{type(e).__name__}: {e}")
+        try:
+            content, headers = encode_infer(served.name, served.version, rid, served.outputs, outs, asked, binary)
+        except RequestError as e:
+            m.errors.labels("infer", "bad_request").inc()
+            return _error(e.status, str(e))
+        return Response(content, headers=headers)
+
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        app.add_api_route(prefix, model_metadata, methods=["GET"])
+        app.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
+        app.add_api_route(prefix + "/infer", infer, methods=["POST"])
+
+    @app.get("/metrics")
+    async def metrics():
+        for p in served.plans:
+            m.queue_depth.labels(p.name).set(p.worker.depth)
+        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if served.generate:
+        from .completions import add_routes
+
+        add_routes(app, served)
+    return app
+
+
+def _endpoint(path: str) -> str:
+    """A metrics label for a request path (bounded: no model names or ids in it)."""
+    if path.startswith("/v2/models/"):
+        return "infer" if path.endswith("/infer") else "ready" if path.endswith("/ready") else "metadata"
+    if path.startswith("/v2/health"):
+        return "health"
+    if path.startswith("/v1/completions"):
+        return "completions"
+    if path.startswith("/v1/chat"):
+        return "chat"
+    if path.startswith("/v1/models"):
+        return "models"
+    return {"/metrics": "metrics", "/v2": "server"}.get(path, "other")
