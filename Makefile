@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/generate.py
 	$(VENV)/bin/python bench/speculative.py
 	$(VENV)/bin/python bench/fleet.py
+	$(VENV)/bin/python bench/serve_load.py
 
 audit: $(STAMP)
 	$(VENV)/bin/python scripts/audit.py

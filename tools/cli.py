@@ -1078,6 +1078,7 @@ def serve(bundle: str, host: str, port: int, name: str | None, plans: tuple, max
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (inherited by each connection)
         sock.bind((host, port))
         sock.listen(2048)  # connections wait in the backlog until the server takes them
     except OSError as e:
