@@ -7,6 +7,9 @@ every interface, so the cluster and this process (while the module runs) are in 
 namespace that has only loopback: nothing of it can be reached from, or reach, another
 host. The Ray Client test is in test_ray_client.py."""
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +166,57 @@ def test_a_device_held_by_other_bundles(on_ray, mlp_bundle):
     # the units are free again once a bundle is closed
     with RayBundle(mlp_bundle[2], on_ray.cluster, placement_timeout=30) as third:
         assert third(np.ones((3, 32), np.float32)).shape == (3, 16)
+
+
+def test_serve_on_ray_serve(on_ray, mlp_bundle):
+    """`polyarch serve --ray`: the app deployed on Ray Serve, its replica placed through the
+    polyarch_<device> resources (on_ray holds one unit of each device, the replica the other);
+    Triton's client gets the in-process runtime's outputs bit for bit through Ray Serve's proxy;
+    a second deployment finds no unit free and says so in one line; SIGTERM takes the app down
+    and frees the units."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import ray
+    import tritonclient.http as th
+
+    from conftest import cli
+
+    _, x, path = mlp_bundle
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = os.path.join(os.path.dirname(sys.executable), "polyarch")
+    p = subprocess.Popen([exe, "serve", str(path), "--ray", on_ray.cluster, "--replicas", "1", "--port", str(port)],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in p.stderr:
+            lines.append(line)
+            if "polyarch: serving" in line or line.startswith("Error"):
+                break
+        assert "polyarch: serving mlp at" in lines[-1] and "1 replica(s)" in lines[-1], "".join(lines[-20:])
+        free = ray.available_resources()
+        assert free.get("polyarch_cpu", 0) == 0 and free.get("polyarch_vulkan", 0) == 0  # on_ray + the replica
+        c = th.InferenceServerClient(f"127.0.0.1:{port}")
+        a = x.numpy()[:5]
+        b = polyarch.runtime.load(path)
+        want, name, out = b(a), b.inputs[0]["name"], b.outputs[0]["name"]
+        i = th.InferInput(name, list(a.shape), "FP32")
+        i.set_data_from_numpy(a)
+        np.testing.assert_array_equal(c.infer("mlp", [i]).as_numpy(out), want)
+        c.close()
+        r = cli("serve", str(path), "--ray", on_ray.cluster, "--replicas", "2", "--port", str(port + 1))
+        assert r.returncode == 1 and "2 replica(s) of mlp need 2 free unit(s) of polyarch_cpu, polyarch_vulkan" \
+            in r.stderr, r.stderr[-2000:]
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(120) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    deadline = time.time() + 60
+    while ray.available_resources().get("polyarch_cpu", 0) < 1 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("polyarch_cpu", 0) == 1

@@ -1039,8 +1039,15 @@ def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: f
               help="Seconds a request may wait in the queue (504 after that).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="KEY.pub",
               help="Serve the bundle only if it is signed by this public key (repeatable).")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Deploy on the Ray cluster at ADDRESS (HOST:PORT of its GCS, or ray://HOST:10001) with Ray Serve: "
+                   "its HTTP proxy listens on --host/--port of the head node, replicas are placed on nodes that offer "
+                   "the plan's devices (resources polyarch_<device>, as `run --cluster`).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --ray: replicas of the bundle (default 1), each holding one unit of each device it uses.")
 def serve(bundle: str, host: str, port: int, name: str | None, plans: tuple, max_batch: int | None,
-          max_delay_ms: float, max_queue: int, timeout_s: float, trusted_keys: tuple) -> None:
+          max_delay_ms: float, max_queue: int, timeout_s: float, trusted_keys: tuple, ray_address: str | None,
+          replicas: int | None) -> None:
     """Serve BUNDLE over HTTP until stopped (Ctrl-C or SIGTERM: requests in flight finish first).
 
     \b
@@ -1073,6 +1080,12 @@ def serve(bundle: str, host: str, port: int, name: str | None, plans: tuple, max
     import socket
 
     chosen = None if not plans else "all" if "all" in plans else list(plans)
+    if replicas is not None and ray_address is None:
+        raise PolyarchError("--replicas is for a deployment on Ray Serve", fix="add --ray ADDRESS, or drop --replicas")
+    if ray_address is not None:
+        return _serve_on_ray(bundle, ray_address, replicas or 1, host, port, chosen, name=name, max_batch=max_batch,
+                             max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_s=timeout_s,
+                             trusted_keys=list(trusted_keys) or None)
     served = Served(bundle, name=name, plans=chosen, max_batch=max_batch, max_delay_ms=max_delay_ms,
                     max_queue=max_queue, timeout_s=timeout_s, trusted_keys=list(trusted_keys) or None)
     try:
@@ -1109,6 +1122,37 @@ def serve(bundle: str, host: str, port: int, name: str | None, plans: tuple, max
     finally:
         served.close()
     click.echo("polyarch: stopped (the requests in flight were answered)", err=True)
+
+
+def _serve_on_ray(bundle, address, replicas, host, port, plans, trusted_keys, **options):
+    """serve --ray: deploy on Ray Serve, wait for Ctrl-C or SIGTERM, then take the app down."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise PolyarchError("`polyarch serve --ray` needs Ray Serve", fix="pip install 'polyarch[ray]'") from None
+    from ..server import ray_serve
+
+    if port == 0:
+        raise PolyarchError("--port 0 is not for --ray (Ray Serve's proxy takes a fixed port)", fix="give --port N")
+    url = ray_serve.deploy(bundle, address, replicas, port, host=host, plans=plans, trusted_keys=trusted_keys,
+                           **options)
+    name = options.get("name") or os.path.splitext(os.path.basename(bundle))[0]
+    click.echo(f"polyarch: serving {name} at {url} on the Ray cluster {address}: {replicas} replica(s) "
+               f"(Ray Serve; KServe v2 {url}/v2/models/{name}, OpenAI {url}/v1, metrics per replica at {url}/metrics)",
+               err=True)
+    sys.stderr.flush()
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # (ray.init put its own handler there, which aborts)
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        ray_serve.undeploy()
+    click.echo("polyarch: stopped (the Ray Serve app is removed; the cluster runs on)", err=True)
 
 
 if __name__ == "__main__":
