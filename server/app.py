@@ -32,6 +32,7 @@ from ..runtime.executor import plan_time_us
 from ..version import __version__
 from .kserve import RequestError, encode_infer, parse_infer, tensor_metadata
 from .metrics import Metrics
+from .routing import pick
 
 __all__ = ["Served", "create_app"]
 
@@ -115,7 +116,7 @@ class Served:
 
     def route(self) -> _Plan:
         """The plan whose devices are free soonest by prediction (queue x measured time per call)."""
-        return min(self.plans, key=lambda p: p.free_at_s())
+        return pick(self.plans)
 
     def close(self, timeout_s=None) -> None:
         """Finish the work in flight, then release the bundles."""

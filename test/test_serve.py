@@ -354,3 +354,22 @@ def test_runtime_only_install_runs_and_serves(bundles, tmp_path):
     with Server(bundles["mlp"], exe=exe, env=env) as s:
         c = th.InferenceServerClient(f"{s.host}:{s.port}")
         assert np.array_equal(_triton_infer(c, "mlp", [x], [("x", "FP32")]).as_numpy("output0"), want)
+
+
+def test_routing_in_a_simulated_fleet():
+    """The router's own decision (server/routing.pick) over a simulated fleet: a spike of 1.2x
+    what the fastest plan can take. All on the fastest plan, the queue grows without bound;
+    routed, the spike spills onto the slower plan and p99 falls; below capacity, the fast
+    plan takes (nearly) everything."""
+    from polyarch.server.routing import poisson, simulate
+
+    fleet = {"h100": 0.010, "cpu": 0.025}  # seconds per call, as plans predict them
+    spike = poisson(120, 2.0, seed=1)
+    alone = simulate(spike, fleet, only="h100")
+    routed = simulate(spike, fleet)
+    p99 = lambda r: sorted(r["latency_s"])[int(0.99 * (len(r["latency_s"]) - 1))]  # noqa: E731
+    assert routed["by_plan"]["cpu"] > 0.2 * len(spike) and routed["by_plan"]["h100"] > 0.5 * len(spike)
+    assert p99(routed) < 0.4 * p99(alone), (p99(routed), p99(alone))
+    assert sum(routed["by_plan"].values()) == len(spike)
+    calm = simulate(poisson(20, 2.0, seed=2), fleet)
+    assert calm["by_plan"]["cpu"] <= 0.05 * sum(calm["by_plan"].values())
