@@ -4,6 +4,7 @@ phase for its own latency: time to first token, time per output token), compiled
 bundle sharing the weights (build.build_phases_bundle), then verified: the bundle's greedy
 tokens against the same phases run eagerly by PyTorch, with the logits compared at every step."""
 
+import json
 import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -117,10 +118,17 @@ class PlannedLM:
             d = imp.draft_shape
             extra["generate"]["draft"] = {"model": type(imp.draft).__name__, **d.to_json(), "speculate": o.speculate,
                                           "dtype": str(d.dtype).replace("torch.", "")}
+        chat = None
         if o.tokenizer is not None:
             members[TOKENIZER_MEMBER] = _tokenizer_file(o.tokenizer, shape.vocab, progress)
             extra["generate"]["tokenizer"] = TOKENIZER_MEMBER
+            chat = chat_template(members[TOKENIZER_MEMBER], progress)
         with temp_dir(prefix="polyarch-lm-") as tmp:
+            if chat is not None:  # beside the tokenizer: the OpenAI chat endpoint renders it (server/)
+                members[CHAT_MEMBER] = os.path.join(tmp, CHAT_MEMBER)
+                with open(members[CHAT_MEMBER], "w") as f:
+                    json.dump(chat, f)
+                extra["generate"]["chat_template"] = CHAT_MEMBER
             path = os.path.join(tmp, "unverified.pab")
             manifest = build_phases_bundle(self.plans, {p: sig for p, (_, sig) in imp.phases.items()}, path, extra,
                                            jobs=o.jobs, progress=progress, extra_flags=o.iree_flags, tune=o.tune,
@@ -138,6 +146,7 @@ class PlannedLM:
 
 
 TOKENIZER_MEMBER = "tokenizer.json"
+CHAT_MEMBER = "chat_template.json"
 
 
 def _phase_flags(o, phases):
@@ -216,6 +225,51 @@ def _tokenizer_file(path, vocab, progress):
                             fix="give the tokenizer the model was trained with")
     progress(f"tokenizer: {path} ({tok.get_vocab_size()} tokens) carried in the bundle")
     return path
+
+
+def chat_template(tokenizer_json: str, progress=lambda line: None) -> "dict | None":
+    """The chat template saved beside a tokenizer.json (transformers' `save_pretrained`: the file
+    chat_template.jinja, or `chat_template` in tokenizer_config.json; a named list: its
+    "default"), with the bos/eos token texts it may use, checked to parse as Jinja. -> {"template",
+    "bos_token", "eos_token"} or None when there is none."""
+    folder = os.path.dirname(os.path.abspath(tokenizer_json))
+    cfg = {}
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            raise PolyarchError(f"{cfg_path} is not JSON: {e}", fix="give the tokenizer_config.json saved with the "
+                                "model, or remove it") from None
+    template = cfg.get("chat_template")
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path) as f:
+            template = f.read()
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if not template:
+        return None
+    if not isinstance(template, str):
+        raise PolyarchError(f"the chat template beside {tokenizer_json} is not text", fix="fix or remove it")
+
+    def token_text(v):
+        return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
+
+    try:
+        import jinja2.sandbox
+
+        jinja2.sandbox.ImmutableSandboxedEnvironment().parse(template)
+    except ImportError:
+        pass
+    except Exception as e:
+        raise PolyarchError(f"the chat template beside {tokenizer_json} does not parse as Jinja: {e}",
+                            fix="fix the template, or remove it (the chat endpoint is then off)") from None
+    progress(f"chat template: carried in the bundle ({len(template)} characters)")
+    return {"template": template, "bos_token": token_text(cfg.get("bos_token")),
+            "eos_token": token_text(cfg.get("eos_token"))}
 
 
 def _in_dtype(model, name):

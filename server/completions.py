@@ -1,6 +1,7 @@
 """The OpenAI completions API for a --generate bundle: `POST /v1/completions` (streamed by
-server-sent events with `"stream": true`) and `GET /v1/models`, as the `openai` client sends
-and reads them.
+server-sent events with `"stream": true`), `POST /v1/chat/completions` (a bundle whose
+tokenizer came with a chat template: the conversation rendered by it, in Jinja's sandbox, as
+transformers does) and `GET /v1/models`, as the `openai` client sends and reads them.
 
 A prompt is text (the bundle must carry a tokenizer: `compile --tokenizer`), token ids, or a
 list of either (one choice each). Each choice also carries `token_ids`, the new tokens' ids
@@ -34,7 +35,8 @@ class _Bad(Exception):
 
 def _error(e: "_Bad"):
     kind = {400: "invalid_request_error", 404: "not_found_error", 503: "overloaded_error"}.get(e.status, "server_error")
-    return JSONResponse({"error": {"message": str(e), "type": kind, "param": e.param, "code": None}},
+    message = str(e) if not e.param or str(e).startswith(e.param) else f"{e.param}: {e}"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": e.param, "code": None}},
                         status_code=e.status, headers=e.headers)
 
 
@@ -121,7 +123,7 @@ class _Choice:
 
     def __init__(self, index, prompt, detok, stops):
         self.index, self.prompt, self.detok, self.stops = index, prompt, detok, stops
-        self.tokens, self.sent, self.finish, self.seq = [], "", None, None
+        self.tokens, self.sent, self.finish, self.seq, self.started = [], "", None, None, False
 
     def add(self, token):
         """A new token (None: the sequence ended). -> the text to send now."""
@@ -150,11 +152,79 @@ class _Choice:
         return delta
 
 
+class _Text:
+    """The shapes of /v1/completions' answers."""
+    endpoint, prefix, obj, chunk_obj = "completions", "cmpl-", "text_completion", "text_completion"
+
+    @staticmethod
+    def chunk(c, delta, finish, ids):
+        return {"index": c.index, "text": delta, "logprobs": None, "finish_reason": finish, "token_ids": ids}
+
+    @staticmethod
+    def final(c):
+        return {"index": c.index, "text": c.sent, "logprobs": None, "finish_reason": c.finish, "token_ids": c.tokens}
+
+
+class _Chat:
+    """The shapes of /v1/chat/completions' answers."""
+    endpoint, prefix, obj, chunk_obj = "chat", "chatcmpl-", "chat.completion", "chat.completion.chunk"
+
+    @staticmethod
+    def chunk(c, delta, finish, ids):
+        d = {"content": delta}
+        if not c.started:
+            c.started = True
+            d["role"] = "assistant"
+        return {"index": c.index, "delta": d, "logprobs": None, "finish_reason": finish, "token_ids": ids}
+
+    @staticmethod
+    def final(c):
+        return {"index": c.index, "message": {"role": "assistant", "content": c.sent}, "logprobs": None,
+                "finish_reason": c.finish, "token_ids": c.tokens}
+
+
+def _render_chat(chat, messages):
+    """The conversation as the text the model was trained on (the bundle's chat template, in
+    Jinja's sandbox, as transformers renders it), ending with the assistant's turn opened."""
+    import jinja2
+    import jinja2.sandbox
+
+    if not isinstance(messages, list) or not messages:
+        raise _Bad("give a non-empty list of {role, content} messages", "messages")
+    plain = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise _Bad("each message needs a role and a content", f"messages[{i}]")
+        content = msg.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise _Bad("only text content parts are supported", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise _Bad("content must be text", f"messages[{i}].content")
+        plain.append({"role": msg["role"], "content": content})
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(chat["template"]).render(messages=plain, add_generation_prompt=True,
+                                                        bos_token=chat.get("bos_token") or "",
+                                                        eos_token=chat.get("eos_token") or "")
+    except jinja2.TemplateError as e:
+        raise _Bad(f"the bundle's chat template refused the conversation: {e}", "messages") from None
+
+
 def add_routes(app, served):
     m = served.metrics
     worker = served.plans[0].worker
     cfg = served.manifest["generate"]
     has_tokenizer = cfg.get("tokenizer") is not None
+    chat_member = cfg.get("chat_template")
+    chat = json.loads(bytes(worker.bundle._members.views[chat_member]).decode()) if chat_member else None
 
     def tokenizer():
         return worker.gen.tokenizer if has_tokenizer else None
@@ -167,29 +237,57 @@ def add_routes(app, served):
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": int(time.time()),
                                             "owned_by": "polyarch"}]}
 
+    async def body_of(request):
+        try:
+            return json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _Bad(f"the body is not JSON ({e})", "body") from None
+
     @app.post("/v1/chat/completions")
-    async def chat():
-        return _error(_Bad(f"{served.path} carries no chat template: send the conversation as text to "
-                           "/v1/completions", "messages"))
+    async def chat_completions(request: Request):
+        t0 = time.perf_counter()
+        try:
+            if chat is None:
+                raise _Bad(f"{served.path} carries no chat template (none was beside its tokenizer when it was "
+                           "compiled): send the conversation as text to /v1/completions", "messages")
+            body = await body_of(request)
+            if not isinstance(body, dict):
+                raise _Bad("the body must be a JSON object", "body")
+            if body.get("logprobs") not in (None, False):
+                raise _Bad("logprobs are not supported by this server", "logprobs")
+            text = _render_chat(chat, body.get("messages"))
+            body = {k: v for k, v in body.items() if k not in ("messages", "logprobs")}
+            if "max_completion_tokens" in body:
+                body["max_tokens"] = body.pop("max_completion_tokens")
+            body["prompt"] = tokenizer().encode(text, add_special_tokens=False).ids
+            p = _parse(body, served, tokenizer())
+        except _Bad as e:
+            m.errors.labels("chat", "bad_request").inc()
+            return _error(e)
+        return await _answer(_Chat, p, t0)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         t0 = time.perf_counter()
         try:
-            try:
-                body = json.loads(await request.body())
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise _Bad(f"the body is not JSON ({e})", "body") from None
-            p = _parse(body, served, tokenizer())
+            p = _parse(await body_of(request), served, tokenizer())
         except _Bad as e:
             m.errors.labels("completions", "bad_request").inc()
             return _error(e)
+        return await _answer(_Text, p, t0)
+
+    async def _answer(fmt, p, t0):
         loop = asyncio.get_running_loop()
         events = asyncio.Queue()
         choices = [_Choice(i, prompt, detok, p["stops"]) for i, prompt in enumerate(p["prompts"])]
 
         def on_token(seq, token, i):  # on the worker thread
             loop.call_soon_threadsafe(events.put_nowait, (i, token))
+
+        def cancel_all():
+            for c in choices:
+                if c.seq is not None:
+                    c.seq.cancel()
 
         m.plan_requests.labels(served.plans[0].name).inc()
         try:
@@ -198,22 +296,15 @@ def add_routes(app, served):
                                       top_p=p["top_p"], stop_ids=p["stop_ids"], seed=p["seed"],
                                       on_token=lambda seq, tok, i=c.index: on_token(seq, tok, i))
         except Overloaded as e:
-            for c in choices:
-                if c.seq is not None:
-                    c.seq.cancel()
-            m.errors.labels("completions", "overloaded").inc()
+            cancel_all()
+            m.errors.labels(fmt.endpoint, "overloaded").inc()
             return _error(_Bad(str(e), None, 503, {"Retry-After": str(int(max(1, e.retry_after_s)))}))
         except PolyarchError as e:  # prompt too long, ids outside the vocabulary, sampling settings
-            for c in choices:
-                if c.seq is not None:
-                    c.seq.cancel()
-            m.errors.labels("completions", "bad_request").inc()
+            cancel_all()
+            m.errors.labels(fmt.endpoint, "bad_request").inc()
             return _error(_Bad(str(e), "prompt" if "prompt" in str(e) else None))
-        rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
-
-        def chunk(i, text, finish, ids):
-            return {"id": rid, "object": "text_completion", "created": created, "model": served.name,
-                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish, "token_ids": ids}]}
+        rid, created = fmt.prefix + uuid.uuid4().hex, int(time.time())
+        head = {"id": rid, "created": created, "model": served.name}
 
         def usage():
             n = sum(len(c.tokens) for c in choices)
@@ -240,44 +331,37 @@ def add_routes(app, served):
                     done += 1
                 yield c, delta, token
 
-        def failed():
-            errs = [c.seq.error for c in choices if c.seq.error is not None]
-            return errs[0] if errs else None
-
         if not p["stream"]:
             try:
                 async for _ in tokens():
                     pass
             finally:
-                for c in choices:
-                    c.seq.cancel()
-            err = failed()
-            if err is not None:
-                m.errors.labels("completions", "timeout" if isinstance(err, TimeoutError) else "runtime").inc()
-                return _error(_Bad(f"{type(err).__name__}: {err}", None, 504 if isinstance(err, TimeoutError) else 500))
-            return {"id": rid, "object": "text_completion", "created": created, "model": served.name,
-                    "choices": [{"index": c.index, "text": c.sent, "logprobs": None, "finish_reason": c.finish,
-                                 "token_ids": c.tokens} for c in choices], "usage": usage()}
+                cancel_all()
+            errs = [c.seq.error for c in choices if c.seq.error is not None]
+            if errs:
+                timeout = isinstance(errs[0], TimeoutError)
+                m.errors.labels(fmt.endpoint, "timeout" if timeout else "runtime").inc()
+                return _error(_Bad(f"{type(errs[0]).__name__}: {errs[0]}", None, 504 if timeout else 500))
+            return {**head, "object": fmt.obj, "choices": [fmt.final(c) for c in choices], "usage": usage()}
 
         async def sse():
             try:
                 async for c, delta, token in tokens():
                     if c.finish == "error":
                         err = c.seq.error
-                        m.errors.labels("completions", "runtime").inc()
+                        m.errors.labels(fmt.endpoint, "runtime").inc()
                         yield "data: " + json.dumps({"error": {"message": f"{type(err).__name__}: {err}",
                                                                "type": "server_error", "param": None,
                                                                "code": None}}) + "\n\n"
                         continue
                     if delta or c.finish is not None or token is not None:
-                        out = chunk(c.index, delta, c.finish, [token] if token is not None else [])
-                        yield "data: " + json.dumps(out) + "\n\n"
+                        out = fmt.chunk(c, delta, c.finish, [token] if token is not None else [])
+                        yield "data: " + json.dumps({**head, "object": fmt.chunk_obj, "choices": [out]}) + "\n\n"
                 if p["usage"]:
-                    yield "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created,
-                                                 "model": served.name, "choices": [], "usage": usage()}) + "\n\n"
+                    yield "data: " + json.dumps({**head, "object": fmt.chunk_obj, "choices": [],
+                                                 "usage": usage()}) + "\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # the client went away, or all done: free the slots
-                for c in choices:
-                    c.seq.cancel()
+                cancel_all()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

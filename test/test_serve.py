@@ -91,6 +91,10 @@ class Server:
         self.stop()
 
 
+CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %} w3 {% else %} w4 {% endif %}"
+        "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} w4{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
@@ -103,6 +107,8 @@ def bundles(tmp_path_factory):
     from test_generate import _word_tokenizer
 
     tok = _word_tokenizer(d / "tokenizer.json", 256)
+    with open(d / "tokenizer_config.json", "w") as f:  # as transformers saves it: the chat template beside
+        json.dump({"bos_token": "w1", "eos_token": "w2", "chat_template": CHAT}, f)
     llm = polyarch.compile(example("tiny_llama").build(), output=str(d / "llm.pab"), generate=True, tune="none",
                            max_context=64, batch=4, tokenizer=tok)
     return {"mlp": mlp, "minilm": minilm, "llm": llm, "dir": d}
@@ -373,3 +379,29 @@ def test_routing_in_a_simulated_fleet():
     assert sum(routed["by_plan"].values()) == len(spike)
     calm = simulate(poisson(20, 2.0, seed=2), fleet)
     assert calm["by_plan"]["cpu"] <= 0.05 * sum(calm["by_plan"].values())
+
+
+def test_openai_chat_streams_the_rendered_conversation(bundles):
+    """/v1/chat/completions: the conversation rendered by the chat template carried from beside
+    the tokenizer, streamed as chat.completion.chunk deltas (the role first); the tokens are
+    those `Bundle.generate` gives for the rendered text."""
+    import openai
+
+    msgs = [{"role": "user", "content": "w10 w11"}, {"role": "assistant", "content": "w12"},
+            {"role": "user", "content": [{"type": "text", "text": "w13"}]}]
+    with load(bundles["llm"]) as b:
+        g = b.generate("w1 w3 w10 w11 w4 w12 w3 w13 w4", 8)
+        g.run()
+    with Server(bundles["llm"]) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        text, ids, roles = "", [], []
+        for ch in client.chat.completions.create(model="llm", messages=msgs, max_tokens=8, temperature=0, stream=True):
+            d = ch.choices[0].delta
+            text += d.content or ""
+            ids += ch.choices[0].model_extra["token_ids"]
+            roles.append(d.role)
+        assert (ids, text) == (g.tokens[0], g.text) and roles[0] == "assistant"
+        r = client.chat.completions.create(model="llm", messages=msgs, max_completion_tokens=8, temperature=0)
+        assert r.choices[0].message.content == g.text and r.usage.prompt_tokens == 9
+        with pytest.raises(openai.BadRequestError, match=r"messages\[0\]"):
+            client.chat.completions.create(model="llm", messages=[{"content": "w1"}], max_tokens=2)
