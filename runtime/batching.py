@@ -158,6 +158,7 @@ class CallWorker(_Worker):
             if bound:
                 limit = min(limit, bound)
         self.max_batch, self.max_delay_s, self.on_call = limit, max_delay_s, on_call
+        self.split_batches = 0  # batched calls that failed and were run again request by request
         super().__init__(bundle, max_queue, timeout_s, "polyarch-calls")
 
     def submit(self, args: list, timeout_s: float | None = None) -> concurrent.futures.Future:
@@ -236,6 +237,7 @@ class CallWorker(_Worker):
             if len(calls) == 1:
                 calls[0].future.set_exception(e)
             else:  # which request failed? each alone: only that one gets the error
+                self.split_batches += 1
                 for c in calls:
                     self._call([c])
             return

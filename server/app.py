@@ -225,6 +225,9 @@ def create_app(served: Served) -> FastAPI:
             fut.cancel()
             m.errors.labels("infer", "timeout").inc()
             return _error(504, str(e) or f"no answer within the request timeout ({served.timeout_s} s)")
+        except PolyarchError as e:  # found while it ran, caused by its data (an index computed out of range)
+            m.errors.labels("infer", "runtime").inc()
+            return _error(400, str(e))
         except Exception as e:
             m.errors.labels("infer", "runtime").inc()
             log.warning("request failed in the runtime: %s", e)
@@ -245,6 +248,7 @@ def create_app(served: Served) -> FastAPI:
     async def metrics():
         for p in served.plans:
             m.queue_depth.labels(p.name).set(p.worker.depth)
+        m.split_batches.set(sum(getattr(p.worker, "split_batches", 0) for p in served.plans))
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     if served.generate:

@@ -23,6 +23,8 @@ class Metrics:
                                         buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.batch_rows = Histogram("polyarch_batch_rows", "Rows per bundle call (dynamic batching)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.split_batches = Gauge("polyarch_split_batches", "Batched calls that failed and were run again request "
+                                   "by request (so that only the failing request gets the error)", registry=r)
         self.device_busy = Counter("polyarch_device_busy_seconds", "Seconds each device spent running segments",
                                    ["device"], registry=r)
         self.bytes_moved = Counter("polyarch_bytes_moved", "Bytes moved between devices and the host", registry=r)

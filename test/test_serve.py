@@ -405,3 +405,47 @@ def test_openai_chat_streams_the_rendered_conversation(bundles):
         assert r.choices[0].message.content == g.text and r.usage.prompt_tokens == 9
         with pytest.raises(openai.BadRequestError, match=r"messages\[0\]"):
             client.chat.completions.create(model="llm", messages=[{"content": "w1"}], max_tokens=2)
+
+
+def test_a_request_that_fails_in_the_runtime_fails_alone(tmp_path):
+    """A model that computes an index from its input: one request of a batch makes an index out
+    of range, found while the batched call runs. That request alone gets the error (400, the op
+    named); the others of its batch get their rows, bit for bit; the server serves on."""
+    import torch
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    class Lookup(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = torch.nn.Embedding(16, 8)
+
+        def forward(self, x):
+            return self.emb((x[:, 0] * 4).long()) + x[:, 1:9]
+
+    path = polyarch.compile(Lookup().eval(), (torch.rand(4, 9),), ["cpu"], output=str(tmp_path / "lookup.pab"),
+                            dynamic_dims=["input0:0:16"], tune="none")
+    rng = np.random.default_rng(0)
+    xs = [rng.random((2, 9)).astype(np.float32) for _ in range(8)]
+    xs[3][1, 0] = 10.0  # index 40 of 16
+    with load(path) as b:
+        want = {i: b(x) for i, x in enumerate(xs) if i != 3}
+        name = b.inputs[0]["name"]
+    with Server(path, "--max-delay-ms", "50") as s:
+        def one(i):
+            c = th.InferenceServerClient(f"{s.host}:{s.port}")
+            try:
+                return _triton_infer(c, "lookup", [xs[i]], [(name, "FP32")]).as_numpy("output0")
+            except InferenceServerException as e:
+                return e
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(one, range(8)))
+        assert isinstance(got[3], InferenceServerException) and "out of range in torch.aten.embedding" in str(got[3])
+        assert str(got[3].status()) == "400"
+        for i, w in want.items():
+            assert np.array_equal(got[i], w), i
+        assert s.metric("polyarch_split_batches") >= 1  # the failing request was in a batch, run again alone
+        assert s.metric("polyarch_request_errors_total", cause="runtime") == 1
+        assert np.array_equal(one(0), want[0])
