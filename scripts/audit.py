@@ -795,6 +795,32 @@ def concurrency_and_signals(a, mlp, good):
             a.record("signals", sig.name + " during compile", "clear" if p.returncode else "ok", f"rc {p.returncode}")
 
 
+def bad_serves(a, good):
+    """`polyarch serve` started wrongly: each a one-line error before anything listens."""
+    import socket
+
+    g = "serve"
+    junk = os.path.join(a.work, "junk.pab")
+    with open(junk, "w") as f:
+        f.write("not a bundle")
+    a.cli(g, "a bundle that is not there", ["serve", os.path.join(a.work, "nope.pab"), "--port", "0"])
+    a.cli(g, "a file that is no bundle", ["serve", junk, "--port", "0"], protect=[junk])
+    a.cli(g, "a plan the bundle has not", ["serve", good, "--plan", "nope", "--port", "0"], protect=[good])
+    a.cli(g, "--replicas without --ray", ["serve", good, "--replicas", "2", "--port", "0"], protect=[good])
+    a.cli(g, "--ray with --port 0", ["serve", good, "--ray", "127.0.0.1:1", "--port", "0"], protect=[good])
+    a.cli(g, "--max-queue 0", ["serve", good, "--max-queue", "0"], protect=[good])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        a.cli(g, "a port already taken", ["serve", good, "--port", str(taken.getsockname()[1])], protect=[good])
+    key = os.path.join(a.work, "serve-key")
+    subprocess.run([*CLI, "keygen", "-o", key], check=True, capture_output=True, cwd=a.work)
+    a.cli(g, "an unsigned bundle with --trusted-key", ["serve", good, "--trusted-key", key + ".pub", "--port", "0"],
+          protect=[good])
+    a.cli(g, "an address that is not one", ["serve", good, "--host", "no.such.host.invalid", "--port", "0"],
+          protect=[good])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -824,7 +850,8 @@ def main():
                   "concurrency": lambda: concurrency_and_signals(a, mlp, good),
                   "edges trust": lambda: edges_trust(a, good),
                   "edges writes": lambda: edges_writes(a, mlp, good),
-                  "edges values": lambda: edges_values(a, mlp)}
+                  "edges values": lambda: edges_values(a, mlp),
+                  "serve": lambda: bad_serves(a, good)}
         for name, run in groups.items():
             if not args.only or args.only in name:
                 print(f"== {name}", flush=True)

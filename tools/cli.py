@@ -1096,8 +1096,12 @@ def serve(bundle: str, host: str, port: int, name: str | None, plans: tuple, max
         sock.listen(2048)  # connections wait in the backlog until the server takes them
     except OSError as e:
         served.close()
+        import errno
+
+        bad_host = isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL
         raise PolyarchError(f"cannot listen on {host}:{port}: {e.strerror}",
-                            fix="choose another --port (0: any free one)") from None
+                            fix="give --host an address of this machine (127.0.0.1: this machine only; 0.0.0.0: "
+                                "every interface)" if bad_host else "choose another --port (0: any free one)") from None
     port = sock.getsockname()[1]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     what = []
