@@ -127,7 +127,8 @@ def part_tensors(args, out, res):
         polyarch.compile(model, (torch.randn(8, 256),), ["cpu"], output=path, dynamic_dims=["input0:0:64"], tune="none")
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((4, 256)).astype(np.float32) for _ in range(64)]
-    on, off = Server(path, "--max-delay-ms", "2"), Server(path, "--max-batch", "1")
+    delay = [] if args.max_delay_ms is None else ["--max-delay-ms", str(args.max_delay_ms)]
+    on, off = Server(path, *delay), Server(path, "--max-batch", "1")
     rows = []
     try:
         with load(path) as b:
@@ -303,6 +304,8 @@ def main():
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--streams", default="1,4,8")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--max-delay-ms", type=float, default=None, help="the batching server's --max-delay-ms "
+                    "(default: serve's own)")
     ap.add_argument("--parts", default="tensors,generate,overload,routing")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     args = ap.parse_args()

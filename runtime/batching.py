@@ -1,15 +1,16 @@
 """Serving many callers from one loaded bundle: requests queue (bounded) for one worker
 thread that owns the bundle.
 
-    w = CallWorker(bundle, max_batch=16, max_delay_s=0.002)    # a bundle with a dynamic batch dim
+    w = CallWorker(bundle, max_batch=16)                       # a bundle with a dynamic batch dim
     fut = w.submit([x])                                        # concurrent.futures.Future -> outputs
     s = GenerationWorker(bundle)                               # a --generate bundle
     req = s.submit([1, 2, 3], max_new_tokens=32, on_token=print)
 
 CallWorker is a dynamic batcher (Triton's is the anchor): a bundle whose inputs all have a
 dynamic leading dimension of one symbol, and whose outputs all lead with that symbol, is
-called once for several queued requests, their rows concatenated (up to max_batch rows,
-waiting at most max_delay_s after the first for more), and each request gets its own rows of
+called once for several queued requests, their rows concatenated (up to max_batch rows: the
+requests that queued while the previous call ran, and those that come within max_delay_s of
+the first), and each request gets its own rows of
 the outputs back. A bundle without such a dimension runs its requests one by one. A request
 that fails its input check fails alone before it is queued; a batched call that fails is
 run again request by request, so that only the request that fails gets the error.
@@ -145,7 +146,7 @@ class CallWorker(_Worker):
     batch waits for others. on_call(requests, rows, seconds, counters_delta): called after
     each bundle call (metrics)."""
 
-    def __init__(self, bundle, max_batch: int | None = None, max_delay_s: float = 0.002, max_queue: int = 64,
+    def __init__(self, bundle, max_batch: int | None = None, max_delay_s: float = 0.0, max_queue: int = 64,
                  timeout_s: float | None = 60.0, on_call: Callable | None = None):
         bound = batch_dimension(bundle.inputs, bundle.outputs)
         self.batchable = bound is not None

@@ -59,7 +59,7 @@ class Served:
     whose devices this host has (requests routed to the one free soonest by prediction); or
     a list of plan names. The other arguments as `polyarch serve --help` says."""
 
-    def __init__(self, path, name=None, plans=None, max_batch=None, max_delay_ms=2.0, max_queue=64,
+    def __init__(self, path, name=None, plans=None, max_batch=None, max_delay_ms=0.0, max_queue=64,
                  timeout_s=60.0, trusted_keys=None):
         self.path = str(path)
         manifest = read_manifest(self.path)

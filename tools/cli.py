@@ -1031,8 +1031,10 @@ def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: f
 @click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Dynamic batching (a bundle whose batch dimension is dynamic): rows per call at most (default: "
                    "the bundle's bound on that dimension, or 64). 1: no batching.")
-@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
-              help="How long the first request of a batch waits for others to join it.")
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="How long the first request of a batch waits for others to join it. 0: a batch is what queued "
+                   "while the previous call ran (measured here: as much throughput under load as 2 ms, and half "
+                   "the latency of a lone client).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests waiting per plan at most; more are answered 503 with Retry-After.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
