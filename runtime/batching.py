@@ -160,6 +160,8 @@ class CallWorker(_Worker):
                 limit = min(limit, bound)
         self.max_batch, self.max_delay_s, self.on_call = limit, max_delay_s, on_call
         self.split_batches = 0  # batched calls that failed and were run again request by request
+        self.rows_ahead = 0  # rows of the requests queued and in flight (routing)
+        self._rows_lock = threading.Lock()
         super().__init__(bundle, max_queue, timeout_s, "polyarch-calls")
 
     def submit(self, args: list, timeout_s: float | None = None) -> concurrent.futures.Future:
@@ -168,8 +170,19 @@ class CallWorker(_Worker):
         args = check_inputs(self.bundle.path, self.bundle.inputs, list(args))
         rows = int(args[0].shape[0]) if self.batchable else 1
         call = _Call(args, rows, self._deadline(timeout_s))
-        self._put(call)
+        with self._rows_lock:
+            self.rows_ahead += rows
+        try:
+            self._put(call)
+        except BaseException:
+            self._done_rows(rows)
+            raise
+        call.future.add_done_callback(lambda _: self._done_rows(rows))
         return call.future
+
+    def _done_rows(self, rows):
+        with self._rows_lock:
+            self.rows_ahead -= rows
 
     def _fail(self, call, err):
         if not call.future.done():

@@ -12,16 +12,17 @@ from typing import Iterable
 __all__ = ["pick", "simulate", "poisson"]
 
 
-def pick(plans: Iterable):
-    """The plan predicted to finish a request sent now first (each has `free_at_s()`)."""
-    return min(plans, key=lambda p: p.free_at_s())
+def pick(plans: Iterable, rows: int = 1):
+    """The plan predicted to finish a request of `rows` rows sent now first (each has
+    `free_at_s(rows)`)."""
+    return min(plans, key=lambda p: p.free_at_s(rows))
 
 
 class _SimPlan:
     def __init__(self, name, call_s):
         self.name, self.call_s, self.busy_until, self.now = name, call_s, 0.0, 0.0
 
-    def free_at_s(self):
+    def free_at_s(self, rows=1):
         return max(0.0, self.busy_until - self.now) + self.call_s
 
 
