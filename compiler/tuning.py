@@ -56,7 +56,6 @@ DEFAULT = "quick"
 WIN = 0.95  # a candidate replaces the default only when it takes at most this fraction of its time
 BUDGET = 1.0  # tuning time / the compile time of the untuned convolution probe
 MIN_BUDGET_S = 10.0
-DECIDED = 3.0  # IREE's convolution this many times the rewrite's time: rewritten, without timing it further
 PROBE_S = 0.05  # timing budget per probe function (at least MIN_CALLS calls)
 MIN_CALLS = 3
 WHOLE_COMPILES = 3  # budget a whole-segment check needs, in probe compile times (two compiles of a whole segment,
@@ -111,21 +110,15 @@ class Budget:
 
 
 def time_function(fn: "ir.Operation", args: list, budget_s: float = 0.3, min_calls: int = 5,
-                  max_calls: int = 200, decided_above: float | None = None) -> float:
-    """Median seconds of fn(*args) after two warm-up calls. decided_above: a time past which
-    the comparison this measurement is for is already decided (the other candidate is that
-    much faster): after one warm-up call, once two timed calls are both slower, stop and return
-    the faster, so that a convolution 500x slower than its rewrite costs three calls, not seven
-    (the first call never decides: it carries one-time costs; nor one call alone: a hiccup)."""
-    for _ in range(1 if decided_above is not None else 2):
+                  max_calls: int = 200) -> float:
+    """Median seconds of fn(*args) after two warm-up calls."""
+    for _ in range(2):
         fn(*args)
     ts, start = [], time.perf_counter()
     while len(ts) < min_calls or (time.perf_counter() - start < budget_s and len(ts) < max_calls):
         t = time.perf_counter()
         fn(*args)
         ts.append(time.perf_counter() - t)
-        if decided_above is not None and len(ts) >= 2 and min(ts) > decided_above:  # (two: one may be a hiccup)
-            return min(ts)
     return statistics.median(ts)
 
 
@@ -266,11 +259,8 @@ def _measure_convs(module, device, items, tmp, jobs, progress, budget, done):
                      "lowering this time (the next compile measures them)")
             break
         args = _random_args(types, seed=i)
-        # the rewrite first (it is the fast one where they differ most); IREE's is timed only as
-        # far as the choice needs: DECIDED times the rewrite settles it (WIN is 5%)
+        td = time_function(dm[name], [rt.asdevicearray(dd, a) for a in args], PROBE_S, MIN_CALLS)
         ti = time_function(im[name], [rt.asdevicearray(id_, a) for a in args], PROBE_S, MIN_CALLS)
-        td = time_function(dm[name], [rt.asdevicearray(dd, a) for a in args], PROBE_S, MIN_CALLS,
-                           decided_above=DECIDED * ti)
         done(i, {"direct_us": round(td * 1e6, 1), "rewritten_us": round(ti * 1e6, 1)})
         progress(f"tune: shape {i + 1}/{len(sigs)}: IREE {td * 1e3:.3f} ms, rewritten {ti * 1e3:.3f} ms"
                  + budget.text())
