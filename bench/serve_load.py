@@ -112,19 +112,27 @@ def in_process(bundle, xs, n):
     return n / (time.perf_counter() - t0)
 
 
-def part_tensors(args, out, res):
-    import numpy as np
+def mlp_bundle(path, **options):
+    """The bench's MLP (256-1024-1024-64, batch dimension dynamic up to 64), compiled once."""
     import torch
 
     import polyarch
-    from polyarch.runtime import load
 
-    path = os.path.join(out, "serve-mlp.pab")
     if not os.path.exists(path):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
                                     torch.nn.ReLU(), torch.nn.Linear(1024, 64)).eval()
-        polyarch.compile(model, (torch.randn(8, 256),), ["cpu"], output=path, dynamic_dims=["input0:0:64"], tune="none")
+        polyarch.compile(model, (torch.randn(8, 256),), output=path, dynamic_dims=["input0:0:64"], tune="none",
+                         **options)
+    return path
+
+
+def part_tensors(args, out, res):
+    import numpy as np
+
+    from polyarch.runtime import load
+
+    path = mlp_bundle(os.path.join(out, "serve-mlp.pab"), devices=["cpu"])
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((4, 256)).astype(np.float32) for _ in range(64)]
     delay = [] if args.max_delay_ms is None else ["--max-delay-ms", str(args.max_delay_ms)]
@@ -247,18 +255,10 @@ def part_overload(args, out, res):
 
 def part_routing(args, out, res):
     import numpy as np
-    import torch
 
-    import polyarch
     from polyarch.runtime import load
 
-    path = os.path.join(out, "serve-two-plans.pab")
-    if not os.path.exists(path):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
-                                    torch.nn.ReLU(), torch.nn.Linear(1024, 64)).eval()
-        polyarch.compile(model, (torch.randn(8, 256),), output=path, dynamic_dims=["input0:0:64"], tune="none",
-                         plans=[["cpu"], ["vulkan"]])
+    path = mlp_bundle(os.path.join(out, "serve-two-plans.pab"), plans=[["cpu"], ["vulkan"]])
     xs = [np.random.default_rng(i).standard_normal((16, 256)).astype(np.float32) for i in range(16)]
     speed = {}
     for p in ("cpu", "vulkan"):

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import PolyarchError
 from .executor import check_inputs
+from .generate import Generator, _check_sampling, sample
 
 __all__ = ["CallWorker", "GenerationWorker", "Overloaded", "batch_dimension"]
 
@@ -104,6 +105,9 @@ class _Worker:
 
     def _expired(self, deadline):
         return deadline is not None and time.monotonic() > deadline
+
+    def _timed_out(self):
+        return TimeoutError(f"the request waited more than its timeout ({self.timeout_s} s) in the queue")
 
     def _deadline(self, timeout_s):
         t = self.timeout_s if timeout_s is None else timeout_s
@@ -224,8 +228,7 @@ class CallWorker(_Worker):
                 if c.future.set_running_or_notify_cancel() is False:
                     continue
                 if self._expired(c.deadline):
-                    c.future.set_exception(TimeoutError(f"the request waited more than its timeout "
-                                                        f"({self.timeout_s} s) in the queue"))
+                    c.future.set_exception(self._timed_out())
                     continue
                 live.append(c)
             if live:
@@ -318,8 +321,6 @@ class GenerationWorker(_Worker):
     on_step(active sequences, seconds, counters_delta): called after each decode step (metrics)."""
 
     def __init__(self, bundle, max_queue: int = 64, timeout_s: float | None = 300.0, on_step: Callable | None = None):
-        from .generate import Generator
-
         self.gen = Generator(bundle)
         self.on_step = on_step
         self.slots = [None] * self.gen.batch
@@ -334,8 +335,6 @@ class GenerationWorker(_Worker):
                on_token: Callable | None = None, timeout_s: float | None = None) -> Sequence:
         """Queue one prompt (token ids). on_token(seq, token) is called from the worker thread for
         each new token, then once with None when the sequence is done. -> its Sequence."""
-        from .generate import _check_sampling
-
         _check_sampling(temperature, top_k, top_p, max_new_tokens)
         prompt = [int(t) for t in prompt_ids]
         self.gen.check_prompts([prompt], max_new_tokens)
@@ -355,8 +354,6 @@ class GenerationWorker(_Worker):
 
     def _admit(self):
         """Prefill waiting requests into free slots (each gives its first token)."""
-        from .generate import sample
-
         for slot in range(len(self.slots)):
             if self.slots[slot] is not None:
                 continue
@@ -368,8 +365,7 @@ class GenerationWorker(_Worker):
                 if seq.cancelled:
                     seq._finish("cancelled")
                 elif self._expired(seq.deadline):
-                    seq._finish("error", TimeoutError(f"the request waited more than its timeout ({self.timeout_s} s) "
-                                                      "in the queue"))
+                    seq._finish("error", self._timed_out())
                 else:
                     break
             try:
@@ -386,8 +382,6 @@ class GenerationWorker(_Worker):
                 self.slots[slot] = seq
 
     def _loop(self):
-        from .generate import sample
-
         gen = self.gen
         while True:
             before = _snapshot(self.bundle.counters)  # a step's device time: its prefills and its decode

@@ -32,7 +32,7 @@ from ..runtime.executor import plan_time_us
 from ..version import __version__
 from .kserve import RequestError, encode_infer, parse_infer, tensor_metadata
 from .metrics import Metrics
-from .routing import pick
+from .routing import order
 
 __all__ = ["Served", "create_app"]
 
@@ -130,15 +130,11 @@ class Served:
     def batching(self) -> bool:
         return not self.generate and self.plans[0].worker.max_batch > 1
 
-    def route(self, rows: int = 1) -> _Plan:
-        """The plan that would finish a request of `rows` rows first, by prediction (the rows
-        queued ahead of it x measured time per row and per call)."""
-        return pick(self.plans, rows)
-
     def by_prediction(self, rows: int = 1) -> list:
-        """The plans, the one `route` picks first: where a request goes when the first one's
-        queue is full (a spike spills onto the other device sets instead of being refused)."""
-        return sorted(self.plans, key=lambda p: p.free_at_s(rows))
+        """The plans, the one that would finish a request of `rows` rows first leading (the rows
+        queued ahead of it x measured time per row and per call): where the first one's queue is
+        full, the request goes to the next (a spike spills onto the other device sets)."""
+        return order(self.plans, rows)
 
     def close(self, timeout_s=None) -> None:
         """Finish the work in flight, then release the bundles."""

@@ -52,7 +52,7 @@ def _number(body, key, default, kind, lo=None, hi=None):
     return v
 
 
-def _prompts(body, tokenizer, vocab):
+def _prompts(body, tokenizer):
     """The prompts as token id lists."""
     p = body.get("prompt")
     if p is None:
@@ -109,7 +109,7 @@ def _parse(body, served, tokenizer):
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise _Bad(f"seed={seed!r}: give a whole number", "seed")
     eos = [] if ignore_eos else list(cfg.get("eos_token_ids", ()))
-    return dict(prompts=_prompts(body, tokenizer, cfg["vocab"]),
+    return dict(prompts=_prompts(body, tokenizer),
                 max_new=_number(body, "max_tokens", 16, int, 1),
                 temperature=float(_number(body, "temperature", 1.0, float, 0, 2)),
                 top_p=float(_number(body, "top_p", 1.0, float, 0, 1)), top_k=_number(body, "top_k", 0, int, 0),

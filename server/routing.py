@@ -3,19 +3,19 @@ devices would be done with it soonest by prediction, the work queued ahead of it
 waiting and in flight x the measured time per call) plus its own call. A spike then spills
 onto the other device sets instead of queueing behind the fastest one.
 
-`simulate` runs the same decision (`pick`) over plans given by their time per call alone,
+`simulate` runs the same decision (`order`) over plans given by their time per call alone,
 so that routing can be studied for a fleet this host does not have (the times from
 `polyarch plan` predictions, or profiles)."""
 
 from typing import Iterable
 
-__all__ = ["pick", "simulate", "poisson"]
+__all__ = ["order", "simulate", "poisson"]
 
 
-def pick(plans: Iterable, rows: int = 1):
-    """The plan predicted to finish a request of `rows` rows sent now first (each has
-    `free_at_s(rows)`)."""
-    return min(plans, key=lambda p: p.free_at_s(rows))
+def order(plans: Iterable, rows: int = 1) -> list:
+    """The plans, the one predicted to finish a request of `rows` rows sent now first (each has
+    `free_at_s(rows)`): a request goes to the first whose queue has room."""
+    return sorted(plans, key=lambda p: p.free_at_s(rows))
 
 
 class _SimPlan:
@@ -28,7 +28,7 @@ class _SimPlan:
 
 def simulate(arrivals_s: Iterable[float], call_s: dict, only: str | None = None) -> dict:
     """Requests arriving at `arrivals_s` (seconds, ascending) served by plans that each run one
-    call at a time ({plan name: seconds per call}), each request routed by `pick` (or all to
+    call at a time ({plan name: seconds per call}), each request routed by `order` (or all to
     plan `only`). -> {"latency_s": [per request], "by_plan": {name: requests}}."""
     plans = [_SimPlan(n, s) for n, s in call_s.items()]
     if only is not None:
@@ -37,7 +37,7 @@ def simulate(arrivals_s: Iterable[float], call_s: dict, only: str | None = None)
     for t in arrivals_s:
         for p in plans:
             p.now = t
-        p = pick(plans)
+        p = order(plans)[0]  # (simulated queues never fill)
         start = max(t, p.busy_until)
         p.busy_until = start + p.call_s
         lat.append(p.busy_until - t)

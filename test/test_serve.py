@@ -378,7 +378,7 @@ def test_runtime_only_install_runs_and_serves(bundles, tmp_path):
 
 
 def test_routing_in_a_simulated_fleet():
-    """The router's own decision (server/routing.pick) over a simulated fleet: a spike of 1.2x
+    """The router's own decision (server/routing.order) over a simulated fleet: a spike of 1.2x
     what the fastest plan can take. All on the fastest plan, the queue grows without bound;
     routed, the spike spills onto the slower plan and p99 falls; below capacity, the fast
     plan takes (nearly) everything."""
