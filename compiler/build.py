@@ -2,7 +2,9 @@
 lowering), the weights merged into one parameter archive, the manifest written."""
 
 import datetime
+import hashlib
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -37,7 +39,7 @@ def _fallback_order(choice):
 
 def compile_segments(module: "ir.Module", jobs: int | None = None, progress: Callable[[str], None] | None = None,
                      extra_flags: Iterable = (), params_dir: str | None = None, scope_prefix: str = "",
-                     tuning: dict | None = None) -> dict:
+                     tuning: dict | None = None, alongside: "Alongside | None" = None) -> dict:
     """Compile every segment with iree-compile, in parallel.
     -> {segment name: (vmfb bytes, iree-compile command, parameter archive path or None)}.
 
@@ -46,16 +48,21 @@ def compile_segments(module: "ir.Module", jobs: int | None = None, progress: Cal
 
     params_dir: export each segment's weights (constants of parameters.MIN_BYTES or more)
     to `<params_dir>/<scope>.irpa`, scope `<scope_prefix><segment>`, instead of inlining
-    them in the module (compiler/parameters.py merges the archives)."""
+    them in the module (compiler/parameters.py merges the archives).
+
+    alongside: the untuned compile run while tuning measured (Alongside): a segment whose
+    source and command are the ones it compiled takes its result."""
     progress = progress or (lambda msg: None)
     job = _SegmentJob(module, tuning or {}, extra_flags, params_dir, scope_prefix, progress)
+    compile_one = (lambda item: alongside.take(job, item) or job.compile(item)) if alongside else job.compile
     with temp_dir(prefix="polyarch-") as tmp:
         inputs = job.sources(tmp)
         results = {}
         with ThreadPoolExecutor(jobs or max(1, min(len(inputs), os.cpu_count() or 1))) as pool:
-            for done, (name, device, data, secs, cmd, archive) in enumerate(pool.map(job.compile, inputs), 1):
+            for done, (name, device, data, secs, cmd, archive) in enumerate(pool.map(compile_one, inputs), 1):
                 weights = f" + {os.path.getsize(archive) / 1e6:.1f} MB weights" if archive and os.path.exists(archive) else ""
-                progress(f"[{done}/{len(inputs)}] compiled {scope_prefix}{name} for {device} in {secs:.1f}s "
+                when = " alongside tuning" if alongside and name in alongside.taken else ""
+                progress(f"[{done}/{len(inputs)}] compiled {scope_prefix}{name} for {device} in {secs:.1f}s{when} "
                          f"({len(data) / 1e6:.1f} MB{weights})")
                 results[name] = (data, cmd, archive)
     return results
@@ -141,6 +148,81 @@ class _SegmentJob:
         rec = self.tuning[name]
         rec.setdefault("refused", []).append({"lowering": list(tried), "error": err[:200]})
         rec["rewritten"] = {k: v for k, v in rec["rewritten"].items() if k in variant}
+
+
+def _command_key(cmd) -> tuple:
+    """What an iree-compile command compiles with, its paths left out (the source, the output,
+    where the weights are exported)."""
+    return tuple(c for c in cmd[2:-2] if not c.startswith("--iree-parameter-export="))
+
+
+class Alongside:
+    """The untuned compile of one plan's segments, run while tuning compiles its convolution
+    probes. Tuning starts it (compiler/tuning.py, only when it has convolutions to measure)
+    and waits for it before timing anything, so no timing shares the cores with a compile.
+    A segment that comes out of tuning with the same source and command (IREE's own lowering:
+    what a compile that measures convolutions keeps, unless its budget covers timing the
+    segment whole) takes that result instead of compiling again, so the cold compile's probes
+    and its final compile overlap (bench/cpu_zoo.py: cold against untuned compile time).
+    Use as a context manager: leaving it waits for its compiles and removes its files."""
+
+    def __init__(self, module: "ir.Module", extra_flags: Iterable = (), export: bool = True,
+                 scope_prefix: str = "", jobs: int | None = None):
+        self.module, self.extra_flags, self.export = module, list(extra_flags), export
+        self.scope_prefix, self.jobs = scope_prefix, jobs
+        self.pool, self.futures, self.taken, self._tmp = None, {}, set(), None
+
+    def start(self) -> None:
+        """Write the segments' sources as they are now and start compiling them (once)."""
+        if self.pool is not None:
+            return
+        self._tmp = temp_dir(prefix="polyarch-alongside-")
+        tmp = self._tmp.__enter__()
+        job = _SegmentJob(self.module, {}, self.extra_flags, tmp if self.export else None, self.scope_prefix,
+                          lambda msg: None)
+        items = job.sources(tmp)
+        self.pool = ThreadPoolExecutor(self.jobs or max(1, min(len(items), os.cpu_count() or 1)))
+        for item in items:
+            name, device, srcs = item
+            cmd, _ = job.command(name, device, srcs[0][1], "out")
+            self.futures[name] = (_digest(srcs[0][1]), _command_key(cmd), self.pool.submit(job.compile, item))
+
+    def wait(self) -> None:
+        """Until every compile started has ended (a failed one is left to the final compile to report)."""
+        for _, _, future in self.futures.values():
+            future.exception()
+
+    def take(self, job: "_SegmentJob", item) -> tuple | None:
+        """The result for a segment of the final compile (`job`, `item` as _SegmentJob.compile
+        takes it) when this compiled the same source with the same command, its weights moved
+        where the final compile would write them; else None."""
+        name, device, srcs = item
+        if name not in self.futures:
+            return None
+        digest, key, future = self.futures[name]
+        cmd, archive = job.command(name, device, srcs[0][1], "out")
+        if future.exception() is not None or (digest, key) != (_digest(srcs[0][1]), _command_key(cmd)):
+            return None
+        name, device, data, secs, used, made = future.result()
+        if archive and made and os.path.exists(made):
+            shutil.move(made, archive)
+        elif archive:
+            return None
+        self.taken.add(name)
+        return name, device, data, secs, used, archive
+
+    def __enter__(self) -> "Alongside":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self._tmp.__exit__(None, None, None)
+
+
+def _digest(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _versions():
@@ -239,9 +321,11 @@ def build_bundle(plans: Any, sig: dict, output: str, jobs: int | None = None,
             prefix = f"p{i}_" if len(plans) > 1 else ""
             if len(plans) > 1:
                 progress(f"plan {i + 1}/{len(plans)}: {name}")
-            choices = tuning.tune_plan(module, tune, jobs=jobs, progress=progress)
-            vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=extra_flags,
-                                     params_dir=tmp if externalize else None, scope_prefix=prefix, tuning=choices)
+            with Alongside(module, extra_flags, externalize, prefix, jobs) as alongside:
+                choices = tuning.tune_plan(module, tune, jobs=jobs, progress=progress, alongside=alongside)
+                vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=extra_flags,
+                                         params_dir=tmp if externalize else None, scope_prefix=prefix, tuning=choices,
+                                         alongside=alongside)
             compiled.append((name, module, vmfbs, prefix, choices))
         scopes, summary = {}, None
         members = {}
@@ -334,10 +418,11 @@ def build_phases_bundle(phase_plans: dict, phase_sigs: dict, output: str, extra:
                 name, module = phase_plans[phase][k]
                 prefix = (f"p{k}_" if n_sets > 1 else "") + f"{phase}_"
                 progress(f"{phase} on {name}")
-                choices = tuning.tune_plan(module, tune, jobs=jobs, progress=progress)
                 flags = [*phase_flags.get(phase, ()), *extra_flags]  # the user's last: they win
-                vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=flags, params_dir=tmp,
-                                         scope_prefix=prefix, tuning=choices)
+                with Alongside(module, flags, True, prefix, jobs) as alongside:
+                    choices = tuning.tune_plan(module, tune, jobs=jobs, progress=progress, alongside=alongside)
+                    vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=flags, params_dir=tmp,
+                                             scope_prefix=prefix, tuning=choices, alongside=alongside)
                 compiled[k, phase] = (module, vmfbs, prefix, choices)
         members = dict(extra_members or {})
         scopes, summary = _merge_weights({pre + seg: v[2] for _, vmfbs, pre, _ in compiled.values()

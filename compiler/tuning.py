@@ -222,11 +222,12 @@ def _conv_probes(ir, module, items):
     return mods[0], mods[1], sigs
 
 
-def _measure_convs(module, device, items, tmp, jobs, progress, budget, done):
+def _measure_convs(module, device, items, tmp, jobs, progress, budget, done, alongside=None):
     """Time each convolution both ways on the device, largest first (items come sorted), while
     the budget lasts; done(i, times) is called as each finishes (the caller caches it). The
     budget's size is set here, once the probes are compiled: BUDGET times the untuned probe's
-    compile time."""
+    compile time. alongside: the plan's untuned compile, started with the probes' (the final
+    compile takes its result where tuning keeps IREE's lowering) and ended before any timing."""
     import iree.runtime as rt
     from torch_mlir import ir
 
@@ -242,9 +243,15 @@ def _measure_convs(module, device, items, tmp, jobs, progress, budget, done):
         timed[args[3]] = time.perf_counter() - t0
         return r
 
+    if alongside is not None:
+        alongside.start()
     with ThreadPoolExecutor(min(2, jobs)) as pool:
         (d_path, d_err), (i_path, i_err) = pool.map(compile_one, [
             (direct, device, tmp, "conv-direct"), (rewritten, device, tmp, "conv-rewritten", (), ("im2col", "taps"))])
+    if alongside is not None:
+        t1 = time.perf_counter()
+        alongside.wait()  # nothing is timed while a compile shares the cores
+        progress(f"tune: the untuned compile alongside the probes ended {time.perf_counter() - t1:.1f} s after them")
     if d_err or i_err:
         raise PolyarchError(f"IREE could not compile the tuning probes for {device}: {d_err or i_err}",
                             fix="compile with --tune none (and report the convolution shapes)")
@@ -327,10 +334,11 @@ def _tune_segment(fn, device, name, tmp, progress, kinds, flagsets, budget):
 
 
 def tune_plan(module: "ir.Module", mode: str = DEFAULT, jobs: int | None = None,
-              progress: Callable[[str], None] | None = None) -> dict:
+              progress: Callable[[str], None] | None = None, alongside=None) -> dict:
     """Choose each cpu segment's lowering (module after outline-segments): marks the
     convolutions to compile as im2col + matmul (`polyarch.lowering`) in place, within the budget
-    (module docstring).
+    (module docstring). alongside: a compiler.build.Alongside, started with the convolution
+    probes' compile (when there are convolutions to measure) and waited for before any timing.
     -> {segment name: {"mode", "convs", "rewritten": {lowering: count}, "flags", "extra_flags", "source"}}."""
     from ..passes.common import op_fingerprint
     from ..passes.conv_to_matmul import convolutions
@@ -349,7 +357,7 @@ def tune_plan(module: "ir.Module", mode: str = DEFAULT, jobs: int | None = None,
     convs = {n: [(op, op_fingerprint(op)) for op in convolutions(fn)] for n, _, fn in segs}
     with temp_dir(prefix="polyarch-tune-") as tmp:
         measured = _measure_new_convs(module, segs, convs, cache, tmp, jobs or max(1, os.cpu_count() or 1), progress,
-                                      budget, store)
+                                      budget, store, alongside)
         out = _mark_convs(module, segs, convs, cache, mode, measured)
         flagsets = list(FLAG_CANDIDATES["cpu"]) if mode == "full" else ["default"]
         for n, d, fn in segs:
@@ -358,7 +366,7 @@ def tune_plan(module: "ir.Module", mode: str = DEFAULT, jobs: int | None = None,
     return out
 
 
-def _measure_new_convs(module, segs, convs, cache, tmp, jobs, progress, budget, store):
+def _measure_new_convs(module, segs, convs, cache, tmp, jobs, progress, budget, store, alongside=None):
     """Each convolution shape not in the cache measured both ways (largest first, while the
     budget lasts), its choice cached as soon as it is measured. -> any measured."""
     from ..passes.conv_to_matmul import conv_params
@@ -380,7 +388,7 @@ def _measure_new_convs(module, segs, convs, cache, tmp, jobs, progress, budget, 
         cache["convs"][fp] = t
         store()  # now: a compile killed later keeps it
 
-    _measure_convs(module, "cpu", [firsts[fp] for fp in order], tmp, jobs, progress, budget, done)
+    _measure_convs(module, "cpu", [firsts[fp] for fp in order], tmp, jobs, progress, budget, done, alongside)
     return True
 
 

@@ -269,6 +269,9 @@ def test_a_spent_budget_keeps_what_it_measured(tmp_path, monkeypatch):
     out = polyarch.compile(m, (x,), devices=["cpu"], output=str(tmp_path / "a.pab"), progress=lines.append)
     assert any("budget spent after 0 of 2 shape(s)" in l for l in lines), lines
     assert not os.path.exists(path) or json.load(open(path))["convs"] == {}
+    # IREE's lowering kept: the segment is the untuned compile run alongside the probes, not compiled again
+    assert any("compiled seg_0 for cpu" in l and "alongside tuning" in l for l in lines), lines
+    assert sum("compiled seg_0 for cpu" in l for l in lines) == 1, lines
     close(polyarch.runtime.load(out)(x.numpy()), eager(m, (x,)))
     monkeypatch.setattr(tuning, "MIN_BUDGET_S", 60.0)
     lines.clear()
