@@ -16,6 +16,15 @@ if TYPE_CHECKING:
     from torch_mlir import ir
 
 
+# Decode's matmuls have a handful of rows (the batch): IREE's data tiling packs their weights into
+# a copy of their own when the module initialises (+300 MB for a 100M model, per module) for no
+# gain at batch 1 and less at batch 8 (measured: bench/generate.py, docs/architecture.md); without
+# it the weights are used from the bundle's archive in place. Prefill (compute-bound) keeps it, and
+# so do 16-bit weights (f16 decode without it: 19.6 ms/token, with it 12.1, on the same model). The
+# draft's decode and the verify phase (speculate + 1 rows) are decode-like: the same flags.
+PHASE_FLAGS = {"f32": {p: ["--iree-opt-data-tiling=false"] for p in ("decode", "verify")}}  # by weights dtype
+
+
 def segment_module(ir: ModuleType, fn: "ir.Operation") -> "ir.Module":
     """A module holding just this segment function, public, for iree-compile."""
     m = ir.Module.create()

@@ -16,6 +16,7 @@ from ..errors import PolyarchError
 from ..runtime.generate import DRAFT as DRAFT_PREFIX  # the draft model's phases: draft_prefill, draft_decode
 from . import causal_lm
 from .build import build_phases_bundle, rewrite_bundle
+from .iree import PHASE_FLAGS  # iree-compile flags of decode-like phases by weights dtype
 from .planning import import_module, partition, price_devices
 
 if TYPE_CHECKING:
@@ -24,13 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["ImportedLM", "PlannedLM", "eager_greedy", "verify_lm", "VERIFY_STEPS", "LOGITS_TOL"]
 
 VERIFY_STEPS = 8  # greedy tokens compared at compile time (the tests compare 64)
-# Decode's matmuls have a handful of rows (the batch): IREE's data tiling packs their weights into
-# a copy of their own when the module initialises (+300 MB for a 100M model, per module) for no
-# gain at batch 1 and less at batch 8 (measured: bench/generate.py, docs/architecture.md); without
-# it the weights are used from the bundle's archive in place. Prefill (compute-bound) keeps it, and
-# so do 16-bit weights (f16 decode without it: 19.6 ms/token, with it 12.1, on the same model). The
-# draft's decode and the verify phase (speculate + 1 rows) are decode-like: the same flags.
-PHASE_FLAGS = {"f32": {p: ["--iree-opt-data-tiling=false"] for p in ("decode", "verify")}}  # by weights dtype
 LOGITS_TOL = {"float32": 2e-3, "float16": 5e-2, "bfloat16": 1e-1}  # max |bundle - eager| / max |eager| per step
 
 
@@ -72,12 +66,12 @@ class ImportedLM:
                      f"{_params_m(self.draft):.1f}M parameters against {_params_m(model):.1f}M) as its own prefill and "
                      f"decode; the model checks up to {options.speculate} drafted tokens a step in one verify call "
                      f"({k} tokens)")
-        with _eager_attention(model):
-            for phase in ("prefill", "decode") + (("verify",) if self.draft is not None else ()):
+        for phase in ("prefill", "decode") + (("verify",) if self.draft is not None else ()):
+            with _attention(model, phase):
                 self.phases[phase] = _import_phase(model, phase, shape, b, n, k, progress)
         if self.draft is not None:
-            with _eager_attention(self.draft):
-                for phase in ("prefill", "decode"):
+            for phase in ("prefill", "decode"):
+                with _attention(self.draft, phase):
                     self.phases[DRAFT_PREFIX + phase] = _import_phase(self.draft, phase, self.draft_shape, b, n, k,
                                                                       progress)
 
@@ -288,20 +282,26 @@ def _cache_mb(shape, b, n):
     return 2 * shape.layers * b * shape.kv_heads * n * shape.head_dim * shape.dtype.itemsize / 1e6
 
 
-class _eager_attention:
-    """transformers models export with their eager attention (explicit matmul + softmax under
-    the additive mask): SDPA with a dynamic query length does not compile in IREE 3.13."""
+class _attention:
+    """transformers models export prefill with their eager attention (explicit matmul + softmax
+    under the additive mask: SDPA with a dynamic query length does not compile in IREE 3.13),
+    and the phases with a static query length (decode, verify) with causal_lm.grouped_attention
+    (the same sums without repeat_kv's copy of the cache); restored after."""
 
-    def __init__(self, model):
+    def __init__(self, model, phase):
         self.model = model
         self.old = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self.impl = "eager"
+        if phase != "prefill" and getattr(model, "_can_set_attn_implementation", lambda: False)() \
+                and causal_lm.register_grouped_attention():
+            self.impl = causal_lm.GROUPED
 
     def __enter__(self):
-        if self.old not in (None, "eager") and hasattr(self.model, "set_attn_implementation"):
-            self.model.set_attn_implementation("eager")
+        if self.old not in (None, self.impl) and hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation(self.impl)
 
     def __exit__(self, *exc):
-        if self.old not in (None, "eager") and hasattr(self.model, "set_attn_implementation"):
+        if self.old not in (None, self.impl) and hasattr(self.model, "set_attn_implementation"):
             self.model.set_attn_implementation(self.old)
 
 

@@ -300,3 +300,33 @@ def test_sampler_distribution_and_limits():
     keep = set(order[:int(np.searchsorted(np.cumsum(z[order]), 0.95) + 1)].tolist())
     got = {sample(big, rng, temperature=1.0, top_p=0.95) for _ in range(3000)}
     assert got <= keep and len(got) > 64
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_grouped_attention_equals_eager(t):
+    """Decode-like phases export with grouped attention (no repeat_kv copy of the cache): the
+    same numbers as transformers' eager attention, with a mask, for 1 and 5 query tokens
+    (decode, verify). Tolerance 1e-6 of the largest output (f32 sums in another order)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from polyarch.compiler.causal_lm import grouped_attention
+
+    model = _model("llama")
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((4, t), (2, 9), (2, 9)))
+    mask = torch.zeros(2, 1, t, 9)
+    mask[0, :, :, 6:] = -1e9  # the first sequence's last keys hidden
+    want, want_w = eager_attention_forward(attn, q, k, v, mask, scaling=0.25)
+    got, got_w = grouped_attention(attn, q, k, v, mask, scaling=0.25)
+    assert got.shape == want.shape == (2, t, 4, 16) and got_w.shape == want_w.shape
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    assert (got_w - want_w).abs().max() <= 1e-6
+    # the decode phase exports without repeat_kv's expand (prefill, with its dynamic length, keeps it)
+    from polyarch.compiler import lm
+
+    with lm._attention(model, "decode"):
+        assert model.config._attn_implementation == "polyarch_grouped"
+    with lm._attention(model, "prefill"):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation not in ("eager", "polyarch_grouped")  # restored
