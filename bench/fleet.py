@@ -13,7 +13,7 @@ Writes fleet.png and fleet.json.
 
 Host check: bench/speculative.py's acceptance-0.9 bundle (100M target, 2-layer draft; compiled
 here if that run left none) generates with and without the draft; the predictor, given this
-host's measured cpu profile (`polyarch calibrate`'s cache) and the acceptance and mean draft
+host's measured cpu profile (`polyarch calibrate`'s cache, measured now if absent) and the acceptance and mean draft
 length measured, predicts TTFT, plain TPOT and speculative TPOT. Target (issue 23): predicted
 within 25% of measured (median over the three)."""
 
@@ -90,7 +90,7 @@ def host_part(out):
             g = b.generate(prompt, 128, stop_ids=(), speculative=spec)
             g.run()
             runs.setdefault(name, []).append(g.stats)
-    cpu = measured.resolve_profiles(["cpu"], (), False, None)[0][0]
+    cpu = measured.resolve_profiles(["cpu"], (), True, lambda m: print(m, file=sys.stderr))[0][0]  # cached or measured now
     sp = runs["speculative"][0]["speculative"]
     a, k = sp["acceptance_rate"], max(1, round(sp["mean_k"]))
     rows = fleet.predict(fleet.LMSpec.of(base), {"cpu": cpu}, 64, 128, [1], fleet.LMSpec.of(draft, ddtype), [k], a)
@@ -100,7 +100,10 @@ def host_part(out):
     pairs = [("TTFT ms", single["ttft_ms"], statistics.median(s["ttft_s"][0] for s in runs["plain"]) * 1e3),
              ("plain TPOT ms", single["tpot_ms"], med("plain", "tpot_s") * 1e3),
              ("speculative TPOT ms", spec_row["tpot_ms"], med("speculative", "tpot_s") * 1e3)]
-    print(f"host check (cpu profile {cpu.name}: {cpu.mem_bw / 1e9:.1f} GB/s, {cpu.peak('f32') / 1e9:.0f} GFLOP/s f32; "
+    weights = ", ".join(f"{v / 1e9:.1f} GB/s {d} (+{cpu.row_cost.get(d, 0):.2f} a row)"
+                        for d, v in cpu.weight_bw.items()) or "none measured"
+    print(f"host check (cpu profile {cpu.name}: {cpu.mem_bw / 1e9:.1f} GB/s elementwise, matrix-vector weights "
+          f"{weights}, {cpu.peak('f32') / 1e9:.0f} GFLOP/s f32; "
           f"measured acceptance {a:.2f}, k {k}; blocks A B B A)")
     print("| figure | predicted | measured | predicted / measured |\n|---|---|---|---|")
     for what, p, m in pairs:

@@ -7,12 +7,19 @@ The suite (one module per device, f32):
   elementwise sweep a + b over 64K .. 16M elements (memory bound)
   empty dispatch    a chain of 1 and of 16 dependent tiny matmuls (one dispatch each)
   transfer sweep    host -> device and device -> host copies, 4 KB .. 64 MB
+  matrix-vector     1 and 8 rows through a chain of dependent up and down projections ([4096,
+                    1024] and [1024, 4096], a Linear's layout), 256 MiB of weights held as
+                    parameters, f32 and (where the device stores 16 bits) f16, each in a module
+                    of its own compiled with the flags a decode phase of that dtype gets
+                    (compiler/lm.py): a decode step streams its weights at about this rate,
+                    which is not the elementwise one (IREE 3.13, 2-core Xeon: 17-23 GB/s
+                    against 49; one 64 MB product that stays in cache: 46)
 
 Fitted figures: launch_s = (t16 - t1) / 15; call_s = t1 - launch_s; peak f32 and
 half_flops by fitting rate = peak x flops / (flops + half_flops) to the matmul
 sweep; op_efficiency.conv = the convolutions' median rate relative to that; mem_bw = median achieved bytes/s over the
-large elementwise sizes; link bandwidth and latency by least squares over the transfer
-sweep. Power, price and memory capacity cannot be measured this way: they are kept
+large elementwise sizes; weight_bw[dtype] = the weights' bytes over a one-row matrix-vector call's time
+less the overheads, row_cost[dtype] = (the 8-row call's time / the one-row call's - 1) / 7; link bandwidth and latency by least squares over the transfer sweep. Power, price and memory capacity cannot be measured this way: they are kept
 from the built-in profile of the device's kind (or --like FILE)."""
 
 import datetime
@@ -41,6 +48,13 @@ ELEMENTWISE = [1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24]
 CHAIN = (1, 16)
 TRANSFERS = [1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24, 1 << 26]
 QUICK = {"MATMULS": MATMULS[:4] + MATMULS[5:7], "ELEMENTWISE": ELEMENTWISE[:4], "TRANSFERS": TRANSFERS[:5], "CONVS": CONVS[:3]}
+# A decode-like chain of dependent matrix-vector products: up [I, H] then down [H, I], PAIRS[dtype]
+# times, 256 MiB of weights in all (more than a cache holds: a decode step streams every weight)
+MATVEC_H, MATVEC_I = 1024, 4096
+MATVEC_PAIRS = {"f32": 8, "f16": 16}
+MATVEC_ROWS = (1, 8)  # rows (tokens) a call multiplies: one (decode at batch 1) and a few (batch, verify)
+CAL_SCOPE = "polyarch-calibrate"
+SUITE_VERSION = 3  # profiles measured by an older suite (without weight_bw, row_cost) are measured again
 
 
 def _sizes(quick):
@@ -106,6 +120,59 @@ def _chain_func(k):
   }}"""
 
 
+def matvec_mlir(dtype: str) -> str:
+    """A module whose functions run MATVEC_ROWS[0] and MATVEC_ROWS[1] rows through MATVEC_PAIRS[dtype]
+    up and down projections, each output the next input (@mv_<rows>), the weights held as
+    parameters (scope CAL_SCOPE, keys <dtype>_u<i>, <dtype>_d<i>) as a bundle's decode phase holds
+    them."""
+    h, i_ = MATVEC_H, MATVEC_I
+    t = lambda a, b: f"tensor<{a}x{b}x{dtype}>"
+    maps = "[affine_map<(m, n, k) -> (m, k)>, affine_map<(m, n, k) -> (n, k)>, affine_map<(m, n, k) -> (m, n)>]"
+    globs, funcs = [], []
+    for p in range(MATVEC_PAIRS[dtype]):
+        for name, (n, k) in ((f"u{p}", (i_, h)), (f"d{p}", (h, i_))):
+            globs.append(f'  util.global private @{name} = #flow.parameter.named<"{CAL_SCOPE}"::"{dtype}_{name}"> : {t(n, k)}')
+    for rows in MATVEC_ROWS:
+        body, cur = [], "%x"
+        for p in range(MATVEC_PAIRS[dtype]):
+            for name, (n, k) in ((f"u{p}", (i_, h)), (f"d{p}", (h, i_))):
+                body.append(f"""    %w_{name} = util.global.load @{name} : {t(n, k)}
+    %e_{name} = tensor.empty() : {t(rows, n)}
+    %f_{name} = linalg.fill ins(%z : {dtype}) outs(%e_{name} : {t(rows, n)}) -> {t(rows, n)}
+    %r_{name} = linalg.matmul indexing_maps = {maps} ins({cur}, %w_{name} : {t(rows, k)}, {t(n, k)}) outs(%f_{name} : {t(rows, n)}) -> {t(rows, n)}""")
+                cur = f"%r_{name}"
+        funcs.append(f"""  func.func @mv_{rows}(%x: {t(rows, h)}) -> {t(rows, h)} {{
+    %z = arith.constant 0.0 : {dtype}
+{chr(10).join(body)}
+    return {cur} : {t(rows, h)}
+  }}""")
+    return f"""module @mv_{dtype} {{
+{chr(10).join(globs)}
+{chr(10).join(funcs)}
+}}
+"""
+
+
+def matvec_bytes(dtype: str) -> int:
+    return 2 * MATVEC_H * MATVEC_I * MATVEC_PAIRS[dtype] * int(dtype[1:]) // 8
+
+
+def matvec_dtypes(spec: Any) -> list:
+    """The weight dtypes whose matrix-vector rate is measured on a device."""
+    from ..targets import has_narrow_storage
+
+    return ["f32", "f16"] if has_narrow_storage(DeviceSpec.parse(spec)) else ["f32"]
+
+
+def compile_matvec(spec: Any, dtype: str) -> bytes:
+    """The matrix-vector module of a weight dtype compiled for a device with the flags a decode
+    phase of that dtype gets (compiler/iree.py's PHASE_FLAGS) -> vmfb bytes."""
+    from .iree import PHASE_FLAGS
+
+    return _compile_text(spec, matvec_mlir(dtype), PHASE_FLAGS.get(dtype, {}).get("decode", []),
+                         f"{dtype} matrix-vector module")
+
+
 def suite_mlir(quick: bool = False) -> str:
     mms, convs, adds, _ = _sizes(quick)
     funcs = [_mm_func(*s) for s in mms] + [_conv_func(*s) for s in convs] + [_add_func(n) for n in adds] + [_chain_func(k) for k in CHAIN]
@@ -114,6 +181,10 @@ def suite_mlir(quick: bool = False) -> str:
 
 def compile_suite(spec: Any, quick: bool = False) -> bytes:
     """The microbenchmark module compiled for a device -> vmfb bytes."""
+    return _compile_text(spec, suite_mlir(quick), [], "calibration suite")
+
+
+def _compile_text(spec, text, flags, what) -> bytes:
     from .iree import iree_compile_tool, run_iree_compile
     from ..targets import iree_flags
 
@@ -121,10 +192,10 @@ def compile_suite(spec: Any, quick: bool = False) -> bytes:
     with temp_dir(prefix="polyarch-cal-") as tmp:
         src, out = os.path.join(tmp, "suite.mlir"), os.path.join(tmp, "suite.vmfb")
         with open(src, "w") as f:
-            f.write(suite_mlir(quick))
-        r = run_iree_compile([iree_compile_tool(), src, *iree_flags(spec), "-o", out])
+            f.write(text)
+        r = run_iree_compile([iree_compile_tool(), src, *iree_flags(spec), *flags, "-o", out])
         if r.returncode:
-            raise PolyarchError(f"IREE could not compile the calibration suite for {spec.name}: {r.stderr.strip().splitlines()[0] if r.stderr.strip() else r.returncode}")
+            raise PolyarchError(f"IREE could not compile the {what} for {spec.name}: {r.stderr.strip().splitlines()[0] if r.stderr.strip() else r.returncode}")
         with open(out, "rb") as f:
             return f.read()
 
@@ -143,8 +214,9 @@ def time_median(fn: "ir.Operation", min_s: float = 0.15, max_reps: int = 40) -> 
 
 
 def measure(spec: Any, vmfb: bytes, like: Any = None, progress: Callable[[str], None] | None = None,
-            quick: bool = False) -> tuple:
-    """Run the suite on the device -> (DeviceProfile fitted to it, raw measurements)."""
+            quick: bool = False, matvecs: dict | None = None) -> tuple:
+    """Run the suite (and the matrix-vector modules, {dtype: vmfb}, when given) on the device ->
+    (DeviceProfile fitted to it, raw measurements)."""
     import iree.runtime as rt
 
     from ..runtime.executor import create_device
@@ -158,6 +230,8 @@ def measure(spec: Any, vmfb: bytes, like: Any = None, progress: Callable[[str], 
     times = _time_jobs(jobs)
     raw = _raw(times, *sizes[:3])
     raw["upload"], raw["download"] = _transfers(dev, sizes[3])
+    if matvecs:
+        raw["matvec"] = _matvecs(rt, dev, matvecs)
     return fit(spec, raw, like or P.BUILTIN[spec.kind], progress or (lambda m: None), quick), raw
 
 
@@ -222,6 +296,29 @@ def _raw(times, mms, convs, adds):
     return raw
 
 
+def _matvecs(rt, dev, vmfbs):
+    """[{dtype, rows, bytes, calls, s}]: each matrix-vector chain's call timed at each of
+    MATVEC_ROWS, its weights given as parameters (loaded, and packed where data tiling does,
+    when the module initialises)."""
+    index = rt.ParameterIndex()
+    for d in vmfbs:
+        np_type = np.dtype(d.replace("f", "float"))
+        for p in range(MATVEC_PAIRS[d]):  # a fill that keeps the vector's scale (values do not change the time)
+            index.add_buffer(f"{d}_u{p}", np.full((MATVEC_I, MATVEC_H), 1 / MATVEC_H, np_type))
+            index.add_buffer(f"{d}_d{p}", np.full((MATVEC_H, MATVEC_I), 1 / MATVEC_I, np_type))
+    ctx = rt.SystemContext(config=rt.Config(device=dev))
+    ctx.add_vm_module(rt.create_io_parameters_module(ctx.instance, index.create_provider(scope=CAL_SCOPE)))
+    out = []
+    for d, vmfb in vmfbs.items():
+        ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, vmfb))
+        for rows in MATVEC_ROWS:
+            x = rt.asdevicearray(dev, np.full((rows, MATVEC_H), 0.5, np.dtype(d.replace("f", "float"))))
+            f = getattr(ctx.modules, f"mv_{d}")[f"mv_{rows}"]
+            out.append({"dtype": d, "rows": rows, "bytes": matvec_bytes(d), "calls": 2 * MATVEC_PAIRS[d],
+                        "s": time_median(lambda: _sync(f(x)))})
+    return out
+
+
 def _transfers(dev, sizes):
     """(uploads, downloads) timed for each size in bytes."""
     import iree.runtime as rt
@@ -260,6 +357,15 @@ def fit(spec: Any, raw: dict, base: "DeviceProfile", progress: Callable[[str], N
     progress(f"{spec.name}: elementwise {bw / 1e9:.1f} GB/s")
     link_bw, link_lat = _fit_link(raw["upload"], raw["download"])
     progress(f"{spec.name}: host link {link_bw / 1e9:.2f} GB/s, {link_lat * 1e6:.1f} us per transfer")
+    net = {(r["dtype"], r["rows"]): max(r["s"] * 0.1, r["s"] - call - r["calls"] * launch)
+           for r in raw.get("matvec", ())}
+    weight_bw = {r["dtype"]: r["bytes"] / net[r["dtype"], 1] for r in raw.get("matvec", ()) if r["rows"] == 1}
+    top = MATVEC_ROWS[-1]
+    row_cost = {d: max(0.0, (net[d, top] / net[d, 1] - 1) / (top - 1)) for d in weight_bw if (d, top) in net}
+    if weight_bw:
+        progress(f"{spec.name}: matrix-vector weights read at " +
+                 ", ".join(f"{v / 1e9:.1f} GB/s ({d}; each row more +{row_cost.get(d, 0):.2f})"
+                           for d, v in weight_bw.items()))
 
     from ..version import __version__
 
@@ -269,7 +375,8 @@ def fit(spec: Any, raw: dict, base: "DeviceProfile", progress: Callable[[str], N
         device=spec.name,
         peak_flops={"f32": peak, **{k: v * peak / base.peak_flops["f32"] for k, v in base.peak_flops.items() if k != "f32"}},
         op_efficiency={**base.op_efficiency, "conv": conv_eff}, half_flops=half,
-        mem_bw=bw, launch_s=launch, call_s=call, link_bw=link_bw, link_latency_s=link_lat,
+        mem_bw=bw, launch_s=launch, call_s=call, link_bw=link_bw, link_latency_s=link_lat, weight_bw=weight_bw,
+        row_cost=row_cost,
         source=f"measured by polyarch calibrate; watts, price and mem_capacity from {base.name}; "
                f"non-f32 peaks scaled from it by the measured f32 ratio",
         calibrated={"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -308,26 +415,33 @@ def calibrate(devices: Iterable, like: Any = None, progress: Callable[[str], Non
     out = []
     for d in devices:
         spec = DeviceSpec.parse(d)
-        vmfb = None
         import hashlib
 
-        digest = hashlib.sha256(suite_mlir(quick).encode()).hexdigest()[:12]  # a changed suite is recompiled
-        path = os.path.join(kernels, f"calibrate-{spec.name.replace(':', '_').replace('@', '_')}-{digest}.vmfb") if kernels else None
-        if path and os.path.exists(path):
-            with open(path, "rb") as f:
-                vmfb = f.read()
-        if vmfb is None:
-            t = time.time()
-            vmfb = compile_suite(spec, quick)
-            if progress:
-                progress(f"{spec.name}: compiled the suite in {time.time() - t:.1f}s")
-            if path:
-                os.makedirs(kernels, exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(vmfb)
+        builds = [("suite", suite_mlir(quick), lambda: compile_suite(spec, quick))]
+        builds += [(d, matvec_mlir(d), lambda d=d: compile_matvec(spec, d)) for d in matvec_dtypes(spec)]
+        vmfbs = {}
+        for what, text, build in builds:
+            digest = hashlib.sha256(text.encode()).hexdigest()[:12]  # a changed suite is recompiled
+            path = os.path.join(kernels, f"calibrate-{spec.name.replace(':', '_').replace('@', '_')}-{digest}.vmfb") if kernels else None
+            vmfb = None
+            if path and os.path.exists(path):
+                with open(path, "rb") as f:
+                    vmfb = f.read()
+            if vmfb is None:
+                t = time.time()
+                vmfb = build()
+                if progress:
+                    progress(f"{spec.name}: compiled the {'suite' if what == 'suite' else what + ' matrix-vector module'} "
+                             f"in {time.time() - t:.1f}s")
+                if path:
+                    os.makedirs(kernels, exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(vmfb)
+            vmfbs[what] = vmfb
         base = None
         if like:
             cands = [p for p in P.load_all(like) if DeviceSpec.parse(p.device).kind == spec.kind]
             base = cands[0] if cands else None
-        out.append(measure(spec, vmfb, like=base, progress=progress, quick=quick)[0])
+        suite = vmfbs.pop("suite")
+        out.append(measure(spec, suite, like=base, progress=progress, quick=quick, matvecs=vmfbs)[0])
     return out

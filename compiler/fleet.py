@@ -9,11 +9,13 @@ plan, sweeping the decode batch and the draft length:
     speculative  a draft model on one device set proposes k tokens a step, the model on another
                  checks k + 1 in one call (runtime/generate.py's scheme and `speculative_gain`)
 
-Each phase call is priced as a roofline over the whole call: max(FLOPs / peak, bytes / memory
-bandwidth) plus the per-dispatch and per-call overheads of the profile, where the FLOPs are 2
+Each phase call is priced as a roofline over the whole call: max(FLOPs / peak, weight bytes /
+the rate the profile's matrix-vector products read weights of that dtype (`weight_bw`, measured
+by `polyarch calibrate`; the memory bandwidth where it has none) x the profile's `rows_factor`
+for the call's tokens (a batch, a verify call) + cache bytes / memory bandwidth) plus the per-dispatch and per-call overheads of the profile, where the FLOPs are 2
 per weight per token plus attention (4 x heads x head_dim x context per token and layer) and
-the bytes are the weights read once per call (all but the input embedding, which is gathered)
-plus the KV cache read and written. A model too large for one device is spread over the fewest
+the weight bytes are the weights read once per call (all but the input embedding, which is
+gathered), the cache bytes the KV cache read and written. A model too large for one device is spread over the fewest
 devices of that profile that hold it (weights and cache within 90% of their memory), its
 bandwidth, FLOPs, price and power multiplied by their count (ideal tensor parallelism: an upper
 bound). Dense decoder models only (no mixture of experts)."""
@@ -45,6 +47,7 @@ class LMSpec:
     params: int
     embedding: int  # parameters of the input embedding (gathered, not read whole)
     bytes_per_param: int
+    dtype: str = "f32"  # the weights'
 
     @classmethod
     def of(cls, model: Any, weights_dtype: str = "f32") -> "LMSpec":
@@ -56,7 +59,7 @@ class LMSpec:
         tied = emb is not None and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None \
             and model.get_output_embeddings().weight is emb.weight
         return cls(type(model).__name__, shape.layers, heads, shape.kv_heads, shape.head_dim, shape.vocab, params,
-                   0 if tied else embedding, {"f32": 4, "f16": 2, "bf16": 2}[weights_dtype])
+                   0 if tied else embedding, {"f32": 4, "f16": 2, "bf16": 2}[weights_dtype], weights_dtype)
 
     @property
     def weight_bytes(self) -> float:
@@ -91,7 +94,10 @@ class Fleet:
         per_matmul = flops / max(1, spec.layers * 7)  # q, k, v, o and the MLP's three projections
         if profile.half_flops:
             peak *= per_matmul / (per_matmul + profile.half_flops)
-        return max(flops / (peak * n), nbytes / (profile.mem_bw * n)) + \
+        weights = spec.weight_bytes
+        memory = weights / profile.stream_bw(spec.dtype) * profile.rows_factor(spec.dtype, tokens) + \
+            (nbytes - weights) / profile.mem_bw
+        return max(flops / (peak * n), memory / n) + \
             spec.layers * DISPATCHES_PER_LAYER * profile.launch_s + profile.call_s
 
 

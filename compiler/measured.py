@@ -60,8 +60,11 @@ def _write(path, obj):
 
 def load_profile(ident: dict) -> "DeviceProfile | None":
     """The cached measured profile of this device, or None."""
+    from .calibrate import SUITE_VERSION
+
     obj = _read(_path("profiles", ident))
-    if not obj or obj.get("identity", {}).get("key") != ident["key"] or obj.get("iree") != iree_version():
+    if not obj or obj.get("identity", {}).get("key") != ident["key"] or obj.get("iree") != iree_version() \
+            or obj.get("suite", 1) != SUITE_VERSION:  # measured by an older suite: measured again
         return None
     try:
         return P.from_json(obj["profile"], f"cached profile {_path('profiles', ident)}")
@@ -70,7 +73,10 @@ def load_profile(ident: dict) -> "DeviceProfile | None":
 
 
 def store_profile(ident: dict, profile: Any) -> None:
-    _write(_path("profiles", ident), {"identity": ident, "iree": iree_version(), "profile": profile.to_json()})
+    from .calibrate import SUITE_VERSION
+
+    _write(_path("profiles", ident), {"identity": ident, "iree": iree_version(), "suite": SUITE_VERSION,
+                                      "profile": profile.to_json()})
 
 
 def load_verdicts(ident: dict) -> dict:

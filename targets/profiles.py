@@ -18,8 +18,14 @@ A profile file is JSON, either one profile or {"schema": SCHEMA, "profiles": [..
       "source": "...",                    # where the figures come from
       "calibrated": null,                 # or what `polyarch calibrate` measured, and when
       "op_efficiency": {"conv": 0.5},     # optional: FLOP/s of an op class relative to peak (matmul)
-      "half_flops": 1e7                   # optional: FLOPs at which a matmul/conv reaches half its
-    }                                     #   rate (rate x flops / (flops + half_flops)); 0: none
+      "half_flops": 1e7,                  # optional: FLOPs at which a matmul/conv reaches half its
+                                          #   rate (rate x flops / (flops + half_flops)); 0: none
+      "weight_bw": {"f32": 2.5e10},       # optional: bytes/s at which a matrix-vector product (one
+                                          #   token's decode) reads its weights, per weight dtype;
+                                          #   a dtype without one is priced at mem_bw
+      "row_cost": {"f32": 0.1}            # optional: the time a product of a few rows (a batch, a
+    }                                     #   verify call; up to 8) adds per row past the first,
+                                          #   relative to one row's; 0 where absent
 
 Element types without an entry in peak_flops use the f32 figure. The built-in
 profiles are spec-sheet figures (their sources are cited below and in `source`);
@@ -58,6 +64,8 @@ class DeviceProfile:
     calibrated: dict | None = field(default=None)
     op_efficiency: dict = field(default_factory=dict)
     half_flops: float = 0.0
+    weight_bw: dict = field(default_factory=dict)
+    row_cost: dict = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -67,6 +75,16 @@ class DeviceProfile:
         """FLOP/s for an element type, scaled by the op class's efficiency (e.g. "conv")."""
         p = self.peak_flops.get(_FLOP_KEY.get(element_type, element_type), self.peak_flops["f32"])
         return p * self.op_efficiency.get(op_class, 1.0) if op_class else p
+
+    def stream_bw(self, element_type: str = "f32") -> float:
+        """Bytes/s at which a matrix-vector product reads weights of this element type: what
+        `polyarch calibrate` measured (weight_bw), else the memory bandwidth."""
+        return self.weight_bw.get(element_type) or self.mem_bw
+
+    def rows_factor(self, element_type: str, rows: int) -> float:
+        """How much longer a product of `rows` rows reads its weights than one row (row_cost,
+        counted up to 8 rows: past them a call is priced by its FLOPs)."""
+        return 1.0 + self.row_cost.get(element_type, 0.0) * (min(rows, 8) - 1)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -83,7 +101,8 @@ _FLOP_KEY = {"f32": "f32", "f64": "f32", "f16": "f16", "bf16": "bf16", "si8": "i
 BUILTIN = {kind: DeviceProfile(**t.spec_sheet) for kind, t in TARGETS.items()}
 
 _REQUIRED = ("name", "device", "peak_flops", "mem_bw", "launch_s", "mem_capacity", "link_bw", "link_latency_s")
-_DEFAULTS = {"call_s": 0.0, "watts": 0.0, "price_per_hour": 0.0, "source": "", "calibrated": None, "op_efficiency": {}, "half_flops": 0.0}
+_DEFAULTS = {"call_s": 0.0, "watts": 0.0, "price_per_hour": 0.0, "source": "", "calibrated": None, "op_efficiency": {},
+             "half_flops": 0.0, "weight_bw": {}, "row_cost": {}}
 
 
 def from_json(obj: dict, where: str = "profile", prediction_only: bool = False) -> "DeviceProfile":
@@ -120,6 +139,16 @@ def from_json(obj: dict, where: str = "profile", prediction_only: bool = False) 
     eff = vals["op_efficiency"]
     if not isinstance(eff, dict) or any(not isinstance(v, (int, float)) or not v > 0 for v in eff.values()):
         raise PolyarchError(f"{where}: op_efficiency must map op classes to positive numbers", fix=FIELDS_HELP)
+    wbw = vals["weight_bw"]
+    if not isinstance(wbw, dict) or any(not isinstance(v, (int, float)) or not v > 0 or math.isinf(v)
+                                        for v in wbw.values()):
+        raise PolyarchError(f"{where}: weight_bw must map weight dtypes (f32, f16, bf16) to positive bytes/s",
+                            fix=FIELDS_HELP)
+    vals["weight_bw"] = {k: float(v) for k, v in wbw.items()}
+    rc = vals["row_cost"]
+    if not isinstance(rc, dict) or any(not isinstance(v, (int, float)) or not 0 <= v < 10 for v in rc.values()):
+        raise PolyarchError(f"{where}: row_cost must map weight dtypes to numbers from 0 to 10", fix=FIELDS_HELP)
+    vals["row_cost"] = {k: float(v) for k, v in rc.items()}
     return DeviceProfile(**vals)
 
 

@@ -64,8 +64,12 @@ def test_calibrate_cpu_writes_a_usable_profile(tmp_path):
     assert p.device == "cpu" and p.calibrated and p.calibrated["raw"]["matmul"]
     # A 2-core CI machine through IREE: between 1 and 5000 GFLOP/s, 0.5 and 500 GB/s.
     assert 1e9 < p.peak_flops["f32"] < 5e12 and 5e8 < p.mem_bw < 5e11
+    # matrix-vector products (a decode step's weights) in both weight dtypes, within the same bounds
+    assert set(p.weight_bw) == {"f32", "f16"} and all(5e8 < v < 5e11 for v in p.weight_bw.values())
+    assert set(p.row_cost) == {"f32", "f16"} and all(0 <= v < 10 for v in p.row_cost.values())
+    assert "matrix-vector weights read at" in r.stderr
     assert p.call_s < 0.01 and p.watts == P.BUILTIN["cpu"].watts
-    assert list((tmp_path / "k").iterdir())  # the compiled suite is kept for reuse
+    assert len(list((tmp_path / "k").iterdir())) == 3  # the suite and the two matrix-vector modules, kept for reuse
 
 
 def test_plan_explain_says_why(tmp_path):

@@ -56,6 +56,22 @@ def test_roofline_by_hand():
         peak *= per / (per + h100.half_flops)
     want = max(flops / peak, nbytes / h100.mem_bw) + 4 * 12 * h100.launch_s + h100.call_s
     assert f.call_s(spec, h100, 8, 8, 100, 1) == pytest.approx(want, rel=1e-9)
+    # a profile that says how fast its matrix-vector products read bf16 weights: the weights at that
+    # rate, the cache at the memory bandwidth
+    from dataclasses import replace
+
+    slow = replace(h100, weight_bw={"bf16": h100.mem_bw / 3})
+    weights = (spec.params - emb) * 2
+    want = max(flops / peak, weights / (h100.mem_bw / 3) + (nbytes - weights) / h100.mem_bw) + \
+        4 * 12 * h100.launch_s + h100.call_s
+    assert f.call_s(spec, slow, 8, 8, 100, 1) == pytest.approx(want, rel=1e-9)
+    # and what each row past the first adds (8 tokens: 7 more rows)
+    rows = replace(slow, row_cost={"bf16": 0.1})
+    want = max(flops / peak, weights / (h100.mem_bw / 3) * 1.7 + (nbytes - weights) / h100.mem_bw) + \
+        4 * 12 * h100.launch_s + h100.call_s
+    assert f.call_s(spec, rows, 8, 8, 100, 1) == pytest.approx(want, rel=1e-9)
+    assert f.call_s(LMSpec.of(m, "f32"), slow, 8, 8, 100, 1) == \
+        pytest.approx(f.call_s(LMSpec.of(m, "f32"), h100, 8, 8, 100, 1), rel=1e-9)  # no f32 figure: mem_bw
     rows = predict(spec, {"h100": h100}, 64, 16, [1, 8], spec, [1, 3], 0.8, "bf16")
     single = [r for r in rows if r["kind"] == "single"]
     assert [r["batch"] for r in single] == [1, 8]

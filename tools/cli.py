@@ -851,7 +851,9 @@ def calibrate(devices: tuple, output: str, quick: bool, like: tuple, kernels: st
             M.store_profile(ident, prof)
             cached.append(d)
     for p in profs:
-        click.echo(f"{p.device}: {p.peak_flops['f32'] / 1e9:.1f} GFLOP/s f32, {p.mem_bw / 1e9:.1f} GB/s, "
+        weights = (", matrix-vector " + " / ".join(f"{v / 1e9:.1f} ({d})" for d, v in p.weight_bw.items()) + " GB/s"
+                   if p.weight_bw else "")
+        click.echo(f"{p.device}: {p.peak_flops['f32'] / 1e9:.1f} GFLOP/s f32, {p.mem_bw / 1e9:.1f} GB/s{weights}, "
                    f"call {p.call_s * 1e6:.1f} us, dispatch {p.launch_s * 1e6:.2f} us, "
                    f"link {p.link_bw / 1e9:.2f} GB/s + {p.link_latency_s * 1e6:.1f} us")
     click.echo(f"wrote {output}")
