@@ -58,7 +58,7 @@ def compile_segments(module: "ir.Module", jobs: int | None = None, progress: Cal
     with temp_dir(prefix="polyarch-") as tmp:
         inputs = job.sources(tmp)
         results = {}
-        with ThreadPoolExecutor(jobs or max(1, min(len(inputs), os.cpu_count() or 1))) as pool:
+        with ThreadPoolExecutor(_workers(jobs, len(inputs))) as pool:
             for done, (name, device, data, secs, cmd, archive) in enumerate(pool.map(compile_one, inputs), 1):
                 weights = f" + {os.path.getsize(archive) / 1e6:.1f} MB weights" if archive and os.path.exists(archive) else ""
                 when = " alongside tuning" if alongside and name in alongside.taken else ""
@@ -150,6 +150,11 @@ class _SegmentJob:
         rec["rewritten"] = {k: v for k, v in rec["rewritten"].items() if k in variant}
 
 
+def _workers(jobs, n) -> int:
+    """Parallel iree-compile processes for n segments: `jobs`, else one per core (at most n)."""
+    return jobs or max(1, min(n, os.cpu_count() or 1))
+
+
 def _command_key(cmd) -> tuple:
     """What an iree-compile command compiles with, its paths left out (the source, the output,
     where the weights are exported)."""
@@ -181,7 +186,7 @@ class Alongside:
         job = _SegmentJob(self.module, {}, self.extra_flags, tmp if self.export else None, self.scope_prefix,
                           lambda msg: None)
         items = job.sources(tmp)
-        self.pool = ThreadPoolExecutor(self.jobs or max(1, min(len(items), os.cpu_count() or 1)))
+        self.pool = ThreadPoolExecutor(_workers(self.jobs, len(items)))
         for item in items:
             name, device, srcs = item
             cmd, _ = job.command(name, device, srcs[0][1], "out")

@@ -11,16 +11,18 @@ The suite (one module per device, f32):
                     1024] and [1024, 4096], a Linear's layout), 256 MiB of weights held as
                     parameters, f32 and (where the device stores 16 bits) f16, each in a module
                     of its own compiled with the flags a decode phase of that dtype gets
-                    (compiler/lm.py): a decode step streams its weights at about this rate,
+                    (compiler/iree.py PHASE_FLAGS): a decode step streams its weights at about this rate,
                     which is not the elementwise one (IREE 3.13, 2-core Xeon: 17-23 GB/s
                     against 49; one 64 MB product that stays in cache: 46)
 
 Fitted figures: launch_s = (t16 - t1) / 15; call_s = t1 - launch_s; peak f32 and
 half_flops by fitting rate = peak x flops / (flops + half_flops) to the matmul
 sweep; op_efficiency.conv = the convolutions' median rate relative to that; mem_bw = median achieved bytes/s over the
-large elementwise sizes; weight_bw[dtype] = the weights' bytes over a one-row matrix-vector call's time
-less the overheads, row_cost[dtype] = (the 8-row call's time / the one-row call's - 1) / 7; link bandwidth and latency by least squares over the transfer sweep. Power, price and memory capacity cannot be measured this way: they are kept
-from the built-in profile of the device's kind (or --like FILE)."""
+large elementwise sizes; weight_bw[dtype] = the weights' bytes over a one-row matrix-vector
+call's time less the overheads, row_cost[dtype] = (the 8-row call's time / the one-row call's
+- 1) / 7; link bandwidth and latency by least squares over the transfer sweep. Power, price
+and memory capacity cannot be measured this way: they are kept from the built-in profile of
+the device's kind (or --like FILE)."""
 
 import datetime
 import os
@@ -128,19 +130,18 @@ def matvec_mlir(dtype: str) -> str:
     h, i_ = MATVEC_H, MATVEC_I
     t = lambda a, b: f"tensor<{a}x{b}x{dtype}>"
     maps = "[affine_map<(m, n, k) -> (m, k)>, affine_map<(m, n, k) -> (n, k)>, affine_map<(m, n, k) -> (m, n)>]"
-    globs, funcs = [], []
-    for p in range(MATVEC_PAIRS[dtype]):
-        for name, (n, k) in ((f"u{p}", (i_, h)), (f"d{p}", (h, i_))):
-            globs.append(f'  util.global private @{name} = #flow.parameter.named<"{CAL_SCOPE}"::"{dtype}_{name}"> : {t(n, k)}')
+    layers = [(f"{kind}{p}", n, k) for p in range(MATVEC_PAIRS[dtype]) for kind, n, k in (("u", i_, h), ("d", h, i_))]
+    globs = [f'  util.global private @{name} = #flow.parameter.named<"{CAL_SCOPE}"::"{dtype}_{name}"> : {t(n, k)}'
+             for name, n, k in layers]
+    funcs = []
     for rows in MATVEC_ROWS:
         body, cur = [], "%x"
-        for p in range(MATVEC_PAIRS[dtype]):
-            for name, (n, k) in ((f"u{p}", (i_, h)), (f"d{p}", (h, i_))):
-                body.append(f"""    %w_{name} = util.global.load @{name} : {t(n, k)}
+        for name, n, k in layers:
+            body.append(f"""    %w_{name} = util.global.load @{name} : {t(n, k)}
     %e_{name} = tensor.empty() : {t(rows, n)}
     %f_{name} = linalg.fill ins(%z : {dtype}) outs(%e_{name} : {t(rows, n)}) -> {t(rows, n)}
     %r_{name} = linalg.matmul indexing_maps = {maps} ins({cur}, %w_{name} : {t(rows, k)}, {t(n, k)}) outs(%f_{name} : {t(rows, n)}) -> {t(rows, n)}""")
-                cur = f"%r_{name}"
+            cur = f"%r_{name}"
         funcs.append(f"""  func.func @mv_{rows}(%x: {t(rows, h)}) -> {t(rows, h)} {{
     %z = arith.constant 0.0 : {dtype}
 {chr(10).join(body)}
@@ -301,8 +302,8 @@ def _matvecs(rt, dev, vmfbs):
     MATVEC_ROWS, its weights given as parameters (loaded, and packed where data tiling does,
     when the module initialises)."""
     index = rt.ParameterIndex()
-    for d in vmfbs:
-        np_type = np.dtype(d.replace("f", "float"))
+    np_types = {d: np.dtype(d.replace("f", "float")) for d in vmfbs}
+    for d, np_type in np_types.items():
         for p in range(MATVEC_PAIRS[d]):  # a fill that keeps the vector's scale (values do not change the time)
             index.add_buffer(f"{d}_u{p}", np.full((MATVEC_I, MATVEC_H), 1 / MATVEC_H, np_type))
             index.add_buffer(f"{d}_d{p}", np.full((MATVEC_H, MATVEC_I), 1 / MATVEC_I, np_type))
@@ -312,7 +313,7 @@ def _matvecs(rt, dev, vmfbs):
     for d, vmfb in vmfbs.items():
         ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, vmfb))
         for rows in MATVEC_ROWS:
-            x = rt.asdevicearray(dev, np.full((rows, MATVEC_H), 0.5, np.dtype(d.replace("f", "float"))))
+            x = rt.asdevicearray(dev, np.full((rows, MATVEC_H), 0.5, np_types[d]))
             f = getattr(ctx.modules, f"mv_{d}")[f"mv_{rows}"]
             out.append({"dtype": d, "rows": rows, "bytes": matvec_bytes(d), "calls": 2 * MATVEC_PAIRS[d],
                         "s": time_median(lambda: _sync(f(x)))})

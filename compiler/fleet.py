@@ -12,10 +12,11 @@ plan, sweeping the decode batch and the draft length:
 Each phase call is priced as a roofline over the whole call: max(FLOPs / peak, weight bytes /
 the rate the profile's matrix-vector products read weights of that dtype (`weight_bw`, measured
 by `polyarch calibrate`; the memory bandwidth where it has none) x the profile's `rows_factor`
-for the call's tokens (a batch, a verify call) + cache bytes / memory bandwidth) plus the per-dispatch and per-call overheads of the profile, where the FLOPs are 2
-per weight per token plus attention (4 x heads x head_dim x context per token and layer) and
-the weight bytes are the weights read once per call (all but the input embedding, which is
-gathered), the cache bytes the KV cache read and written. A model too large for one device is spread over the fewest
+for the call's tokens (a batch, a verify call) + cache bytes / memory bandwidth) plus the
+per-dispatch and per-call overheads of the profile, where the FLOPs are 2 per weight per token
+plus attention (4 x heads x head_dim x context per token and layer), the weight bytes are the
+weights read once per call (all but the input embedding, which is gathered) and the cache
+bytes the KV cache read and written. A model too large for one device is spread over the fewest
 devices of that profile that hold it (weights and cache within 90% of their memory), its
 bandwidth, FLOPs, price and power multiplied by their count (ideal tensor parallelism: an upper
 bound). Dense decoder models only (no mixture of experts)."""

@@ -19,6 +19,7 @@ from polyarch.targets import profiles as P
 from polyarch.runtime import identity as I
 
 TOL = 1e-4
+SESSION_CACHE = measured.cache_dir()  # conftest's, for this test session
 
 
 class Depthwise(torch.nn.Module):
@@ -120,17 +121,15 @@ def test_profile_cache_used_then_invalidated(fresh_cache, monkeypatch, tmp_path)
 
 
 @pytest.fixture
-def fresh_verdicts(tmp_path, monkeypatch):
-    """Ops found wrong on a device and measured corrections are remembered across compiles
-    (the session's cache, which earlier tests fill): a test of finding them starts from none.
-    The calibrated profiles are kept (no calibration again)."""
+def fresh_verdicts(fresh_cache):
+    """fresh_cache with the session's calibrated profiles copied (no calibration again): ops
+    found wrong on a device and measured corrections are remembered across compiles (the
+    session's cache, which earlier tests fill), and a test of finding them starts from none."""
     import shutil
 
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    if os.path.isdir(os.path.join(measured.cache_dir(), "profiles")):
-        shutil.copytree(os.path.join(measured.cache_dir(), "profiles"), cache / "profiles")
-    monkeypatch.setenv(measured.CACHE_ENV, str(cache))
+    if os.path.isdir(os.path.join(SESSION_CACHE, "profiles")):
+        shutil.copytree(os.path.join(SESSION_CACHE, "profiles"), fresh_cache / "profiles")
+    return fresh_cache
 
 
 def test_depthwise_on_cpu_and_vulkan_matches_eager(tmp_path, fresh_verdicts):
