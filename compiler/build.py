@@ -39,7 +39,7 @@ def _fallback_order(choice):
 
 def compile_segments(module: "ir.Module", jobs: int | None = None, progress: Callable[[str], None] | None = None,
                      extra_flags: Iterable = (), params_dir: str | None = None, scope_prefix: str = "",
-                     tuning: dict | None = None, alongside: "Alongside | None" = None) -> dict:
+                     tuning: dict | None = None, alongside: "Alongside | None" = None, kernels: bool = False) -> dict:
     """Compile every segment with iree-compile, in parallel.
     -> {segment name: (vmfb bytes, iree-compile command, parameter archive path or None)}.
 
@@ -51,9 +51,12 @@ def compile_segments(module: "ir.Module", jobs: int | None = None, progress: Cal
     them in the module (compiler/parameters.py merges the archives).
 
     alongside: the untuned compile run while tuning measured (Alongside): a segment whose
-    source and command are the ones it compiled takes its result."""
+    source and command are the ones it compiled takes its result.
+
+    kernels: cpu segments multiply a few rows by a transposed weight with the hand-written
+    dispatch (passes/rowdot.py, compiler/kernels.py): a decode-like phase's matmuls."""
     progress = progress or (lambda msg: None)
-    job = _SegmentJob(module, tuning or {}, extra_flags, params_dir, scope_prefix, progress)
+    job = _SegmentJob(module, tuning or {}, extra_flags, params_dir, scope_prefix, progress, kernels)
     compile_one = (lambda item: alongside.take(job, item) or job.compile(item)) if alongside else job.compile
     with temp_dir(prefix="polyarch-") as tmp:
         inputs = job.sources(tmp)
@@ -72,8 +75,8 @@ class _SegmentJob:
     """The compile of one plan's segments: each segment's source variants, then each compiled
     (one thread per segment), falling back variant by variant where IREE refuses one."""
 
-    def __init__(self, module, tuning, extra_flags, params_dir, scope_prefix, progress):
-        self.module, self.tuning, self.extra_flags = module, tuning, extra_flags
+    def __init__(self, module, tuning, extra_flags, params_dir, scope_prefix, progress, kernels=False):
+        self.module, self.tuning, self.extra_flags, self.kernels = module, tuning, extra_flags, kernels
         self.params_dir, self.scope_prefix, self.progress = params_dir, scope_prefix, progress
         self.segs = segments_of(module)
         self.fns = {name: fn for name, _, fn in self.segs}
@@ -87,7 +90,8 @@ class _SegmentJob:
         Never a failed compile for tuning's sake."""
         from torch_mlir import ir
 
-        from ..passes import conv_to_matmul, guard_indices, pool_to_mean
+        from ..passes import conv_to_matmul, guard_indices, pool_to_mean, rowdot
+        from .kernels import define
 
         out = []
         with self.module.context, ir.Location.unknown():
@@ -100,8 +104,11 @@ class _SegmentJob:
                     guard_indices.insert(seg)  # computed indices are checked before they are used
                     if variant:
                         conv_to_matmul.run(seg, convs="marked", kinds=variant)
+                    rows = self.kernels and DeviceSpec.parse(device).kind == "cpu" and rowdot.run(seg)
                     with open(srcs[-1][1], "wb") as f:
                         seg.operation.write_bytecode(f)
+                    if rows:
+                        define(srcs[-1][1])
                 out.append((name, device, srcs))
         return out
 
@@ -172,8 +179,8 @@ class Alongside:
     Use as a context manager: leaving it waits for its compiles and removes its files."""
 
     def __init__(self, module: "ir.Module", extra_flags: Iterable = (), export: bool = True,
-                 scope_prefix: str = "", jobs: int | None = None):
-        self.module, self.extra_flags, self.export = module, list(extra_flags), export
+                 scope_prefix: str = "", jobs: int | None = None, kernels: bool = False):
+        self.module, self.extra_flags, self.export, self.kernels = module, list(extra_flags), export, kernels
         self.scope_prefix, self.jobs = scope_prefix, jobs
         self.pool, self.futures, self.taken, self._tmp = None, {}, set(), None
 
@@ -184,7 +191,7 @@ class Alongside:
         self._tmp = temp_dir(prefix="polyarch-alongside-")
         tmp = self._tmp.__enter__()
         job = _SegmentJob(self.module, {}, self.extra_flags, tmp if self.export else None, self.scope_prefix,
-                          lambda msg: None)
+                          lambda msg: None, self.kernels)
         items = job.sources(tmp)
         self.pool = ThreadPoolExecutor(_workers(self.jobs, len(items)))
         for item in items:
@@ -400,7 +407,8 @@ def rewrite_bundle(src: str, dst: str, manifest: dict) -> None:
 def build_phases_bundle(phase_plans: dict, phase_sigs: dict, output: str, extra: dict,
                         jobs: int | None = None, progress: Callable[[str], None] | None = None,
                         extra_flags: Iterable = (), verification: dict | None = None, tune: str = "none",
-                        phase_flags: dict | None = None, extra_members: dict | None = None) -> dict:
+                        phase_flags: dict | None = None, extra_members: dict | None = None,
+                        phase_kernels: Iterable = ()) -> dict:
     """One bundle of several entry functions over one copy of the weights (a --generate
     bundle: prefill and decode). phase_plans: {phase: [(plan name, module)]}, the same device
     sets in the same order for every phase; phase_sigs: {phase: signature}. Each plan entry
@@ -408,7 +416,8 @@ def build_phases_bundle(phase_plans: dict, phase_sigs: dict, output: str, extra:
     outputs}}`; its own schedule and outputs, and the manifest's signature, are the first
     phase's. extra: top-level manifest keys (e.g. "generate"); phase_flags: {phase: iree-compile
     flags for its segments}, before `extra_flags`; extra_members: {member name: file path}
-    stored beside them (a tokenizer). -> the manifest written."""
+    stored beside them (a tokenizer); phase_kernels: the phases whose cpu segments use the
+    hand-written few-rows matmul (compile_segments' `kernels`). -> the manifest written."""
     from . import tuning
     from .bundle import write_bundle
 
@@ -424,10 +433,11 @@ def build_phases_bundle(phase_plans: dict, phase_sigs: dict, output: str, extra:
                 prefix = (f"p{k}_" if n_sets > 1 else "") + f"{phase}_"
                 progress(f"{phase} on {name}")
                 flags = [*phase_flags.get(phase, ()), *extra_flags]  # the user's last: they win
-                with Alongside(module, flags, True, prefix, jobs) as alongside:
+                rows = phase in set(phase_kernels)
+                with Alongside(module, flags, True, prefix, jobs, kernels=rows) as alongside:
                     choices = tuning.tune_plan(module, tune, jobs=jobs, progress=progress, alongside=alongside)
                     vmfbs = compile_segments(module, jobs=jobs, progress=progress, extra_flags=flags, params_dir=tmp,
-                                             scope_prefix=prefix, tuning=choices, alongside=alongside)
+                                             scope_prefix=prefix, tuning=choices, alongside=alongside, kernels=rows)
                 compiled[k, phase] = (module, vmfbs, prefix, choices)
         members = dict(extra_members or {})
         scopes, summary = _merge_weights({pre + seg: v[2] for _, vmfbs, pre, _ in compiled.values()

@@ -56,7 +56,7 @@ MATVEC_H, MATVEC_I = 1024, 4096
 MATVEC_PAIRS = {"f32": 8, "f16": 16}
 MATVEC_ROWS = (1, 8)  # rows (tokens) a call multiplies: one (decode at batch 1) and a few (batch, verify)
 CAL_SCOPE = "polyarch-calibrate"
-SUITE_VERSION = 3  # profiles measured by an older suite (without weight_bw, row_cost) are measured again
+SUITE_VERSION = 4  # profiles measured by an older suite are measured again (3: weight_bw, row_cost; 4: cpu weight_bw with the hand-written products)
 
 
 def _sizes(quick):
@@ -122,11 +122,15 @@ def _chain_func(k):
   }}"""
 
 
-def matvec_mlir(dtype: str) -> str:
+def matvec_mlir(dtype: str, kernels: bool = False) -> str:
     """A module whose functions run MATVEC_ROWS[0] and MATVEC_ROWS[1] rows through MATVEC_PAIRS[dtype]
     up and down projections, each output the next input (@mv_<rows>), the weights held as
     parameters (scope CAL_SCOPE, keys <dtype>_u<i>, <dtype>_d<i>) as a bundle's decode phase holds
-    them."""
+    them. kernels: the products call the hand-written dispatch a cpu decode phase uses
+    (compiler/kernels.py), else they are IREE's linalg.matmul."""
+    from .kernels import name as kernel_name
+    from .kernels import rowdot_source
+
     h, i_ = MATVEC_H, MATVEC_I
     t = lambda a, b: f"tensor<{a}x{b}x{dtype}>"
     maps = "[affine_map<(m, n, k) -> (m, k)>, affine_map<(m, n, k) -> (n, k)>, affine_map<(m, n, k) -> (m, n)>]"
@@ -137,6 +141,11 @@ def matvec_mlir(dtype: str) -> str:
     for rows in MATVEC_ROWS:
         body, cur = [], "%x"
         for name, n, k in layers:
+            if kernels:
+                body.append(f"""    %w_{name} = util.global.load @{name} : {t(n, k)}
+    %r_{name} = func.call @{kernel_name(rows, n, k, dtype)}({cur}, %w_{name}) : ({t(rows, k)}, {t(n, k)}) -> {t(rows, n)}""")
+                cur = f"%r_{name}"
+                continue
             body.append(f"""    %w_{name} = util.global.load @{name} : {t(n, k)}
     %e_{name} = tensor.empty() : {t(rows, n)}
     %f_{name} = linalg.fill ins(%z : {dtype}) outs(%e_{name} : {t(rows, n)}) -> {t(rows, n)}
@@ -147,8 +156,10 @@ def matvec_mlir(dtype: str) -> str:
 {chr(10).join(body)}
     return {cur} : {t(rows, h)}
   }}""")
+    defs = [rowdot_source(rows, n, k, dtype) for rows in MATVEC_ROWS for n, k in ((i_, h), (h, i_))] if kernels else []
     return f"""module @mv_{dtype} {{
 {chr(10).join(globs)}
+{chr(10).join(defs)}
 {chr(10).join(funcs)}
 }}
 """
@@ -167,10 +178,12 @@ def matvec_dtypes(spec: Any) -> list:
 
 def compile_matvec(spec: Any, dtype: str) -> bytes:
     """The matrix-vector module of a weight dtype compiled for a device with the flags a decode
-    phase of that dtype gets (compiler/iree.py's PHASE_FLAGS) -> vmfb bytes."""
-    from .iree import PHASE_FLAGS
+    phase of that dtype gets (compiler/iree.py's PHASE_FLAGS; on cpu the hand-written products of
+    PHASE_KERNELS) -> vmfb bytes."""
+    from .iree import PHASE_FLAGS, PHASE_KERNELS
 
-    return _compile_text(spec, matvec_mlir(dtype), PHASE_FLAGS.get(dtype, {}).get("decode", []),
+    kernels = DeviceSpec.parse(spec).kind == "cpu" and "decode" in PHASE_KERNELS
+    return _compile_text(spec, matvec_mlir(dtype, kernels), PHASE_FLAGS.get(dtype, {}).get("decode", []),
                          f"{dtype} matrix-vector module")
 
 

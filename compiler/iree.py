@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 # so do 16-bit weights (f16 decode without it: 19.6 ms/token, with it 12.1, on the same model). The
 # draft's decode and the verify phase (speculate + 1 rows) are decode-like: the same flags.
 PHASE_FLAGS = {"f32": {p: ["--iree-opt-data-tiling=false"] for p in ("decode", "verify")}}  # by weights dtype
+# Decode-like phases multiply each weight by a few rows: on cpu, with compiler/kernels.py's
+# hand-written dispatch (passes/rowdot.py), which streams the weights faster than IREE's own code.
+PHASE_KERNELS = ("decode", "verify")
 
 
 def segment_module(ir: ModuleType, fn: "ir.Operation") -> "ir.Module":

@@ -16,7 +16,7 @@ from ..errors import PolyarchError
 from ..runtime.generate import DRAFT as DRAFT_PREFIX  # the draft model's phases: draft_prefill, draft_decode
 from . import causal_lm
 from .build import build_phases_bundle, rewrite_bundle
-from .iree import PHASE_FLAGS  # iree-compile flags of decode-like phases by weights dtype
+from .iree import PHASE_FLAGS, PHASE_KERNELS  # iree-compile flags, hand-written matmuls of decode-like phases
 from .planning import import_module, partition, price_devices
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class PlannedLM:
             manifest = build_phases_bundle(self.plans, {p: sig for p, (_, sig) in imp.phases.items()}, path, extra,
                                            jobs=o.jobs, progress=progress, extra_flags=o.iree_flags, tune=o.tune,
                                            phase_flags=_phase_flags(o, imp.phases),
+                                           phase_kernels=_phase_kernels(imp.phases),
                                            extra_members=members,
                                            verification={"status": "not verified (verify=False / --no-verify)"})
             if o.verify:
@@ -151,6 +152,12 @@ def _phase_flags(o, phases):
         dtype = (o.draft_dtype or o.weights_dtype) if draft else o.weights_dtype
         out[p] = PHASE_FLAGS.get(dtype, {}).get(p[len(DRAFT_PREFIX):] if draft else p, [])
     return out
+
+
+def _phase_kernels(phases):
+    """The phases whose cpu segments use the hand-written few-rows matmul (PHASE_KERNELS; the
+    draft's decode as the target's)."""
+    return [p for p in phases if (p[len(DRAFT_PREFIX):] if p.startswith(DRAFT_PREFIX) else p) in PHASE_KERNELS]
 
 
 def _import_phase(model, phase, shape, b, n, k, progress):

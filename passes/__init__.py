@@ -15,14 +15,15 @@ from .conv_to_matmul import ConvToMatmul
 from .guard_indices import GuardIndices
 from .outline_segments import OutlineSegments
 from .pool_to_mean import PoolToMean
+from .rowdot import Rowdot
 
 if TYPE_CHECKING:
     from torch_mlir import ir
 
 __all__ = ["PASSES", "Pass", "AnnotateCosts", "AssignDevices", "OutlineSegments", "ConvToMatmul", "PoolToMean",
-           "GuardIndices", "parse_pipeline", "run_pipeline"]
+           "GuardIndices", "Rowdot", "parse_pipeline", "run_pipeline"]
 
-PASSES = {p.NAME: p for p in (AnnotateCosts, AssignDevices, OutlineSegments, ConvToMatmul, PoolToMean, GuardIndices)}
+PASSES = {p.NAME: p for p in (AnnotateCosts, AssignDevices, OutlineSegments, ConvToMatmul, PoolToMean, GuardIndices, Rowdot)}
 
 
 def parse_pipeline(text: str) -> list:

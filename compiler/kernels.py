@@ -1,0 +1,164 @@
+"""Hand-written CPU dispatches that replace IREE's own code where it is measurably slower.
+
+`rowdot`: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows of x (a decode step's matmul against
+a weight kept as nn.Linear stores it, [out, in]). passes/rowdot.py turns such a matmul into a
+call to a private declaration `@polyarch_rowdot_<M>x<N>x<K>_<dtype>` marked
+`polyarch.kernel = "rowdot"`; `define` gives each declaration its body: a flow.dispatch of an
+executable written here at the vector level (IREE's LLVM CPU backend lowers it; its lowering
+strategy has nothing left to tile). Why: IREE 3.13 vectorises a matrix-vector product across
+output rows and transposes each 16 x 16 weight tile in registers first; this one reads each
+weight row along k with R rows x M accumulators of 16 lanes, reduces once per row, and splits
+the rows into workgroups of about 128. On a 2-core Xeon, a chain of 48 [2048 x 768] /
+[768 x 2048] f32 products (300 MB): IREE 12.8-13.7 ms, this 9.0-9.4, PyTorch 8.5-9.0
+(docs/cpu-speed.md). Accumulation is in f32 for 16-bit weights.
+
+Only the llvm-cpu target compiles these executables: the pass is run on cpu segments only."""
+
+import os
+from typing import Iterable
+
+from ..passes.rowdot import KERNEL_NAME as NAME
+from ..passes.rowdot import LANES, MAX_ROWS, supported
+from ..passes.rowdot import kernel_name as name
+
+WG_ROWS = 128  # weight rows per workgroup (a 2048-row weight: 16 workgroups)
+LAYOUT = ('#hal.pipeline.layout<bindings = [#hal.pipeline.binding<storage_buffer, "ReadOnly|Indirect">, '
+          '#hal.pipeline.binding<storage_buffer, "ReadOnly|Indirect">, #hal.pipeline.binding<storage_buffer, Indirect>], '
+          'flags = Indirect>')  # w, x read; y written
+
+
+def host_vector_regs() -> tuple:
+    """(vector registers, f32 lanes each) of this host's widest vectors: the cpu target compiles
+    for the host (--iree-llvmcpu-target-cpu=host). AVX-512: 32 x 16; otherwise 16 x 8 (AVX2)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return (32, 16) if " avx512f" in flags else (16, 8)
+
+
+def _rows_per_step(m: int, n: int, regs: int) -> int:
+    """Weight rows read together (r): r x m accumulators, r weight vectors and one x vector
+    live at once within the registers, r dividing n."""
+    for r in (8, 4, 2, 1):
+        if n % r == 0 and r * m <= 24 and r * m + r + 1 <= regs - 1:
+            return r
+    return 1
+
+
+def rowdot_source(m: int, n: int, k: int, dtype: str, regs: tuple | None = None) -> str:
+    """MLIR text (IREE's dialects) of the executable and the private func.func that dispatches
+    it. regs: (vector registers, f32 lanes) to write it for (default: this host's)."""
+    assert supported(m, n, k, dtype), (m, n, k, dtype)
+    nregs, lanes = regs or host_vector_regs()  # k is a multiple of LANES (16), so of 8 too
+    r = _rows_per_step(m, n, nregs)
+    wg = max(r, min(WG_ROWS // r * r, -(-n // r) * r))
+    fn, t = name(m, n, k, dtype), dtype
+    return "\n".join([_prologue(fn, m, n, k, t, r, wg, lanes), *_rows(m, n, k, t, r, lanes), f"""      }}
+      return
+    }}
+  }}
+}}
+func.func private @{fn}(%x: tensor<{m}x{k}x{t}>, %w: tensor<{n}x{k}x{t}>) -> tensor<{m}x{n}x{t}> {{
+  %y = flow.dispatch @{fn}_ex::@{fn}_d(%w, %x) : (tensor<{n}x{k}x{t}>, tensor<{m}x{k}x{t}>) -> tensor<{m}x{n}x{t}>
+  return %y : tensor<{m}x{n}x{t}>
+}}"""])
+
+
+def _prologue(fn, m, n, k, t, r, wg, lanes):
+    """The executable up to the loop over this workgroup's rows (wg of them, r at a time)."""
+    binding = lambda i, flags, shape: (f'hal.interface.binding.subspan layout({LAYOUT}) binding({i}) alignment(64) '
+                                       f'offset(%c0) flags({flags}) : memref<{shape}x{t}>')
+    return f"""hal.executable.source private @{fn}_ex {{
+  hal.executable.export public @{fn}_d ordinal(0) layout({LAYOUT}) count(%dev: !hal.device) -> (index, index, index) {{
+    %g = arith.constant {-(-n // wg)} : index
+    %c1 = arith.constant 1 : index
+    hal.return %g, %c1, %c1 : index, index, index
+  }} attributes {{translation_info = #iree_codegen.translation_info<pipeline = #iree_cpu.pipeline<Default>>}}
+  builtin.module {{
+    func.func @{fn}_d() {{
+      %c0 = arith.constant 0 : index
+      %z = arith.constant dense<0.0> : vector<{lanes}xf32>
+      %w = {binding(0, '"ReadOnly|Indirect"', f"{n}x{k}")}
+      %x = {binding(1, '"ReadOnly|Indirect"', f"{m}x{k}")}
+      %y = {binding(2, "Indirect", f"{m}x{n}")}
+      %wg = hal.interface.workgroup.id[0] : index
+      %cwg = arith.constant {wg} : index
+      %cn = arith.constant {n} : index
+      %cr = arith.constant {r} : index
+      %ck = arith.constant {k} : index
+      %cl = arith.constant {lanes} : index
+      %nb = arith.muli %wg, %cwg : index
+      %left = arith.subi %cn, %nb : index
+      %end = arith.minui %left, %cwg : index
+      scf.for %i = %c0 to %end step %cr {{
+        %n = arith.addi %nb, %i : index"""
+
+
+def _rows(m, n, k, t, r, lanes):
+    """The body of the loop over rows: r rows x m accumulators along k, then reduced and stored."""
+    v, vt = f"vector<{lanes}xf32>", f"vector<{lanes}x{t}>"
+    wide = t != "f32"  # 16-bit inputs are widened to f32 after each load
+    o = [f"        %c{j}i = arith.constant {j} : index" for j in range(max(r, m))]
+    o += [f"        %n{a} = arith.addi %n, %c{a}i : index" for a in range(r)]
+    accs = [(a, b) for a in range(r) for b in range(m)]
+    types = ", ".join([v] * len(accs))
+    o.append(f"        %s:{len(accs)} = scf.for %kk = %c0 to %ck step %cl iter_args("
+             + ", ".join(f"%a{a}_{b} = %z" for a, b in accs) + f") -> ({types}) {{")
+
+    def load(dst, src, idx, shape):
+        o.append(f"          {dst}{'r' if wide else ''} = vector.load {src}[{idx}, %kk] : memref<{shape}x{t}>, {vt}")
+        if wide:
+            o.append(f"          {dst} = arith.extf {dst}r : {vt} to {v}")
+
+    for a in range(r):
+        load(f"%w{a}", "%w", f"%n{a}", f"{n}x{k}")
+    for b in range(m):
+        load(f"%x{b}", "%x", f"%c{b}i", f"{m}x{k}")
+        o += [f"          %b{a}_{b} = vector.fma %w{a}, %x{b}, %a{a}_{b} : {v}" for a in range(r)]
+    o.append("          scf.yield " + ", ".join(f"%b{a}_{b}" for a, b in accs) + " : " + types)
+    o.append("        }")
+    for i, (a, b) in enumerate(accs):
+        o.append(f"        %t{a}_{b} = vector.reduction <add>, %s#{i} fastmath<reassoc> : {v} into f32")
+        if wide:
+            o.append(f"        %u{a}_{b} = arith.truncf %t{a}_{b} : f32 to {t}")
+        o.append(f"        memref.store %{'u' if wide else 't'}{a}_{b}, %y[%c{b}i, %n{a}] : memref<{m}x{n}x{t}>")
+    return o
+
+
+def declared(names: Iterable[str]) -> list:
+    """[(m, n, k, dtype)] of the rowdot declarations among these symbol names."""
+    return [(int(a), int(b), int(c), d) for a, b, c, d in (NAME.match(s).groups() for s in names if NAME.match(s))]
+
+
+def define(path: str) -> int:
+    """Give every rowdot declaration of the module at `path` (bytecode, torch input) its
+    body, in place. Runs in IREE's own MLIR context (it knows torch and IREE's dialects).
+    -> the number defined (0: the file is left as it is)."""
+    from iree.compiler import ir
+
+    with ir.Context() as ctx, ir.Location.unknown():
+        with open(path, "rb") as f:
+            module = ir.Module.parse(f.read())
+        decls = []
+        for op in module.body.operations:
+            if op.operation.name == "func.func" and "polyarch.kernel" in op.attributes:
+                sym = ir.StringAttr(op.attributes["sym_name"]).value
+                if not NAME.match(sym):
+                    raise ValueError(f"unknown polyarch kernel declaration @{sym}")
+                decls.append((op, sym))
+        if not decls:
+            return 0
+        for op, sym in decls:
+            m, n, k, dtype = declared([sym])[0]
+            body = ir.Module.parse(rowdot_source(m, n, k, dtype))
+            ip = ir.InsertionPoint(op)
+            for new in list(body.body.operations):
+                new.operation.clone(ip=ip)
+            op.operation.erase()
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            module.operation.write_bytecode(f)
+        os.replace(tmp, path)
+        return len(decls)

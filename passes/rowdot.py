@@ -1,0 +1,144 @@
+"""rowdot: a matmul of a few rows against a transposed [N, K] matrix becomes a call to a
+hand-written CPU dispatch (compiler/kernels.py).
+
+    %wt = torch.aten.permute %w, [1, 0]      (or torch.aten.t %w, torch.aten.transpose.int %w, 0, 1)
+    %y = torch.aten.mm %x, %wt               (x: [M, K] static, 1 <= M <= max-rows; w: [N, K])
+becomes
+    %xb = torch_c.to_builtin_tensor %x
+    %wb = torch_c.to_builtin_tensor %w
+    %yb = func.call @polyarch_rowdot_<M>x<N>x<K>_<dtype>(%xb, %wb)
+    %y = torch_c.from_builtin_tensor %yb
+with one private declaration per shape, marked `polyarch.kernel = "rowdot"`, which
+compiler/kernels.py `define` gives its body (an IREE executable) before iree-compile. This is
+how nn.Linear multiplies in a decode step (x: the batch's rows, w: the weight as stored,
+[out, in]); IREE 3.13's own code for it streams the weights about 1.4x slower
+(docs/cpu-speed.md). Only for segments compiled for cpu: the body is llvm-cpu code.
+x and w of one dtype (f32, f16, bf16); K a multiple of 16. The call carries the mm's location."""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import re
+
+from ..dialects import polyarch as pa
+from .base import Pass, option
+from .common import const_ints as _ints
+
+if TYPE_CHECKING:
+    from torch_mlir import ir
+
+_DTYPES = {"f32": "f32", "f16": "f16", "bf16": "bf16"}  # torch element type -> MLIR's
+MAX_ROWS = 8  # x rows (the batch, or verify's tokens) a rowdot serves
+LANES = 16  # f32 lanes of one accumulator (a 512-bit register, two 256-bit ones on AVX2): K's multiple
+KERNEL_NAME = re.compile(r"^polyarch_rowdot_(\d+)x(\d+)x(\d+)_(f32|f16|bf16)$")
+
+
+def kernel_name(m: int, n: int, k: int, dtype: str) -> str:
+    return f"polyarch_rowdot_{m}x{n}x{k}_{dtype}"
+
+
+def supported(m: int, n: int, k: int, dtype: str) -> bool:
+    """Shapes the kernel is written for: 1..MAX_ROWS rows, k a multiple of LANES."""
+    return dtype in _DTYPES.values() and 1 <= m <= MAX_ROWS and n >= 1 and k >= LANES and k % LANES == 0
+
+
+
+@dataclass(frozen=True)
+class Rowdot(Pass):
+    NAME = "rowdot"
+    max_rows: int = option(MAX_ROWS, f"rewrite a matmul of at most this many rows (1..{MAX_ROWS})")
+
+    def check(self):
+        from ..errors import PolyarchError
+
+        if not 1 <= self.max_rows <= MAX_ROWS:
+            raise PolyarchError(f"rowdot max-rows={self.max_rows}", fix=f"use 1..{MAX_ROWS}")
+
+    def apply(self, module: "ir.Module") -> int:
+        """-> the number of matmuls rewritten."""
+        self.check()
+        return _rewrite_all(module, self.max_rows)
+
+
+def _owner(value):
+    return getattr(value.owner, "operation", None)
+
+
+def transposed_source(value: "ir.Value"):
+    """The [N, K] value a [K, N] operand is the transpose of, or None."""
+    o = _owner(value)
+    if o is None:
+        return None
+    if o.name == "torch.aten.permute" and _ints(o.operands[1]) == [1, 0]:
+        return o.operands[0]
+    if o.name == "torch.aten.t":
+        return o.operands[0]
+    if o.name == "torch.aten.transpose.int":
+        dims = []
+        for v in o.operands[1:3]:
+            c = _owner(v)
+            if c is None or c.name != "torch.constant.int":
+                return None
+            dims.append(c.attributes["value"].value)
+        if sorted(d % 2 for d in dims) == [0, 1]:
+            return o.operands[0]
+    return None
+
+
+def match(op: "ir.Operation", max_rows: int = MAX_ROWS):
+    """(x, w, (m, n, k, dtype)) for an mm this pass rewrites, else None."""
+    if op.operation.name != "torch.aten.mm" or len(op.operands) != 2:
+        return None
+    x, wt = op.operands
+    w = transposed_source(wt)
+    if w is None:
+        return None
+    xi, wi = pa.tensor_info(x.type), pa.tensor_info(w.type)
+    if not (xi and wi) or len(xi[0]) != 2 or len(wi[0]) != 2 or xi[1] != wi[1] or xi[1] not in _DTYPES:
+        return None
+    (m, k), (n, k2) = xi[0], wi[0]
+    if min(m, k, n) < 1 or k != k2 or m > max_rows or not supported(m, n, k, _DTYPES[xi[1]]):
+        return None
+    return x, w, (m, n, k, _DTYPES[xi[1]])
+
+
+def run(module: "ir.Module", max_rows: int = MAX_ROWS) -> int:
+    """Rewrite every matching mm of `module` in place. -> the number rewritten."""
+    return Rowdot(max_rows=max_rows).apply(module)
+
+
+def _rewrite_all(module, max_rows):
+    from torch_mlir import ir
+
+    done, declared = 0, set()
+    with module.context, ir.Location.unknown():
+        existing = {ir.StringAttr(op.attributes["sym_name"]).value for op in module.body.operations
+                    if "sym_name" in op.attributes}
+        for func in list(module.body.operations):
+            if func.operation.name != "func.func" or not func.regions[0].blocks:
+                continue
+            found = [(op, hit) for block in func.regions[0].blocks for op in block.operations
+                     if (hit := match(op, max_rows))]
+            for op, (x, w, (m, n, k, dt)) in found:
+                name = kernel_name(m, n, k, dt)
+                tx, tw, ty = (f"tensor<{a}x{b}x{dt}>" for a, b in ((m, k), (n, k), (m, n)))
+                if name not in existing and name not in declared:
+                    decl = ir.Module.parse(f'func.func private @{name}({tx}, {tw}) -> {ty} '
+                                           f'attributes {{polyarch.kernel = "rowdot"}}')
+                    decl.body.operations[0].operation.clone(ip=ir.InsertionPoint.at_block_begin(module.body))
+                    declared.add(name)
+                ip, loc = ir.InsertionPoint(op), op.location
+                make = lambda opname, t, operands, attrs=None: ir.Operation.create(
+                    opname, results=[ir.Type.parse(t)], operands=list(operands), attributes=attrs or {}, ip=ip,
+                    loc=loc).results[0]
+                xb = make("torch_c.to_builtin_tensor", tx, [x])
+                wb = make("torch_c.to_builtin_tensor", tw, [w])
+                yb = make("func.call", ty, [xb, wb], {"callee": ir.FlatSymbolRefAttr.get(name)})
+                y = make("torch_c.from_builtin_tensor", str(op.results[0].type), [yb])
+                op.results[0].replace_all_uses_with(y)
+                transpose = _owner(op.operands[1])
+                op.operation.erase()
+                if not list(transpose.results[0].uses):
+                    transpose.erase()
+                done += 1
+    return done

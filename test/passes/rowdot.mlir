@@ -1,0 +1,77 @@
+// RUN: polyarch-opt %s -p rowdot | FileCheck %s
+// A decode step's nn.Linear: a few rows against the weight as stored ([out, in]) through a
+// transpose becomes a call to the hand-written CPU dispatch (compiler/kernels.py gives the
+// declaration its body); one declaration per shape.
+// CHECK-DAG: func.func private @polyarch_rowdot_1x256x64_f32(tensor<1x64xf32>, tensor<256x64xf32>) -> tensor<1x256xf32> attributes {polyarch.kernel = "rowdot"}
+// CHECK-DAG: func.func private @polyarch_rowdot_5x32x64_f16(tensor<5x64xf16>, tensor<32x64xf16>) -> tensor<5x32xf16> attributes {polyarch.kernel = "rowdot"}
+// CHECK-LABEL: func.func @linear
+// CHECK-NOT: torch.aten.mm
+// CHECK-NOT: torch.aten.permute
+// CHECK: %[[X:.*]] = "torch_c.to_builtin_tensor"(%arg0) : (!torch.vtensor<[1,64],f32>) -> tensor<1x64xf32>
+// CHECK: %[[W:.*]] = "torch_c.to_builtin_tensor"(%arg1) : (!torch.vtensor<[256,64],f32>) -> tensor<256x64xf32>
+// CHECK: %[[Y:.*]] = call @polyarch_rowdot_1x256x64_f32(%[[X]], %[[W]])
+// CHECK: %[[R:.*]] = "torch_c.from_builtin_tensor"(%[[Y]]) : (tensor<1x256xf32>) -> !torch.vtensor<[1,256],f32>
+// CHECK: %[[X2:.*]] = "torch_c.to_builtin_tensor"(%arg2)
+// CHECK: call @polyarch_rowdot_1x256x64_f32(%[[X2]], %{{.*}})
+// CHECK-LABEL: func.func @verify_rows
+// CHECK: call @polyarch_rowdot_5x32x64_f16
+// Left as they are: a dynamic row count (prefill), more rows than max-rows, an operand not
+// transposed, K not a multiple of 16, mixed dtypes.
+// CHECK-LABEL: func.func @dynamic_rows
+// CHECK: torch.aten.mm
+// CHECK-LABEL: func.func @many_rows
+// CHECK: torch.aten.mm
+// CHECK-LABEL: func.func @not_transposed
+// CHECK: torch.aten.mm
+// CHECK-LABEL: func.func @odd_k
+// CHECK: torch.aten.mm
+// CHECK-LABEL: func.func @mixed
+// CHECK: torch.aten.mm
+
+func.func @linear(%x: !torch.vtensor<[1,64],f32>, %w: !torch.vtensor<[256,64],f32>, %x2: !torch.vtensor<[1,64],f32>) -> (!torch.vtensor<[1,256],f32>, !torch.vtensor<[1,256],f32>) {
+  %int0 = torch.constant.int 0
+  %int1 = torch.constant.int 1
+  %p = torch.prim.ListConstruct %int1, %int0 : (!torch.int, !torch.int) -> !torch.list<int>
+  %wt = torch.aten.permute %w, %p : !torch.vtensor<[256,64],f32>, !torch.list<int> -> !torch.vtensor<[64,256],f32>
+  %y = torch.aten.mm %x, %wt : !torch.vtensor<[1,64],f32>, !torch.vtensor<[64,256],f32> -> !torch.vtensor<[1,256],f32>
+  %wt2 = torch.aten.t %w : !torch.vtensor<[256,64],f32> -> !torch.vtensor<[64,256],f32>
+  %y2 = torch.aten.mm %x2, %wt2 : !torch.vtensor<[1,64],f32>, !torch.vtensor<[64,256],f32> -> !torch.vtensor<[1,256],f32>
+  return %y, %y2 : !torch.vtensor<[1,256],f32>, !torch.vtensor<[1,256],f32>
+}
+
+func.func @verify_rows(%x: !torch.vtensor<[5,64],f16>, %w: !torch.vtensor<[32,64],f16>) -> !torch.vtensor<[5,32],f16> {
+  %int0 = torch.constant.int 0
+  %int1 = torch.constant.int 1
+  %wt = torch.aten.transpose.int %w, %int0, %int1 : !torch.vtensor<[32,64],f16>, !torch.int, !torch.int -> !torch.vtensor<[64,32],f16>
+  %y = torch.aten.mm %x, %wt : !torch.vtensor<[5,64],f16>, !torch.vtensor<[64,32],f16> -> !torch.vtensor<[5,32],f16>
+  return %y : !torch.vtensor<[5,32],f16>
+}
+
+func.func @dynamic_rows(%x: !torch.vtensor<[?,64],f32>, %w: !torch.vtensor<[256,64],f32>) -> !torch.vtensor<[?,256],f32> {
+  %wt = torch.aten.t %w : !torch.vtensor<[256,64],f32> -> !torch.vtensor<[64,256],f32>
+  %y = torch.aten.mm %x, %wt : !torch.vtensor<[?,64],f32>, !torch.vtensor<[64,256],f32> -> !torch.vtensor<[?,256],f32>
+  return %y : !torch.vtensor<[?,256],f32>
+}
+
+func.func @many_rows(%x: !torch.vtensor<[9,64],f32>, %w: !torch.vtensor<[256,64],f32>) -> !torch.vtensor<[9,256],f32> {
+  %wt = torch.aten.t %w : !torch.vtensor<[256,64],f32> -> !torch.vtensor<[64,256],f32>
+  %y = torch.aten.mm %x, %wt : !torch.vtensor<[9,64],f32>, !torch.vtensor<[64,256],f32> -> !torch.vtensor<[9,256],f32>
+  return %y : !torch.vtensor<[9,256],f32>
+}
+
+func.func @not_transposed(%x: !torch.vtensor<[1,64],f32>, %w: !torch.vtensor<[64,256],f32>) -> !torch.vtensor<[1,256],f32> {
+  %y = torch.aten.mm %x, %w : !torch.vtensor<[1,64],f32>, !torch.vtensor<[64,256],f32> -> !torch.vtensor<[1,256],f32>
+  return %y : !torch.vtensor<[1,256],f32>
+}
+
+func.func @odd_k(%x: !torch.vtensor<[1,24],f32>, %w: !torch.vtensor<[256,24],f32>) -> !torch.vtensor<[1,256],f32> {
+  %wt = torch.aten.t %w : !torch.vtensor<[256,24],f32> -> !torch.vtensor<[24,256],f32>
+  %y = torch.aten.mm %x, %wt : !torch.vtensor<[1,24],f32>, !torch.vtensor<[24,256],f32> -> !torch.vtensor<[1,256],f32>
+  return %y : !torch.vtensor<[1,256],f32>
+}
+
+func.func @mixed(%x: !torch.vtensor<[1,64],f16>, %w: !torch.vtensor<[256,64],f32>) -> !torch.vtensor<[1,256],f32> {
+  %wt = torch.aten.t %w : !torch.vtensor<[256,64],f32> -> !torch.vtensor<[64,256],f32>
+  %y = torch.aten.mm %x, %wt : !torch.vtensor<[1,64],f16>, !torch.vtensor<[64,256],f32> -> !torch.vtensor<[1,256],f32>
+  return %y : !torch.vtensor<[1,256],f32>
+}
