@@ -27,15 +27,23 @@ LAYOUT = ('#hal.pipeline.layout<bindings = [#hal.pipeline.binding<storage_buffer
           'flags = Indirect>')  # w, x read; y written
 
 
+def _host_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "") + " "
+    except OSError:
+        return ""
+
+
+def host_bf16_dot() -> bool:
+    """AVX512-BF16 (vdpbf16ps: pairs of bf16 products summed into f32 lanes) on this host."""
+    return " avx512_bf16 " in _host_flags()
+
+
 def host_vector_regs() -> tuple:
     """(vector registers, f32 lanes each) of this host's widest vectors: the cpu target compiles
     for the host (--iree-llvmcpu-target-cpu=host). AVX-512: 32 x 16; otherwise 16 x 8 (AVX2)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return (32, 16) if " avx512f" in flags else (16, 8)
+    return (32, 16) if " avx512f " in _host_flags() else (16, 8)
 
 
 def _rows_per_step(m: int, n: int, regs: int) -> int:
@@ -47,15 +55,19 @@ def _rows_per_step(m: int, n: int, regs: int) -> int:
     return 1
 
 
-def rowdot_source(m: int, n: int, k: int, dtype: str, regs: tuple | None = None) -> str:
+def rowdot_source(m: int, n: int, k: int, dtype: str, regs: tuple | None = None, bf16_dot: bool | None = None) -> str:
     """MLIR text (IREE's dialects) of the executable and the private func.func that dispatches
-    it. regs: (vector registers, f32 lanes) to write it for (default: this host's)."""
+    it. regs: (vector registers, f32 lanes) to write it for (default: this host's); bf16_dot:
+    bf16 products with AVX512-BF16's vdpbf16ps, 32 a step (default: where the host has it and
+    k is a multiple of 32), else widened to f32 and multiplied by FMAs."""
     assert supported(m, n, k, dtype), (m, n, k, dtype)
     nregs, lanes = regs or host_vector_regs()  # k is a multiple of LANES (16), so of 8 too
+    dot = dtype == "bf16" and k % 32 == 0 and lanes == 16 and (host_bf16_dot() if bf16_dot is None else bf16_dot)
     r = _rows_per_step(m, n, nregs)
     wg = max(r, min(WG_ROWS // r * r, -(-n // r) * r))
     fn, t = name(m, n, k, dtype), dtype
-    return "\n".join([_prologue(fn, m, n, k, t, r, wg, lanes), *_rows(m, n, k, t, r, lanes), f"""      }}
+    return "\n".join([_prologue(fn, m, n, k, t, r, wg, lanes, 32 if dot else lanes), *_rows(m, n, k, t, r, lanes, dot),
+                      f"""      }}
       return
     }}
   }}
@@ -66,7 +78,7 @@ func.func private @{fn}(%x: tensor<{m}x{k}x{t}>, %w: tensor<{n}x{k}x{t}>) -> ten
 }}"""])
 
 
-def _prologue(fn, m, n, k, t, r, wg, lanes):
+def _prologue(fn, m, n, k, t, r, wg, lanes, step):
     """The executable up to the loop over this workgroup's rows (wg of them, r at a time)."""
     binding = lambda i, flags, shape: (f'hal.interface.binding.subspan layout({LAYOUT}) binding({i}) alignment(64) '
                                        f'offset(%c0) flags({flags}) : memref<{shape}x{t}>')
@@ -88,7 +100,7 @@ def _prologue(fn, m, n, k, t, r, wg, lanes):
       %cn = arith.constant {n} : index
       %cr = arith.constant {r} : index
       %ck = arith.constant {k} : index
-      %cl = arith.constant {lanes} : index
+      %cl = arith.constant {step} : index
       %nb = arith.muli %wg, %cwg : index
       %left = arith.subi %cn, %nb : index
       %end = arith.minui %left, %cwg : index
@@ -96,10 +108,10 @@ def _prologue(fn, m, n, k, t, r, wg, lanes):
         %n = arith.addi %nb, %i : index"""
 
 
-def _rows(m, n, k, t, r, lanes):
+def _rows(m, n, k, t, r, lanes, dot=False):
     """The body of the loop over rows: r rows x m accumulators along k, then reduced and stored."""
-    v, vt = f"vector<{lanes}xf32>", f"vector<{lanes}x{t}>"
-    wide = t != "f32"  # 16-bit inputs are widened to f32 after each load
+    v, vt = f"vector<{lanes}xf32>", f"vector<{2 * lanes if dot else lanes}x{t}>"
+    wide = t != "f32" and not dot  # 16-bit inputs are widened to f32 after each load (but for vdpbf16ps)
     o = [f"        %c{j}i = arith.constant {j} : index" for j in range(max(r, m))]
     o += [f"        %n{a} = arith.addi %n, %c{a}i : index" for a in range(r)]
     accs = [(a, b) for a in range(r) for b in range(m)]
@@ -116,14 +128,16 @@ def _rows(m, n, k, t, r, lanes):
         load(f"%w{a}", "%w", f"%n{a}", f"{n}x{k}")
     for b in range(m):
         load(f"%x{b}", "%x", f"%c{b}i", f"{m}x{k}")
-        o += [f"          %b{a}_{b} = vector.fma %w{a}, %x{b}, %a{a}_{b} : {v}" for a in range(r)]
+        o += [f'          %b{a}_{b} = llvm.call_intrinsic "llvm.x86.avx512bf16.dpbf16ps.512"(%a{a}_{b}, %x{b}, %w{a}) : '
+              f'({v}, {vt}, {vt}) -> {v}' if dot else f"          %b{a}_{b} = vector.fma %w{a}, %x{b}, %a{a}_{b} : {v}"
+              for a in range(r)]
     o.append("          scf.yield " + ", ".join(f"%b{a}_{b}" for a, b in accs) + " : " + types)
     o.append("        }")
     for i, (a, b) in enumerate(accs):
         o.append(f"        %t{a}_{b} = vector.reduction <add>, %s#{i} fastmath<reassoc> : {v} into f32")
-        if wide:
+        if t != "f32":
             o.append(f"        %u{a}_{b} = arith.truncf %t{a}_{b} : f32 to {t}")
-        o.append(f"        memref.store %{'u' if wide else 't'}{a}_{b}, %y[%c{b}i, %n{a}] : memref<{m}x{n}x{t}>")
+        o.append(f"        memref.store %{'u' if t != 'f32' else 't'}{a}_{b}, %y[%c{b}i, %n{a}] : memref<{m}x{n}x{t}>")
     return o
 
 
