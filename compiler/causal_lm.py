@@ -17,8 +17,13 @@ Each cache tensor is [B, kv_heads, max_context, head_dim], one key and one value
 layer: cache in, cache out (functional), so that the runtime passes the outputs of one call
 back as the inputs of the next without the cache leaving its device (runtime/generate.py).
 The write is a `torch.where` over the positions (IREE 3.13 refuses `index_copy` into a
-function argument; docs/architecture.md); attention sees an explicit additive mask (SDPA's
-`is_causal` with a dynamic length does not compile).
+function argument; docs/architecture.md), but decode on cpu-only device sets writes with
+`scatter` at each sequence's position (IREE copies the cache and writes the new rows in place:
+the `where` made IREE recompute the key's rotary embedding for every cache position, 3.4 of a
+23.6 ms batch-8 step; its si64 index needs Int64, which the default Vulkan target lacks). The
+positions are then an index input: guard-indices records their range, checked by the runtime.
+Attention sees an explicit additive mask (SDPA's `is_causal` with a dynamic length does not
+compile).
 
 The cache protocol, for a model that is not a transformers model: its forward takes
 `input_ids`, `position_ids` ([batch, T]), `attention_mask` (a 4-D additive float mask
@@ -161,22 +166,34 @@ def _prefill(lm, ids, slot, cache):
     return (logits, *c.tensors)
 
 
-def _decode(lm, tokens, positions, cache):
+def _decode(lm, tokens, positions, cache, scatter=False):
     import torch
 
     n = cache[0].shape[2]
     neg = torch.finfo(cache[0].dtype).min
     keys = torch.arange(n, device=tokens.device)
     mask = torch.where(keys[None, :] <= positions[:, None], 0.0, neg).to(cache[0].dtype)[:, None, None, :]
-    at = (keys[None, :] == positions[:, None])[:, None, :, None]  # [B, 1, N, 1]
+    if scatter:
+        at = positions[:, None, None, None]  # [B, 1, 1, 1]: the row of the cache each sequence's token writes
 
-    def write(layer, k, v, old_k, old_v):
-        new_k, new_v = torch.where(at, k, old_k), torch.where(at, v, old_v)
-        return new_k, new_v, new_k, new_v
+        def write(layer, k, v, old_k, old_v):
+            idx = at.expand(k.shape)  # [B, kv_heads, 1, head_dim]
+            new_k, new_v = old_k.scatter(2, idx, k), old_v.scatter(2, idx, v)
+            return new_k, new_v, new_k, new_v
+    else:
+        at = (keys[None, :] == positions[:, None])[:, None, :, None]  # [B, 1, N, 1]
+
+        def write(layer, k, v, old_k, old_v):
+            new_k, new_v = torch.where(at, k, old_k), torch.where(at, v, old_v)
+            return new_k, new_v, new_k, new_v
 
     c = _Cache(cache, write)
     logits = _call(lm, tokens[:, None], positions[:, None], mask, c)
     return (logits, *c.tensors)
+
+
+def _decode_scatter(lm, tokens, positions, cache):
+    return _decode(lm, tokens, positions, cache, scatter=True)
 
 
 def _verify(lm, tokens, positions, cache):
@@ -205,8 +222,9 @@ def _verify(lm, tokens, positions, cache):
 _RUN = {"prefill": _prefill, "decode": _decode, "verify": _verify}
 
 
-def wrap(model: "torch.nn.Module", phase: str) -> "torch.nn.Module":
-    """The nn.Module whose forward is one phase (module docstring) of `model`, held as `.lm`."""
+def wrap(model: "torch.nn.Module", phase: str, scatter: bool = False) -> "torch.nn.Module":
+    """The nn.Module whose forward is one phase (module docstring) of `model`, held as `.lm`.
+    scatter: decode writes its cache with `scatter` (for cpu: module docstring), else `where`."""
     import torch
 
     if phase not in PHASE_INPUTS:
@@ -220,7 +238,7 @@ def wrap(model: "torch.nn.Module", phase: str) -> "torch.nn.Module":
     names = [*PHASE_INPUTS[phase], *cache_names(lm_shape(model).layers)]
     scope = {}
     exec(f"def forward(self, {', '.join(names)}):\n    return _run(self.lm, {names[0]}, {names[1]}, "
-         f"[{', '.join(names[2:])}])\n", {"_run": _RUN[phase]}, scope)
+         f"[{', '.join(names[2:])}])\n", {"_run": _decode_scatter if scatter and phase == "decode" else _RUN[phase]}, scope)
     cls = type(f"{phase.capitalize()}Phase", (torch.nn.Module,), {"__init__": __init__, "forward": scope["forward"]})
     return cls(model).eval()
 

@@ -66,22 +66,23 @@ class ImportedLM:
                      f"{_params_m(self.draft):.1f}M parameters against {_params_m(model):.1f}M) as its own prefill and "
                      f"decode; the model checks up to {options.speculate} drafted tokens a step in one verify call "
                      f"({k} tokens)")
+        self.cpu_only = _cpu_only(options)
         for phase in ("prefill", "decode") + (("verify",) if self.draft is not None else ()):
             with _attention(model, phase):
-                self.phases[phase] = _import_phase(model, phase, shape, b, n, k, progress)
+                self.phases[phase] = _import_phase(model, phase, shape, b, n, k, progress, self.cpu_only)
         if self.draft is not None:
             for phase in ("prefill", "decode"):
                 with _attention(self.draft, phase):
                     self.phases[DRAFT_PREFIX + phase] = _import_phase(self.draft, phase, self.draft_shape, b, n, k,
-                                                                      progress)
+                                                                      progress, self.cpu_only)
 
     def plan(self, options: "CompileOptions | None" = None) -> "PlannedLM":
         """Stage 2: the devices priced, each phase partitioned per device set."""
         o = options or self.options
-        if (o.max_context, o.batch, o.weights_dtype) != (self.options.max_context, self.options.batch,
-                                                          self.options.weights_dtype):
-            raise PolyarchError("max_context, batch or weights_dtype differ from the import's: they fix the phases' "
-                                "shapes and types",
+        if (o.max_context, o.batch, o.weights_dtype, _cpu_only(o)) != (
+                self.options.max_context, self.options.batch, self.options.weights_dtype, self.cpu_only):
+            raise PolyarchError("max_context, batch, weights_dtype or whether every device is a cpu differ from the "
+                                "import's: they fix the phases' shapes, types and how decode writes its cache",
                                 fix="import the model again with these options")
         priced = price_devices(o.device_specs, o.profiles, o.calibrate, self.progress)
         plans = {p: partition(base, o.device_specs, _phase_pins(o, p), self.progress, o.objective, o.solver, priced)
@@ -160,14 +161,20 @@ def _phase_kernels(phases):
     return [p for p in phases if (p[len(DRAFT_PREFIX):] if p.startswith(DRAFT_PREFIX) else p) in PHASE_KERNELS]
 
 
-def _import_phase(model, phase, shape, b, n, k, progress):
+def _cpu_only(o) -> bool:
+    """Every device of the compile a cpu: decode then writes its cache with `scatter`
+    (causal_lm.wrap), which the default Vulkan target cannot run (si64)."""
+    return all(d.kind == "cpu" for ds in o.device_specs for d in ds)
+
+
+def _import_phase(model, phase, shape, b, n, k, progress, cpu_only=False):
     if phase == "prefill":
         examples, dyn = causal_lm.prefill_examples(shape, b, n), [f"ids:1:{n}"]
     elif phase == "decode":
         examples, dyn = causal_lm.decode_examples(shape, b, n), []
     else:
         examples, dyn = causal_lm.verify_examples(shape, b, n, k), []
-    return import_module(causal_lm.wrap(model, phase), examples, dyn, progress)
+    return import_module(causal_lm.wrap(model, phase, scatter=cpu_only), examples, dyn, progress)
 
 
 def _params_m(model):

@@ -53,8 +53,9 @@ def test_rowdot_equals_numpy(regs):
 
 def test_decode_uses_rowdot_and_prefill_does_not(tmp_path):
     """A --generate bundle's decode segment holds the hand-written executables (one per weight
-    shape), its prefill (dynamic rows) IREE's own; the greedy tokens are transformers' (the
-    bundle is verified at compile time, and checked here for 16 steps)."""
+    shape), its prefill (dynamic rows) IREE's own; decode writes its cache with scatter (cpu
+    only: test_generate's vulkan-pinned block keeps the where); the greedy tokens are
+    transformers' (the bundle is verified at compile time, and checked here for 16 steps)."""
     import torch
     import transformers as T
 
@@ -75,6 +76,9 @@ def test_decode_uses_rowdot_and_prefill_does_not(tmp_path):
     for shape in ("1x64x64", "1x32x64", "1x128x64", "1x64x128", "1x320x64"):  # q/o, k/v, gate/up, down, head
         assert f"polyarch_rowdot_{shape}_f32".encode() in decode, shape
     assert b"polyarch_rowdot" not in prefill
+    # a cpu-only compile: decode writes its cache with scatter, its positions an index input
+    positions = next(i for i in manifest["phases"]["decode"]["signature"]["inputs"] if i["name"] == "positions")
+    assert positions["index_range"]["max"] == 47 and "scatter" in positions["index_range"]["op"]
     prompt = [5, 17, 3, 99]
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
