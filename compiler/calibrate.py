@@ -141,13 +141,12 @@ def matvec_mlir(dtype: str, kernels: bool = False) -> str:
     for rows in MATVEC_ROWS:
         body, cur = [], "%x"
         for name, n, k in layers:
+            body.append(f"    %w_{name} = util.global.load @{name} : {t(n, k)}")
             if kernels:
-                body.append(f"""    %w_{name} = util.global.load @{name} : {t(n, k)}
-    %r_{name} = func.call @{kernel_name(rows, n, k, dtype)}({cur}, %w_{name}) : ({t(rows, k)}, {t(n, k)}) -> {t(rows, n)}""")
-                cur = f"%r_{name}"
-                continue
-            body.append(f"""    %w_{name} = util.global.load @{name} : {t(n, k)}
-    %e_{name} = tensor.empty() : {t(rows, n)}
+                body.append(f"    %r_{name} = func.call @{kernel_name(rows, n, k, dtype)}({cur}, %w_{name}) : "
+                            f"({t(rows, k)}, {t(n, k)}) -> {t(rows, n)}")
+            else:
+                body.append(f"""    %e_{name} = tensor.empty() : {t(rows, n)}
     %f_{name} = linalg.fill ins(%z : {dtype}) outs(%e_{name} : {t(rows, n)}) -> {t(rows, n)}
     %r_{name} = linalg.matmul indexing_maps = {maps} ins({cur}, %w_{name} : {t(rows, k)}, {t(n, k)}) outs(%f_{name} : {t(rows, n)}) -> {t(rows, n)}""")
             cur = f"%r_{name}"

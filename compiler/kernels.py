@@ -9,17 +9,18 @@ strategy has nothing left to tile). Why: IREE 3.13 vectorises a matrix-vector pr
 output rows and transposes each 16 x 16 weight tile in registers first; this one reads each
 weight row along k with R rows x M accumulators of 16 lanes, reduces once per row, and splits
 the rows into workgroups of about 128. On a 2-core Xeon, a chain of 48 [2048 x 768] /
-[768 x 2048] f32 products (300 MB): IREE 12.8-13.7 ms, this 9.0-9.4, PyTorch 8.5-9.0
+[768 x 2048] f32 products (300 MB): IREE 13.2-14.4 ms, this 8.7-10.0, PyTorch 8.5-9.0
 (docs/cpu-speed.md). Accumulation is in f32 for 16-bit weights.
 
 Only the llvm-cpu target compiles these executables: the pass is run on cpu segments only."""
 
+import functools
 import os
-from typing import Iterable
 
 from ..passes.rowdot import KERNEL_NAME as NAME
-from ..passes.rowdot import LANES, MAX_ROWS, supported
+from ..passes.rowdot import LANES, supported
 from ..passes.rowdot import kernel_name as name
+from ..runtime.identity import cpu_identity
 
 WG_ROWS = 128  # weight rows per workgroup (a 2048-row weight: 16 workgroups)
 LAYOUT = ('#hal.pipeline.layout<bindings = [#hal.pipeline.binding<storage_buffer, "ReadOnly|Indirect">, '
@@ -27,23 +28,21 @@ LAYOUT = ('#hal.pipeline.layout<bindings = [#hal.pipeline.binding<storage_buffer
           'flags = Indirect>')  # w, x read; y written
 
 
-def _host_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "") + " "
-    except OSError:
-        return ""
+@functools.lru_cache(maxsize=1)
+def _host_isa() -> frozenset:
+    """This host's code-generation ISA features (runtime/identity.py, as a device profile names them)."""
+    return frozenset(cpu_identity()["isa"])
 
 
 def host_bf16_dot() -> bool:
     """AVX512-BF16 (vdpbf16ps: pairs of bf16 products summed into f32 lanes) on this host."""
-    return " avx512_bf16 " in _host_flags()
+    return "avx512_bf16" in _host_isa()
 
 
 def host_vector_regs() -> tuple:
     """(vector registers, f32 lanes each) of this host's widest vectors: the cpu target compiles
     for the host (--iree-llvmcpu-target-cpu=host). AVX-512: 32 x 16; otherwise 16 x 8 (AVX2)."""
-    return (32, 16) if " avx512f " in _host_flags() else (16, 8)
+    return (32, 16) if "avx512f" in _host_isa() else (16, 8)
 
 
 def _rows_per_step(m: int, n: int, regs: int) -> int:
@@ -141,32 +140,28 @@ def _rows(m, n, k, t, r, lanes, dot=False):
     return o
 
 
-def declared(names: Iterable[str]) -> list:
-    """[(m, n, k, dtype)] of the rowdot declarations among these symbol names."""
-    return [(int(a), int(b), int(c), d) for a, b, c, d in (NAME.match(s).groups() for s in names if NAME.match(s))]
-
-
 def define(path: str) -> int:
     """Give every rowdot declaration of the module at `path` (bytecode, torch input) its
     body, in place. Runs in IREE's own MLIR context (it knows torch and IREE's dialects).
     -> the number defined (0: the file is left as it is)."""
     from iree.compiler import ir
 
-    with ir.Context() as ctx, ir.Location.unknown():
+    with ir.Context(), ir.Location.unknown():
         with open(path, "rb") as f:
             module = ir.Module.parse(f.read())
         decls = []
         for op in module.body.operations:
             if op.operation.name == "func.func" and "polyarch.kernel" in op.attributes:
                 sym = ir.StringAttr(op.attributes["sym_name"]).value
-                if not NAME.match(sym):
+                hit = NAME.match(sym)
+                if not hit:
                     raise ValueError(f"unknown polyarch kernel declaration @{sym}")
-                decls.append((op, sym))
+                m, n, k, dtype = hit.groups()
+                decls.append((op, (int(m), int(n), int(k), dtype)))
         if not decls:
             return 0
-        for op, sym in decls:
-            m, n, k, dtype = declared([sym])[0]
-            body = ir.Module.parse(rowdot_source(m, n, k, dtype))
+        for op, shape in decls:
+            body = ir.Module.parse(rowdot_source(*shape))
             ip = ir.InsertionPoint(op)
             for new in list(body.body.operations):
                 new.operation.clone(ip=ip)

@@ -15,19 +15,19 @@ how nn.Linear multiplies in a decode step (x: the batch's rows, w: the weight as
 (docs/cpu-speed.md). Only for segments compiled for cpu: the body is llvm-cpu code.
 x and w of one dtype (f32, f16, bf16); K a multiple of 16. The call carries the mm's location."""
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import re
 
 from ..dialects import polyarch as pa
 from .base import Pass, option
 from .common import const_ints as _ints
+from .common import const_scalar
 
 if TYPE_CHECKING:
     from torch_mlir import ir
 
-_DTYPES = {"f32": "f32", "f16": "f16", "bf16": "bf16"}  # torch element type -> MLIR's
+DTYPES = ("f32", "f16", "bf16")  # element types (the same names in torch's and MLIR's types)
 MAX_ROWS = 8  # x rows (the batch, or verify's tokens) a rowdot serves
 LANES = 16  # f32 lanes of one accumulator (a 512-bit register, two 256-bit ones on AVX2): K's multiple
 KERNEL_NAME = re.compile(r"^polyarch_rowdot_(\d+)x(\d+)x(\d+)_(f32|f16|bf16)$")
@@ -39,8 +39,7 @@ def kernel_name(m: int, n: int, k: int, dtype: str) -> str:
 
 def supported(m: int, n: int, k: int, dtype: str) -> bool:
     """Shapes the kernel is written for: 1..MAX_ROWS rows, k a multiple of LANES."""
-    return dtype in _DTYPES.values() and 1 <= m <= MAX_ROWS and n >= 1 and k >= LANES and k % LANES == 0
-
+    return dtype in DTYPES and 1 <= m <= MAX_ROWS and n >= 1 and k >= LANES and k % LANES == 0
 
 
 @dataclass(frozen=True)
@@ -74,13 +73,8 @@ def transposed_source(value: "ir.Value"):
     if o.name == "torch.aten.t":
         return o.operands[0]
     if o.name == "torch.aten.transpose.int":
-        dims = []
-        for v in o.operands[1:3]:
-            c = _owner(v)
-            if c is None or c.name != "torch.constant.int":
-                return None
-            dims.append(c.attributes["value"].value)
-        if sorted(d % 2 for d in dims) == [0, 1]:
+        dims = [const_scalar(v) for v in o.operands[1:3]]
+        if all(type(d) is int for d in dims) and sorted(d % 2 for d in dims) == [0, 1]:
             return o.operands[0]
     return None
 
@@ -94,12 +88,12 @@ def match(op: "ir.Operation", max_rows: int = MAX_ROWS):
     if w is None:
         return None
     xi, wi = pa.tensor_info(x.type), pa.tensor_info(w.type)
-    if not (xi and wi) or len(xi[0]) != 2 or len(wi[0]) != 2 or xi[1] != wi[1] or xi[1] not in _DTYPES:
+    if not (xi and wi) or len(xi[0]) != 2 or len(wi[0]) != 2 or xi[1] != wi[1]:
         return None
-    (m, k), (n, k2) = xi[0], wi[0]
-    if min(m, k, n) < 1 or k != k2 or m > max_rows or not supported(m, n, k, _DTYPES[xi[1]]):
+    (m, k), (n, k2) = xi[0], wi[0]  # dynamic dims are -1: supported() refuses them
+    if k != k2 or m > max_rows or not supported(m, n, k, xi[1]):
         return None
-    return x, w, (m, n, k, _DTYPES[xi[1]])
+    return x, w, (m, n, k, xi[1])
 
 
 def run(module: "ir.Module", max_rows: int = MAX_ROWS) -> int:
