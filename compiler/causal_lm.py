@@ -4,8 +4,11 @@ A causal LM (transformers' `*ForCausalLM`, or any nn.Module that follows the cac
 below) is compiled as two entry functions over the same weights:
 
     prefill(ids[1, T], slot[1], k_0, v_0, ..., k_{L-1}, v_{L-1}) -> (logits[1, V], k_0', v_0', ...)
-        a prompt of T tokens (1 <= T <= max_context, dynamic) written at positions 0..T-1 of
-        decode slot `slot`; the logits of its last token
+        a prompt of t tokens (1 <= t <= max_context) written at positions 0..t-1 of decode
+        slot `slot`; the logits of its last token. T (dynamic) is t rounded up to a multiple
+        of PREFILL_MULTIPLE, the runtime filling ids[t:] with -1: IREE 3.13 with data tiling
+        miscompiles the attention's written-out softmax (prefill_attention) fused into the
+        packing of a dynamic dimension that is not a multiple of its tile of 16
     decode(tokens[B], positions[B], k_0, v_0, ...) -> (logits[B, V], k_0', v_0', ...)
         one token for each of the B sequences of the batch, each at its own position
     verify(tokens[B, K], positions[B], k_0, v_0, ...) -> (logits[B, K, V], k_0', v_0', ...)
@@ -128,41 +131,50 @@ def _logits(out):
     return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _call(model, ids, positions, mask, cache, last_only=True):
-    """The model's logits: of the last token [batch, V], or (last_only False) of all [batch, T, V]."""
+def _call(model, ids, positions, mask, cache, last_only=True, last=None):
+    """The model's logits: of the last token [batch, V], of the token at index `last` (a
+    1-element tensor) [batch, V], or (last_only False) of all [batch, T, V]."""
     kwargs = dict(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True)
     import inspect
 
     try:
-        if last_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
-            kwargs["logits_to_keep"] = 1
+        keep = last_only and "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        pass
+        keep = False
+    if keep:
+        kwargs["logits_to_keep"] = 1 if last is None else last  # transformers: an int or the indices
     logits = _logits(model(**kwargs))
+    if last is not None and not keep:
+        logits = logits.index_select(1, last)
     return logits[:, -1, :] if last_only else logits
+
+
+PREFILL_MULTIPLE = 16  # prefill's ids are padded (with -1) to a multiple of this (module docstring)
 
 
 def _prefill(lm, ids, slot, cache):
     import torch
 
     t = ids.shape[1]
+    real = (ids >= 0).sum()  # the prompt's length: the runtime pads its end with -1
+    ids = ids.clamp(min=0)
     neg = torch.finfo(cache[0].dtype).min
-    pos = torch.arange(t, device=ids.device)
     n, b = cache[0].shape[2], cache[0].shape[0]
-    keys = torch.arange(n, device=ids.device)
-    mask = torch.where(keys[None, :] <= pos[:, None], 0.0, neg).to(cache[0].dtype)[None, None]  # [1, 1, T, N]
+    pos = torch.arange(t, device=ids.device).clamp(max=n - 1)  # padding rows past the cache: any position
+    keys = torch.arange(t, device=ids.device)
+    mask = torch.where(keys[None, :] <= keys[:, None], 0.0, neg).to(cache[0].dtype)[None, None]  # [1, 1, T, T]
     keep = (torch.arange(b, device=ids.device) == slot)[:, None, None, None] & \
-        (torch.arange(n, device=ids.device) < t)[None, None, :, None]
+        (torch.arange(n, device=ids.device) < real)[None, None, :, None]
 
     def write(layer, k, v, old_k, old_v):
-        pad = (0, 0, 0, n - t)
-        k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
-        # attention reads the prompt's own keys padded to N (static: IREE 3.13 cannot
-        # compile the grouped-query expand over a dynamic key length), the mask hiding the rest
-        return torch.where(keep, k, old_k), torch.where(keep, v, old_v), k, v
+        # attention reads the prompt's own keys; the cache takes its rows, padded (or, past the
+        # cache, cut) to N
+        kn = torch.cat([k, k.new_zeros(k.shape[0], k.shape[1], n, k.shape[3])], 2)[:, :, :n]
+        vn = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], n, v.shape[3])], 2)[:, :, :n]
+        return torch.where(keep, kn, old_k), torch.where(keep, vn, old_v), k, v
 
     c = _Cache(cache, write)
-    logits = _call(lm, ids, pos[None, :], mask, c)
+    logits = _call(lm, ids, pos[None, :], mask, c, last=(real - 1).reshape(1))
     return (logits, *c.tensors)
 
 
@@ -243,11 +255,16 @@ def wrap(model: "torch.nn.Module", phase: str, scatter: bool = False) -> "torch.
     return cls(model).eval()
 
 
-def prefill_examples(shape: LMShape, batch: int, max_context: int, prompt: int = 8) -> tuple:
+def prefill_length(tokens: int) -> int:
+    """The length of prefill's ids for a prompt of `tokens` tokens (module docstring)."""
+    return -(-tokens // PREFILL_MULTIPLE) * PREFILL_MULTIPLE
+
+
+def prefill_examples(shape: LMShape, batch: int, max_context: int, prompt: int = PREFILL_MULTIPLE) -> tuple:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, shape.vocab, (1, min(prompt, max_context)), generator=g)
+    ids = torch.randint(0, shape.vocab, (1, prefill_length(min(prompt, max_context))), generator=g)
     cache = [torch.zeros(shape.cache_shape(batch, max_context), dtype=shape.dtype) for _ in range(2 * shape.layers)]
     return (ids, torch.zeros(1, dtype=torch.int64), *cache)
 
@@ -300,6 +317,39 @@ def grouped_attention(module: Any, query: "torch.Tensor", key: "torch.Tensor", v
     return out.transpose(1, 2).contiguous(), weights
 
 
+PREFILL = "polyarch_prefill"  # the attention prefill exports with (register_grouped_attention)
+
+
+def prefill_attention(module: Any, query: "torch.Tensor", key: "torch.Tensor", value: "torch.Tensor",
+                      attention_mask: "torch.Tensor | None", scaling: float, dropout: float = 0.0, **kwargs):
+    """grouped_attention for a dynamic query length (prefill), attending to the prompt's own
+    keys, with its softmax written out and normalised after the product with the values:
+    exp(scores - max) @ values / sum. IREE 3.13 compiles the softmax of a dynamic dimension
+    (linalg.softmax, to which a softmax written out as max, exp, sum, divide is raised back)
+    5-8x slower than a static one: 19.5 of 84 ms of a 128-token prefill of a 100M Llama.
+    Exponents below -80 are clamped (exp underflows there anyway). The attention weights are
+    not returned (None)."""
+    import sys
+
+    import torch
+
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        return sys.modules[type(module).__module__].eager_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    b, h, t, d = query.shape
+    kv, s = key.shape[1], key.shape[2]
+    g = h // kv
+    scores = torch.matmul(query.reshape(b, kv, g * t, d), key.transpose(2, 3)).reshape(b, h, t, s) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    scores = scores.to(torch.float32)
+    e = torch.exp((scores - scores.amax(dim=-1, keepdim=True)).clamp(min=-80.0))
+    out = torch.matmul(e.to(query.dtype).reshape(b, kv, g * t, s), value)
+    # divided in the grouped layout: the same division after the reshape gives NaN on Vulkan (lavapipe)
+    out = (out.to(torch.float32) / e.sum(dim=-1, keepdim=True).reshape(b, kv, g * t, 1)).to(query.dtype)
+    return out.reshape(b, h, t, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
 def register_grouped_attention() -> bool:
     """Register GROUPED with transformers' AttentionInterface (once). -> False without transformers."""
     try:
@@ -307,4 +357,5 @@ def register_grouped_attention() -> bool:
     except ImportError:
         return False
     AttentionInterface.register(GROUPED, grouped_attention)
+    AttentionInterface.register(PREFILL, prefill_attention)
     return True

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 PHASE_FLAGS = {"f32": {p: ["--iree-opt-data-tiling=false"] for p in ("decode", "verify")}}  # by weights dtype
 # Decode-like phases multiply each weight by a few rows: on cpu, with compiler/kernels.py's
 # hand-written dispatch (passes/rowdot.py), which streams the weights faster than IREE's own code.
-PHASE_KERNELS = ("decode", "verify")
+# Prefill's head multiplies the last token's row only (its other products have dynamic rows):
+# the same dispatch, reading the head's weights in place (data tiling would pack a copy).
+PHASE_KERNELS = ("prefill", "decode", "verify")
 
 
 def segment_module(ir: ModuleType, fn: "ir.Operation") -> "ir.Module":

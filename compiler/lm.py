@@ -106,6 +106,7 @@ class PlannedLM:
         imp, o, progress = self.imported, self.options, self.imported.progress
         shape = imp.shape
         extra = {"generate": {"max_context": o.max_context, "batch": o.batch,
+                              "prefill_multiple": causal_lm.PREFILL_MULTIPLE,
                               "dtype": str(shape.dtype).replace("torch.", ""), **shape.to_json(),
                               "model": type(imp.model).__name__, "eos_token_ids": _eos_ids(imp.model)}}
         members = {}
@@ -169,7 +170,7 @@ def _cpu_only(o) -> bool:
 
 def _import_phase(model, phase, shape, b, n, k, progress, cpu_only=False):
     if phase == "prefill":
-        examples, dyn = causal_lm.prefill_examples(shape, b, n), [f"ids:1:{n}"]
+        examples, dyn = causal_lm.prefill_examples(shape, b, n), [f"ids:1:{causal_lm.prefill_length(n)}"]
     elif phase == "decode":
         examples, dyn = causal_lm.decode_examples(shape, b, n), []
     else:
@@ -306,9 +307,8 @@ class _attention:
         self.model = model
         self.old = getattr(getattr(model, "config", None), "_attn_implementation", None)
         self.impl = "eager"
-        if phase != "prefill" and getattr(model, "_can_set_attn_implementation", lambda: False)() \
-                and causal_lm.register_grouped_attention():
-            self.impl = causal_lm.GROUPED
+        if getattr(model, "_can_set_attn_implementation", lambda: False)() and causal_lm.register_grouped_attention():
+            self.impl = causal_lm.PREFILL if phase == "prefill" else causal_lm.GROUPED
 
     def __enter__(self):
         if self.old not in (None, self.impl) and hasattr(self.model, "set_attn_implementation"):

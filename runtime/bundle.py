@@ -177,6 +177,8 @@ def _check_phases(manifest, path, plan, segments):
     if not isinstance(phases, dict) or not isinstance(sigs, dict) or not isinstance(gen, dict) or not all(
             _is_int(gen.get(k)) and gen[k] > 0 for k in ("max_context", "batch", "layers", "vocab")):
         raise _damaged(path, f"plan '{plan.get('name')}' has phases without their signatures or generation settings")
+    if "prefill_multiple" in gen and not (_is_int(gen["prefill_multiple"]) and gen["prefill_multiple"] > 0):
+        raise _damaged(path, f"plan '{plan.get('name')}' has a prefill length multiple that is not a positive integer")
     draft = gen.get("draft")
     if draft is not None and not (isinstance(draft, dict) and _is_int(draft.get("layers")) and draft["layers"] > 0
                                   and _is_int(draft.get("speculate")) and draft["speculate"] > 0):

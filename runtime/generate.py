@@ -111,6 +111,7 @@ class Generator:
         self.config = {**cfg, **cfg["draft"]} if prefix else cfg
         self.batch, self.max_context = self.config["batch"], self.config["max_context"]
         self.vocab = self.config["vocab"]
+        self.prefill_multiple = cfg.get("prefill_multiple", 1)  # prefill's ids: padded with -1 to a multiple
         self.n_cache = 2 * self.config["layers"]
         # with a draft model: its own generator (its own cache), and the tokens verify takes
         self.draft = Generator(bundle, DRAFT) if not prefix and "draft" in cfg and "verify" in bundle.phases else None
@@ -148,7 +149,8 @@ class Generator:
 
     def prefill(self, ids: Iterable, slot: int) -> np.ndarray:
         """Write a prompt into decode slot `slot`. -> the logits of its last token [vocab]."""
-        ids = np.asarray(list(ids), np.int64)[None, :]
+        ids = np.asarray(list(ids), np.int64)
+        ids = np.pad(ids, (0, -len(ids) % self.prefill_multiple), constant_values=-1)[None, :]
         cache = self.cache if self.cache is not None else self._empty_cache()
         out = self.bundle.run_phase(self.prefix + "prefill", [ids, np.array([slot], np.int64), *cache], keep=self._kept,
                                     state=self._state)

@@ -322,11 +322,32 @@ def test_grouped_attention_equals_eager(t):
     assert got.shape == want.shape == (2, t, 4, 16) and got_w.shape == want_w.shape
     assert (got - want).abs().max() <= 1e-6 * want.abs().max()
     assert (got_w - want_w).abs().max() <= 1e-6
-    # the decode phase exports without repeat_kv's expand (prefill, with its dynamic length, keeps it)
+    # the decode phase exports without repeat_kv's expand, prefill with prefill_attention
     from polyarch.compiler import lm
 
     with lm._attention(model, "decode"):
         assert model.config._attn_implementation == "polyarch_grouped"
     with lm._attention(model, "prefill"):
-        assert model.config._attn_implementation == "eager"
-    assert model.config._attn_implementation not in ("eager", "polyarch_grouped")  # restored
+        assert model.config._attn_implementation == "polyarch_prefill"
+    assert model.config._attn_implementation not in ("polyarch_prefill", "polyarch_grouped")  # restored
+
+
+@pytest.mark.parametrize("t", [1, 5, 16])
+def test_prefill_attention_equals_eager(t):
+    """Prefill exports with prefill_attention (softmax written out, normalised after the product
+    with the values): eager attention's numbers under a causal mask and under one hiding a
+    sequence's last keys. Tolerance 1e-5 of the largest output (f32 sums in another order);
+    it returns no attention weights."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from polyarch.compiler.causal_lm import prefill_attention
+
+    attn = _model("llama").model.layers[0].self_attn
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, h, t, 16, generator=g) * 3 for h in (4, 2, 2))
+    mask = torch.triu(torch.full((t, t), torch.finfo(torch.float32).min), 1)[None, None].repeat(2, 1, 1, 1)
+    mask[1, :, :, t // 2 + 1:] = torch.finfo(torch.float32).min
+    want, _ = eager_attention_forward(attn, q, k, v, mask, scaling=0.25)
+    got, weights = prefill_attention(attn, q, k, v, mask, scaling=0.25)
+    assert got.shape == want.shape == (2, t, 4, 16) and weights is None
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

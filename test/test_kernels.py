@@ -51,9 +51,10 @@ def test_rowdot_equals_numpy(regs):
         assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (CASES[i], err)
 
 
-def test_decode_uses_rowdot_and_prefill_does_not(tmp_path):
+def test_decode_uses_rowdot_and_prefill_for_its_head_only(tmp_path):
     """A --generate bundle's decode segment holds the hand-written executables (one per weight
-    shape), its prefill (dynamic rows) IREE's own; decode writes its cache with scatter (cpu
+    shape), its prefill IREE's own for its dynamic rows and rowdot for the head (the last
+    token's row only); decode writes its cache with scatter (cpu
     only: test_generate's vulkan-pinned block keeps the where); the greedy tokens are
     transformers' (the bundle is verified at compile time, and checked here for 16 steps)."""
     import torch
@@ -75,7 +76,8 @@ def test_decode_uses_rowdot_and_prefill_does_not(tmp_path):
     prefill = b"".join(v for k, v in segs.items() if k.startswith("prefill"))
     for shape in ("1x64x64", "1x32x64", "1x128x64", "1x64x128", "1x320x64"):  # q/o, k/v, gate/up, down, head
         assert f"polyarch_rowdot_{shape}_f32".encode() in decode, shape
-    assert b"polyarch_rowdot" not in prefill
+    assert b"polyarch_rowdot_1x320x64_f32" in prefill
+    assert not any(f"polyarch_rowdot_1x{n}_f32".encode() in prefill for n in ("64x64", "32x64", "128x64", "64x128"))
     # a cpu-only compile: decode writes its cache with scatter, its positions an index input
     positions = next(i for i in manifest["phases"]["decode"]["signature"]["inputs"] if i["name"] == "positions")
     assert positions["index_range"]["max"] == 47 and "scatter" in positions["index_range"]["op"]
