@@ -20,9 +20,9 @@ Each cache tensor is [B, kv_heads, max_context, head_dim], one key and one value
 layer: cache in, cache out (functional), so that the runtime passes the outputs of one call
 back as the inputs of the next without the cache leaving its device (runtime/generate.py).
 The write is a `torch.where` over the positions (IREE 3.13 refuses `index_copy` into a
-function argument; docs/architecture.md), but decode on cpu-only device sets writes with
-`scatter` at each sequence's position (IREE copies the cache and writes the new rows in place:
-the `where` made IREE recompute the key's rotary embedding for every cache position, 3.4 of a
+function argument; docs/architecture.md), but decode on cpu-only device sets writes with a
+scatter (`index_put` of each sequence's row at its position, which IREE writes in place: the
+`where` made IREE recompute the key's rotary embedding for every cache position, 3.4 of a
 23.6 ms batch-8 step; its si64 index needs Int64, which the default Vulkan target lacks). The
 positions are then an index input: guard-indices records their range, checked by the runtime.
 Attention sees an explicit additive mask (SDPA's `is_causal` with a dynamic length does not
@@ -186,11 +186,15 @@ def _decode(lm, tokens, positions, cache, scatter=False):
     keys = torch.arange(n, device=tokens.device)
     mask = torch.where(keys[None, :] <= positions[:, None], 0.0, neg).to(cache[0].dtype)[:, None, None, :]
     if scatter:
-        at = positions[:, None, None, None]  # [B, 1, 1, 1]: the row of the cache each sequence's token writes
+        # cache[b, h, positions[b]] = k[b, h, 0] for every sequence b and head h: one scatter of
+        # [B x kv_heads] rows of head_dim, its index tensor the same for every layer (IREE builds
+        # it once); `scatter` with an index expanded to k's shape wrote element by element and
+        # built its index for every cache (5 more dispatches each)
+        rows = (torch.arange(cache[0].shape[0], device=tokens.device)[:, None],
+                torch.arange(cache[0].shape[1], device=tokens.device)[None, :], positions[:, None])
 
         def write(layer, k, v, old_k, old_v):
-            idx = at.expand(k.shape)  # [B, kv_heads, 1, head_dim]
-            new_k, new_v = old_k.scatter(2, idx, k), old_v.scatter(2, idx, v)
+            new_k, new_v = old_k.index_put(rows, k[:, :, 0, :]), old_v.index_put(rows, v[:, :, 0, :])
             return new_k, new_v, new_k, new_v
     else:
         at = (keys[None, :] == positions[:, None])[:, None, :, None]  # [B, 1, N, 1]

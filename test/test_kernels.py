@@ -54,7 +54,7 @@ def test_rowdot_equals_numpy(regs):
 def test_decode_uses_rowdot_and_prefill_for_its_head_only(tmp_path):
     """A --generate bundle's decode segment holds the hand-written executables (one per weight
     shape), its prefill IREE's own for its dynamic rows and rowdot for the head (the last
-    token's row only); decode writes its cache with scatter (cpu
+    token's row only); decode writes its cache with index_put (a scatter; cpu
     only: test_generate's vulkan-pinned block keeps the where); the greedy tokens are
     transformers' (the bundle is verified at compile time, and checked here for 16 steps)."""
     import torch
@@ -78,9 +78,9 @@ def test_decode_uses_rowdot_and_prefill_for_its_head_only(tmp_path):
         assert f"polyarch_rowdot_{shape}_f32".encode() in decode, shape
     assert b"polyarch_rowdot_1x320x64_f32" in prefill
     assert not any(f"polyarch_rowdot_1x{n}_f32".encode() in prefill for n in ("64x64", "32x64", "128x64", "64x128"))
-    # a cpu-only compile: decode writes its cache with scatter, its positions an index input
+    # a cpu-only compile: decode writes its cache with index_put (a scatter), its positions an index input
     positions = next(i for i in manifest["phases"]["decode"]["signature"]["inputs"] if i["name"] == "positions")
-    assert positions["index_range"]["max"] == 47 and "scatter" in positions["index_range"]["op"]
+    assert positions["index_range"]["max"] == 47 and "index_put" in positions["index_range"]["op"]
     prompt = [5, 17, 3, 99]
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
