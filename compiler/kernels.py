@@ -17,8 +17,8 @@ Only the llvm-cpu target compiles these executables: the pass is run on cpu segm
 import functools
 import os
 
+from ..passes.rowdot import DYNAMIC, LANES, supported
 from ..passes.rowdot import KERNEL_NAME as NAME
-from ..passes.rowdot import LANES, supported
 from ..passes.rowdot import kernel_name as name
 from ..runtime.identity import cpu_identity
 
@@ -60,6 +60,8 @@ def rowdot_source(m: int, n: int, k: int, dtype: str, regs: tuple | None = None,
     bf16 products with AVX512-BF16's vdpbf16ps, 32 a step (default: where the host has it and
     k is a multiple of 32), else widened to f32 and multiplied by FMAs."""
     assert supported(m, n, k, dtype), (m, n, k, dtype)
+    if m == DYNAMIC:
+        return _dynamic_source(n, k, dtype, regs)
     nregs, lanes = regs or host_vector_regs()  # k is a multiple of LANES (16), so of 8 too
     dot = dtype == "bf16" and k % 32 == 0 and lanes == 16 and (host_bf16_dot() if bf16_dot is None else bf16_dot)
     r = _rows_per_step(m, n, nregs)
@@ -140,6 +142,94 @@ def _rows(m, n, k, t, r, lanes, dot=False):
     return o
 
 
+LAYOUT_DYNAMIC = LAYOUT.replace("<bindings", "<constants = 1, bindings")  # + the row count (i32)
+
+
+def _tile(n, k, t, r, rows, lanes, indent):
+    """A loop over x's rows `rows` at a time (%lo to %hi): r weight rows x `rows` x rows of
+    accumulators along k, each reduced and stored."""
+    p, v = " " * indent, f"vector<{lanes}xf32>"
+    o = [f"{p}  %m{q} = arith.addi %mm, %c{q}i : index" for q in range(rows)]
+    accs = [(a, q) for a in range(r) for q in range(rows)]
+    types = ", ".join([v] * len(accs))
+    o.append(f"{p}  %s:{len(accs)} = scf.for %kk = %c0 to %ck step %cl iter_args("
+             + ", ".join(f"%a{a}_{q} = %z" for a, q in accs) + f") -> ({types}) {{")
+    o += [f"{p}    %w{a} = vector.load %w[%n{a}, %kk] : memref<{n}x{k}x{t}>, {v}" for a in range(r)]
+    for q in range(rows):
+        o.append(f"{p}    %x{q} = vector.load %x[%m{q}, %kk] : memref<?x{k}x{t}>, {v}")
+        o += [f"{p}    %b{a}_{q} = vector.fma %w{a}, %x{q}, %a{a}_{q} : {v}" for a in range(r)]
+    o.append(f"{p}    scf.yield " + ", ".join(f"%b{a}_{q}" for a, q in accs) + " : " + types)
+    o.append(f"{p}  }}")
+    for i, (a, q) in enumerate(accs):
+        o.append(f"{p}  %t{a}_{q} = vector.reduction <add>, %s#{i} fastmath<reassoc> : {v} into f32")
+        o.append(f"{p}  memref.store %t{a}_{q}, %y[%m{q}, %n{a}] : memref<?x{n}x{t}>")
+    return o
+
+
+def _dynamic_source(n, k, dtype, regs=None):
+    """rowdot of a dynamic row count m (f32): a workgroup per WG_ROWS weight rows, each
+    multiplying r weight rows by ROW_TILE rows of x at a time (r x ROW_TILE accumulators), the
+    last m % ROW_TILE rows one at a time; m reaches the executable as a push constant."""
+    nregs, lanes = regs or host_vector_regs()
+    tile = 4 if nregs >= 32 else 2
+    r = next(r for r in (4, 2, 1) if n % r == 0)
+    wg = max(r, min(WG_ROWS // 2 // r * r, -(-n // r) * r))  # 64 rows: every row of x reads them from L2
+    fn, t, L = name(DYNAMIC, n, k, dtype), dtype, LAYOUT_DYNAMIC
+    binding = lambda i, flags, shape, dims="": (f'hal.interface.binding.subspan layout({L}) binding({i}) alignment(64) '
+                                                f'offset(%c0) flags({flags}) : memref<{shape}x{t}>{dims}')
+    o = [f"""hal.executable.source private @{fn}_ex {{
+  hal.executable.export public @{fn}_d ordinal(0) layout({L}) count(%dev: !hal.device, %rows: index) -> (index, index, index) {{
+    %g = arith.constant {-(-n // wg)} : index
+    %c1 = arith.constant 1 : index
+    hal.return %g, %c1, %c1 : index, index, index
+  }} attributes {{translation_info = #iree_codegen.translation_info<pipeline = #iree_cpu.pipeline<Default>>}}
+  builtin.module {{
+    func.func @{fn}_d() {{
+      %c0 = arith.constant 0 : index
+      %c1 = arith.constant 1 : index
+      %z = arith.constant dense<0.0> : vector<{lanes}xf32>
+      %rows32 = hal.interface.constant.load layout({L}) ordinal(0) : i32
+      %cm = arith.index_castui %rows32 : i32 to index
+      %w = {binding(0, '"ReadOnly|Indirect"', f"{n}x{k}")}
+      %x = {binding(1, '"ReadOnly|Indirect"', f"?x{k}", "{%cm}")}
+      %y = {binding(2, "Indirect", f"?x{n}", "{%cm}")}
+      %wg = hal.interface.workgroup.id[0] : index
+      %cwg = arith.constant {wg} : index
+      %cn = arith.constant {n} : index
+      %cr = arith.constant {r} : index
+      %ctile = arith.constant {tile} : index
+      %ck = arith.constant {k} : index
+      %cl = arith.constant {lanes} : index
+      %rem = arith.remui %cm, %ctile : index
+      %full = arith.subi %cm, %rem : index
+      %nb = arith.muli %wg, %cwg : index
+      %left = arith.subi %cn, %nb : index
+      %end = arith.minui %left, %cwg : index
+      scf.for %i = %c0 to %end step %cr {{
+        %n = arith.addi %nb, %i : index"""]
+    o += [f"        %c{j}i = arith.constant {j} : index" for j in range(max(r, tile))]
+    o += [f"        %n{a} = arith.addi %n, %c{a}i : index" for a in range(r)]
+    o.append("        scf.for %mm = %c0 to %full step %ctile {")
+    o += _tile(n, k, t, r, tile, lanes, 8)
+    o.append("        }")
+    o.append("        scf.for %mm = %full to %cm step %c1 {")
+    o += _tile(n, k, t, r, 1, lanes, 8)
+    o.append(f"""        }}
+      }}
+      return
+    }}
+  }}
+}}
+func.func private @{fn}(%x: tensor<?x{k}x{t}>, %w: tensor<{n}x{k}x{t}>) -> tensor<?x{n}x{t}> {{
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %x, %c0 : tensor<?x{k}x{t}>
+  %m32 = arith.index_cast %m : index to i32
+  %y = flow.dispatch @{fn}_ex::@{fn}_d[%m](%m32, %w, %x) : (i32, tensor<{n}x{k}x{t}>, tensor<?x{k}x{t}>{{%m}}) -> tensor<?x{n}x{t}>{{%m}}
+  return %y : tensor<?x{n}x{t}>
+}}""")
+    return "\n".join(o)
+
+
 def define(path: str) -> int:
     """Give every rowdot declaration of the module at `path` (bytecode, torch input) its
     body, in place. Runs in IREE's own MLIR context (it knows torch and IREE's dialects).
@@ -157,7 +247,7 @@ def define(path: str) -> int:
                 if not hit:
                     raise ValueError(f"unknown polyarch kernel declaration @{sym}")
                 m, n, k, dtype = hit.groups()
-                decls.append((op, (int(m), int(n), int(k), dtype)))
+                decls.append((op, (DYNAMIC if m == "D" else int(m), int(n), int(k), dtype)))
         if not decls:
             return 0
         for op, shape in decls:

@@ -51,10 +51,47 @@ def test_rowdot_equals_numpy(regs):
         assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (CASES[i], err)
 
 
-def test_decode_uses_rowdot_and_prefill_for_its_head_only(tmp_path):
+DYNAMIC_CASES = [(2048, 768), (302, 64), (255, 32)]  # n a multiple of 4, of 2 only, odd
+
+
+@pytest.mark.parametrize("regs", [(32, 16), (16, 8)], ids=["avx512", "avx2"])
+def test_rowdot_dynamic_rows_equals_numpy(regs):
+    """The f32 rowdot of a dynamic row count (prefill's products) for row counts below, at and
+    past its row tile and not a multiple of it, against float64 numpy within 1e-5 of the
+    result's largest magnitude."""
+    import iree.compiler as ic
+    import iree.runtime as rt
+
+    from polyarch.compiler.kernels import name, rowdot_source
+    from polyarch.passes.rowdot import DYNAMIC
+
+    src, calls = [], []
+    for i, (n, k) in enumerate(DYNAMIC_CASES):
+        src.append(rowdot_source(DYNAMIC, n, k, "f32", regs))
+        calls.append(f"func.func @f{i}(%x: tensor<?x{k}xf32>, %w: tensor<{n}x{k}xf32>) -> tensor<?x{n}xf32> {{\n"
+                     f"  %y = func.call @{name(DYNAMIC, n, k, 'f32')}(%x, %w) : (tensor<?x{k}xf32>, tensor<{n}x{k}xf32>)"
+                     f" -> tensor<?x{n}xf32>\n  return %y : tensor<?x{n}xf32>\n}}")
+    vmfb = ic.compile_str("\n".join(src + calls), extra_args=[
+        "--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
+        "--iree-llvmcpu-target-cpu=host"])
+    cfg = rt.Config("local-task")
+    ctx = rt.SystemContext(config=cfg)
+    ctx.add_vm_module(rt.VmModule.copy_buffer(cfg.vm_instance, vmfb))
+    rng = np.random.default_rng(1)
+    for i, (n, k) in enumerate(DYNAMIC_CASES):
+        w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+        for m in (1, 3, 4, 5, 16, 19):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            y = ctx.modules.module[f"f{i}"](x, w).to_host()
+            ref = x.astype(np.float64) @ w.astype(np.float64).T
+            assert y.shape == (m, n)
+            assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), (n, k, m)
+
+
+def test_decode_and_prefill_use_rowdot(tmp_path):
     """A --generate bundle's decode segment holds the hand-written executables (one per weight
-    shape), its prefill IREE's own for its dynamic rows and rowdot for the head (the last
-    token's row only); decode writes its cache with index_put (a scatter; cpu
+    shape), its prefill the dynamic-row ones (its prompt's rows) and the head's for the last
+    token's row; decode writes its cache with index_put (a scatter; cpu
     only: test_generate's vulkan-pinned block keeps the where); the greedy tokens are
     transformers' (the bundle is verified at compile time, and checked here for 16 steps)."""
     import torch
@@ -76,8 +113,9 @@ def test_decode_uses_rowdot_and_prefill_for_its_head_only(tmp_path):
     prefill = b"".join(v for k, v in segs.items() if k.startswith("prefill"))
     for shape in ("1x64x64", "1x32x64", "1x128x64", "1x64x128", "1x320x64"):  # q/o, k/v, gate/up, down, head
         assert f"polyarch_rowdot_{shape}_f32".encode() in decode, shape
-    assert b"polyarch_rowdot_1x320x64_f32" in prefill
-    assert not any(f"polyarch_rowdot_1x{n}_f32".encode() in prefill for n in ("64x64", "32x64", "128x64", "64x128"))
+    assert b"polyarch_rowdot_1x320x64_f32" in prefill  # the head: the last token's row
+    for shape in ("64x64", "32x64", "128x64", "64x128"):  # the prompt's rows: a dynamic count
+        assert f"polyarch_rowdot_Dx{shape}_f32".encode() in prefill and f"rowdot_1x{shape}_".encode() not in prefill
     # a cpu-only compile: decode writes its cache with index_put (a scatter), its positions an index input
     positions = next(i for i in manifest["phases"]["decode"]["signature"]["inputs"] if i["name"] == "positions")
     assert positions["index_range"]["max"] == 47 and "index_put" in positions["index_range"]["op"]

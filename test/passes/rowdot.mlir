@@ -4,6 +4,7 @@
 // declaration its body); one declaration per shape.
 // CHECK-DAG: func.func private @polyarch_rowdot_1x256x64_f32(tensor<1x64xf32>, tensor<256x64xf32>) -> tensor<1x256xf32> attributes {polyarch.kernel = "rowdot"}
 // CHECK-DAG: func.func private @polyarch_rowdot_5x32x64_f16(tensor<5x64xf16>, tensor<32x64xf16>) -> tensor<5x32xf16> attributes {polyarch.kernel = "rowdot"}
+// CHECK-DAG: func.func private @polyarch_rowdot_Dx256x64_f32(tensor<?x64xf32>, tensor<256x64xf32>) -> tensor<?x256xf32> attributes {polyarch.kernel = "rowdot"}
 // CHECK-LABEL: func.func @linear
 // CHECK-NOT: torch.aten.mm
 // CHECK-NOT: torch.aten.permute
@@ -15,9 +16,14 @@
 // CHECK: call @polyarch_rowdot_1x256x64_f32(%[[X2]], %{{.*}})
 // CHECK-LABEL: func.func @verify_rows
 // CHECK: call @polyarch_rowdot_5x32x64_f16
-// Left as they are: a dynamic row count (prefill), more rows than max-rows, an operand not
-// transposed, K not a multiple of 16, mixed dtypes.
+// A dynamic row count (prefill's prompt) in f32: the dynamic-row kernel.
 // CHECK-LABEL: func.func @dynamic_rows
+// CHECK: "torch_c.to_builtin_tensor"(%arg0) : (!torch.vtensor<[?,64],f32>) -> tensor<?x64xf32>
+// CHECK: call @polyarch_rowdot_Dx256x64_f32
+// CHECK: "torch_c.from_builtin_tensor"(%{{.*}}) : (tensor<?x256xf32>) -> !torch.vtensor<[?,256],f32>
+// Left as they are: a dynamic row count in 16 bits, more rows than max-rows, an operand not
+// transposed, K not a multiple of 16, mixed dtypes.
+// CHECK-LABEL: func.func @dynamic_rows_f16
 // CHECK: torch.aten.mm
 // CHECK-LABEL: func.func @many_rows
 // CHECK: torch.aten.mm
@@ -51,6 +57,12 @@ func.func @dynamic_rows(%x: !torch.vtensor<[?,64],f32>, %w: !torch.vtensor<[256,
   %wt = torch.aten.t %w : !torch.vtensor<[256,64],f32> -> !torch.vtensor<[64,256],f32>
   %y = torch.aten.mm %x, %wt : !torch.vtensor<[?,64],f32>, !torch.vtensor<[64,256],f32> -> !torch.vtensor<[?,256],f32>
   return %y : !torch.vtensor<[?,256],f32>
+}
+
+func.func @dynamic_rows_f16(%x: !torch.vtensor<[?,64],f16>, %w: !torch.vtensor<[256,64],f16>) -> !torch.vtensor<[?,256],f16> {
+  %wt = torch.aten.t %w : !torch.vtensor<[256,64],f16> -> !torch.vtensor<[64,256],f16>
+  %y = torch.aten.mm %x, %wt : !torch.vtensor<[?,64],f16>, !torch.vtensor<[64,256],f16> -> !torch.vtensor<[?,256],f16>
+  return %y : !torch.vtensor<[?,256],f16>
 }
 
 func.func @many_rows(%x: !torch.vtensor<[9,64],f32>, %w: !torch.vtensor<[256,64],f32>) -> !torch.vtensor<[9,256],f32> {
