@@ -134,11 +134,12 @@ def _rows(m, n, k, t, r, lanes, dot=False):
               for a in range(r)]
     o.append("          scf.yield " + ", ".join(f"%b{a}_{b}" for a, b in accs) + " : " + types)
     o.append("        }")
+    lines, sums = _reduce([f"%s#{i}" for i in range(len(accs))], lanes, "t", "        ")
+    o += lines
     for i, (a, b) in enumerate(accs):
-        o.append(f"        %t{a}_{b} = vector.reduction <add>, %s#{i} fastmath<reassoc> : {v} into f32")
         if t != "f32":
-            o.append(f"        %u{a}_{b} = arith.truncf %t{a}_{b} : f32 to {t}")
-        o.append(f"        memref.store %{'u' if t != 'f32' else 't'}{a}_{b}, %y[%c{b}i, %n{a}] : memref<{m}x{n}x{t}>")
+            o.append(f"        %u{i} = arith.truncf {sums[i]} : f32 to {t}")
+        o.append(f"        memref.store {f'%u{i}' if t != 'f32' else sums[i]}, %y[%c{b}i, %n{a}] : memref<{m}x{n}x{t}>")
     return o
 
 
@@ -160,9 +161,9 @@ def _tile(n, k, t, r, rows, lanes, indent):
         o += [f"{p}    %b{a}_{q} = vector.fma %w{a}, %x{q}, %a{a}_{q} : {v}" for a in range(r)]
     o.append(f"{p}    scf.yield " + ", ".join(f"%b{a}_{q}" for a, q in accs) + " : " + types)
     o.append(f"{p}  }}")
-    for i, (a, q) in enumerate(accs):
-        o.append(f"{p}  %t{a}_{q} = vector.reduction <add>, %s#{i} fastmath<reassoc> : {v} into f32")
-        o.append(f"{p}  memref.store %t{a}_{q}, %y[%m{q}, %n{a}] : memref<?x{n}x{t}>")
+    lines, sums = _reduce([f"%s#{i}" for i in range(len(accs))], lanes, "t", p + "  ")
+    o += lines
+    o += [f"{p}  memref.store {sums[i]}, %y[%m{q}, %n{a}] : memref<?x{n}x{t}>" for i, (a, q) in enumerate(accs)]
     return o
 
 
@@ -228,6 +229,78 @@ func.func private @{fn}(%x: tensor<?x{k}x{t}>, %w: tensor<{n}x{k}x{t}>) -> tenso
   return %y : tensor<?x{n}x{t}>
 }}""")
     return "\n".join(o)
+
+
+def _tree(lanes: int, count: int) -> tuple:
+    """The shuffles that reduce `count` (a power of two, at most `lanes`) accumulators of
+    `lanes` lanes together: pairs of vectors are halved level by level (each 2s-lane block of
+    x and y gives s lanes of x + s lanes of y, the low and high halves added), then the last
+    vector's blocks are added within it until each accumulator's sum is whole in a lane.
+    -> ([(lo, hi)] masks of the levels that pair vectors, [mask] of the in-vector levels,
+    {accumulator: a lane holding its sum}), checked by simulating the sums."""
+    import numpy as np
+
+    pair, within = [], []
+    vecs = [np.eye(count)[i][:, None] * np.ones((count, lanes)) for i in range(count)]  # [acc, lane] weights
+    s = lanes // 2
+    while len(vecs) > 1:
+        lo = [i for b in range(0, lanes, 2 * s) for i in (*range(b, b + s), *range(lanes + b, lanes + b + s))]
+        hi = [i + s for i in lo]
+        pair.append((lo, hi))
+        nxt = []
+        for x, y in zip(vecs[0::2], vecs[1::2]):
+            both = np.concatenate([x, y], axis=1)
+            nxt.append(both[:, lo] + both[:, hi])
+        vecs, s = nxt, s // 2
+    v = vecs[0]
+    while s >= 1:
+        mask = [i ^ s for i in range(lanes)]  # swap neighbouring blocks of s lanes
+        within.append(mask)
+        v = v + v[:, mask]
+        s //= 2
+    lane = {}
+    for a in range(count):
+        hits = [i for i in range(lanes) if v[a, i] == lanes and v[:, i].sum() == lanes]
+        assert hits, (lanes, count, a)
+        lane[a] = hits[0]
+    return pair, within, lane
+
+
+def _reduce(values: list, lanes: int, prefix: str, indent: str) -> tuple:
+    """MLIR lines that reduce each vector<lanes x f32> SSA value of `values` to its sum (groups of
+    a power of two through _tree's shuffles, a single one by a reassociated vector.reduction).
+    -> (lines, [SSA name of each sum, f32])."""
+    v = f"vector<{lanes}xf32>"
+    out, sums, at, g = [], [None] * len(values), 0, 0
+    while at < len(values):
+        count = 1 << min(len(values) - at, lanes).bit_length() - 1
+        group = values[at:at + count]
+        if count == 1:
+            out.append(f"{indent}%{prefix}{at} = vector.reduction <add>, {group[0]} fastmath<reassoc> : {v} into f32")
+            sums[at] = f"%{prefix}{at}"
+        else:
+            pair, within, lane = _tree(lanes, count)
+            cur, level = list(group), 0
+            for lo, hi in pair:
+                nxt = []
+                for j, (x, y) in enumerate(zip(cur[0::2], cur[1::2])):
+                    n = f"%{prefix}g{g}l{level}_{j}"
+                    out.append(f"{indent}{n}a = vector.shuffle {x}, {y} {lo} : {v}, {v}")
+                    out.append(f"{indent}{n}b = vector.shuffle {x}, {y} {hi} : {v}, {v}")
+                    out.append(f"{indent}{n} = arith.addf {n}a, {n}b fastmath<reassoc> : {v}")
+                    nxt.append(n)
+                cur, level = nxt, level + 1
+            for mask in within:
+                n = f"%{prefix}g{g}l{level}"
+                out.append(f"{indent}{n}a = vector.shuffle {cur[0]}, {cur[0]} {mask} : {v}, {v}")
+                out.append(f"{indent}{n} = arith.addf {cur[0]}, {n}a fastmath<reassoc> : {v}")
+                cur, level = [n], level + 1
+            for a in range(count):
+                out.append(f"{indent}%{prefix}{at + a} = vector.extract {cur[0]}[{lane[a]}] : f32 from {v}")
+                sums[at + a] = f"%{prefix}{at + a}"
+            g += 1
+        at += count
+    return out, sums
 
 
 def define(path: str) -> int:
