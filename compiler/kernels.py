@@ -168,17 +168,45 @@ def _tile(n, k, t, r, rows, lanes, indent):
 
 
 def _dynamic_source(n, k, dtype, regs=None):
-    """rowdot of a dynamic row count m (f32): a workgroup per WG_ROWS weight rows, each
+    """rowdot of a dynamic row count m (f32): a workgroup per WG_ROWS / 2 weight rows, each
     multiplying r weight rows by ROW_TILE rows of x at a time (r x ROW_TILE accumulators), the
     last m % ROW_TILE rows one at a time; m reaches the executable as a push constant."""
     nregs, lanes = regs or host_vector_regs()
     tile = 4 if nregs >= 32 else 2
     r = next(r for r in (4, 2, 1) if n % r == 0)
     wg = max(r, min(WG_ROWS // 2 // r * r, -(-n // r) * r))  # 64 rows: every row of x reads them from L2
-    fn, t, L = name(DYNAMIC, n, k, dtype), dtype, LAYOUT_DYNAMIC
+    fn, t = name(DYNAMIC, n, k, dtype), dtype
+    o = [_dynamic_prologue(fn, n, k, t, r, wg, tile, lanes)]
+    o += [f"        %c{j}i = arith.constant {j} : index" for j in range(max(r, tile))]
+    o += [f"        %n{a} = arith.addi %n, %c{a}i : index" for a in range(r)]
+    o.append("        scf.for %mm = %c0 to %full step %ctile {")
+    o += _tile(n, k, t, r, tile, lanes, 8)
+    o.append("        }")
+    o.append("        scf.for %mm = %full to %cm step %c1 {")
+    o += _tile(n, k, t, r, 1, lanes, 8)
+    o.append(f"""        }}
+      }}
+      return
+    }}
+  }}
+}}
+func.func private @{fn}(%x: tensor<?x{k}x{t}>, %w: tensor<{n}x{k}x{t}>) -> tensor<?x{n}x{t}> {{
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %x, %c0 : tensor<?x{k}x{t}>
+  %m32 = arith.index_cast %m : index to i32
+  %y = flow.dispatch @{fn}_ex::@{fn}_d[%m](%m32, %w, %x) : (i32, tensor<{n}x{k}x{t}>, tensor<?x{k}x{t}>{{%m}}) -> tensor<?x{n}x{t}>{{%m}}
+  return %y : tensor<?x{n}x{t}>
+}}""")
+    return "\n".join(o)
+
+
+def _dynamic_prologue(fn, n, k, t, r, wg, tile, lanes):
+    """The dynamic-row executable up to the loop over this workgroup's rows (wg of them, r at a
+    time): %cm rows of x, %full of them in tiles of `tile`."""
+    L = LAYOUT_DYNAMIC
     binding = lambda i, flags, shape, dims="": (f'hal.interface.binding.subspan layout({L}) binding({i}) alignment(64) '
                                                 f'offset(%c0) flags({flags}) : memref<{shape}x{t}>{dims}')
-    o = [f"""hal.executable.source private @{fn}_ex {{
+    return f"""hal.executable.source private @{fn}_ex {{
   hal.executable.export public @{fn}_d ordinal(0) layout({L}) count(%dev: !hal.device, %rows: index) -> (index, index, index) {{
     %g = arith.constant {-(-n // wg)} : index
     %c1 = arith.constant 1 : index
@@ -207,28 +235,7 @@ def _dynamic_source(n, k, dtype, regs=None):
       %left = arith.subi %cn, %nb : index
       %end = arith.minui %left, %cwg : index
       scf.for %i = %c0 to %end step %cr {{
-        %n = arith.addi %nb, %i : index"""]
-    o += [f"        %c{j}i = arith.constant {j} : index" for j in range(max(r, tile))]
-    o += [f"        %n{a} = arith.addi %n, %c{a}i : index" for a in range(r)]
-    o.append("        scf.for %mm = %c0 to %full step %ctile {")
-    o += _tile(n, k, t, r, tile, lanes, 8)
-    o.append("        }")
-    o.append("        scf.for %mm = %full to %cm step %c1 {")
-    o += _tile(n, k, t, r, 1, lanes, 8)
-    o.append(f"""        }}
-      }}
-      return
-    }}
-  }}
-}}
-func.func private @{fn}(%x: tensor<?x{k}x{t}>, %w: tensor<{n}x{k}x{t}>) -> tensor<?x{n}x{t}> {{
-  %c0 = arith.constant 0 : index
-  %m = tensor.dim %x, %c0 : tensor<?x{k}x{t}>
-  %m32 = arith.index_cast %m : index to i32
-  %y = flow.dispatch @{fn}_ex::@{fn}_d[%m](%m32, %w, %x) : (i32, tensor<{n}x{k}x{t}>, tensor<?x{k}x{t}>{{%m}}) -> tensor<?x{n}x{t}>{{%m}}
-  return %y : tensor<?x{n}x{t}>
-}}""")
-    return "\n".join(o)
+        %n = arith.addi %nb, %i : index"""
 
 
 def _tree(lanes: int, count: int) -> tuple:

@@ -150,6 +150,8 @@ class Generator:
     def prefill(self, ids: Iterable, slot: int) -> np.ndarray:
         """Write a prompt into decode slot `slot`. -> the logits of its last token [vocab]."""
         ids = np.asarray(list(ids), np.int64)
+        if self.prefill_multiple > 1 and ids.size and ids.min() < 0:  # -1 marks the padding
+            raise PolyarchError(f"token id {int(ids.min())} is negative", fix=f"give token ids in [0, {self.vocab - 1}]")
         ids = np.pad(ids, (0, -len(ids) % self.prefill_multiple), constant_values=-1)[None, :]
         cache = self.cache if self.cache is not None else self._empty_cache()
         out = self.bundle.run_phase(self.prefix + "prefill", [ids, np.array([slot], np.int64), *cache], keep=self._kept,
