@@ -26,9 +26,24 @@ def _rt():
     return rt
 
 
+# IREE's cpu task workers keep spinning this long for the next task before they sleep: a decode
+# call is ~180 dependent dispatches, and waking the workers for each cost 5-10% of it
+# (bench/generate.py's model: 10.6-12.4 -> 10.1-10.5 ms a token, A B B A; docs/architecture.md).
+CPU_WORKER_SPIN_US = 50
+_cpu_flags_set = []
+
+
+def _cpu_driver_flags(rt) -> None:
+    """Set the cpu driver's flags, once, before the process creates it (flags read then)."""
+    if not _cpu_flags_set:
+        _cpu_flags_set.append(True)
+        rt.flags.parse_flags(f"--task_worker_spin_us={CPU_WORKER_SPIN_US}")
+
+
 def available_devices() -> list:
     """{driver: [device info dicts]} for the IREE drivers that find devices on this host."""
     rt = _rt()
+    _cpu_driver_flags(rt)
     out = {}
     for driver in ("local-task", "vulkan", "cuda", "hip"):
         try:
@@ -43,6 +58,7 @@ def create_device(spec: DeviceSpec | str) -> "rt.HalDevice":
     rt = _rt()
     spec = DeviceSpec.parse(spec)
     if spec.kind == "cpu":
+        _cpu_driver_flags(rt)
         return rt.get_device("local-task")
     try:
         driver = rt.get_driver(spec.driver)
