@@ -334,6 +334,8 @@ class Bundle:
             raise BundleError(f"phase {phase} of {self.path} takes {len(specs)} input(s), got {len(args)}",
                               fix="pass " + ", ".join(s["name"] for s in specs))
         checked = check_inputs(self.path, [specs[i] for i, _ in host], [a for _, a in host])
+        if phase.endswith("prefill") and host and host[0][0] == 0:
+            self._check_prefill_length(checked[0])
         full = list(args)
         for (i, _), a in zip(host, checked):
             full[i] = a
@@ -341,6 +343,16 @@ class Bundle:
                 self.counters["state_host_bytes"] += int(a.nbytes)
         call = self._submit(full, wait_each=True, schedule=schedule, checked=True)
         return self._collect(call, outputs, out_specs, keep)
+
+    def _check_prefill_length(self, ids) -> None:
+        """A --generate bundle's prefill takes its ids padded (with -1) to a multiple of
+        generate.prefill_multiple: IREE miscompiles its attention for other lengths."""
+        multiple = (self.manifest.get("generate") or {}).get("prefill_multiple", 1)
+        n = getattr(ids, "shape", (0,))[-1] if getattr(ids, "ndim", 0) else 0
+        if multiple > 1 and n % multiple:
+            raise BundleError(f"prefill of {self.path} takes its ids padded to a multiple of {multiple} tokens, "
+                              f"got {n}", fix=f"pad the prompt's end with -1 to {-(-n // multiple) * multiple} "
+                                              "tokens, or use Bundle.generate, which does")
 
     def _phase(self, phase):
         """(schedule, outputs, input specs, output specs) of a phase of the chosen plan."""
@@ -398,6 +410,8 @@ class Bundle:
         as_torch = any(_is_torch(a) for a in args)
         if not checked:
             args = check_inputs(self.path, self.inputs, args)
+            if schedule is None and args:  # the plan's own schedule: a --generate bundle's is prefill's
+                self._check_prefill_length(args[0])
         clock = time.perf_counter
         call = _Call(clock(), as_torch)
         env = {f"in{i}": (a.value if isinstance(a, Resident) else a) for i, a in enumerate(args)}

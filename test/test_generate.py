@@ -351,3 +351,25 @@ def test_prefill_attention_equals_eager(t):
     got, weights = prefill_attention(attn, q, k, v, mask, scaling=0.25)
     assert got.shape == want.shape == (2, t, 4, 16) and weights is None
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_prefill_refuses_ids_not_padded(llama_bundle):
+    """Prefill takes its ids padded with -1 to a multiple of 16 (generate.prefill_multiple; IREE
+    miscompiles its attention for other lengths): called directly with 3 ids, as a phase or as
+    the bundle's own call, it is a clear error, not wrong logits; padded, it gives generate's
+    first token."""
+    from polyarch.errors import BundleError
+    from polyarch.runtime import load
+    from polyarch.runtime.generate import Generator
+
+    _, path = llama_bundle
+    with load(path) as b:
+        assert b.manifest["generate"]["prefill_multiple"] == 16
+        cache = Generator(b)._empty_cache()
+        for call in (lambda ids: b.run_phase("prefill", [ids, np.zeros(1, np.int64), *cache]),
+                     lambda ids: b(ids, np.zeros(1, np.int64), *cache)):
+            with pytest.raises(BundleError, match="multiple of 16 tokens, got 3"):
+                call(np.array([[1, 5, 9]], np.int64))
+        padded = np.array([[1, 5, 9] + [-1] * 13], np.int64)
+        logits = b.run_phase("prefill", [padded, np.zeros(1, np.int64), *cache])[0]
+        assert int(np.argmax(logits[0])) == list(b.generate([1, 5, 9], 1))[0]
