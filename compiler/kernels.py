@@ -26,6 +26,7 @@ WG_ROWS = 128  # weight rows per workgroup (a 2048-row weight: 16 workgroups)
 LAYOUT = ('#hal.pipeline.layout<bindings = [#hal.pipeline.binding<storage_buffer, "ReadOnly|Indirect">, '
           '#hal.pipeline.binding<storage_buffer, "ReadOnly|Indirect">, #hal.pipeline.binding<storage_buffer, Indirect>], '
           'flags = Indirect>')  # w, x read; y written
+LAYOUT_DYNAMIC = LAYOUT.replace("<bindings", "<constants = 1, bindings")  # + the row count (i32)
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,29 +80,41 @@ func.func private @{fn}(%x: tensor<{m}x{k}x{t}>, %w: tensor<{n}x{k}x{t}>) -> ten
 }}"""])
 
 
-def _prologue(fn, m, n, k, t, r, wg, lanes, step):
-    """The executable up to the loop over this workgroup's rows (wg of them, r at a time)."""
-    binding = lambda i, flags, shape: (f'hal.interface.binding.subspan layout({LAYOUT}) binding({i}) alignment(64) '
-                                       f'offset(%c0) flags({flags}) : memref<{shape}x{t}>')
+def _prologue(fn, m, n, k, t, r, wg, lanes, step, tile=0):
+    """The executable up to the loop over this workgroup's rows (wg of them, r at a time). With
+    m DYNAMIC the row count %cm is the export's workload and a push constant (LAYOUT_DYNAMIC),
+    %full of the rows in tiles of `tile`."""
+    dynamic = m == DYNAMIC
+    layout = LAYOUT_DYNAMIC if dynamic else LAYOUT
+    rows, dims = ("?", "{%cm}") if dynamic else (m, "")
+    binding = lambda i, flags, shape, dims="": (f'hal.interface.binding.subspan layout({layout}) binding({i}) '
+                                                f'alignment(64) offset(%c0) flags({flags}) : memref<{shape}x{t}>{dims}')
+    # what only the dynamic executable has: its workload, %c1, the row count, its tiles
+    workload, c1, count, ctile, full = ("", "", "", "", "") if not dynamic else (
+        ", %rows: index", "\n      %c1 = arith.constant 1 : index",
+        f"\n      %rows32 = hal.interface.constant.load layout({layout}) ordinal(0) : i32"
+        "\n      %cm = arith.index_castui %rows32 : i32 to index",
+        f"\n      %ctile = arith.constant {tile} : index",
+        "\n      %rem = arith.remui %cm, %ctile : index\n      %full = arith.subi %cm, %rem : index")
     return f"""hal.executable.source private @{fn}_ex {{
-  hal.executable.export public @{fn}_d ordinal(0) layout({LAYOUT}) count(%dev: !hal.device) -> (index, index, index) {{
+  hal.executable.export public @{fn}_d ordinal(0) layout({layout}) count(%dev: !hal.device{workload}) -> (index, index, index) {{
     %g = arith.constant {-(-n // wg)} : index
     %c1 = arith.constant 1 : index
     hal.return %g, %c1, %c1 : index, index, index
   }} attributes {{translation_info = #iree_codegen.translation_info<pipeline = #iree_cpu.pipeline<Default>>}}
   builtin.module {{
     func.func @{fn}_d() {{
-      %c0 = arith.constant 0 : index
-      %z = arith.constant dense<0.0> : vector<{lanes}xf32>
+      %c0 = arith.constant 0 : index{c1}
+      %z = arith.constant dense<0.0> : vector<{lanes}xf32>{count}
       %w = {binding(0, '"ReadOnly|Indirect"', f"{n}x{k}")}
-      %x = {binding(1, '"ReadOnly|Indirect"', f"{m}x{k}")}
-      %y = {binding(2, "Indirect", f"{m}x{n}")}
+      %x = {binding(1, '"ReadOnly|Indirect"', f"{rows}x{k}", dims)}
+      %y = {binding(2, "Indirect", f"{rows}x{n}", dims)}
       %wg = hal.interface.workgroup.id[0] : index
       %cwg = arith.constant {wg} : index
       %cn = arith.constant {n} : index
-      %cr = arith.constant {r} : index
+      %cr = arith.constant {r} : index{ctile}
       %ck = arith.constant {k} : index
-      %cl = arith.constant {step} : index
+      %cl = arith.constant {step} : index{full}
       %nb = arith.muli %wg, %cwg : index
       %left = arith.subi %cn, %nb : index
       %end = arith.minui %left, %cwg : index
@@ -111,60 +124,50 @@ def _prologue(fn, m, n, k, t, r, wg, lanes, step):
 
 def _rows(m, n, k, t, r, lanes, dot=False):
     """The body of the loop over rows: r rows x m accumulators along k, then reduced and stored."""
-    v, vt = f"vector<{lanes}xf32>", f"vector<{2 * lanes if dot else lanes}x{t}>"
-    wide = t != "f32" and not dot  # 16-bit inputs are widened to f32 after each load (but for vdpbf16ps)
     o = [f"        %c{j}i = arith.constant {j} : index" for j in range(max(r, m))]
     o += [f"        %n{a} = arith.addi %n, %c{a}i : index" for a in range(r)]
-    accs = [(a, b) for a in range(r) for b in range(m)]
+    return o + _products(n, k, t, r, m, lanes, 8, lambda b: f"%c{b}i", m, dot)
+
+
+def _products(n, k, t, r, rows, lanes, indent, x_row, x_rows, dot=False):
+    """r weight rows (%n0..) x `rows` rows of x (x_row(b): the index of row b; x_rows: x's row
+    count as its memref type says it) of accumulators along k, then reduced and stored."""
+    p, v, vt = " " * indent, f"vector<{lanes}xf32>", f"vector<{2 * lanes if dot else lanes}x{t}>"
+    wide = t != "f32" and not dot  # 16-bit inputs are widened to f32 after each load (but for vdpbf16ps)
+    accs = [(a, b) for a in range(r) for b in range(rows)]
     types = ", ".join([v] * len(accs))
-    o.append(f"        %s:{len(accs)} = scf.for %kk = %c0 to %ck step %cl iter_args("
-             + ", ".join(f"%a{a}_{b} = %z" for a, b in accs) + f") -> ({types}) {{")
+    o = [f"{p}%s:{len(accs)} = scf.for %kk = %c0 to %ck step %cl iter_args("
+         + ", ".join(f"%a{a}_{b} = %z" for a, b in accs) + f") -> ({types}) {{"]
 
     def load(dst, src, idx, shape):
-        o.append(f"          {dst}{'r' if wide else ''} = vector.load {src}[{idx}, %kk] : memref<{shape}x{t}>, {vt}")
+        o.append(f"{p}  {dst}{'r' if wide else ''} = vector.load {src}[{idx}, %kk] : memref<{shape}x{t}>, {vt}")
         if wide:
-            o.append(f"          {dst} = arith.extf {dst}r : {vt} to {v}")
+            o.append(f"{p}  {dst} = arith.extf {dst}r : {vt} to {v}")
 
     for a in range(r):
         load(f"%w{a}", "%w", f"%n{a}", f"{n}x{k}")
-    for b in range(m):
-        load(f"%x{b}", "%x", f"%c{b}i", f"{m}x{k}")
-        o += [f'          %b{a}_{b} = llvm.call_intrinsic "llvm.x86.avx512bf16.dpbf16ps.512"(%a{a}_{b}, %x{b}, %w{a}) : '
-              f'({v}, {vt}, {vt}) -> {v}' if dot else f"          %b{a}_{b} = vector.fma %w{a}, %x{b}, %a{a}_{b} : {v}"
+    for b in range(rows):
+        load(f"%x{b}", "%x", x_row(b), f"{x_rows}x{k}")
+        o += [f'{p}  %b{a}_{b} = llvm.call_intrinsic "llvm.x86.avx512bf16.dpbf16ps.512"(%a{a}_{b}, %x{b}, %w{a}) : '
+              f'({v}, {vt}, {vt}) -> {v}' if dot else f"{p}  %b{a}_{b} = vector.fma %w{a}, %x{b}, %a{a}_{b} : {v}"
               for a in range(r)]
-    o.append("          scf.yield " + ", ".join(f"%b{a}_{b}" for a, b in accs) + " : " + types)
-    o.append("        }")
-    lines, sums = _reduce([f"%s#{i}" for i in range(len(accs))], lanes, "t", "        ")
+    o.append(f"{p}  scf.yield " + ", ".join(f"%b{a}_{b}" for a, b in accs) + " : " + types)
+    o.append(f"{p}}}")
+    lines, sums = _reduce([f"%s#{i}" for i in range(len(accs))], lanes, "t", p)
     o += lines
     for i, (a, b) in enumerate(accs):
         if t != "f32":
-            o.append(f"        %u{i} = arith.truncf {sums[i]} : f32 to {t}")
-        o.append(f"        memref.store {f'%u{i}' if t != 'f32' else sums[i]}, %y[%c{b}i, %n{a}] : memref<{m}x{n}x{t}>")
+            o.append(f"{p}%u{i} = arith.truncf {sums[i]} : f32 to {t}")
+        o.append(f"{p}memref.store {f'%u{i}' if t != 'f32' else sums[i]}, %y[{x_row(b)}, %n{a}] : "
+                 f"memref<{x_rows}x{n}x{t}>")
     return o
-
-
-LAYOUT_DYNAMIC = LAYOUT.replace("<bindings", "<constants = 1, bindings")  # + the row count (i32)
 
 
 def _tile(n, k, t, r, rows, lanes, indent):
-    """A loop over x's rows `rows` at a time (%lo to %hi): r weight rows x `rows` x rows of
-    accumulators along k, each reduced and stored."""
-    p, v = " " * indent, f"vector<{lanes}xf32>"
-    o = [f"{p}  %m{q} = arith.addi %mm, %c{q}i : index" for q in range(rows)]
-    accs = [(a, q) for a in range(r) for q in range(rows)]
-    types = ", ".join([v] * len(accs))
-    o.append(f"{p}  %s:{len(accs)} = scf.for %kk = %c0 to %ck step %cl iter_args("
-             + ", ".join(f"%a{a}_{q} = %z" for a, q in accs) + f") -> ({types}) {{")
-    o += [f"{p}    %w{a} = vector.load %w[%n{a}, %kk] : memref<{n}x{k}x{t}>, {v}" for a in range(r)]
-    for q in range(rows):
-        o.append(f"{p}    %x{q} = vector.load %x[%m{q}, %kk] : memref<?x{k}x{t}>, {v}")
-        o += [f"{p}    %b{a}_{q} = vector.fma %w{a}, %x{q}, %a{a}_{q} : {v}" for a in range(r)]
-    o.append(f"{p}    scf.yield " + ", ".join(f"%b{a}_{q}" for a, q in accs) + " : " + types)
-    o.append(f"{p}  }}")
-    lines, sums = _reduce([f"%s#{i}" for i in range(len(accs))], lanes, "t", p + "  ")
-    o += lines
-    o += [f"{p}  memref.store {sums[i]}, %y[%m{q}, %n{a}] : memref<?x{n}x{t}>" for i, (a, q) in enumerate(accs)]
-    return o
+    """A loop over x's rows `rows` at a time: r weight rows x `rows` rows of accumulators along
+    k, reduced and stored."""
+    o = [f"{' ' * indent}  %m{q} = arith.addi %mm, %c{q}i : index" for q in range(rows)]
+    return o + _products(n, k, t, r, rows, lanes, indent + 2, lambda q: f"%m{q}", "?")
 
 
 def _dynamic_source(n, k, dtype, regs=None):
@@ -176,7 +179,7 @@ def _dynamic_source(n, k, dtype, regs=None):
     r = next(r for r in (4, 2, 1) if n % r == 0)
     wg = max(r, min(WG_ROWS // 2 // r * r, -(-n // r) * r))  # 64 rows: every row of x reads them from L2
     fn, t = name(DYNAMIC, n, k, dtype), dtype
-    o = [_dynamic_prologue(fn, n, k, t, r, wg, tile, lanes)]
+    o = [_prologue(fn, DYNAMIC, n, k, t, r, wg, lanes, lanes, tile)]
     o += [f"        %c{j}i = arith.constant {j} : index" for j in range(max(r, tile))]
     o += [f"        %n{a} = arith.addi %n, %c{a}i : index" for a in range(r)]
     o.append("        scf.for %mm = %c0 to %full step %ctile {")
@@ -198,44 +201,6 @@ func.func private @{fn}(%x: tensor<?x{k}x{t}>, %w: tensor<{n}x{k}x{t}>) -> tenso
   return %y : tensor<?x{n}x{t}>
 }}""")
     return "\n".join(o)
-
-
-def _dynamic_prologue(fn, n, k, t, r, wg, tile, lanes):
-    """The dynamic-row executable up to the loop over this workgroup's rows (wg of them, r at a
-    time): %cm rows of x, %full of them in tiles of `tile`."""
-    L = LAYOUT_DYNAMIC
-    binding = lambda i, flags, shape, dims="": (f'hal.interface.binding.subspan layout({L}) binding({i}) alignment(64) '
-                                                f'offset(%c0) flags({flags}) : memref<{shape}x{t}>{dims}')
-    return f"""hal.executable.source private @{fn}_ex {{
-  hal.executable.export public @{fn}_d ordinal(0) layout({L}) count(%dev: !hal.device, %rows: index) -> (index, index, index) {{
-    %g = arith.constant {-(-n // wg)} : index
-    %c1 = arith.constant 1 : index
-    hal.return %g, %c1, %c1 : index, index, index
-  }} attributes {{translation_info = #iree_codegen.translation_info<pipeline = #iree_cpu.pipeline<Default>>}}
-  builtin.module {{
-    func.func @{fn}_d() {{
-      %c0 = arith.constant 0 : index
-      %c1 = arith.constant 1 : index
-      %z = arith.constant dense<0.0> : vector<{lanes}xf32>
-      %rows32 = hal.interface.constant.load layout({L}) ordinal(0) : i32
-      %cm = arith.index_castui %rows32 : i32 to index
-      %w = {binding(0, '"ReadOnly|Indirect"', f"{n}x{k}")}
-      %x = {binding(1, '"ReadOnly|Indirect"', f"?x{k}", "{%cm}")}
-      %y = {binding(2, "Indirect", f"?x{n}", "{%cm}")}
-      %wg = hal.interface.workgroup.id[0] : index
-      %cwg = arith.constant {wg} : index
-      %cn = arith.constant {n} : index
-      %cr = arith.constant {r} : index
-      %ctile = arith.constant {tile} : index
-      %ck = arith.constant {k} : index
-      %cl = arith.constant {lanes} : index
-      %rem = arith.remui %cm, %ctile : index
-      %full = arith.subi %cm, %rem : index
-      %nb = arith.muli %wg, %cwg : index
-      %left = arith.subi %cn, %nb : index
-      %end = arith.minui %left, %cwg : index
-      scf.for %i = %c0 to %end step %cr {{
-        %n = arith.addi %nb, %i : index"""
 
 
 def _tree(lanes: int, count: int) -> tuple:
