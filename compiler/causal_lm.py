@@ -166,12 +166,11 @@ def _prefill(lm, ids, slot, cache):
     keep = (torch.arange(b, device=ids.device) == slot)[:, None, None, None] & \
         (torch.arange(n, device=ids.device) < real)[None, None, :, None]
 
-    def write(layer, k, v, old_k, old_v):
-        # attention reads the prompt's own keys; the cache takes its rows, padded (or, past the
-        # cache, cut) to N
-        kn = torch.cat([k, k.new_zeros(k.shape[0], k.shape[1], n, k.shape[3])], 2)[:, :, :n]
-        vn = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], n, v.shape[3])], 2)[:, :, :n]
-        return torch.where(keep, kn, old_k), torch.where(keep, vn, old_v), k, v
+    def to_cache(x):  # the prompt's rows padded (or, past the cache, cut) to N
+        return torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], n, x.shape[3])], 2)[:, :, :n]
+
+    def write(layer, k, v, old_k, old_v):  # attention reads the prompt's own keys
+        return torch.where(keep, to_cache(k), old_k), torch.where(keep, to_cache(v), old_v), k, v
 
     c = _Cache(cache, write)
     logits = _call(lm, ids, pos[None, :], mask, c, last=(real - 1).reshape(1))
@@ -294,6 +293,32 @@ def verify_examples(shape: LMShape, batch: int, max_context: int, k: int) -> tup
 GROUPED = "polyarch_grouped"  # the attention decode-like phases export with (register_grouped_attention)
 
 
+def _own_eager(module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    """The model's own eager attention where the call asks for what ours does not do
+    (soft-capping, attention sinks), else None."""
+    import sys
+
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        return sys.modules[type(module).__module__].eager_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return None
+
+
+def _grouped_scores(query, key, attention_mask, scaling):
+    """The scaled, masked attention scores [b, h, t, s], the queries of the heads sharing a
+    key/value head stacked as rows of one matmul against it. -> (scores, (b, kv, g * t, s): the
+    grouped rows' shape)."""
+    import torch
+
+    b, h, t, d = query.shape
+    kv, s = key.shape[1], key.shape[2]
+    g = h // kv
+    scores = torch.matmul(query.reshape(b, kv, g * t, d), key.transpose(2, 3)).reshape(b, h, t, s) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    return scores, (b, kv, g * t, s)
+
+
 def grouped_attention(module: Any, query: "torch.Tensor", key: "torch.Tensor", value: "torch.Tensor",
                       attention_mask: "torch.Tensor | None", scaling: float, dropout: float = 0.0, **kwargs):
     """transformers' eager attention (explicit matmul, additive mask, softmax in f32) for a
@@ -303,21 +328,14 @@ def grouped_attention(module: Any, query: "torch.Tensor", key: "torch.Tensor", v
     dispatches a layer (f16 decode of a 100M Llama: 1.25 ms of 11.6 a token, and 1.9 ms of a
     2-layer draft's 5.2 at a cache of 197 positions). Models with extras this does not do
     (soft-capping, attention sinks) keep their own eager attention."""
-    import sys
-
     import torch
 
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        return sys.modules[type(module).__module__].eager_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    b, h, t, d = query.shape
-    kv, s = key.shape[1], key.shape[2]
-    g = h // kv
-    scores = torch.matmul(query.reshape(b, kv, g * t, d), key.transpose(2, 3)).reshape(b, h, t, s) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
+    own = _own_eager(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if own is not None:
+        return own
+    scores, grouped = _grouped_scores(query, key, attention_mask, scaling)
     weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(weights.reshape(b, kv, g * t, s), value).reshape(b, h, t, value.shape[-1])
+    out = torch.matmul(weights.reshape(grouped), value).reshape(*scores.shape[:3], value.shape[-1])
     return out.transpose(1, 2).contiguous(), weights
 
 
@@ -333,25 +351,18 @@ def prefill_attention(module: Any, query: "torch.Tensor", key: "torch.Tensor", v
     5-8x slower than a static one: 19.5 of 84 ms of a 128-token prefill of a 100M Llama.
     Exponents below -80 are clamped (exp underflows there anyway). The attention weights are
     not returned (None)."""
-    import sys
-
     import torch
 
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        return sys.modules[type(module).__module__].eager_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    b, h, t, d = query.shape
-    kv, s = key.shape[1], key.shape[2]
-    g = h // kv
-    scores = torch.matmul(query.reshape(b, kv, g * t, d), key.transpose(2, 3)).reshape(b, h, t, s) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
+    own = _own_eager(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if own is not None:
+        return own
+    scores, grouped = _grouped_scores(query, key, attention_mask, scaling)
     scores = scores.to(torch.float32)
     e = torch.exp((scores - scores.amax(dim=-1, keepdim=True)).clamp(min=-80.0))
-    out = torch.matmul(e.to(query.dtype).reshape(b, kv, g * t, s), value)
+    out = torch.matmul(e.to(query.dtype).reshape(grouped), value)
     # divided in the grouped layout: the same division after the reshape gives NaN on Vulkan (lavapipe)
-    out = (out.to(torch.float32) / e.sum(dim=-1, keepdim=True).reshape(b, kv, g * t, 1)).to(query.dtype)
-    return out.reshape(b, h, t, value.shape[-1]).transpose(1, 2).contiguous(), None
+    out = (out.to(torch.float32) / e.sum(dim=-1, keepdim=True).reshape(*grouped[:3], 1)).to(query.dtype)
+    return out.reshape(*scores.shape[:3], value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def register_grouped_attention() -> bool:
