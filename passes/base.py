@@ -89,8 +89,19 @@ class Pass:
 
 def _convert(cls, f, text: str, before):
     meta = f.metadata
+    default = f.default
     if meta.get("sep"):
         value = tuple(t for t in text.split(meta["sep"]) if t)
+    elif isinstance(default, bool):  # a flag: written true/false (or 1/0)
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise PolyarchError(f"option {f.name} of pass {cls.NAME} is true or false, got {text!r}",
+                                fix=f"{f.name}=true or {f.name}=false")
+        value = text.lower() in ("true", "1")
+    elif isinstance(default, int):
+        if not text.lstrip("-").isdigit():
+            raise PolyarchError(f"option {f.name} of pass {cls.NAME} is a whole number, got {text!r}",
+                                fix=f"{f.name}=N")
+        value = int(text)
     else:
         value = text
     if meta.get("repeat"):

@@ -57,13 +57,10 @@ class Rowdot(Pass):
     def check(self):
         from ..errors import PolyarchError
 
-        rows, dynamic = self.max_rows, str(self.dynamic_rows).lower()  # as a pipeline writes them: text
-        if not (str(rows).isdigit() and 1 <= int(rows) <= MAX_ROWS):
-            raise PolyarchError(f"rowdot max_rows={rows}", fix=f"use 1..{MAX_ROWS}")
-        if dynamic not in ("true", "false", "1", "0"):
+        if not (type(self.max_rows) is int and 1 <= self.max_rows <= MAX_ROWS):
+            raise PolyarchError(f"rowdot max_rows={self.max_rows}", fix=f"use 1..{MAX_ROWS}")
+        if type(self.dynamic_rows) is not bool:
             raise PolyarchError(f"rowdot dynamic_rows={self.dynamic_rows}", fix="use true or false")
-        object.__setattr__(self, "max_rows", int(rows))
-        object.__setattr__(self, "dynamic_rows", dynamic in ("true", "1"))
 
     def apply(self, module: "ir.Module") -> int:
         """-> the number of matmuls rewritten."""
