@@ -1,5 +1,6 @@
 """Run a bundle's schedule: segments in order, tensors moved between devices via host memory."""
 
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -30,20 +31,18 @@ def _rt():
 # call is ~180 dependent dispatches, and waking the workers for each cost 5-10% of it
 # (bench/generate.py's model: 10.6-12.4 -> 10.1-10.5 ms a token, A B B A; docs/architecture.md).
 CPU_WORKER_SPIN_US = 50
-_cpu_flags_set = []
 
 
-def _cpu_driver_flags(rt) -> None:
+@functools.cache
+def _cpu_driver_flags() -> None:
     """Set the cpu driver's flags, once, before the process creates it (flags read then)."""
-    if not _cpu_flags_set:
-        _cpu_flags_set.append(True)
-        rt.flags.parse_flags(f"--task_worker_spin_us={CPU_WORKER_SPIN_US}")
+    _rt().flags.parse_flags(f"--task_worker_spin_us={CPU_WORKER_SPIN_US}")
 
 
 def available_devices() -> list:
     """{driver: [device info dicts]} for the IREE drivers that find devices on this host."""
     rt = _rt()
-    _cpu_driver_flags(rt)
+    _cpu_driver_flags()
     out = {}
     for driver in ("local-task", "vulkan", "cuda", "hip"):
         try:
@@ -58,7 +57,7 @@ def create_device(spec: DeviceSpec | str) -> "rt.HalDevice":
     rt = _rt()
     spec = DeviceSpec.parse(spec)
     if spec.kind == "cpu":
-        _cpu_driver_flags(rt)
+        _cpu_driver_flags()
         return rt.get_device("local-task")
     try:
         driver = rt.get_driver(spec.driver)
@@ -348,7 +347,7 @@ class Bundle:
         """A --generate bundle's prefill takes its ids padded (with -1) to a multiple of
         generate.prefill_multiple: IREE miscompiles its attention for other lengths."""
         multiple = (self.manifest.get("generate") or {}).get("prefill_multiple", 1)
-        n = getattr(ids, "shape", (0,))[-1] if getattr(ids, "ndim", 0) else 0
+        n = ids.shape[-1] if getattr(ids, "ndim", 0) else 0
         if multiple > 1 and n % multiple:
             raise BundleError(f"prefill of {self.path} takes its ids padded to a multiple of {multiple} tokens, "
                               f"got {n}", fix=f"pad the prompt's end with -1 to {-(-n // multiple) * multiple} "

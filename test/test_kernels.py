@@ -14,6 +14,31 @@ CASES = [(1, 2048, 768, "f32"), (5, 256, 768, "f32"), (8, 1000, 64, "f32"), (3, 
          (2, 64, 96, "bf16"), (1, 200, 64, "bf16")]
 
 
+def _rowdot_module(cases, regs):
+    """Each (m, n, k, dtype) of `cases` (m may be DYNAMIC) as rowdot's executable behind a
+    function f<i>(x, w) -> y, compiled for this host: -> the module's functions."""
+    import iree.compiler as ic
+    import iree.runtime as rt
+
+    from polyarch.compiler.kernels import name, rowdot_source
+    from polyarch.passes.rowdot import DYNAMIC
+
+    src, calls = [], []
+    for i, (m, n, k, dt) in enumerate(cases):
+        src.append(rowdot_source(m, n, k, dt, regs))
+        rows = "?" if m == DYNAMIC else m
+        tx, tw, ty = (f"tensor<{a}x{b}x{dt}>" for a, b in ((rows, k), (n, k), (rows, n)))
+        calls.append(f"func.func @f{i}(%x: {tx}, %w: {tw}) -> {ty} {{\n"
+                     f"  %y = func.call @{name(m, n, k, dt)}(%x, %w) : ({tx}, {tw}) -> {ty}\n  return %y : {ty}\n}}")
+    vmfb = ic.compile_str("\n".join(src + calls), extra_args=[
+        "--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
+        "--iree-llvmcpu-target-cpu=host"])
+    cfg = rt.Config("local-task")
+    ctx = rt.SystemContext(config=cfg)
+    ctx.add_vm_module(rt.VmModule.copy_buffer(cfg.vm_instance, vmfb))
+    return ctx.modules.module
+
+
 @pytest.mark.parametrize("regs", [(32, 16), (16, 8)], ids=["avx512", "avx2"])
 def test_rowdot_equals_numpy(regs):
     """Each shape within 1e-5 (f32) / 2e-3 (f16) / 1e-2 (bf16) of float64 numpy on the same
@@ -22,29 +47,13 @@ def test_rowdot_equals_numpy(regs):
     has AVX512-BF16 (the AVX2 layout never does): both paths are checked on such a host."""
     import ml_dtypes
 
-    import iree.compiler as ic
-    import iree.runtime as rt
-
-    from polyarch.compiler.kernels import name, rowdot_source
-
-    src, calls = [], []
-    for i, (m, n, k, dt) in enumerate(CASES):
-        src.append(rowdot_source(m, n, k, dt, regs))
-        calls.append(f"func.func @f{i}(%x: tensor<{m}x{k}x{dt}>, %w: tensor<{n}x{k}x{dt}>) -> tensor<{m}x{n}x{dt}> {{\n"
-                     f"  %y = func.call @{name(m, n, k, dt)}(%x, %w) : (tensor<{m}x{k}x{dt}>, tensor<{n}x{k}x{dt}>)"
-                     f" -> tensor<{m}x{n}x{dt}>\n  return %y : tensor<{m}x{n}x{dt}>\n}}")
-    vmfb = ic.compile_str("\n".join(src + calls), extra_args=[
-        "--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
-        "--iree-llvmcpu-target-cpu=host"])
-    cfg = rt.Config("local-task")
-    ctx = rt.SystemContext(config=cfg)
-    ctx.add_vm_module(rt.VmModule.copy_buffer(cfg.vm_instance, vmfb))
+    module = _rowdot_module(CASES, regs)
     rng = np.random.default_rng(0)
     for i, (m, n, k, dt) in enumerate(CASES):
         npdt = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[dt]
         x = rng.standard_normal((m, k)).astype(npdt)
         w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(npdt)
-        y = ctx.modules.module[f"f{i}"](x, w).to_host()
+        y = module[f"f{i}"](x, w).to_host()
         ref = x.astype(np.float64) @ w.astype(np.float64).T
         assert y.shape == (m, n) and y.dtype == npdt
         err = np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max()
@@ -59,30 +68,15 @@ def test_rowdot_dynamic_rows_equals_numpy(regs):
     """The f32 rowdot of a dynamic row count (prefill's products) for row counts below, at and
     past its row tile and not a multiple of it, against float64 numpy within 1e-5 of the
     result's largest magnitude."""
-    import iree.compiler as ic
-    import iree.runtime as rt
-
-    from polyarch.compiler.kernels import name, rowdot_source
     from polyarch.passes.rowdot import DYNAMIC
 
-    src, calls = [], []
-    for i, (n, k) in enumerate(DYNAMIC_CASES):
-        src.append(rowdot_source(DYNAMIC, n, k, "f32", regs))
-        calls.append(f"func.func @f{i}(%x: tensor<?x{k}xf32>, %w: tensor<{n}x{k}xf32>) -> tensor<?x{n}xf32> {{\n"
-                     f"  %y = func.call @{name(DYNAMIC, n, k, 'f32')}(%x, %w) : (tensor<?x{k}xf32>, tensor<{n}x{k}xf32>)"
-                     f" -> tensor<?x{n}xf32>\n  return %y : tensor<?x{n}xf32>\n}}")
-    vmfb = ic.compile_str("\n".join(src + calls), extra_args=[
-        "--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
-        "--iree-llvmcpu-target-cpu=host"])
-    cfg = rt.Config("local-task")
-    ctx = rt.SystemContext(config=cfg)
-    ctx.add_vm_module(rt.VmModule.copy_buffer(cfg.vm_instance, vmfb))
+    module = _rowdot_module([(DYNAMIC, n, k, "f32") for n, k in DYNAMIC_CASES], regs)
     rng = np.random.default_rng(1)
     for i, (n, k) in enumerate(DYNAMIC_CASES):
         w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
         for m in (1, 3, 4, 5, 16, 19):
             x = rng.standard_normal((m, k)).astype(np.float32)
-            y = ctx.modules.module[f"f{i}"](x, w).to_host()
+            y = module[f"f{i}"](x, w).to_host()
             ref = x.astype(np.float64) @ w.astype(np.float64).T
             assert y.shape == (m, n)
             assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), (n, k, m)
