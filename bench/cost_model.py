@@ -115,7 +115,9 @@ def measure_segments(name, device, chunks, profile_files, profs_by_label, progre
             continue
         ctx = rt.SystemContext(config=rt.Config(device=dev))
         ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, vmfbs[seg][0]))
-        f = ctx.modules.module[seg]
+        mod = ctx.modules.module
+        ctx.modules.clear()  # no context <-> module cycle: a lavapipe device polls until freed (executor._release)
+        f = mod[seg]
         rng = np.random.default_rng(0)
         args = []
         for t in fn.type.inputs:

@@ -238,8 +238,10 @@ def measure(spec: Any, vmfb: bytes, like: Any = None, progress: Callable[[str], 
     dev = create_device(spec)
     ctx = rt.SystemContext(config=rt.Config(device=dev))
     ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, vmfb))
+    mod = ctx.modules.module
+    ctx.modules.clear()  # no context <-> module cycle: the device goes with the last reference (executor._release)
     sizes = _sizes(quick)
-    jobs = _kernel_jobs(ctx.modules.module, lambda a: rt.asdevicearray(dev, a), *sizes[:3])
+    jobs = _kernel_jobs(mod, lambda a: rt.asdevicearray(dev, a), *sizes[:3])
     times = _time_jobs(jobs)
     raw = _raw(times, *sizes[:3])
     raw["upload"], raw["download"] = _transfers(dev, sizes[3])
@@ -324,9 +326,11 @@ def _matvecs(rt, dev, vmfbs):
     out = []
     for d, vmfb in vmfbs.items():
         ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, vmfb))
+        mod = getattr(ctx.modules, f"mv_{d}")
+        ctx.modules.clear()  # no context <-> module cycle (executor._release)
         for rows in MATVEC_ROWS:
             x = rt.asdevicearray(dev, np.full((rows, MATVEC_H), 0.5, np_types[d]))
-            f = getattr(ctx.modules, f"mv_{d}")[f"mv_{rows}"]
+            f = mod[f"mv_{rows}"]
             out.append({"dtype": d, "rows": rows, "bytes": matvec_bytes(d), "calls": 2 * MATVEC_PAIRS[d],
                         "s": time_median(lambda: _sync(f(x)))})
     return out

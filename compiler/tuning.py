@@ -183,7 +183,9 @@ def _load_module(device, vmfb):
             ctx.instance, index.create_provider(scope=os.path.basename(vmfb)[:-len(".vmfb")])))
     with open(vmfb, "rb") as f:
         ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, f.read()))
-    return dev, ctx.modules.module
+    mod = ctx.modules.module
+    ctx.modules.clear()  # no context <-> module cycle: the device goes with the last reference (executor._release)
+    return dev, mod
 
 
 def _time_probe(device, vmfb, calls):

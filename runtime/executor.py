@@ -168,6 +168,7 @@ class Bundle:
             if "parameters" in seg:
                 ctx.add_vm_module(self._parameters_module(ctx, params, seg))
             vm = self._module(ctx, seg)
+            ctx.modules.clear()  # IREE's BoundModule <-> SystemContext cycle: see _release
             self._contexts.append(ctx)
             fn = vm.lookup_function(seg["function"] + "$async")
             if fn is None:
@@ -378,11 +379,28 @@ class Bundle:
         if gen is not None:  # its caches are device buffers: freed now, while their device is held
             gen.release()
             self._generator = None
-        self._async.clear()
-        self._contexts.clear()
-        self._splat_buffers.clear()
+        self._release()
         self._closed = True
         self._members.close()
+
+    def _release(self) -> None:
+        """Let go of the devices now. An IREE Vulkan device on lavapipe keeps two threads
+        polling at 100% of a core each for as long as it lives, idle or not (IREE 3.13, Mesa
+        22.3): a device kept after close, or until the garbage collector finds it (IREE's
+        SystemContext and its BoundModules refer to each other, hence the cleared modules
+        above), took the host's two cores from everything else (docs/architecture.md).
+        Semaphores go before their devices: the other order crashes in lavapipe. Tensors
+        still held elsewhere (a Generator's cache, a Resident) hold their device and
+        semaphore (_OnDevice.owner), so these go only with the last of them."""
+        self._sems = {}
+        self._async = {}
+        self._contexts = []
+        self._splat_buffers = []
+        self.devices = {}
+
+    def __del__(self):
+        if "devices" in self.__dict__:  # __init__ got as far as choosing devices
+            self._release()
 
     def __enter__(self):
         return self
@@ -478,8 +496,9 @@ class Bundle:
             event["dur"] = clock() - t0
             self.counters["segment_seconds"][dname] += event["dur"]
         call.events.append(event)
+        owner = (dev, sem)
         for i, name in enumerate(step["results"]):
-            env[name] = _OnDevice(dname, rets.get_as_object(i, rt.HalBufferView), tick, event)
+            env[name] = _OnDevice(dname, rets.get_as_object(i, rt.HalBufferView), tick, event, owner)
 
     def _failed(self, dname, tick, seg_name, err):
         """A segment's invocation failed (a check in it failed: guard-indices): its signal
@@ -621,12 +640,15 @@ class Resident:
 
 
 class _OnDevice:
-    """A tensor on a device: its buffer view, valid once the device's timeline reaches `tick`."""
+    """A tensor on a device: its buffer view, valid once the device's timeline reaches `tick`.
+    owner: (HalDevice, its timeline semaphore), kept so that the device and the semaphore
+    outlive the buffer (a tensor kept past its bundle's close: a generation's cache, a
+    Resident); the slots are freed in order, the buffer first (Bundle._release)."""
 
-    __slots__ = ("device", "bv", "tick", "event")
+    __slots__ = ("device", "bv", "tick", "event", "owner")
 
-    def __init__(self, device, bv, tick, event):
-        self.device, self.bv, self.tick, self.event = device, bv, tick, event
+    def __init__(self, device, bv, tick, event, owner=None):
+        self.device, self.bv, self.tick, self.event, self.owner = device, bv, tick, event, owner
 
 
 class _Call:

@@ -70,9 +70,8 @@ def test_resource_names():
 
 def test_ray_matches_single_process(on_ray, mlp_bundle):
     model, x, path = mlp_bundle
-    local = polyarch.runtime.load(path)
     b = on_ray
-    if True:
+    with polyarch.runtime.load(path) as local:
         # one actor (worker process) per device
         assert set(b.placement) == {"cpu", "vulkan"}
         assert len({p["pid"] for p in b.placement.values()}) == 2
