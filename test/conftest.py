@@ -1,12 +1,16 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# One measurement cache per test session (profiles calibrated once, ops measured wrong), never the user's.
+# One measurement cache per test session (profiles calibrated once, ops measured wrong), never
+# the user's; removed when the session ends.
 os.environ["POLYARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="polyarch-test-cache-")
+atexit.register(shutil.rmtree, os.environ["POLYARCH_CACHE_DIR"], ignore_errors=True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from conftest import ...`
