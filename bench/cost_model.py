@@ -103,7 +103,7 @@ def measure_segments(name, device, chunks, profile_files, profs_by_label, progre
     from polyarch.compiler.modules import segments_of
     from polyarch.dialects import polyarch as pa
     from polyarch.runtime.devices import DeviceSpec
-    from polyarch.runtime.executor import create_device
+    from polyarch.runtime.executor import create_device, take_module
 
     module = segment_module(name, device, chunks, profile_files)
     kind = DeviceSpec.parse(device).kind
@@ -115,9 +115,7 @@ def measure_segments(name, device, chunks, profile_files, profs_by_label, progre
             continue
         ctx = rt.SystemContext(config=rt.Config(device=dev))
         ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, vmfbs[seg][0]))
-        mod = ctx.modules.module
-        ctx.modules.clear()  # no context <-> module cycle: a lavapipe device polls until freed (executor._release)
-        f = mod[seg]
+        f = take_module(ctx)[seg]
         rng = np.random.default_rng(0)
         args = []
         for t in fn.type.inputs:

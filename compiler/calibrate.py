@@ -232,14 +232,13 @@ def measure(spec: Any, vmfb: bytes, like: Any = None, progress: Callable[[str], 
     (DeviceProfile fitted to it, raw measurements)."""
     import iree.runtime as rt
 
-    from ..runtime.executor import create_device
+    from ..runtime.executor import create_device, take_module
 
     spec = DeviceSpec.parse(spec)
     dev = create_device(spec)
     ctx = rt.SystemContext(config=rt.Config(device=dev))
     ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, vmfb))
-    mod = ctx.modules.module
-    ctx.modules.clear()  # no context <-> module cycle: the device goes with the last reference (executor._release)
+    mod = take_module(ctx)
     sizes = _sizes(quick)
     jobs = _kernel_jobs(mod, lambda a: rt.asdevicearray(dev, a), *sizes[:3])
     times = _time_jobs(jobs)
@@ -315,6 +314,8 @@ def _matvecs(rt, dev, vmfbs):
     """[{dtype, rows, bytes, calls, s}]: each matrix-vector chain's call timed at each of
     MATVEC_ROWS, its weights given as parameters (loaded, and packed where data tiling does,
     when the module initialises)."""
+    from ..runtime.executor import take_module
+
     index = rt.ParameterIndex()
     np_types = {d: np.dtype(d.replace("f", "float")) for d in vmfbs}
     for d, np_type in np_types.items():
@@ -326,8 +327,7 @@ def _matvecs(rt, dev, vmfbs):
     out = []
     for d, vmfb in vmfbs.items():
         ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, vmfb))
-        mod = getattr(ctx.modules, f"mv_{d}")
-        ctx.modules.clear()  # no context <-> module cycle (executor._release)
+        mod = take_module(ctx, f"mv_{d}")
         for rows in MATVEC_ROWS:
             x = rt.asdevicearray(dev, np.full((rows, MATVEC_H), 0.5, np_types[d]))
             f = mod[f"mv_{rows}"]

@@ -171,7 +171,7 @@ def _load_module(device, vmfb):
     _compile(export=True) writes them) where there are any. -> (device, module)."""
     import iree.runtime as rt
 
-    from ..runtime.executor import create_device
+    from ..runtime.executor import create_device, take_module
 
     dev = create_device(DeviceSpec.parse(device))
     ctx = rt.SystemContext(config=rt.Config(device=dev))
@@ -183,9 +183,7 @@ def _load_module(device, vmfb):
             ctx.instance, index.create_provider(scope=os.path.basename(vmfb)[:-len(".vmfb")])))
     with open(vmfb, "rb") as f:
         ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, f.read()))
-    mod = ctx.modules.module
-    ctx.modules.clear()  # no context <-> module cycle: the device goes with the last reference (executor._release)
-    return dev, mod
+    return dev, take_module(ctx)
 
 
 def _time_probe(device, vmfb, calls):

@@ -16,7 +16,7 @@ from .identity import iree_version
 if TYPE_CHECKING:
     import iree.runtime as rt
 
-__all__ = ["Bundle", "Resident", "create_device", "available_devices", "to_host", "check_inputs", "first_out_of_range",
+__all__ = ["Bundle", "Resident", "create_device", "take_module", "available_devices", "to_host", "check_inputs", "first_out_of_range",
            "index_bounds"]
 
 
@@ -50,6 +50,18 @@ def available_devices() -> list:
         except Exception:
             out[driver] = []
     return out
+
+
+def take_module(ctx: "rt.SystemContext", name: str | None = "module"):
+    """ctx's BoundModule `name` (None: none), with ctx's own dict of them cleared. IREE's
+    SystemContext and its BoundModules refer to each other, so a context, and its device, lived
+    on until the garbage collector ran; an IREE Vulkan device on lavapipe keeps two threads
+    polling at 100% of a core each while it lives (docs/architecture.md). Afterwards the module
+    keeps the context alive, not the other way round: the device goes with the last reference.
+    Call it once the context has all its modules."""
+    mod = ctx.modules[name] if name is not None else None
+    ctx.modules.clear()
+    return mod
 
 
 def create_device(spec: DeviceSpec | str) -> "rt.HalDevice":
@@ -168,7 +180,7 @@ class Bundle:
             if "parameters" in seg:
                 ctx.add_vm_module(self._parameters_module(ctx, params, seg))
             vm = self._module(ctx, seg)
-            ctx.modules.clear()  # IREE's BoundModule <-> SystemContext cycle: see _release
+            take_module(ctx, None)  # only the VmContext is used: freed with the last reference
             self._contexts.append(ctx)
             fn = vm.lookup_function(seg["function"] + "$async")
             if fn is None:
@@ -386,9 +398,8 @@ class Bundle:
     def _release(self) -> None:
         """Let go of the devices now. An IREE Vulkan device on lavapipe keeps two threads
         polling at 100% of a core each for as long as it lives, idle or not (IREE 3.13, Mesa
-        22.3): a device kept after close, or until the garbage collector finds it (IREE's
-        SystemContext and its BoundModules refer to each other, hence the cleared modules
-        above), took the host's two cores from everything else (docs/architecture.md).
+        22.3): a device kept after close, or until the garbage collector found it (take_module),
+        took the host's two cores from everything else (docs/architecture.md).
         Semaphores go before their devices: the other order crashes in lavapipe. Tensors
         still held elsewhere (a Generator's cache, a Resident) hold their device and
         semaphore (_OnDevice.owner), so these go only with the last of them."""
