@@ -19,10 +19,20 @@ if TYPE_CHECKING:
 # Decode's matmuls have a handful of rows (the batch): IREE's data tiling packs their weights into
 # a copy of their own when the module initialises (+300 MB for a 100M model, per module) for no
 # gain at batch 1 and less at batch 8 (measured: bench/generate.py, docs/architecture.md); without
-# it the weights are used from the bundle's archive in place. Prefill (compute-bound) keeps it, and
-# so do 16-bit weights (f16 decode without it: 19.6 ms/token, with it 12.1, on the same model). The
-# draft's decode and the verify phase (speculate + 1 rows) are decode-like: the same flags.
-PHASE_FLAGS = {"f32": {p: ["--iree-opt-data-tiling=false"] for p in ("decode", "verify")}}  # by weights dtype
+# it the weights are used from the bundle's archive in place. Prefill (compute-bound) keeps it. The
+# draft's decode and the verify phase (speculate + 1 rows) are decode-like: the same flags. With
+# 16-bit weights the products are rowdot's either way (PHASE_KERNELS) and data tiling only changes
+# attention: on an AVX-512 Xeon it gained (f16 decode 8.5-8.9 -> 7.1-7.3 ms a token), on an AVX2
+# Zen 2 it costs (it packs the f16 cache every step: 9.3 -> 9.8 ms a token, A B B A): f16 decode
+# keeps it where the host has AVX-512 only (the cpu target compiles for the host). bf16 keeps it.
+def _phase_flags() -> dict:
+    from .kernels import host_vector_regs
+
+    off = {p: ["--iree-opt-data-tiling=false"] for p in ("decode", "verify")}
+    return {"f32": off, **({} if host_vector_regs()[1] == 16 else {"f16": off})}
+
+
+PHASE_FLAGS = _phase_flags()  # by weights dtype
 # Decode-like phases multiply each weight by a few rows: on cpu, with compiler/kernels.py's
 # hand-written dispatch (passes/rowdot.py), which streams the weights faster than IREE's own code.
 # Prefill's head multiplies the last token's row only (its other products have dynamic rows):

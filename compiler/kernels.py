@@ -122,15 +122,26 @@ def _prologue(fn, m, n, k, t, r, wg, lanes, step, tile=0):
         %n = arith.addi %nb, %i : index"""
 
 
+def _prefetch(m: int, dtype: str) -> bool:
+    """Whether rowdot's static-row kernel prefetches the next group's weight rows (`_products`):
+    always but for one row of f32. Measured A B B A on a 2-core AVX-512 Xeon and a 2-core Zen 2
+    EPYC (AVX2): one row of f32 within noise on the Xeon, and on the Zen 2 a chain of 48 products
+    9.3-9.6 ms without against 11.1 with, bench/generate.py's f32 decode 13.3 ms a token against
+    14.9 (its hardware prefetcher keeps up alone, and the prefetches cost); 16-bit weights gain on
+    both (Xeon chain 9.0 -> 6.5 ms; Zen 2 f16 decode 11.3 -> 9.6 ms a token), as do 5 rows of f32
+    (chain: Xeon 16.2 -> 13.5 ms, Zen 2 14.7 -> 13.2)."""
+    return not (m == 1 and dtype == "f32")
+
+
 def _rows(m, n, k, t, r, lanes, dot=False):
     """The body of the loop over rows: r rows x m accumulators along k, then reduced and stored,
-    the next group's rows prefetched (the last row for the last group)."""
+    the next group's rows prefetched where `_prefetch` says (the last row for the last group)."""
     o = [f"        %c{j}i = arith.constant {j} : index" for j in range(max(r, m))]
     o += [f"        %n{a} = arith.addi %n, %c{a}i : index" for a in range(r)]
     o.append(f"        %nlast = arith.constant {n - 1} : index")
     o += [f"        %pn{a}u = arith.addi %n{a}, %cr : index\n        %pn{a} = arith.minui %pn{a}u, %nlast : index"
           for a in range(r)]
-    return o + _products(n, k, t, r, m, lanes, 8, lambda b: f"%c{b}i", m, dot, prefetch=True)
+    return o + _products(n, k, t, r, m, lanes, 8, lambda b: f"%c{b}i", m, dot, prefetch=_prefetch(m, t))
 
 
 def _products(n, k, t, r, rows, lanes, indent, x_row, x_rows, dot=False, prefetch=False):

@@ -125,7 +125,7 @@ def test_the_walk_sees_imports():
 
 
 # compiler/ from the bottom up, as docs/architecture.md lists it: each imports only those before it
-COMPILER_ORDER = ["options", "modules", "iree", "kernels", "importer", "causal_lm", "parameters", "bundle", "calibrate", "measured", "tuning", "planning",
+COMPILER_ORDER = ["options", "modules", "kernels", "iree", "importer", "causal_lm", "parameters", "bundle", "calibrate", "measured", "tuning", "planning",
                   "build", "lm", "verify", "grounding", "simulate", "fleet", "driver"]
 
 
