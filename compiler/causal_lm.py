@@ -157,11 +157,14 @@ def _prefill(lm, ids, slot, cache):
 
     t = ids.shape[1]
     real = (ids >= 0).sum()  # the prompt's length: the runtime pads its end with -1
+    # the keys' positions, computed from the ids (>= -1, so the factor is 1) rather than from an
+    # index alone: otherwise IREE fuses the mask into every layer's scores, flattened, and
+    # recomputes it there with integer divisions by T for every score (1.2 ms a layer on Zen 2)
+    keys = torch.arange(t, device=ids.device) * (ids[0] >= -1).to(torch.int64)
     ids = ids.clamp(min=0)
     neg = torch.finfo(cache[0].dtype).min
     n, b = cache[0].shape[2], cache[0].shape[0]
     pos = torch.arange(t, device=ids.device).clamp(max=n - 1)  # padding rows past the cache: any position
-    keys = torch.arange(t, device=ids.device)
     mask = torch.where(keys[None, :] <= keys[:, None], 0.0, neg).to(cache[0].dtype)[None, None]  # [1, 1, T, T]
     keep = (torch.arange(b, device=ids.device) == slot)[:, None, None, None] & \
         (torch.arange(n, device=ids.device) < real)[None, None, :, None]
