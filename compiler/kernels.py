@@ -136,12 +136,14 @@ def _prefetch(m: int, dtype: str) -> bool:
 def _rows(m, n, k, t, r, lanes, dot=False):
     """The body of the loop over rows: r rows x m accumulators along k, then reduced and stored,
     the next group's rows prefetched where `_prefetch` says (the last row for the last group)."""
+    prefetch = _prefetch(m, t)
     o = [f"        %c{j}i = arith.constant {j} : index" for j in range(max(r, m))]
     o += [f"        %n{a} = arith.addi %n, %c{a}i : index" for a in range(r)]
-    o.append(f"        %nlast = arith.constant {n - 1} : index")
-    o += [f"        %pn{a}u = arith.addi %n{a}, %cr : index\n        %pn{a} = arith.minui %pn{a}u, %nlast : index"
-          for a in range(r)]
-    return o + _products(n, k, t, r, m, lanes, 8, lambda b: f"%c{b}i", m, dot, prefetch=_prefetch(m, t))
+    if prefetch:  # the rows to prefetch (%pn0..): the next group's, clamped to the last row
+        o.append(f"        %nlast = arith.constant {n - 1} : index")
+        o += [f"        %pn{a}u = arith.addi %n{a}, %cr : index\n        %pn{a} = arith.minui %pn{a}u, %nlast : index"
+              for a in range(r)]
+    return o + _products(n, k, t, r, m, lanes, 8, lambda b: f"%c{b}i", m, dot, prefetch=prefetch)
 
 
 def _products(n, k, t, r, rows, lanes, indent, x_row, x_rows, dot=False, prefetch=False):
