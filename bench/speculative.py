@@ -80,7 +80,8 @@ def scale_for(base, draft, draft_layers, rate, prompt, n=48, steps=7):
 
 
 def call_times(b, prompt, reps=20):
-    """Seconds per call of decode, draft decode and verify, each alone (batch 1, after a prefill)."""
+    """Seconds per call of decode, draft decode, verify and the draft's 2-token verify (its
+    catch-up), each alone (batch 1, after a prefill)."""
     import numpy as np
 
     from polyarch.runtime.generate import Generator
@@ -91,7 +92,8 @@ def call_times(b, prompt, reps=20):
     p = len(prompt)
     out = {}
     for name, fn in (("decode", lambda: g.decode([1], [p])), ("draft", lambda: g.draft.decode([1], [p])),
-                     ("verify", lambda: g.verify(np.ones((1, g.verify_tokens), np.int64), [p]))):
+                     ("verify", lambda: g.verify(np.ones((1, g.verify_tokens), np.int64), [p])),
+                     ("catch", lambda: g.draft.verify(np.ones((1, g.draft.verify_tokens), np.int64), [p]))):
         fn()
         t = time.perf_counter()
         for _ in range(reps):
@@ -149,7 +151,8 @@ def main():
             plain, spec = blocks(lambda: run(b, prompt, args.new, False), lambda: run(b, prompt, args.new, None))
             calls = call_times(b, prompt)
             predicted_us = {k: b.plan["phases"][p]["plan"]["predicted_us"] * 1e-6
-                            for k, p in (("decode", "decode"), ("draft", "draft_decode"), ("verify", "verify"))}
+                            for k, p in (("decode", "decode"), ("draft", "draft_decode"), ("verify", "verify"),
+                                         ("catch", "draft_verify"))}
         assert all(x[2] == plain[0][2] for x in plain + spec), "speculative tokens differ from plain greedy"
         st = [x[1] for x in spec]
         a = statistics.median(x["acceptance_rate"] for x in st)
@@ -159,8 +162,10 @@ def main():
         res["rates"][rate] = {
             "scale": s, "teacher_forced_agreement": agree, "acceptance_rate": a, "mean_k": k,
             "plain_ms_per_token": tp * 1e3, "speculative_ms_per_token": ts * 1e3, "speed_up": tp / ts,
-            "predicted_speed_up": speculative_gain(a, kk, calls["draft"], calls["verify"]) * calls["decode"],
-            "cost_model_speed_up": speculative_gain(a, kk, predicted_us["draft"], predicted_us["verify"])
+            "predicted_speed_up": speculative_gain(a, kk, calls["draft"], calls["verify"],
+                                                   max(0.0, calls["catch"] - calls["draft"])) * calls["decode"],
+            "cost_model_speed_up": speculative_gain(a, kk, predicted_us["draft"], predicted_us["verify"],
+                                                    max(0.0, predicted_us["catch"] - predicted_us["draft"]))
             * predicted_us["decode"],
             "call_ms": {k_: v * 1e3 for k_, v in calls.items()}}
     res["load_after"] = os.getloadavg()[0]
@@ -170,12 +175,13 @@ def main():
           f"embedding and head; {args.draft_dtype}), cpu, {THREADS} threads, prompt {args.prompt}, {args.new} new tokens, up to "
           f"{args.speculate} drafted a step (load {res['load']:.1f} -> {res['load_after']:.1f}); blocks A B B A")
     print("| acceptance (set / measured) | mean k | plain ms/token | speculative ms/token | speed-up | predicted "
-          "| cost model | call ms (decode / draft / verify) |\n|---|---|---|---|---|---|---|---|")
+          "| cost model | call ms (decode / draft / verify / draft's 2 tokens) |\n|---|---|---|---|---|---|---|---|")
     for rate, r in res["rates"].items():
         c = r["call_ms"]
         print(f"| {rate} / {r['acceptance_rate']:.2f} | {r['mean_k']:.1f} | {r['plain_ms_per_token']:.2f} | "
               f"{r['speculative_ms_per_token']:.2f} | {r['speed_up']:.2f}x | {r['predicted_speed_up']:.2f}x | "
-              f"{r['cost_model_speed_up']:.2f}x | {c['decode']:.2f} / {c['draft']:.2f} / {c['verify']:.2f} |")
+              f"{r['cost_model_speed_up']:.2f}x | {c['decode']:.2f} / {c['draft']:.2f} / {c['verify']:.2f} / "
+              f"{c['catch']:.2f} |")
     for rate, r in res["rates"].items():
         off = r["speed_up"] / r["predicted_speed_up"] - 1
         print(f"target rate {rate}: measured within 20% of predicted: {off:+.0%} "

@@ -117,7 +117,7 @@ def predict(spec: LMSpec, profiles: dict, prompt: int, new: int, batches: Iterab
     """Every plan of every kind over `profiles` ({name: DeviceProfile}): single on each, split
     over each ordered pair, speculative (with a draft) for each pair (the same device too),
     each at every batch size (and draft length). -> rows (dicts, see _row)."""
-    from ..runtime.generate import speculative_gain
+    from ..runtime.generate import CATCH_UP_TOKENS, speculative_gain
 
     fleet, rows = Fleet(dtype), []
     ctx = prompt + new / 2  # mean keys a decode step attends to
@@ -140,10 +140,11 @@ def predict(spec: LMSpec, profiles: dict, prompt: int, new: int, batches: Iterab
             for d, pd in profiles.items():
                 nd = fleet.devices_for(draft, pd, b, prompt + new)
                 td = fleet.call_s(draft, pd, b, b, ctx, nd)
+                catch = max(0.0, fleet.call_s(draft, pd, b * CATCH_UP_TOKENS, b, ctx, nd) - td)  # its 2-token call
                 hop = 0.0 if t == d else 2 * (pt.link_latency_s + pd.link_latency_s)  # token ids there and back
                 for k in draft_lengths:
                     tv = fleet.call_s(spec, pt, b * (k + 1), b, ctx, n[t]) + hop
-                    tpot = 1 / speculative_gain(acceptance, k, td, tv)
+                    tpot = 1 / speculative_gain(acceptance, k, td, tv, catch)
                     used = [n[t]] + ([nd] if t != d else [])
                     rows.append(_row("speculative", f"{t} + draft on {d}", b, k, pre[t], tpot, used,
                                      [pt] + ([pd] if t != d else [])))

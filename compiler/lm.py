@@ -13,7 +13,8 @@ import numpy as np
 
 from ..files import temp_dir
 from ..errors import PolyarchError
-from ..runtime.generate import DRAFT as DRAFT_PREFIX  # the draft model's phases: draft_prefill, draft_decode
+from ..runtime.generate import CATCH_UP_TOKENS
+from ..runtime.generate import DRAFT as DRAFT_PREFIX  # the draft's phases: draft_prefill, draft_decode, draft_verify
 from . import causal_lm
 from .build import build_phases_bundle, rewrite_bundle
 from .iree import PHASE_FLAGS, PHASE_KERNELS  # iree-compile flags, hand-written matmuls of decode-like phases
@@ -40,7 +41,9 @@ def _pins(pins):
 
 def _phase_pins(o, phase):
     """The pins of one phase: the model's (or the draft's), then the phase's own (they win)."""
-    own = [pin.partition(":")[2] for pin in o.phase_pins if pin.partition(":")[0] == phase]
+    # the draft's 2-token verify runs between its decode calls on their cache: it takes their pins
+    same = (phase, DRAFT_PREFIX + "decode") if phase == DRAFT_PREFIX + "verify" else (phase,)
+    own = [pin.partition(":")[2] for pin in o.phase_pins if pin.partition(":")[0] in same]
     return _pins([*(o.draft_pins if phase.startswith(DRAFT_PREFIX) else o.pins), *own])
 
 
@@ -63,17 +66,20 @@ class ImportedLM:
         if options.draft is not None:
             self.draft, self.draft_shape = _draft(options.draft, options.draft_dtype or options.weights_dtype, shape, n)
             progress(f"generate: draft {type(self.draft).__name__} ({self.draft_shape.layers} layers, "
-                     f"{_params_m(self.draft):.1f}M parameters against {_params_m(model):.1f}M) as its own prefill and "
-                     f"decode; the model checks up to {options.speculate} drafted tokens a step in one verify call "
-                     f"({k} tokens)")
+                     f"{_params_m(self.draft):.1f}M parameters against {_params_m(model):.1f}M) as its own prefill, "
+                     f"decode and {CATCH_UP_TOKENS}-token verify (its catch-up); the model checks up to "
+                     f"{options.speculate} drafted tokens a step in one verify call ({k} tokens)")
         self.cpu_only = _cpu_only(options)
         for phase in ("prefill", "decode") + (("verify",) if self.draft is not None else ()):
             with _attention(model, phase):
                 self.phases[phase] = _import_phase(model, phase, shape, b, n, k, progress, self.cpu_only)
         if self.draft is not None:
-            for phase in ("prefill", "decode"):
+            # the draft's verify takes 2 tokens (CATCH_UP_TOKENS): after a step whose drafts were all
+            # accepted it feeds the last drafted token with the model's next in one call
+            for phase in ("prefill", "decode", "verify"):
                 with _attention(self.draft, phase):
-                    self.phases[DRAFT_PREFIX + phase] = _import_phase(self.draft, phase, self.draft_shape, b, n, k,
+                    self.phases[DRAFT_PREFIX + phase] = _import_phase(self.draft, phase, self.draft_shape, b, n,
+                                                                      CATCH_UP_TOKENS if phase == "verify" else k,
                                                                       progress, self.cpu_only)
 
     def plan(self, options: "CompileOptions | None" = None) -> "PlannedLM":
@@ -373,7 +379,9 @@ def verify_lm(path: str, model: Any, shape: "causal_lm.LMShape", progress: Calla
             errs = _check_greedy(g, name, "", prompt, *ref, tol)
             if ref_draft is not None:
                 _check_greedy(g.draft, name, "the draft's ", prompt, *ref_draft, draft_tol)
-                errs += _check_verify(g, name, prompt, *ref, tol)
+                errs += _check_verify(g, name, "", prompt, *ref, tol)
+                if g.draft.verify_tokens:
+                    _check_verify(g.draft, name, "the draft's ", prompt, *ref_draft, draft_tol)
         out[name] = {"status": "verified", "greedy_tokens": VERIFY_STEPS, "max_rel_logits_error": max(errs),
                      "tolerance": tol}
         progress(f"verified plan {name}: {VERIFY_STEPS} greedy tokens equal to PyTorch's"
@@ -411,7 +419,7 @@ def _check_greedy(g, name, who, prompt, ref_tokens, ref_logits, tol):
     return errs
 
 
-def _check_verify(g, name, prompt, ref_tokens, ref_logits, tol):
+def _check_verify(g, name, who, prompt, ref_tokens, ref_logits, tol):
     """After a prefill, one verify call of eager's greedy tokens on slot 0: its rows must be
     eager's logits of the steps that follow. -> the relative errors."""
     k = g.verify_tokens
@@ -424,5 +432,5 @@ def _check_verify(g, name, prompt, ref_tokens, ref_logits, tol):
     errs = [_rel(got[j], ref_logits[j + 1]) for j in range(rows)]
     bad = next((j for j, e in enumerate(errs) if e > tol), None)
     if bad is not None:
-        raise _disagree(name, "verify", bad + 1, int(np.argmax(got[bad])), ref_tokens[bad + 1], errs[bad], tol)
+        raise _disagree(name, who + "verify", bad + 1, int(np.argmax(got[bad])), ref_tokens[bad + 1], errs[bad], tol)
     return errs

@@ -54,7 +54,8 @@ class CompileOptions:
     draft_dtype  with draft: its weights' dtype (f32, f16, bf16; None: weights_dtype), e.g. a
                  16-bit draft for an f32 model: each draft call reads half the bytes
     phase_pins   with generate: pins for one phase only, "PHASE:PATTERN=DEVICE" (PHASE: prefill,
-                 decode, verify, draft_prefill, draft_decode), after the others: e.g.
+                 decode, verify, draft_prefill, draft_decode, draft_verify; draft_decode's apply to
+                 draft_verify too), after the others: e.g.
                  ["prefill:model.layers=vulkan", "decode:model=cpu"] runs prefill and decode on
                  different devices (the cache moves once per prompt, between them)"""
 
@@ -212,7 +213,7 @@ def parse_device_sets(device_sets) -> list:
     return sets
 
 
-PHASES = ("prefill", "decode", "verify", "draft_prefill", "draft_decode")
+PHASES = ("prefill", "decode", "verify", "draft_prefill", "draft_decode", "draft_verify")
 FIELDS_HELP = "see `polyarch compile --help` (--options) or compiler/options.py for the fields"
 
 

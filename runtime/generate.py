@@ -33,7 +33,11 @@ from ..errors import BundleError, PolyarchError
 
 __all__ = ["Generator", "Generation", "sample", "distribution", "speculative_gain", "DRAFT"]
 
-DRAFT = "draft_"  # the phases of a bundle's draft model: draft_prefill, draft_decode
+DRAFT = "draft_"  # the phases of a bundle's draft model: draft_prefill, draft_decode, draft_verify
+# the tokens of the draft's verify phase: after a step whose k drafts were all accepted, the draft
+# has not seen its own last draft; its next step's first call feeds that token and the model's
+# next one together (a call reads the weights once: about the cost of one token, not two)
+CATCH_UP_TOKENS = 2
 
 
 def _candidates(logits, temperature, top_k, top_p):
@@ -115,7 +119,10 @@ class Generator:
         self.n_cache = 2 * self.config["layers"]
         # with a draft model: its own generator (its own cache), and the tokens verify takes
         self.draft = Generator(bundle, DRAFT) if not prefix and "draft" in cfg and "verify" in bundle.phases else None
-        self.verify_tokens = cfg["draft"]["speculate"] + 1 if self.draft is not None else None
+        if prefix:  # the draft's 2-token verify (bundles compiled before it have none: a catch-up decode call)
+            self.verify_tokens = CATCH_UP_TOKENS if prefix + "verify" in bundle.phases else None
+        else:
+            self.verify_tokens = cfg["draft"]["speculate"] + 1 if self.draft is not None else None
         # each phase gives the cache back as outputs 1.., and takes it as inputs 2..
         self._kept, self._state = range(1, 1 + self.n_cache), range(2, 2 + self.n_cache)
         self.cache = None
@@ -179,10 +186,11 @@ class Generator:
         return tuple(max(1e-3, float(plan[p].get("plan", {}).get("predicted_us") or 1.0)) for p in phases)
 
     def verify(self, tokens: Iterable, positions: Iterable) -> np.ndarray:
-        """(A bundle with a draft) tokens[b] ([verify_tokens] ids) at positions[b] onwards into
-        every slot's cache. -> logits [batch, verify_tokens, vocab], one row per token."""
-        out = self.bundle.run_phase("verify", [np.asarray(tokens, np.int64), np.asarray(list(positions), np.int64),
-                                               *self.cache], keep=self._kept, state=self._state)
+        """(A bundle with a draft, or its draft) tokens[b] ([verify_tokens] ids) at positions[b]
+        onwards into every slot's cache. -> logits [batch, verify_tokens, vocab], one row per token."""
+        out = self.bundle.run_phase(self.prefix + "verify", [np.asarray(tokens, np.int64),
+                                                             np.asarray(list(positions), np.int64), *self.cache],
+                                    keep=self._kept, state=self._state)
         self.cache = out[1:]
         return out[0]
 
@@ -236,8 +244,11 @@ class Generation:
     output token over the decode steps), decode_steps, tokens_per_s, and
     state_host_bytes_per_step (KV-cache bytes that crossed the host per decode step); with
     a draft model (speculative decoding, `Generation._spec_step`) also `speculative`: drafted
-    and accepted tokens, acceptance_rate, mean_k (tokens drafted a step), and the draft's and
-    verify's calls and seconds (decode_steps then counts verify calls). acceptance_rate is
+    and accepted tokens, acceptance_rate, mean_k (tokens drafted a step), the calls and
+    seconds of the draft's decode (draft_calls, draft_s), of its 2-token catch-up (catch_up_calls,
+    catch_up_s: a step's first draft call after a step whose drafts were all accepted) and of
+    verify (decode_steps then counts verify calls; tpot_s counts these and the draft's
+    prefills, which run after each first token). acceptance_rate is
     the probability that a drafted token is accepted (accepted / drafts checked: a step checks
     its drafts up to the first rejected one; the ones after it are drafted but not checked)."""
 
@@ -281,13 +292,14 @@ class Generation:
         # k from measured call times, except when a seed asks for reproducible sampling: the draws
         # a step makes depend on k, so then the times are the plan's predicted ones (fixed per bundle)
         costs = None if not draft or self.rng is None or self.seed is None else \
-            gen.predicted_us(DRAFT + "decode", "verify")
+            gen.predicted_us(DRAFT + "decode", "verify", *((DRAFT + "verify",) if draft.verify_tokens else ()))
         t0 = time.perf_counter()
         ttft = [None] * len(self.prompts)
         counters = gen.bundle.counters
         state0 = counters["state_host_bytes"]
         st = self._st = {"steps": 0, "drafted": 0, "accepted": 0, "tested": 0, "k": [],
-                         **{f"{w}_{x}": 0 for w in ("decode", "draft", "verify") for x in ("s", "calls")}}
+                         **{f"{w}_{x}": 0 for w in ("decode", "draft_prefill", "draft", "catch", "verify")
+                            for x in ("s", "calls")}}
         state_steps = 0  # state bytes through the host in the decode steps (prefill's empty caches excluded)
         for wave in range(0, len(self.prompts), b):
             ids = list(range(wave, min(wave + b, len(self.prompts))))
@@ -295,6 +307,7 @@ class Generation:
             if draft:
                 draft.cache = None
             pos, last, live = [0] * b, [0] * b, set()
+            self._pending = {}  # slots whose draft has not seen its last (accepted) draft: {slot: (token, position)}
             for slot, i in enumerate(ids):
                 logits = gen.prefill(self.prompts[i], slot)
                 tok = sample(logits, self.rng, **self.sampling)
@@ -304,7 +317,7 @@ class Generation:
                 if tok not in self.stops and self.max_new > 1:
                     live.add(slot)
                 if draft:
-                    self._timed("draft", draft.prefill, self.prompts[i], slot)  # after the first token: no delay to it
+                    self._timed("draft_prefill", draft.prefill, self.prompts[i], slot)  # after the first token
             state_base = counters["state_host_bytes"]
             while live:
                 if not draft:
@@ -312,13 +325,13 @@ class Generation:
                     continue
                 # never draft past what any live sequence may still emit, nor past the cache
                 room = max(self.max_new - len(self.tokens[ids[s]]) for s in live) - 1
-                k = max(0, min(self._choose_k(st, gen.verify_tokens - 1, costs), room))
+                k = max(0, min(self._choose_k(st, gen.verify_tokens - 1, costs, bool(draft.verify_tokens)), room))
                 yield from self._spec_step(k, ids, pos, last, live)
             state_steps += counters["state_host_bytes"] - state_base
         total = time.perf_counter() - t0
         out = sum(map(len, self.tokens))
         steps = st["steps"]
-        spent = st["draft_s"] + st["verify_s"] if draft else st["decode_s"]
+        spent = st["draft_prefill_s"] + st["draft_s"] + st["catch_s"] + st["verify_s"] if draft else st["decode_s"]
         self.stats.update(ttft_s=ttft, tpot_s=spent / (max(1, out - len(self.prompts)) if draft else steps)
                           if steps else None, decode_steps=steps, tokens=out, seconds=total,
                           tokens_per_s=out / total if total else None,
@@ -329,7 +342,8 @@ class Generation:
                 "drafted": st["drafted"], "accepted": st["accepted"],
                 "acceptance_rate": st["accepted"] / st["tested"] if st["tested"] else None,
                 "mean_k": float(np.mean(st["k"])) if st["k"] else None,
-                **{key: st[key] for key in ("draft_calls", "draft_s", "verify_calls", "verify_s")}}
+                **{key: st[key] for key in ("draft_calls", "draft_s", "verify_calls", "verify_s")},
+                "catch_up_calls": st["catch_calls"], "catch_up_s": st["catch_s"]}
 
     def _decode_step(self, ids, pos, last, live):
         """One decode step for the batch: one token per live sequence (yielded)."""
@@ -361,21 +375,12 @@ class Generation:
         (the standard scheme: the tokens follow the model's distribution). The tokens each live
         sequence keeps are yielded, its position and last token moved on. k (1 .. speculate) is
         chosen each step (`_choose_k`) for the most tokens per second, from the acceptance rate
-        and the draft and verify call times measured so far."""
+        and the draft and verify call times measured so far. A sequence whose k drafts were all
+        accepted leaves its draft one token behind (the last draft): the next step's first
+        draft call feeds it with the new last token in the draft's 2-token verify phase."""
         gen, draft, b, st = self.gen, self.gen.draft, self.gen.batch, self._st
         n = gen.max_context
-        drafts, qs = [[] for _ in range(b)], [[] for _ in range(b)]
-        dl, dp = list(last), list(pos)  # slots not live repeat a harmless write at their position
-        for _ in range(k):
-            logits = self._timed("draft", draft.decode, dl, [min(q, n - 1) for q in dp])
-            for s in sorted(live):
-                if self.rng is None:
-                    d = int(np.argmax(logits[s]))
-                else:
-                    qs[s].append(distribution(logits[s], **self.sampling))
-                    d = _draw(qs[s][-1], self.rng)
-                drafts[s].append(d)
-                dl[s], dp[s] = d, dp[s] + 1
+        drafts, qs = self._draft(k, pos, last, live)
         tokens = np.zeros((b, gen.verify_tokens), np.int64)
         for s in range(b):
             tokens[s, :1 + len(drafts[s])] = [last[s], *drafts[s]]
@@ -397,9 +402,41 @@ class Generation:
                 if tok in self.stops or len(self.tokens[i]) >= self.max_new:
                     live.discard(s)
                     break
-        if live & set(catch_up):
+        catch_up = {s: v for s, v in catch_up.items() if s in live}
+        if draft.verify_tokens:  # the next step's first draft call feeds them
+            self._pending = catch_up
+        elif catch_up:  # a bundle without the draft's 2-token verify: a decode call of its own now
             self._timed("draft", draft.decode, [catch_up[s][0] if s in catch_up else last[s] for s in range(b)],
                         [min(catch_up[s][1] if s in catch_up else pos[s], n - 1) for s in range(b)])
+
+    def _draft(self, k, pos, last, live):
+        """k draft calls for the batch. -> (drafts, qs): each slot's drafted tokens and, when
+        sampling, the draft's distribution for each. The first call also feeds the slots whose
+        draft is one token behind (`self._pending`) with the draft's 2-token verify."""
+        draft, b, n = self.gen.draft, self.gen.batch, self.gen.max_context
+        drafts, qs = [[] for _ in range(b)], [[] for _ in range(b)]
+        dl, dp = list(last), list(pos)  # slots not live repeat a harmless write at their position
+        pending = {s: v for s, v in self._pending.items() if s in live} if k else {}  # k = 0: a last step
+        for j in range(k):
+            if j == 0 and pending:
+                # one 2-token call: each pending slot's last draft (at pos - 1), then its last token;
+                # the others feed their last token twice (the second row is rewritten before it is read)
+                two = np.array([[pending[s][0], last[s]] if s in pending else [last[s], last[s]] for s in range(b)],
+                               np.int64)
+                start = [pending[s][1] if s in pending else min(pos[s], n - CATCH_UP_TOKENS) for s in range(b)]
+                rows = self._timed("catch", draft.verify, two, start)
+                logits = [rows[s, 1 if s in pending else 0] for s in range(b)]
+            else:
+                logits = self._timed("draft", draft.decode, dl, [min(q, n - 1) for q in dp])
+            for s in sorted(live):
+                if self.rng is None:
+                    d = int(np.argmax(logits[s]))
+                else:
+                    qs[s].append(distribution(logits[s], **self.sampling))
+                    d = _draw(qs[s][-1], self.rng)
+                drafts[s].append(d)
+                dl[s], dp[s] = d, dp[s] + 1
+        return drafts, qs
 
     def _check(self, rows, drafted, qs):
         """The tokens one verify row gives: the drafted tokens the model accepts, then one of
@@ -416,21 +453,29 @@ class Generation:
         return drafted + [sample(rows[len(drafted)], self.rng, **self.sampling)], len(drafted)
 
     @staticmethod
-    def _choose_k(st, kmax, costs=None):
+    def _choose_k(st, kmax, costs=None, two=False):
         """The draft length with the most expected tokens per second (`speculative_gain`). Before
-        any step: kmax. costs: (draft call, verify call) times to use instead of the measured ones."""
+        any step: kmax. costs: (draft call, verify call[, draft's 2-token call]) times to use
+        instead of the measured ones. two: the draft catches up in a 2-token call (its cost over
+        a draft call, until measured taken as none), else in a draft call of its own."""
         if not st["verify_calls"] or not st["tested"]:
             return kmax
         a = (st["accepted"] + 2.0) / (st["tested"] + 4.0)  # the measured rate, pulled towards 1/2 early on
-        td, tv = costs or (st["draft_s"] / max(1, st["draft_calls"]), st["verify_s"] / st["verify_calls"])
-        return max(range(1, kmax + 1), key=lambda k: speculative_gain(a, k, td, tv))
+        td, tv = (costs[0], costs[1]) if costs else (st["draft_s"] / max(1, st["draft_calls"]),
+                                                      st["verify_s"] / st["verify_calls"])
+        tc = None
+        if two:
+            t2 = costs[2] if costs else st["catch_s"] / st["catch_calls"] if st["catch_calls"] else td
+            tc = max(0.0, t2 - td)
+        return max(range(1, kmax + 1), key=lambda k: speculative_gain(a, k, td, tv, tc))
 
 
-def speculative_gain(a: float, k: int, draft_s: float, verify_s: float) -> float:
+def speculative_gain(a: float, k: int, draft_s: float, verify_s: float, catch_up_s: "float | None" = None) -> float:
     """Expected tokens per second of speculative steps: k drafted tokens, each accepted with
-    probability a, yield (1 - a^(k+1)) / (1 - a) tokens a step, for k draft calls, one more
-    when all k are accepted (the draft then catches up on its last token: probability a^k),
-    and one verify call (whose time does not depend on k: its shape is fixed). The speed-up
-    over plain decoding is this times the time of one plain decode call."""
+    probability a, yield (1 - a^(k+1)) / (1 - a) tokens a step, for k draft calls, one verify
+    call (whose time does not depend on k: its shape is fixed), and when all k are accepted
+    (probability a^k) the draft's catch-up on its last draft: catch_up_s, what the draft's
+    2-token call costs over a draft call (CATCH_UP_TOKENS), or None for a draft call of its
+    own. The speed-up over plain decoding is this times the time of one plain decode call."""
     tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-    return tokens / ((k + a ** k) * draft_s + verify_s)
+    return tokens / (k * draft_s + a ** k * (draft_s if catch_up_s is None else catch_up_s) + verify_s)

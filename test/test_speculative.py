@@ -79,7 +79,7 @@ def test_greedy_speculative_is_the_targets_own(spec):
     mod, path = spec
     target = mod.target()
     with load(path) as b:
-        assert sorted(b.phases) == ["decode", "draft_decode", "draft_prefill", "prefill", "verify"]
+        assert sorted(b.phases) == ["decode", "draft_decode", "draft_prefill", "draft_verify", "prefill", "verify"]
         assert b.manifest["generate"]["draft"]["speculate"] == 4
         assert b.manifest["generate"]["draft"]["dtype"] == "float16" and b.manifest["generate"]["dtype"] == "float32"
         assert b.plans and b.manifest["plans"][0]["verification"]["status"] == "verified"
@@ -88,6 +88,9 @@ def test_greedy_speculative_is_the_targets_own(spec):
         assert tokens == _reference(target, PROMPTS[0])
         sp = g.stats["speculative"]
         assert 0 < sp["accepted"] < sp["drafted"]  # the draft is right often, not always
+        # a step whose drafts were all accepted: the next step's first draft call is the draft's
+        # 2-token verify (its last draft and the model's next token), not a draft call of its own
+        assert sp["catch_up_calls"] > 0 and sp["draft_calls"] + sp["catch_up_calls"] == sum(g._st["k"])
         assert g.stats["decode_steps"] < STEPS - 1  # fewer model calls than tokens
         assert g.stats["state_host_bytes_per_step"] == 0  # both caches stayed on their device
         plain = b.generate(PROMPTS[0], STEPS, stop_ids=(), speculative=False)
@@ -125,6 +128,28 @@ def test_rejection_scheme_follows_the_target_distribution():
         tokens, _ = g._check(np.stack([lp, lp]), [d], [q])
         counts[tokens[0]] += 1
     assert np.max(np.abs(counts / counts.sum() - p)) < 0.01
+
+
+def test_speculative_gain_prices_the_catch_up():
+    """The expected tokens per second of a step: k draft calls and a verify call, and with
+    probability a^k the draft's catch-up, a draft call of its own (catch_up_s None) or what the
+    2-token call costs over a draft call (it is paid more rarely the longer the draft: a free one
+    favours shorter drafts than a call of its own)."""
+    from polyarch.runtime.generate import Generation, speculative_gain
+
+    assert speculative_gain(1.0, 4, 1.0, 3.0) == pytest.approx(5 / (4 + 1 + 3))
+    assert speculative_gain(1.0, 4, 1.0, 3.0, 0.25) == pytest.approx(5 / (4 + 0.25 + 3))
+    a = 0.8
+    assert speculative_gain(a, 3, 1.0, 3.0, 0.0) == pytest.approx((1 - a ** 4) / (1 - a) / (3 + 3))
+    # the rate (38 + 2) / (46 + 4) = 0.8 (pulled towards 1/2 early on)
+    st = {"verify_calls": 10, "tested": 46, "accepted": 38, "draft_s": 10.0, "draft_calls": 10, "verify_s": 40.0,
+          "catch_s": 0.0, "catch_calls": 0}
+    separate, two = Generation._choose_k(st, 8), Generation._choose_k(st, 8, two=True)
+    assert (separate, two) == (4, 3) and two == max(range(1, 9), key=lambda k: speculative_gain(0.8, k, 1.0, 4.0, 0.0))
+    st.update(catch_s=5 * 1.5, catch_calls=5)  # measured: a 2-token call 1.5 draft calls
+    assert Generation._choose_k(st, 8, two=True) == max(range(1, 9), key=lambda k: speculative_gain(0.8, k, 1, 4, 0.5))
+    assert Generation._choose_k(st, 8, (2.0, 4.0, 2.0), two=True) == \
+        max(range(1, 9), key=lambda k: speculative_gain(0.8, k, 2.0, 4.0, 0.0))
 
 
 def test_cli_generate_speculative_and_no_draft(spec):

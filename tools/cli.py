@@ -293,7 +293,8 @@ def cli(verbose: bool) -> None:
               help="With --draft: the draft's weights dtype (default: --weights-dtype), e.g. f16 for an f32 model: "
                    "a draft call then reads half the bytes.")
 @click.option("--phase-pin", "phase_pins", multiple=True, metavar="PHASE:PATTERN=DEVICE",
-              help="With --generate: a pin for one phase only (prefill, decode, verify, draft_prefill, draft_decode), "
+              help="With --generate: a pin for one phase only (prefill, decode, verify, draft_prefill, draft_decode, "
+                   "draft_verify; a draft_decode pin also applies to draft_verify, the draft's 2-token catch-up), "
                    "e.g. --phase-pin prefill:model.layers=vulkan --phase-pin decode:model=cpu runs prefill and decode "
                    "on different devices; the KV cache then moves between them once per prompt.")
 def compile(model: str, inputs: tuple, dynamic_dims: tuple, devices: tuple, pins: tuple, objective: str, solver: str,
@@ -1011,7 +1012,9 @@ def generate(bundle: str, ids: tuple, texts: tuple, max_new: int, temperature: f
             rate = f"{sp['acceptance_rate']:.2f}" if sp["acceptance_rate"] is not None else "-"
             click.echo(f"polyarch: speculative: {sp['accepted']} of {sp['drafted']} drafted tokens accepted ({rate}), "
                        f"{sp['mean_k'] or 0:.1f} drafted a step; draft {sp['draft_calls']} calls, "
-                       f"{sp['draft_s'] * 1e3:.1f} ms; verify {sp['verify_calls']} calls, {sp['verify_s'] * 1e3:.1f} ms",
+                       f"{sp['draft_s'] * 1e3:.1f} ms, and {sp['catch_up_calls']} 2-token catch-up calls, "
+                       f"{sp['catch_up_s'] * 1e3:.1f} ms; verify {sp['verify_calls']} calls, "
+                       f"{sp['verify_s'] * 1e3:.1f} ms",
                        err=True)
         if trace_out:
             b.write_trace(trace_out)
