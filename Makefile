@@ -13,8 +13,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
+# Test files run on TEST_WORKERS processes (pytest-xdist; a file's tests stay on one worker,
+# so its module fixtures are built once); TEST_WORKERS=0 runs them in this process, in order.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q test
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile test
 
 lit: $(STAMP)
 	$(VENV)/bin/lit -v test/passes

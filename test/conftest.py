@@ -1,4 +1,5 @@
 import atexit
+import contextlib
 import os
 import shutil
 import sys
@@ -60,6 +61,20 @@ def eager(model, inputs):
 
     with torch.no_grad():
         return model(*inputs).numpy()
+
+
+@contextlib.contextmanager
+def one_ray_cluster_at_a_time():
+    """Held while a test's Ray cluster lives: `ray stop` (how a cluster is ended) ends every Ray
+    process of the user, so test files on other pytest-xdist workers wait for each other here."""
+    import fcntl
+
+    with open(os.path.join(tempfile.gettempdir(), "polyarch-test-ray.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def enter_loopback_only_network():

@@ -30,20 +30,21 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def cluster():
-    from conftest import enter_loopback_only_network
+    from conftest import enter_loopback_only_network, one_ray_cluster_at_a_time
 
     try:
         leave = enter_loopback_only_network()
     except OSError as e:
         pytest.skip(f"the Ray tests run in a loopback-only network namespace, which needs root here ({e})")
     try:
-        addresses, stop = start_local_cluster(["cpu", "vulkan"], object_store_mb=128, units=2)
-        try:
-            # The GCS address: this process joins as a driver. ray:// (Ray Client) goes through
-            # a proxy that starts a server process per connection: test_ray_client.py.
-            yield addresses["gcs"]
-        finally:
-            stop()
+        with one_ray_cluster_at_a_time():
+            addresses, stop = start_local_cluster(["cpu", "vulkan"], object_store_mb=128, units=2)
+            try:
+                # The GCS address: this process joins as a driver. ray:// (Ray Client) goes through
+                # a proxy that starts a server process per connection: test_ray_client.py.
+                yield addresses["gcs"]
+            finally:
+                stop()
     finally:
         leave()
 

@@ -3,7 +3,8 @@
 Ray's servers listen on every interface, so this cluster and its driver run in a process
 of their own, in a network namespace that has only loopback: nothing of it can be
 reached from, or reach, another host. A module of its own, so that test_ray.py's cluster
-has stopped before this one starts (`ray stop` ends every Ray process of the user)."""
+has stopped before this one starts (`ray stop` ends every Ray process of the user; on
+pytest-xdist's workers `one_ray_cluster_at_a_time` keeps them apart)."""
 
 import os
 import subprocess
@@ -58,6 +59,9 @@ def test_ray_client_in_a_loopback_only_network(tmp_path):
     driver.compile(model, (torch.randn(7, 32),), ["cpu", "vulkan"], output=str(path), pins=["0=cpu", "2=vulkan"])
     script = tmp_path / "loopback.py"
     script.write_text(LOOPBACK_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(path), os.path.dirname(os.path.abspath(__file__))],
-                       capture_output=True, text=True, timeout=300)
+    from conftest import one_ray_cluster_at_a_time
+
+    with one_ray_cluster_at_a_time():
+        r = subprocess.run([sys.executable, str(script), str(path), os.path.dirname(os.path.abspath(__file__))],
+                           capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "RAY-CLIENT-OK" in r.stdout, r.stdout[-2000:] + r.stderr[-8000:]
