@@ -56,7 +56,7 @@ MATVEC_H, MATVEC_I = 1024, 4096
 MATVEC_PAIRS = {"f32": 8, "f16": 16}
 MATVEC_ROWS = (1, 8)  # rows (tokens) a call multiplies: one (decode at batch 1) and a few (batch, verify)
 CAL_SCOPE = "polyarch-calibrate"
-SUITE_VERSION = 5  # profiles measured by an older suite are measured again (3: weight_bw, row_cost; 4: cpu weight_bw with the hand-written products; 5: their prefetch and f16 flags by host)
+SUITE_VERSION = 6  # profiles measured by an older suite are measured again (3: weight_bw, row_cost; 4: cpu weight_bw with the hand-written products; 5: their prefetch and f16 flags by host; 6: their rows read in strands)
 
 
 def _sizes(quick):

@@ -68,7 +68,8 @@ def rowdot_source(m: int, n: int, k: int, dtype: str, regs: tuple | None = None,
     r = _rows_per_step(m, n, nregs)
     wg = max(r, min(WG_ROWS // r * r, -(-n // r) * r))
     fn, t = name(m, n, k, dtype), dtype
-    return "\n".join([_prologue(fn, m, n, k, t, r, wg, lanes, 32 if dot else lanes), *_rows(m, n, k, t, r, lanes, dot),
+    return "\n".join([_prologue(fn, m, n, k, t, r, wg, lanes, 32 if dot else lanes, strided=True),
+                      *_rows(m, n, k, t, r, lanes, dot),
                       f"""      }}
       return
     }}
@@ -80,10 +81,12 @@ func.func private @{fn}(%x: tensor<{m}x{k}x{t}>, %w: tensor<{n}x{k}x{t}>) -> ten
 }}"""])
 
 
-def _prologue(fn, m, n, k, t, r, wg, lanes, step, tile=0):
+def _prologue(fn, m, n, k, t, r, wg, lanes, step, tile=0, strided=False):
     """The executable up to the loop over this workgroup's rows (wg of them, r at a time). With
     m DYNAMIC the row count %cm is the export's workload and a push constant (LAYOUT_DYNAMIC),
-    %full of the rows in tiles of `tile`."""
+    %full of the rows in tiles of `tile`. strided: the loop runs %i over the %sq = rows / r
+    rows of each of r strands (the rows a step reads are %n + a * %sq, `_rows`), else %i steps
+    by r over the rows (%n + a)."""
     dynamic = m == DYNAMIC
     layout = LAYOUT_DYNAMIC if dynamic else LAYOUT
     rows, dims = ("?", "{%cm}") if dynamic else (m, "")
@@ -96,6 +99,8 @@ def _prologue(fn, m, n, k, t, r, wg, lanes, step, tile=0):
         "\n      %cm = arith.index_castui %rows32 : i32 to index",
         f"\n      %ctile = arith.constant {tile} : index",
         "\n      %rem = arith.remui %cm, %ctile : index\n      %full = arith.subi %cm, %rem : index")
+    loop = ("%sq = arith.divui %end, %cr : index\n      %c1s = arith.constant 1 : index\n"
+            "      scf.for %i = %c0 to %sq step %c1s {" if strided else "scf.for %i = %c0 to %end step %cr {")
     return f"""hal.executable.source private @{fn}_ex {{
   hal.executable.export public @{fn}_d ordinal(0) layout({layout}) count(%dev: !hal.device{workload}) -> (index, index, index) {{
     %g = arith.constant {-(-n // wg)} : index
@@ -118,30 +123,42 @@ def _prologue(fn, m, n, k, t, r, wg, lanes, step, tile=0):
       %nb = arith.muli %wg, %cwg : index
       %left = arith.subi %cn, %nb : index
       %end = arith.minui %left, %cwg : index
-      scf.for %i = %c0 to %end step %cr {{
+      {loop}
         %n = arith.addi %nb, %i : index"""
 
 
 def _prefetch(m: int, dtype: str) -> bool:
-    """Whether rowdot's static-row kernel prefetches the next group's weight rows (`_products`):
-    always but for one row of f32. Measured A B B A on a 2-core AVX-512 Xeon and a 2-core Zen 2
-    EPYC (AVX2): one row of f32 within noise on the Xeon, and on the Zen 2 a chain of 48 products
-    9.3-9.6 ms without against 11.1 with, bench/generate.py's f32 decode 13.3 ms a token against
-    14.9 (its hardware prefetcher keeps up alone, and the prefetches cost); 16-bit weights gain on
-    both (Xeon chain 9.0 -> 6.5 ms; Zen 2 f16 decode 11.3 -> 9.6 ms a token), as do 5 rows of f32
-    (chain: Xeon 16.2 -> 13.5 ms, Zen 2 14.7 -> 13.2)."""
-    return not (m == 1 and dtype == "f32")
+    """Whether rowdot's static-row kernel prefetches each strand's next row (`_products`): for
+    16-bit weights and more than one row of x. With the rows read in strands (`_rows`), on a
+    2-core Zen 2 EPYC (AVX2), chains of 48 [2048 x 768] / [768 x 2048] products A B B A, with
+    against without: f16 1 row 3.98 / 3.79 ms, 2 rows 4.64 / 4.76; f32 5 rows 9.39 / 9.26 (one
+    row of f32 did not gain before the strands either: 11.1 / 9.3-9.6). Before the strands the
+    prefetch gained for all but one row of f32, on Zen 2 and on a 2-core AVX-512 Xeon (the Xeon
+    is not measured with strands). On a 2-core Zen 4 EPYC (AVX-512) with the strands, without
+    against with: f16 1 row 5.55 / 5.93, 4 rows 6.41 / 6.43; f32 1 row 8.92 / 9.67."""
+    return m > 1 and dtype != "f32"
 
 
 def _rows(m, n, k, t, r, lanes, dot=False):
     """The body of the loop over rows: r rows x m accumulators along k, then reduced and stored,
-    the next group's rows prefetched where `_prefetch` says (the last row for the last group)."""
+    each strand's next row prefetched where `_prefetch` says (clamped to the last row).
+
+    The rows a step reads are one from each of r strands: a workgroup's rows split into r
+    contiguous runs (row %n + a * %sq of strand a), so that each weight stream walks its own
+    run of memory from row to row, rather than r neighbouring rows read side by side (r
+    streams within one 4 KiB page when rows are short, which the hardware prefetcher, one
+    stream a page, did not follow). On a 2-core Zen 2 EPYC, chains of 48 [2048 x 768] /
+    [768 x 2048] products A B B A, neighbouring against strands: f32 1 row 8.67 / 6.53 ms,
+    5 rows 10.46 / 9.22; f16 1 row 5.40 / 3.99 (in the 100M model's f16 decode, products of
+    768-wide rows had streamed at 21 GB/s, 2048-wide ones at 32); on a 2-core Zen 4 EPYC
+    (AVX-512): f32 1 row 11.83 / 10.20, f16 1 row 8.79 / 6.32, f16 4 rows 8.74 / 6.45."""
     prefetch = _prefetch(m, t)
     o = [f"        %c{j}i = arith.constant {j} : index" for j in range(max(r, m))]
-    o += [f"        %n{a} = arith.addi %n, %c{a}i : index" for a in range(r)]
-    if prefetch:  # the rows to prefetch (%pn0..): the next group's, clamped to the last row
+    o += [f"        %o{a} = arith.muli %sq, %c{a}i : index\n        %n{a} = arith.addi %n, %o{a} : index"
+          for a in range(r)]
+    if prefetch:  # the rows to prefetch (%pn0..): each strand's next, clamped to the last row
         o.append(f"        %nlast = arith.constant {n - 1} : index")
-        o += [f"        %pn{a}u = arith.addi %n{a}, %cr : index\n        %pn{a} = arith.minui %pn{a}u, %nlast : index"
+        o += [f"        %pn{a}u = arith.addi %n{a}, %c1s : index\n        %pn{a} = arith.minui %pn{a}u, %nlast : index"
               for a in range(r)]
     return o + _products(n, k, t, r, m, lanes, 8, lambda b: f"%c{b}i", m, dot, prefetch=prefetch)
 
@@ -149,13 +166,12 @@ def _rows(m, n, k, t, r, lanes, dot=False):
 def _products(n, k, t, r, rows, lanes, indent, x_row, x_rows, dot=False, prefetch=False):
     """r weight rows (%n0..) x `rows` rows of x (x_row(b): the index of row b; x_rows: x's row
     count as its memref type says it) of accumulators along k, then reduced and stored.
-    prefetch: each step also prefetches the next group's r rows (%pn0..) at the same k, so
-    that their lines are on the way when that group starts (its rows are new streams to the
-    hardware prefetcher). A chain of 48 [2048 x 768] / [768 x 2048] products on the 2-core
-    Xeon, A B B A: f16 1 row 9.0 -> 6.5 ms, 8 rows 19.4 -> 10.8; bf16 1 row 7.8 -> 6.2; f32
-    4 rows 15.0 -> 12.0, 5 rows 16.2 -> 13.5, 8 rows 18.6 -> 14.5; f32 1 row within noise
-    (12.2 and 11.8 ms; the 100M model's decode, A B B A twice: 12.0 -> 11.7 ms a token, also
-    within noise). The dynamic-row kernel (prefill, compute-bound) does not prefetch."""
+    prefetch: each step also prefetches the rows %pn0.. at the same k (the static kernel's
+    next rows, `_rows`). Before the static kernel read its rows in strands, the prefetch of the
+    next r neighbouring rows gained on a chain of 48 [2048 x 768] / [768 x 2048] products on
+    a 2-core Xeon, A B B A: f16 1 row 9.0 -> 6.5 ms, 8 rows 19.4 -> 10.8; bf16 1 row 7.8 ->
+    6.2; f32 4 rows 15.0 -> 12.0, 5 rows 16.2 -> 13.5, 8 rows 18.6 -> 14.5; f32 1 row within
+    noise. The dynamic-row kernel (prefill, compute-bound) does not prefetch."""
     p, v, vt = " " * indent, f"vector<{lanes}xf32>", f"vector<{2 * lanes if dot else lanes}x{t}>"
     wide = t != "f32" and not dot  # 16-bit inputs are widened to f32 after each load (but for vdpbf16ps)
     accs = [(a, b) for a in range(r) for b in range(rows)]
