@@ -20,11 +20,13 @@ Each cache tensor is [B, kv_heads, max_context, head_dim], one key and one value
 layer: cache in, cache out (functional), so that the runtime passes the outputs of one call
 back as the inputs of the next without the cache leaving its device (runtime/generate.py).
 The write is a `torch.where` over the positions (IREE 3.13 refuses `index_copy` into a
-function argument; docs/architecture.md), but decode on cpu-only device sets writes with a
-scatter (`index_put` of each sequence's row at its position, which IREE writes in place: the
-`where` made IREE recompute the key's rotary embedding for every cache position, 3.4 of a
-23.6 ms batch-8 step; its si64 index needs Int64, which the default Vulkan target lacks). The
-positions are then an index input: guard-indices records their range, checked by the runtime.
+function argument; docs/architecture.md), but decode and verify on cpu-only device sets write
+with a scatter (`index_put` of each sequence's rows at their positions, which IREE writes in
+place: decode's `where` made IREE recompute the key's rotary embedding for every cache
+position, 3.4 of a 23.6 ms batch-8 step; verify's one-hot product and `where` rewrote every
+cache tensor, 0.7 of a 14.5 ms call; its si64 index needs Int64, which the default Vulkan
+target lacks). The positions are then an index input: guard-indices records their range,
+checked by the runtime.
 Attention sees an explicit additive mask (SDPA's `is_causal` with a dynamic length does not
 compile).
 
@@ -214,7 +216,7 @@ def _decode_scatter(lm, tokens, positions, cache):
     return _decode(lm, tokens, positions, cache, scatter=True)
 
 
-def _verify(lm, tokens, positions, cache):
+def _verify(lm, tokens, positions, cache, scatter=False):
     import torch
 
     n, k = cache[0].shape[2], tokens.shape[1]
@@ -222,27 +224,45 @@ def _verify(lm, tokens, positions, cache):
     keys = torch.arange(n, device=tokens.device)
     at = positions[:, None] + torch.arange(k, device=tokens.device)[None, :]  # [B, K]
     mask = torch.where(keys[None, None, :] <= at[:, :, None], 0.0, neg).to(cache[0].dtype)[:, None]  # [B, 1, K, N]
-    # row n of the cache takes token j where n == positions[b] + j: a one-hot [B, N, K] product
-    # (exact: one 1 per row) places the K new keys, a where keeps the others
-    onehot = (keys[None, :, None] == at[:, None, :]).to(cache[0].dtype)
-    written = onehot.sum(-1)[:, None, :, None] > 0  # [B, 1, N, 1]
+    if scatter:
+        # cache[b, h, at[b, j]] = k[b, h, j]: one scatter of [B x kv_heads x K] rows, as decode's.
+        # A position past the cache writes the last row instead: only a query there (whose
+        # logits are for a token past the context, never used) can read that row in this call,
+        # and a later call rewrites it before any query reads it
+        rows = (torch.arange(cache[0].shape[0], device=tokens.device)[:, None, None],
+                torch.arange(cache[0].shape[1], device=tokens.device)[None, :, None],
+                torch.clamp(at, max=n - 1)[:, None, :])
 
-    def write(layer, k_, v_, old_k, old_v):
-        new_k = torch.where(written, torch.einsum("bnk,bhkd->bhnd", onehot, k_), old_k)
-        new_v = torch.where(written, torch.einsum("bnk,bhkd->bhnd", onehot, v_), old_v)
-        return new_k, new_v, new_k, new_v
+        def write(layer, k_, v_, old_k, old_v):
+            new_k, new_v = old_k.index_put(rows, k_), old_v.index_put(rows, v_)
+            return new_k, new_v, new_k, new_v
+    else:
+        # row n of the cache takes token j where n == positions[b] + j: a one-hot [B, N, K] product
+        # (exact: one 1 per row) places the K new keys, a where keeps the others
+        onehot = (keys[None, :, None] == at[:, None, :]).to(cache[0].dtype)
+        written = onehot.sum(-1)[:, None, :, None] > 0  # [B, 1, N, 1]
+
+        def write(layer, k_, v_, old_k, old_v):
+            new_k = torch.where(written, torch.einsum("bnk,bhkd->bhnd", onehot, k_), old_k)
+            new_v = torch.where(written, torch.einsum("bnk,bhkd->bhnd", onehot, v_), old_v)
+            return new_k, new_v, new_k, new_v
 
     c = _Cache(cache, write)
     logits = _call(lm, tokens, at, mask, c, last_only=False)
     return (logits, *c.tensors)
 
 
+def _verify_scatter(lm, tokens, positions, cache):
+    return _verify(lm, tokens, positions, cache, scatter=True)
+
+
 _RUN = {"prefill": _prefill, "decode": _decode, "verify": _verify}
+_SCATTER = {"decode": _decode_scatter, "verify": _verify_scatter}  # cpu-only device sets (module docstring)
 
 
 def wrap(model: "torch.nn.Module", phase: str, scatter: bool = False) -> "torch.nn.Module":
     """The nn.Module whose forward is one phase (module docstring) of `model`, held as `.lm`.
-    scatter: decode writes its cache with `scatter` (for cpu: module docstring), else `where`."""
+    scatter: decode and verify write their cache with a scatter (for cpu: module docstring), else `where`."""
     import torch
 
     if phase not in PHASE_INPUTS:
@@ -256,7 +276,7 @@ def wrap(model: "torch.nn.Module", phase: str, scatter: bool = False) -> "torch.
     names = [*PHASE_INPUTS[phase], *cache_names(lm_shape(model).layers)]
     scope = {}
     exec(f"def forward(self, {', '.join(names)}):\n    return _run(self.lm, {names[0]}, {names[1]}, "
-         f"[{', '.join(names[2:])}])\n", {"_run": _decode_scatter if scatter and phase == "decode" else _RUN[phase]}, scope)
+         f"[{', '.join(names[2:])}])\n", {"_run": _SCATTER.get(phase, _RUN[phase]) if scatter else _RUN[phase]}, scope)
     cls = type(f"{phase.capitalize()}Phase", (torch.nn.Module,), {"__init__": __init__, "forward": scope["forward"]})
     return cls(model).eval()
 
