@@ -228,10 +228,13 @@ def _verify(lm, tokens, positions, cache, scatter=False):
         # cache[b, h, at[b, j]] = k[b, h, j]: one scatter of [B x kv_heads x K] rows, as decode's.
         # A position past the cache writes the last row instead: only a query there (whose
         # logits are for a token past the context, never used) can read that row in this call,
-        # and a later call rewrites it before any query reads it
+        # and a later call rewrites it before any query reads it. Clamped to [0, n - 1] (the
+        # runtime sends no negative position), the rows are in range by construction: the
+        # guard-indices pass puts no check there, which would read a flag back to the host in
+        # the middle of the call (the target's verify was split into 18 submissions by 8 checks)
         rows = (torch.arange(cache[0].shape[0], device=tokens.device)[:, None, None],
                 torch.arange(cache[0].shape[1], device=tokens.device)[None, :, None],
-                torch.clamp(at, max=n - 1)[:, None, :])
+                torch.clamp(at, 0, n - 1)[:, None, :])
 
         def write(layer, k_, v_, old_k, old_v):
             new_k, new_v = old_k.index_put(rows, k_), old_v.index_put(rows, v_)

@@ -15,7 +15,12 @@ scatter is classified:
                    (`lo <= min(i) and max(i) < hi` read by `torch.runtime.assert`, which IREE lowers to a
                    failing invocation with the message: the gather never runs);
   constant         values computed from constants alone (static positions; a constant
-                   expanded to a dynamic size): the same values every call; left alone.
+                   expanded to a dynamic size): the same values every call; left alone;
+  clamped          a computed index clamped to constant bounds within the valid range
+                   (`torch.clamp(i, 0, n - 1)`, seen through value-keeping ops): in range by
+                   construction, left alone. A check would read a flag back to the host in
+                   the middle of the call: speculative decoding's verify call, whose cache rows
+                   are computed positions, was split into 18 submissions by its 8 checks.
 
 Valid ranges, as PyTorch's: embedding, index_select, gather, scatter: [0, size); index and
 index_put (negative indices count from the end): [-size, size). Into a dimension of dynamic
@@ -153,6 +158,23 @@ def _shape_input(value):
         value = o.operands[0]
 
 
+def _clamped(value):
+    """(lo, hi), inclusive, where `value` is an integer `torch.aten.clamp` to two constant
+    bounds (seen through value-keeping ops), else None."""
+    while True:
+        o = _owner_op(value)
+        if o is None:
+            return None
+        if o.name == "torch.aten.clamp" and len(o.operands) == 3:
+            lo, hi = const_scalar(o.operands[1]), const_scalar(o.operands[2])
+            ints = all(isinstance(b, int) and not isinstance(b, bool) for b in (lo, hi))
+            integral = _INT.match((pa.tensor_info(o.results[0].type) or ([], ""))[1])  # (a float's NaN casts anywhere)
+            return (lo, hi) if ints and integral and lo <= hi else None
+        if o.name not in _KEEPS_VALUES or not o.operands:
+            return None
+        value = o.operands[0]
+
+
 def _depends_on_inputs(value, memo):
     """True if the values of `value` are computed from any argument of the function (its
     values or sizes). A value-keeping op's values come from its operand 0 alone: a constant
@@ -212,7 +234,9 @@ def mark(module: "ir.Module") -> dict:
                     ranges[arg] = dict(old, min=max(lo, old["min"]), max=min(hi - 1, old["max"]),
                                        op=_where(op) if narrower else old["op"])
                 elif _depends_on_inputs(v, memo):
-                    guards.append(ir.DenseI64ArrayAttr.get([at, item, lo, hi]))
+                    c = _clamped(v)
+                    if c is None or not (lo <= c[0] and c[1] < hi):
+                        guards.append(ir.DenseI64ArrayAttr.get([at, item, lo, hi]))
             if guards:
                 op.attributes[GUARD] = ir.ArrayAttr.get(guards)
         if ranges:
