@@ -57,9 +57,10 @@ class ImportedLM:
         self.shape = shape = causal_lm.lm_shape(model)
         n, b = options.max_context, options.batch
         _check_context(model, n, "")
+        rows = causal_lm.cache_rows(model, n)
         progress(f"generate: {type(model).__name__} as prefill (1 prompt of 1..{n} tokens into one of {b} slot(s)) "
                  f"and decode ({b} token(s) a step), a KV cache of {shape.layers} layers x {shape.kv_heads} kv heads x "
-                 f"{n} positions x {shape.head_dim} ({_cache_mb(shape, b, n):.1f} MB)")
+                 f"{rows} positions x {shape.head_dim} ({_cache_mb(shape, b, rows):.1f} MB)")
         self.phases = {}
         self.draft = self.draft_shape = None
         k = options.speculate + 1
@@ -72,13 +73,14 @@ class ImportedLM:
         self.cpu_only = _cpu_only(options)
         for phase in ("prefill", "decode") + (("verify",) if self.draft is not None else ()):
             with _attention(model, phase):
-                self.phases[phase] = _import_phase(model, phase, shape, b, n, k, progress, self.cpu_only)
+                self.phases[phase] = _import_phase(model, phase, shape, b, n, rows, k, progress, self.cpu_only)
         if self.draft is not None:
             # the draft's verify takes 2 tokens (CATCH_UP_TOKENS): after a step whose drafts were all
             # accepted it feeds the last drafted token with the model's next in one call
             for phase in ("prefill", "decode", "verify"):
                 with _attention(self.draft, phase):
                     self.phases[DRAFT_PREFIX + phase] = _import_phase(self.draft, phase, self.draft_shape, b, n,
+                                                                      causal_lm.cache_rows(self.draft, n),
                                                                       CATCH_UP_TOKENS if phase == "verify" else k,
                                                                       progress, self.cpu_only)
 
@@ -174,13 +176,15 @@ def _cpu_only(o) -> bool:
     return all(d.kind == "cpu" for ds in o.device_specs for d in ds)
 
 
-def _import_phase(model, phase, shape, b, n, k, progress, cpu_only=False):
+def _import_phase(model, phase, shape, b, n, rows, k, progress, cpu_only=False):
+    """One phase imported, for prompts of up to n tokens and a cache of `rows` rows (causal_lm.cache_rows)."""
     if phase == "prefill":
-        examples, dyn = causal_lm.prefill_examples(shape, b, n), [f"ids:1:{causal_lm.prefill_length(n)}"]
+        examples, dyn = causal_lm.prefill_examples(shape, b, rows, min(n, causal_lm.PREFILL_MULTIPLE)), \
+            [f"ids:1:{causal_lm.prefill_length(n)}"]
     elif phase == "decode":
-        examples, dyn = causal_lm.decode_examples(shape, b, n), []
+        examples, dyn = causal_lm.decode_examples(shape, b, rows), []
     else:
-        examples, dyn = causal_lm.verify_examples(shape, b, n, k), []
+        examples, dyn = causal_lm.verify_examples(shape, b, rows, k), []
     return import_module(causal_lm.wrap(model, phase, scatter=cpu_only), examples, dyn, progress)
 
 

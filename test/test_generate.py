@@ -120,6 +120,25 @@ def test_sampling_reproducible_and_stop(llama_bundle):
         assert stopped == greedy[:greedy.index(greedy[3]) + 1]
 
 
+def test_odd_context_pads_the_cache_rows(tmp_path):
+    """A max_context off a multiple of 16 gets a cache of rows rounded up (causal_lm.cache_rows:
+    IREE multiplies queries by keys over an odd length 2.4x slower), not past the model's
+    position table; the context limit stays max_context, and generation up to it is right."""
+    from polyarch import PolyarchError
+    from polyarch.compiler.causal_lm import cache_rows
+    from polyarch.runtime import load
+
+    model = _model("gpt2")  # 128 positions
+    assert (cache_rows(model, 75), cache_rows(model, 80), cache_rows(model, 127)) == (80, 80, 128)
+    short = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=70))
+    assert cache_rows(short, 70) == 70 and cache_rows(short, 66) == 70
+    with load(_compile(tmp_path, model, "odd", max_context=75)) as b:
+        assert b.manifest["phases"]["decode"]["signature"]["inputs"][2]["shape"][2] == 80
+        assert list(b.generate(PROMPT, 70)) == _reference(model, PROMPT, 70)
+        with pytest.raises(PolyarchError, match="would pass the bundle's context of 75"):
+            b.generate(PROMPT, 71)
+
+
 def test_context_limits_are_one_line_errors(llama_bundle):
     from polyarch import PolyarchError
     from polyarch.runtime import load
