@@ -158,18 +158,30 @@ def _shape_input(value):
         value = o.operands[0]
 
 
+def _holds(element_type, lo, hi):
+    """Whether an integer element type ("si64", "ui8", "i32") holds every value of [lo, hi]."""
+    m = re.match(r"^([su]?)i(\d+)$", element_type)
+    if not m:
+        return False
+    bits = int(m.group(2))
+    least, most = (0, 2 ** bits - 1) if m.group(1) == "u" else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return least <= lo and hi <= most
+
+
 def _clamped(value):
-    """(lo, hi), inclusive, where `value` is an integer `torch.aten.clamp` to two constant
-    bounds (seen through value-keeping ops), else None."""
+    """(lo, hi), inclusive, where `value` is a `torch.aten.clamp` to two constant bounds, seen
+    through value-keeping ops, with every value on the way of an integer type that holds
+    [lo, hi] (a float's NaN casts anywhere; a narrower integer cast wraps), else None."""
+    types = []
     while True:
+        types.append((pa.tensor_info(value.type) or ([], ""))[1])
         o = _owner_op(value)
         if o is None:
             return None
         if o.name == "torch.aten.clamp" and len(o.operands) == 3:
             lo, hi = const_scalar(o.operands[1]), const_scalar(o.operands[2])
             ints = all(isinstance(b, int) and not isinstance(b, bool) for b in (lo, hi))
-            integral = _INT.match((pa.tensor_info(o.results[0].type) or ([], ""))[1])  # (a float's NaN casts anywhere)
-            return (lo, hi) if ints and integral and lo <= hi else None
+            return (lo, hi) if ints and lo <= hi and all(_holds(t, lo, hi) for t in types) else None
         if o.name not in _KEEPS_VALUES or not o.operands:
             return None
         value = o.operands[0]
