@@ -284,6 +284,11 @@ def wrap(model: "torch.nn.Module", phase: str, scatter: bool = False) -> "torch.
     return cls(model).eval()
 
 
+def position_limit(model: "torch.nn.Module") -> int | None:
+    """The length of the model's position table (max_position_embeddings, GPT-2's n_positions), or None."""
+    return model_int(model, "max_position_embeddings", "n_positions")
+
+
 CACHE_MULTIPLE = 16  # the cache's rows: max_context rounded up to a multiple of this (cache_rows)
 
 
@@ -295,7 +300,7 @@ def cache_rows(model: "torch.nn.Module", max_context: int) -> int:
     over an odd cache length 2.4x slower: verify's [15 x 64] x [64 x 197] 88-96 us a layer,
     over 208 rows 38 (2-core Zen 4)."""
     rows = -(-max_context // CACHE_MULTIPLE) * CACHE_MULTIPLE
-    limit = model_int(model, "max_position_embeddings", "n_positions")
+    limit = position_limit(model)
     return max(max_context, min(rows, limit)) if limit else rows
 
 

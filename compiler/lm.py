@@ -77,10 +77,11 @@ class ImportedLM:
         if self.draft is not None:
             # the draft's verify takes 2 tokens (CATCH_UP_TOKENS): after a step whose drafts were all
             # accepted it feeds the last drafted token with the model's next in one call
+            draft_rows = causal_lm.cache_rows(self.draft, n)
             for phase in ("prefill", "decode", "verify"):
                 with _attention(self.draft, phase):
                     self.phases[DRAFT_PREFIX + phase] = _import_phase(self.draft, phase, self.draft_shape, b, n,
-                                                                      causal_lm.cache_rows(self.draft, n),
+                                                                      draft_rows,
                                                                       CATCH_UP_TOKENS if phase == "verify" else k,
                                                                       progress, self.cpu_only)
 
@@ -208,7 +209,7 @@ def _draft(draft, weights_dtype, shape, n):
 
 def _check_context(model, n, who):
     """max_context past the model's position table would index out of it: refused."""
-    limit = causal_lm.model_int(model, "max_position_embeddings", "n_positions")
+    limit = causal_lm.position_limit(model)
     if limit and n > limit:
         raise PolyarchError(f"max_context {n} is more than the {limit} positions {who}{type(model).__name__} was built "
                             "for (max_position_embeddings)", fix=f"compile with --max-context {limit} or less")
