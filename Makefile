@@ -13,11 +13,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
-# TEST_WORKERS=0 (the default) runs the test files in this process, in order; TEST_WORKERS=2 on
-# two processes (pytest-xdist; a file's tests stay on one worker). On two workers each one
-# calibrates the cpu for its own cache while the other runs tests: test_weights_and_plans'
-# cuda+cpu plan once came out all cpu (1 of 4 fresh clones), so CI does not use them yet.
-TEST_WORKERS ?= 0
+# TEST_WORKERS=2 (the default) runs the test files on two processes (pytest-xdist; a file's
+# tests stay on one worker; the host's devices are calibrated once before they start, see
+# test/conftest.py); TEST_WORKERS=0 runs them in this process, in order.
+TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile test

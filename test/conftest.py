@@ -8,13 +8,34 @@ import tempfile
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# One measurement cache per test session (profiles calibrated once, ops measured wrong), never
-# the user's; removed when the session ends.
-os.environ["POLYARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="polyarch-test-cache-")
-atexit.register(shutil.rmtree, os.environ["POLYARCH_CACHE_DIR"], ignore_errors=True)
+# One measurement cache per test process (profiles calibrated once, ops measured wrong), never
+# the user's; removed when the process ends. This file runs twice in a process (as pytest's
+# conftest and as `conftest` for the test files' imports): the second time keeps the first's.
+# A pytest-xdist worker starts with the profiles its controller measured before the workers
+# started (pytest_configure below): measured while the other worker runs tests, a worker's own
+# would price its plans by a loaded host.
+_OWNER = "POLYARCH_TEST_CACHE_OWNER"
+if os.environ.get(_OWNER) != str(os.getpid()):
+    _seed = os.environ.get("POLYARCH_CACHE_DIR") if os.environ.get(_OWNER) and os.environ.get("PYTEST_XDIST_WORKER") \
+        else None
+    os.environ["POLYARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="polyarch-test-cache-")
+    os.environ[_OWNER] = str(os.getpid())
+    atexit.register(shutil.rmtree, os.environ["POLYARCH_CACHE_DIR"], ignore_errors=True)
+    if _seed and os.path.isdir(os.path.join(_seed, "profiles")):
+        shutil.copytree(os.path.join(_seed, "profiles"), os.path.join(os.environ["POLYARCH_CACHE_DIR"], "profiles"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from conftest import ...`
+
+
+def pytest_configure(config):
+    """With pytest-xdist workers (-n N), measure this host's devices once here, before they
+    start; each copies the profiles into its own cache (above)."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    from polyarch.compiler import measured
+
+    measured.resolve_profiles(["cpu", "vulkan"])
 
 
 def cli(*args, cwd=None):

@@ -229,3 +229,36 @@ def test_no_verify_and_no_calibrate_from_the_cli(tmp_path, fresh_cache):
     assert "polyarch calibrate -d cpu -d vulkan" in r.stderr
     r = cli("inspect", str(out))
     assert "verification: not verified" in r.stdout
+
+
+def test_corrections_stay_within_the_ratios_measured():
+    """Measured segment times correct the cost model per op class (compiler/grounding.py). Two
+    segments that no per-class correction explains (a matmul-heavy one measured at 0.5x its
+    prediction, an elementwise-heavy one at 2.2x), compiled again and again with the
+    corrections each compile leaves: the corrections stay between the ratios measured (they
+    had run away, in the suite's cache to cpu matmul 0.011 and other 11.9)."""
+    from polyarch.compiler import grounding as G
+
+    truth = {"A": ({"torch.aten.mm": 900.0, "torch.aten.add.Tensor": 100.0}, 500.0),
+             "B": ({"torch.aten.mm": 100.0, "torch.aten.add.Tensor": 900.0}, 2200.0)}
+    prof = replace(P.BUILTIN["cpu"], device="cpu", call_s=0.0)
+    corr = {}
+    priced = {"profiles": [prof], "devices": {"cpu": {"identity": None, "source": "measured on this host"}},
+              "verdicts": {"cpu": {"wrong_ops": {}, "corrections": corr}}}
+    klass = {"torch.aten.mm": "matmul", "torch.aten.add.Tensor": "other"}
+    for _ in range(60):
+        applied = {"cpu": dict(corr)}
+        segs = []
+        for name, (ops, _) in truth.items():
+            # the planner's prediction: the profile's time of each op times its class's correction
+            op_list = [{"op": op, "predicted_us": u * corr.get(klass[op], 1.0)} for op, u in ops.items()]
+            segs.append({"name": name, "device": "cpu", "op_list": op_list,
+                         "predicted_us": sum(o["predicted_us"] for o in op_list)})
+        manifest = {"segments": segs, "plan": {"predicted_us": sum(s["predicted_us"] for s in segs)}}
+        record = {"segments": {n: {"measured_us": t} for n, (_, t) in truth.items()},
+                  "measured_us": sum(t for _, t in truth.values())}
+        G._update_corrections(priced, manifest, record, applied)
+    assert set(corr) == {"matmul", "other"}
+    for k, v in corr.items():
+        assert 0.5 <= v <= 2.2, (k, v)
+    assert corr["matmul"] < corr["other"]  # the matmul-heavy segment is the one measured fast
