@@ -15,9 +15,10 @@ The suite (one module per device, f32):
                     which is not the elementwise one (IREE 3.13, 2-core Xeon: 17-23 GB/s
                     against 49; one 64 MB product that stays in cache: 46)
 
-Fitted figures: launch_s = (t16 - t1) / 15; call_s = t1 - launch_s; peak f32 and
-half_flops by fitting rate = peak x flops / (flops + half_flops) to the matmul
-sweep; op_efficiency.conv = the convolutions' median rate relative to that; mem_bw = median achieved bytes/s over the
+Fitted figures: launch_s = (t16 - t1) / 15; call_s = min(t1, the fastest kernel) - launch_s;
+peak f32 and half_flops by fitting rate = peak x flops / (flops + half_flops) to the matmul
+sweep; op_efficiency.conv = the median rate of the convolutions that take over 4x the
+overheads (else the longest), relative to that; mem_bw = median achieved bytes/s over the
 large elementwise sizes; weight_bw[dtype] = the weights' bytes over a one-row matrix-vector
 call's time less the overheads, row_cost[dtype] = (the 8-row call's time / the one-row call's
 - 1) / 7; link bandwidth and latency by least squares over the transfer sweep. Power, price
@@ -56,7 +57,7 @@ MATVEC_H, MATVEC_I = 1024, 4096
 MATVEC_PAIRS = {"f32": 8, "f16": 16}
 MATVEC_ROWS = (1, 8)  # rows (tokens) a call multiplies: one (decode at batch 1) and a few (batch, verify)
 CAL_SCOPE = "polyarch-calibrate"
-SUITE_VERSION = 6  # profiles measured by an older suite are measured again (3: weight_bw, row_cost; 4: cpu weight_bw with the hand-written products; 5: their prefetch and f16 flags by host; 6: their rows read in strands)
+SUITE_VERSION = 7  # profiles measured by an older suite are measured again (3: weight_bw, row_cost; 4: cpu weight_bw with the hand-written products; 5: their prefetch and f16 flags by host; 6: their rows read in strands; 7: call no more than the fastest kernel, convolution rate from the long ones)
 
 
 def _sizes(quick):
@@ -358,7 +359,12 @@ def fit(spec: Any, raw: dict, base: "DeviceProfile", progress: Callable[[str], N
     spec = DeviceSpec.parse(spec)
     chain = {int(k): v for k, v in raw["chain"].items()}
     launch = max(0.0, (chain[CHAIN[1]] - chain[CHAIN[0]]) / (CHAIN[1] - CHAIN[0]))
-    call = max(0.0, chain[CHAIN[0]] - launch)
+    # A call costs one of two amounts, the executor's threads awake or woken (2-core Zen 4,
+    # local-task: about 25 or 130 us), and a median lands on whichever came more often: the
+    # chain's could exceed a whole kernel's (128 us against 83 for the smallest addition,
+    # which made the small convolutions' rates 10x). No call costs more than the fastest one.
+    fastest = min(r["s"] for what in ("matmul", "conv", "elementwise") for r in raw.get(what, ()))
+    call = max(0.0, min(chain[CHAIN[0]], fastest) - launch)
     progress(f"{spec.name}: call {call * 1e6:.1f} us, dispatch {launch * 1e6:.2f} us")
     # Points where the overheads are most of the time say little about the rate.
     useful = [r for r in raw["matmul"] if r["s"] > 1.5 * (call + launch)] or raw["matmul"]
@@ -366,8 +372,10 @@ def fit(spec: Any, raw: dict, base: "DeviceProfile", progress: Callable[[str], N
     peak, half = _fit_saturation(pts)
     progress(f"{spec.name}: matmul {peak / 1e9:.1f} GFLOP/s at full occupancy, half of it at {half / 1e6:.2f} MFLOP per op "
              f"(measured {min(p for _, p in pts) / 1e9:.1f} .. {max(p for _, p in pts) / 1e9:.1f})")
+    # convolutions long next to the overheads (which vary, above), else the longest
+    long_convs = [r for r in raw["conv"] if r["s"] > 4 * (call + launch)] or [max(raw["conv"], key=lambda r: r["s"])]
     conv_eff = statistics.median(
-        r["flops"] / max(r["s"] * 0.1, r["s"] - call - launch) / (peak * r["flops"] / (r["flops"] + half)) for r in raw["conv"])
+        r["flops"] / max(r["s"] * 0.1, r["s"] - call - launch) / (peak * r["flops"] / (r["flops"] + half)) for r in long_convs)
     progress(f"{spec.name}: convolution at {conv_eff:.2f} x the matmul rate")
     bws = [r["bytes"] / max(r["s"] * 0.1, r["s"] - call - launch) for r in raw["elementwise"] if r["n"] >= (1 << 20)]
     bw = statistics.median(bws)

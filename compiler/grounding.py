@@ -131,11 +131,29 @@ def _update_corrections(priced, plan_manifest, record, applied):
     a class's new correction is the geometric mean of its previous one and this plan's ratio
     (the ratio alone the first time): a correction stays within the ratios measured. Taken
     against the corrected predictions and multiplied in (as before), corrections ran away
-    where no correction per class explains the segments (a cost the model lacks, or classes
-    mixed in different shares across segments): the segments where one class is most of the
-    time pull it one way each compile, those where another is, the other, without end. In the
-    test suite's cache, after about 40 compiles: cpu matmul 0.011, other 11.9, so that a
-    small MLP was priced at 20 us on the cpu and no plan put anything on a faster device."""
+    where no correction per class explains the segments (docs/architecture.md)."""
+    acc = _segment_ratios(priced, plan_manifest, record, applied)
+    changed = {}
+    for device, classes in acc.items():
+        corr = priced["verdicts"][device]["corrections"]
+        for klass, (num, den) in classes.items():
+            if den <= 0:
+                continue
+            lo, hi = CORRECTION_RANGE
+            factor = min(hi, max(lo, num / den))
+            corr[klass] = (corr[klass] * factor) ** 0.5 if klass in corr else factor
+            changed.setdefault(device, {})[klass] = round(corr[klass], 4)
+        info = priced["devices"][device]
+        if info["identity"] and info["source"].startswith("measured"):
+            cached = measured.load_verdicts(info["identity"])
+            cached["corrections"] = dict(corr)
+            measured.store_verdicts(info["identity"], cached)
+    return changed
+
+
+def _segment_ratios(priced, plan_manifest, record, applied):
+    """{device: {class: [sum of profile-predicted time x measured / predicted, sum of
+    profile-predicted time]}} over the plan's segments, and "transfer" for devices off the CPU."""
     from ..passes.annotate_costs import class_of
     from ..runtime.identity import is_software
 
@@ -177,22 +195,7 @@ def _update_corrections(priced, plan_manifest, record, applied):
         rest = max(record["measured_us"] - seg_meas - (priced.get("host_overhead_us") or 0.0), 0.0)
         for device in off_cpu:
             acc.setdefault(device, {})["transfer"] = [rest, pred_rest / max(1.0, applied.get(device, {}).get("transfer", 1.0))]
-    changed = {}
-    for device, classes in acc.items():
-        corr = priced["verdicts"][device]["corrections"]
-        for klass, (num, den) in classes.items():
-            if den <= 0:
-                continue
-            lo, hi = CORRECTION_RANGE
-            factor = min(hi, max(lo, num / den))
-            corr[klass] = (corr[klass] * factor) ** 0.5 if klass in corr else factor
-            changed.setdefault(device, {})[klass] = round(corr[klass], 4)
-        info = priced["devices"][device]
-        if info["identity"] and info["source"].startswith("measured"):
-            cached = measured.load_verdicts(info["identity"])
-            cached["corrections"] = dict(corr)
-            measured.store_verdicts(info["identity"], cached)
-    return changed
+    return acc
 
 
 def ground(model: Any, example_inputs: Iterable, base: "ir.Module", sig: dict, sets: list, pins: Iterable,

@@ -126,7 +126,9 @@ def test_quick_tuning_measures_each_shape_once_and_caches(tmp_path):
     out = polyarch.compile(m, (x,), devices=["cpu"], output=str(tmp_path / "a.pab"), progress=lines.append)
     assert any("tune: timing 2 convolution shape(s) on cpu" in l for l in lines), lines
     rec = _tuning(out)
-    assert rec["mode"] == "quick" and rec["convs"] == 2 and rec["source"] == "measured now"
+    # "measured now", or "measured now, not checked whole (budget spent)" on a loaded host (the
+    # other test worker's load): the whole-segment check has a time budget by design
+    assert rec["mode"] == "quick" and rec["convs"] == 2 and rec["source"].startswith("measured now"), rec
     close(polyarch.runtime.load(out)(x.numpy()), ref)
     cache = json.load(open(path))
     assert len(cache["convs"]) == 2
