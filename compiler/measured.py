@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 CACHE_ENV = "POLYARCH_CACHE_DIR"
 VERDICT_SCHEMA = "polyarch-verdicts/1"
+# How the corrections in a verdicts file were measured. 2: each a geometric mean of measured /
+# profile-predicted ratios (compiler/grounding.py). Corrections without it were multiplied into
+# the corrected predictions compile after compile and could run away (cpu matmul 0.011 in a
+# test cache): they are dropped on reading, the ops measured wrong kept.
+CORRECTIONS_RULE = 2
 OP_CLASSES = ("matmul", "conv", "other")
 
 
@@ -84,12 +89,13 @@ def load_verdicts(ident: dict) -> dict:
     obj = _read(_path("verdicts", ident)) if ident else None
     if not obj or obj.get("schema") != VERDICT_SCHEMA or obj.get("identity") != ident["key"]:
         return {"wrong_ops": {}, "corrections": {}}
-    return {"wrong_ops": dict(obj.get("wrong_ops", {})), "corrections": dict(obj.get("corrections", {}))}
+    corrections = obj.get("corrections", {}) if obj.get("corrections_rule") == CORRECTIONS_RULE else {}
+    return {"wrong_ops": dict(obj.get("wrong_ops", {})), "corrections": dict(corrections)}
 
 
 def store_verdicts(ident: dict, verdicts: Iterable) -> None:
     _write(_path("verdicts", ident), {"schema": VERDICT_SCHEMA, "identity": ident["key"], "iree": iree_version(),
-                                      "device": describe(ident), **verdicts})
+                                      "device": describe(ident), **verdicts, "corrections_rule": CORRECTIONS_RULE})
 
 
 # A software Vulkan (lavapipe, SwiftShader) priced without calibration: it runs on the

@@ -262,3 +262,18 @@ def test_corrections_stay_within_the_ratios_measured():
     for k, v in corr.items():
         assert 0.5 <= v <= 2.2, (k, v)
     assert corr["matmul"] < corr["other"]  # the matmul-heavy segment is the one measured fast
+
+
+def test_corrections_of_the_old_rule_are_dropped_on_reading(fresh_cache):
+    """A verdicts file written before corrections were geometric means (no corrections_rule)
+    may hold corrections that ran away: they are dropped, the ops measured wrong kept."""
+    ident = I.identify("cpu")
+    wrong = {"torch.aten.tanh(f32)": {"op": "torch.aten.tanh", "reason": "measured wrong", "date": "2026-12-01"}}
+    measured.store_verdicts(ident, {"wrong_ops": wrong, "corrections": {"matmul": 0.5}})
+    assert measured.load_verdicts(ident) == {"wrong_ops": wrong, "corrections": {"matmul": 0.5}}
+    path = next((fresh_cache / "verdicts").glob("cpu-*.json"))
+    old = json.loads(path.read_text())
+    del old["corrections_rule"]
+    old["corrections"] = {"matmul": 0.0114, "other": 11.85}
+    path.write_text(json.dumps(old))
+    assert measured.load_verdicts(ident) == {"wrong_ops": wrong, "corrections": {}}
