@@ -72,7 +72,7 @@ def host_part(out):
     import torch
 
     import polyarch
-    from polyarch.compiler import fleet
+    from polyarch.compiler import calibrate, fleet
     from polyarch.runtime import load
     from speculative import make_draft, scaled
     from generate import THREADS, build
@@ -85,8 +85,6 @@ def host_part(out):
         polyarch.compile(scaled(base, 2, 0.0234), output=path, generate=True, max_context=64 + 128 + 5, draft=draft,
                          speculate=4, draft_dtype="f16", tune="none")
     prompt = list(range(1, 65))
-    from polyarch.compiler import calibrate
-
     cpu = calibrate.calibrate(["cpu"], quick=True)[0]  # this minute's figures, the cache left as it is
     with load(path) as b:
         ddtype = {"float16": "f16", "bfloat16": "bf16"}.get(b.manifest["generate"]["draft"].get("dtype"), "f32")
