@@ -173,8 +173,8 @@ def _segment_ratios(priced, plan_manifest, record, applied):
         before = applied.get(seg["device"], {})
         ops = [(class_of(op["op"]) or "other", op["predicted_us"]) for op in seg["op_list"]]
         raw = [(klass, t / before.get(klass, 1.0)) for klass, t in ops]  # the profile's own prediction
-        rest = max(0.0, pred - sum(t for _, t in ops))  # what the segment predicts beside its ops
-        raw_pred = sum(t for _, t in raw) + rest
+        beside = max(0.0, pred - sum(t for _, t in ops))  # what the segment predicts beside its ops
+        raw_pred = sum(t for _, t in raw) + beside
         if raw_pred <= 0:
             continue
         call_us = profs[seg["device"]].call_s * 1e6 if seg["device"] in profs else 0.0
