@@ -17,8 +17,7 @@ Only the llvm-cpu target compiles these executables: the pass is run on cpu segm
 import functools
 import os
 
-from ..passes.rowdot import DYNAMIC, LANES, supported
-from ..passes.rowdot import KERNEL_NAME as NAME
+from ..passes.rowdot import DYNAMIC, LANES, parse_name, supported
 from ..passes.rowdot import kernel_name as name
 from ..runtime.identity import cpu_identity
 
@@ -63,10 +62,12 @@ def rowdot_source(m: int, n: int, k: int, dtype: str, regs: tuple | None = None,
     assert supported(m, n, k, dtype), (m, n, k, dtype)
     if m == DYNAMIC:
         return _dynamic_source(n, k, dtype, regs)
+    if isinstance(n, tuple):
+        return _group_source(m, n, k, dtype, regs, bf16_dot)
     nregs, lanes = regs or host_vector_regs()  # k is a multiple of LANES (16), so of 8 too
-    dot = dtype == "bf16" and k % 32 == 0 and lanes == 16 and (host_bf16_dot() if bf16_dot is None else bf16_dot)
+    dot = _bf16_dot(dtype, k, lanes, bf16_dot)
     r = _rows_per_step(m, n, nregs)
-    wg = max(r, min(WG_ROWS // r * r, -(-n // r) * r))
+    wg = _wg_rows(n, r)
     fn, t = name(m, n, k, dtype), dtype
     return "\n".join([_prologue(fn, m, n, k, t, r, wg, lanes, 32 if dot else lanes, strided=True),
                       *_rows(m, n, k, t, r, lanes, dot),
@@ -81,6 +82,64 @@ func.func private @{fn}(%x: tensor<{m}x{k}x{t}>, %w: tensor<{n}x{k}x{t}>) -> ten
 }}"""])
 
 
+def _bf16_dot(dtype, k, lanes, bf16_dot):
+    """Whether bf16 products go through vdpbf16ps (rowdot_source's bf16_dot)."""
+    return dtype == "bf16" and k % 32 == 0 and lanes == 16 and (host_bf16_dot() if bf16_dot is None else bf16_dot)
+
+
+def _wg_rows(n, r):
+    """Weight rows a workgroup reads: about WG_ROWS, a multiple of r."""
+    return max(r, min(WG_ROWS // r * r, -(-n // r) * r))
+
+
+def _layout(flags):
+    return ("#hal.pipeline.layout<bindings = ["
+            + ", ".join(f"#hal.pipeline.binding<storage_buffer, {f}>" for f in flags) + "], flags = Indirect>")
+
+
+def _group_source(m, ns, k, dtype, regs=None, bf16_dot=None):
+    """One dispatch for the products of one x by several weights of the same k (a layer's q, k
+    and v projections; its gate and up): y_i[m, n_i] = sum_k x[m, k] * w_i[n_i, k]. Its
+    workgroups are each weight's, one after the other (workgroup g serves the weight whose range
+    holds it), each as the single-weight kernel's. Bindings: the weights, x, then the results.
+    The 100M Llama's f16 decode call: 177 dispatches instead of 201 (its 150 barriers stay:
+    q, k and v, gate and up already ran side by side); time per token level within this host's
+    noise (docs/cpu-speed.md)."""
+    nregs, lanes = regs or host_vector_regs()
+    dot = _bf16_dot(dtype, k, lanes, bf16_dot)
+    j, fn, t = len(ns), name(m, ns, k, dtype), dtype
+    layout = _layout([READ] * (j + 1) + [WRITE] * j)
+    o, first = [], 0
+    for i, n in enumerate(ns):
+        r = _rows_per_step(m, n, nregs)
+        wg = _wg_rows(n, r)
+        last = first + -(-n // wg)
+        o += [f"""      %lo{i} = arith.constant {first} : index
+      %hi{i} = arith.constant {last} : index
+      %ge{i} = arith.cmpi uge, %wgid, %lo{i} : index
+      %lt{i} = arith.cmpi ult, %wgid, %hi{i} : index
+      %in{i} = arith.andi %ge{i}, %lt{i} : i1
+      scf.if %in{i} {{
+      %w = {_binding(layout, i, READ, f"{n}x{k}", t)}
+      %y = {_binding(layout, j + 1 + i, WRITE, f"{m}x{n}", t)}
+      %wg = arith.subi %wgid, %lo{i} : index""", _loop_head(n, k, r, wg, 32 if dot else lanes, 0, True, False),
+              *_rows(m, n, k, t, r, lanes, dot), "      }\n      }"]
+        first = last
+    tx, tws, tys = f"tensor<{m}x{k}x{t}>", [f"tensor<{n}x{k}x{t}>" for n in ns], [f"tensor<{m}x{n}x{t}>" for n in ns]
+    ws, ys = ", ".join(f"%w{i}" for i in range(j)), ", ".join(f"%y#{i}" for i in range(j))
+    return "\n".join([_header(fn, layout, first), f"""      %c0 = arith.constant 0 : index
+      %z = arith.constant dense<0.0> : vector<{lanes}xf32>
+      %x = {_binding(layout, j, READ, f"{m}x{k}", t)}
+      %wgid = hal.interface.workgroup.id[0] : index""", *o, f"""      return
+    }}
+  }}
+}}
+func.func private @{fn}(%x: {tx}, {", ".join(f"%w{i}: {tw}" for i, tw in enumerate(tws))}) -> ({", ".join(tys)}) {{
+  %y:{j} = flow.dispatch @{fn}_ex::@{fn}_d({ws}, %x) : ({", ".join(tws)}, {tx}) -> ({", ".join(tys)})
+  return {ys} : {", ".join(tys)}
+}}"""])
+
+
 def _prologue(fn, m, n, k, t, r, wg, lanes, step, tile=0, strided=False):
     """The executable up to the loop over this workgroup's rows (wg of them, r at a time). With
     m DYNAMIC the row count %cm is the export's workload and a push constant (LAYOUT_DYNAMIC),
@@ -90,32 +149,51 @@ def _prologue(fn, m, n, k, t, r, wg, lanes, step, tile=0, strided=False):
     dynamic = m == DYNAMIC
     layout = LAYOUT_DYNAMIC if dynamic else LAYOUT
     rows, dims = ("?", "{%cm}") if dynamic else (m, "")
-    binding = lambda i, flags, shape, dims="": (f'hal.interface.binding.subspan layout({layout}) binding({i}) '
-                                                f'alignment(64) offset(%c0) flags({flags}) : memref<{shape}x{t}>{dims}')
-    # what only the dynamic executable has: its workload, %c1, the row count, its tiles
-    workload, c1, count, ctile, full = ("", "", "", "", "") if not dynamic else (
+    # what only the dynamic executable has: its workload, %c1, the row count
+    workload, c1, count = ("", "", "") if not dynamic else (
         ", %rows: index", "\n      %c1 = arith.constant 1 : index",
         f"\n      %rows32 = hal.interface.constant.load layout({layout}) ordinal(0) : i32"
-        "\n      %cm = arith.index_castui %rows32 : i32 to index",
-        f"\n      %ctile = arith.constant {tile} : index",
-        "\n      %rem = arith.remui %cm, %ctile : index\n      %full = arith.subi %cm, %rem : index")
-    loop = ("%sq = arith.divui %end, %cr : index\n      %c1s = arith.constant 1 : index\n"
-            "      scf.for %i = %c0 to %sq step %c1s {" if strided else "scf.for %i = %c0 to %end step %cr {")
+        "\n      %cm = arith.index_castui %rows32 : i32 to index")
+    return "\n".join([
+        _header(fn, layout, -(-n // wg), workload),
+        f"""      %c0 = arith.constant 0 : index{c1}
+      %z = arith.constant dense<0.0> : vector<{lanes}xf32>{count}
+      %w = {_binding(layout, 0, READ, f"{n}x{k}", t)}
+      %x = {_binding(layout, 1, READ, f"{rows}x{k}", t, dims)}
+      %y = {_binding(layout, 2, WRITE, f"{rows}x{n}", t, dims)}
+      %wg = hal.interface.workgroup.id[0] : index""",
+        _loop_head(n, k, r, wg, step, tile, strided, dynamic)])
+
+
+READ, WRITE = '"ReadOnly|Indirect"', "Indirect"  # binding flags: an input, the result
+
+
+def _binding(layout, i, flags, shape, t, dims=""):
+    return (f'hal.interface.binding.subspan layout({layout}) binding({i}) alignment(64) offset(%c0) '
+            f'flags({flags}) : memref<{shape}x{t}>{dims}')
+
+
+def _header(fn, layout, groups, workload=""):
+    """The executable's source and export (`groups` workgroups along x), up to its function's body."""
     return f"""hal.executable.source private @{fn}_ex {{
   hal.executable.export public @{fn}_d ordinal(0) layout({layout}) count(%dev: !hal.device{workload}) -> (index, index, index) {{
-    %g = arith.constant {-(-n // wg)} : index
+    %g = arith.constant {groups} : index
     %c1 = arith.constant 1 : index
     hal.return %g, %c1, %c1 : index, index, index
   }} attributes {{translation_info = #iree_codegen.translation_info<pipeline = #iree_cpu.pipeline<Default>>}}
   builtin.module {{
-    func.func @{fn}_d() {{
-      %c0 = arith.constant 0 : index{c1}
-      %z = arith.constant dense<0.0> : vector<{lanes}xf32>{count}
-      %w = {binding(0, '"ReadOnly|Indirect"', f"{n}x{k}")}
-      %x = {binding(1, '"ReadOnly|Indirect"', f"{rows}x{k}", dims)}
-      %y = {binding(2, "Indirect", f"{rows}x{n}", dims)}
-      %wg = hal.interface.workgroup.id[0] : index
-      %cwg = arith.constant {wg} : index
+    func.func @{fn}_d() {{"""
+
+
+def _loop_head(n, k, r, wg, step, tile, strided, dynamic):
+    """From the workgroup's first row (%nb, of workgroup %wg) to the loop over its rows (see
+    _prologue), the row %n of its step defined."""
+    ctile, full = ("", "") if not dynamic else (
+        f"\n      %ctile = arith.constant {tile} : index",
+        "\n      %rem = arith.remui %cm, %ctile : index\n      %full = arith.subi %cm, %rem : index")
+    loop = ("%sq = arith.divui %end, %cr : index\n      %c1s = arith.constant 1 : index\n"
+            "      scf.for %i = %c0 to %sq step %c1s {" if strided else "scf.for %i = %c0 to %end step %cr {")
+    return f"""      %cwg = arith.constant {wg} : index
       %cn = arith.constant {n} : index
       %cr = arith.constant {r} : index{ctile}
       %ck = arith.constant {k} : index
@@ -330,11 +408,10 @@ def define(path: str) -> int:
         for op in module.body.operations:
             if op.operation.name == "func.func" and "polyarch.kernel" in op.attributes:
                 sym = ir.StringAttr(op.attributes["sym_name"]).value
-                hit = NAME.match(sym)
-                if not hit:
+                shape = parse_name(sym)
+                if not shape:
                     raise ValueError(f"unknown polyarch kernel declaration @{sym}")
-                m, n, k, dtype = hit.groups()
-                decls.append((op, (DYNAMIC if m == "D" else int(m), int(n), int(k), dtype)))
+                decls.append((op, shape))
         if not decls:
             return 0
         for op, shape in decls:

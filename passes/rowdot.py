@@ -34,16 +34,31 @@ DTYPES = ("f32", "f16", "bf16")  # element types (the same names in torch's and 
 MAX_ROWS = 8  # x rows (the batch, or verify's tokens) a rowdot serves
 LANES = 16  # f32 lanes of one accumulator (a 512-bit register, two 256-bit ones on AVX2): K's multiple
 DYNAMIC = -1  # a dynamic row count (prefill's prompt): "D" in the kernel's name, f32 only
-KERNEL_NAME = re.compile(r"^polyarch_rowdot_(\d+|D)x(\d+)x(\d+)_(f32|f16|bf16)$")
+MAX_GROUP = 4  # weights multiplied by one x in one dispatch
+# N: a weight's rows, or a group's (N1_N2..: one dispatch, one result per weight)
+KERNEL_NAME = re.compile(r"^polyarch_rowdot_(\d+|D)x(\d+(?:_\d+)*)x(\d+)_(f32|f16|bf16)$")
 
 
-def kernel_name(m: int, n: int, k: int, dtype: str) -> str:
-    return f"polyarch_rowdot_{'D' if m == DYNAMIC else m}x{n}x{k}_{dtype}"
+def kernel_name(m: int, n: "int | tuple", k: int, dtype: str) -> str:
+    rows = "_".join(map(str, n)) if isinstance(n, tuple) else n
+    return f"polyarch_rowdot_{'D' if m == DYNAMIC else m}x{rows}x{k}_{dtype}"
 
 
-def supported(m: int, n: int, k: int, dtype: str) -> bool:
+def parse_name(sym: str):
+    """(m, n, k, dtype) of a kernel's name (n a tuple for a group), or None."""
+    hit = KERNEL_NAME.match(sym)
+    if not hit:
+        return None
+    m, n, k, dtype = hit.groups()
+    ns = tuple(int(v) for v in n.split("_"))
+    return DYNAMIC if m == "D" else int(m), ns if len(ns) > 1 else ns[0], int(k), dtype
+
+
+def supported(m: int, n: "int | tuple", k: int, dtype: str) -> bool:
     """Shapes the kernel is written for: 1..MAX_ROWS rows, or a dynamic row count of f32; k a
-    multiple of LANES."""
+    multiple of LANES; a group (n a tuple of 2..MAX_GROUP weights' rows) of static rows."""
+    if isinstance(n, tuple):
+        return 2 <= len(n) <= MAX_GROUP and m != DYNAMIC and all(supported(m, v, k, dtype) for v in n)
     rows = 1 <= m <= MAX_ROWS or (m == DYNAMIC and dtype == "f32")
     return dtype in DTYPES and rows and n >= 1 and k >= LANES and k % LANES == 0
 
@@ -53,19 +68,21 @@ class Rowdot(Pass):
     NAME = "rowdot"
     max_rows: int = option(MAX_ROWS, f"rewrite a matmul of at most this many rows (1..{MAX_ROWS})")
     dynamic_rows: bool = option(True, "rewrite an f32 matmul of a dynamic row count too")
+    group: bool = option(True, f"one dispatch for the matmuls of one x by 2..{MAX_GROUP} weights (static rows)")
 
     def check(self):
         from ..errors import PolyarchError
 
         if not (type(self.max_rows) is int and 1 <= self.max_rows <= MAX_ROWS):
             raise PolyarchError(f"rowdot max_rows={self.max_rows}", fix=f"use 1..{MAX_ROWS}")
-        if type(self.dynamic_rows) is not bool:
-            raise PolyarchError(f"rowdot dynamic_rows={self.dynamic_rows}", fix="use true or false")
+        for key in ("dynamic_rows", "group"):
+            if type(getattr(self, key)) is not bool:
+                raise PolyarchError(f"rowdot {key}={getattr(self, key)}", fix="use true or false")
 
     def apply(self, module: "ir.Module") -> int:
         """-> the number of matmuls rewritten."""
         self.check()
-        return _rewrite_all(module, self.max_rows, self.dynamic_rows)
+        return _rewrite_all(module, self.max_rows, self.dynamic_rows, self.group)
 
 
 def _owner(value):
@@ -105,12 +122,49 @@ def match(op: "ir.Operation", max_rows: int = MAX_ROWS, dynamic_rows: bool = Tru
     return x, w, (m, n, k, xi[1])
 
 
-def run(module: "ir.Module", max_rows: int = MAX_ROWS, dynamic_rows: bool = True) -> int:
+def run(module: "ir.Module", max_rows: int = MAX_ROWS, dynamic_rows: bool = True, group: bool = True) -> int:
     """Rewrite every matching mm of `module` in place. -> the number rewritten."""
-    return Rowdot(max_rows=max_rows, dynamic_rows=dynamic_rows).apply(module)
+    return Rowdot(max_rows=max_rows, dynamic_rows=dynamic_rows, group=group).apply(module)
 
 
-def _rewrite_all(module, max_rows, dynamic_rows):
+VIEWS = ("torch.aten.view", "torch.aten.reshape", "torch.aten._unsafe_view")
+
+
+def _x_key(x: "ir.Value") -> tuple:
+    """What identifies x's value: a view of a value (each nn.Linear views the same hidden
+    state for itself) by its source, shape and type."""
+    o = _owner(x)
+    if o is not None and o.name in VIEWS and len(o.operands) == 2:
+        shape = _ints(o.operands[1])
+        if shape is not None:
+            return o.operands[0], tuple(shape), str(x.type)
+    return (x,)
+
+
+def _groups(block, found: list, group: bool) -> list:
+    """The matches of one block (in order) as lists: those multiplying the same x (_x_key) by
+    weights of the same k and dtype, static rows, together (up to MAX_GROUP, in order) where
+    each weight is defined before the first of them; the rest alone."""
+    if not group:
+        return [[f] for f in found]
+    pos = {op.operation: i for i, op in enumerate(block.operations)}
+    before = lambda w, at: (isinstance(w.owner, type(block)) and w.owner == block) or (
+        (o := _owner(w)) is not None and o in pos and pos[o] < at)
+    out, open_ = [], {}  # open_: key -> the list being filled
+    for f in found:
+        op, (x, w, (m, n, k, dt)) = f
+        key = (_x_key(x), m, k, dt)
+        members = open_.get(key) if m != DYNAMIC else None
+        if members and len(members) < MAX_GROUP and before(w, pos[members[0][0].operation]):
+            members.append(f)
+            continue
+        out.append([f])
+        if m != DYNAMIC:
+            open_[key] = out[-1]
+    return out
+
+
+def _rewrite_all(module, max_rows, dynamic_rows, group):
     from torch_mlir import ir
 
     done, declared = 0, set()
@@ -120,29 +174,43 @@ def _rewrite_all(module, max_rows, dynamic_rows):
         for func in list(module.body.operations):
             if func.operation.name != "func.func" or not func.regions[0].blocks:
                 continue
-            found = [(op, hit) for block in func.regions[0].blocks for op in block.operations
-                     if (hit := match(op, max_rows, dynamic_rows))]
-            for op, (x, w, (m, n, k, dt)) in found:
-                name = kernel_name(m, n, k, dt)
-                rows = "?" if m == DYNAMIC else m
-                tx, tw, ty = (f"tensor<{a}x{b}x{dt}>" for a, b in ((rows, k), (n, k), (rows, n)))
-                if name not in existing and name not in declared:
-                    decl = ir.Module.parse(f'func.func private @{name}({tx}, {tw}) -> {ty} '
-                                           f'attributes {{polyarch.kernel = "rowdot"}}')
-                    decl.body.operations[0].operation.clone(ip=ir.InsertionPoint.at_block_begin(module.body))
-                    declared.add(name)
-                ip, loc = ir.InsertionPoint(op), op.location
-                make = lambda opname, t, operands, attrs=None: ir.Operation.create(
-                    opname, results=[ir.Type.parse(t)], operands=list(operands), attributes=attrs or {}, ip=ip,
-                    loc=loc).results[0]
-                xb = make("torch_c.to_builtin_tensor", tx, [x])
-                wb = make("torch_c.to_builtin_tensor", tw, [w])
-                yb = make("func.call", ty, [xb, wb], {"callee": ir.FlatSymbolRefAttr.get(name)})
-                y = make("torch_c.from_builtin_tensor", str(op.results[0].type), [yb])
-                op.results[0].replace_all_uses_with(y)
-                transpose = _owner(op.operands[1])
-                op.operation.erase()
-                if not list(transpose.results[0].uses):
-                    transpose.erase()
-                done += 1
+            for block in func.regions[0].blocks:
+                found = [(op, hit) for op in block.operations if (hit := match(op, max_rows, dynamic_rows))]
+                for members in _groups(block, found, group):
+                    _rewrite(module, members, existing, declared)
+                    done += len(members)
     return done
+
+
+def _rewrite(module, members, existing, declared):
+    """One call (at the first mm) for the mms of `members` [(op, (x, w, shape))], x the first's.
+    The operands are read from the mms now: an x matched earlier may have been the result of an
+    mm rewritten since (replaced, erased)."""
+    from torch_mlir import ir
+
+    first, (_, _, (m, _, k, dt)) = members[0]
+    x = first.operands[0]
+    ns = tuple(n for _, (_, _, (_, n, _, _)) in members)
+    name = kernel_name(m, ns if len(ns) > 1 else ns[0], k, dt)
+    rows = "?" if m == DYNAMIC else m
+    tx, tws, tys = f"tensor<{rows}x{k}x{dt}>", [f"tensor<{n}x{k}x{dt}>" for n in ns], [f"tensor<{rows}x{n}x{dt}>" for n in ns]
+    if name not in existing and name not in declared:
+        decl = ir.Module.parse(f'func.func private @{name}({tx}, {", ".join(tws)}) -> ({", ".join(tys)}) '
+                               f'attributes {{polyarch.kernel = "rowdot"}}')
+        decl.body.operations[0].operation.clone(ip=ir.InsertionPoint.at_block_begin(module.body))
+        declared.add(name)
+    ip = ir.InsertionPoint(first)
+    loc = first.location if len(members) == 1 else ir.Location.fused([op.location for op, _ in members])
+    make = lambda opname, ts, operands, attrs=None: ir.Operation.create(
+        opname, results=[ir.Type.parse(t) for t in ts], operands=list(operands), attributes=attrs or {}, ip=ip,
+        loc=loc).results
+    xb = make("torch_c.to_builtin_tensor", [tx], [x])[0]
+    wbs = [make("torch_c.to_builtin_tensor", [tw], [transposed_source(op.operands[1])])[0] for tw, (op, _) in zip(tws, members)]
+    ybs = make("func.call", tys, [xb, *wbs], {"callee": ir.FlatSymbolRefAttr.get(name)})
+    ys = [make("torch_c.from_builtin_tensor", [str(op.results[0].type)], [yb])[0] for yb, (op, _) in zip(ybs, members)]
+    for y, (op, _) in zip(ys, members):
+        op.results[0].replace_all_uses_with(y)
+        transpose = _owner(op.operands[1])
+        op.operation.erase()
+        if not list(transpose.results[0].uses):
+            transpose.erase()

@@ -15,8 +15,9 @@ CASES = [(1, 2048, 768, "f32"), (5, 256, 768, "f32"), (8, 1000, 64, "f32"), (3, 
 
 
 def _rowdot_module(cases, regs):
-    """Each (m, n, k, dtype) of `cases` (m may be DYNAMIC) as rowdot's executable behind a
-    function f<i>(x, w) -> y, compiled for this host: -> the module's functions."""
+    """Each (m, n, k, dtype) of `cases` (m may be DYNAMIC; n a tuple for a group of weights) as
+    rowdot's executable behind a function f<i>(x, w...) -> y..., compiled for this host: -> the
+    module's functions."""
     import iree.compiler as ic
     import iree.runtime as rt
 
@@ -26,10 +27,12 @@ def _rowdot_module(cases, regs):
     src, calls = [], []
     for i, (m, n, k, dt) in enumerate(cases):
         src.append(rowdot_source(m, n, k, dt, regs))
-        rows = "?" if m == DYNAMIC else m
-        tx, tw, ty = (f"tensor<{a}x{b}x{dt}>" for a, b in ((rows, k), (n, k), (rows, n)))
-        calls.append(f"func.func @f{i}(%x: {tx}, %w: {tw}) -> {ty} {{\n"
-                     f"  %y = func.call @{name(m, n, k, dt)}(%x, %w) : ({tx}, {tw}) -> {ty}\n  return %y : {ty}\n}}")
+        rows, ns = "?" if m == DYNAMIC else m, n if isinstance(n, tuple) else (n,)
+        tx, tws, tys = f"tensor<{rows}x{k}x{dt}>", [f"tensor<{v}x{k}x{dt}>" for v in ns], [f"tensor<{rows}x{v}x{dt}>" for v in ns]
+        ws, ys = ", ".join(f"%w{j}" for j in range(len(ns))), ", ".join(f"%y#{j}" for j in range(len(ns)))
+        calls.append(f"func.func @f{i}(%x: {tx}, {', '.join(f'%w{j}: {t}' for j, t in enumerate(tws))}) -> ({', '.join(tys)}) {{\n"
+                     f"  %y:{len(ns)} = func.call @{name(m, n, k, dt)}(%x, {ws}) : ({tx}, {', '.join(tws)}) -> ({', '.join(tys)})\n"
+                     f"  return {ys} : {', '.join(tys)}\n}}")
     vmfb = ic.compile_str("\n".join(src + calls), extra_args=[
         "--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
         "--iree-llvmcpu-target-cpu=host"])
@@ -60,6 +63,35 @@ def test_rowdot_equals_numpy(regs):
         assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (CASES[i], err)
 
 
+# groups of weights multiplied by one x in one dispatch: a layer's q, k, v (f16) and gate, up
+# (f32) at batch 1, verify's 5 rows, bf16 with vdpbf16ps where the host has it (k % 32 == 0),
+# weights whose rows are not a multiple of a workgroup's
+GROUP_CASES = [(1, (768, 256, 256), 768, "f16"), (1, (512, 512), 64, "f32"), (5, (300, 128), 64, "f32"),
+               (2, (64, 96, 200), 96, "bf16"), (3, (50, 32, 7, 130), 32, "f16")]
+
+
+@pytest.mark.parametrize("regs", [(32, 16), (16, 8)], ids=["avx512", "avx2"])
+def test_rowdot_group_equals_numpy(regs):
+    """Each weight's result of a group within the single kernel's tolerance of float64 numpy
+    (relative to its largest magnitude): each workgroup serves the weight whose range holds it."""
+    import ml_dtypes
+
+    module = _rowdot_module(GROUP_CASES, regs)
+    rng = np.random.default_rng(2)
+    for i, (m, ns, k, dt) in enumerate(GROUP_CASES):
+        npdt = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[dt]
+        x = rng.standard_normal((m, k)).astype(npdt)
+        ws = [(rng.standard_normal((n, k)) / np.sqrt(k)).astype(npdt) for n in ns]
+        ys = module[f"f{i}"](x, *ws)
+        assert len(ys) == len(ns)
+        for w, y in zip(ws, ys):
+            y = y.to_host()
+            ref = x.astype(np.float64) @ w.astype(np.float64).T
+            assert y.shape == (m, w.shape[0]) and y.dtype == npdt
+            err = np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max()
+            assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (GROUP_CASES[i], w.shape, err)
+
+
 DYNAMIC_CASES = [(2048, 768), (302, 64), (255, 32)]  # n a multiple of 4, of 2 only, odd
 
 
@@ -84,8 +116,8 @@ def test_rowdot_dynamic_rows_equals_numpy(regs):
 
 def test_decode_and_prefill_use_rowdot(tmp_path):
     """A --generate bundle's decode segment holds the hand-written executables (one per weight
-    shape), its prefill the dynamic-row ones (its prompt's rows) and the head's for the last
-    token's row; decode writes its cache with index_put (a scatter; cpu
+    shape; q, k, v in one, gate and up in one), its prefill the dynamic-row ones (its prompt's
+    rows) and the head's for the last token's row; decode writes its cache with index_put (a scatter; cpu
     only: test_generate's vulkan-pinned block keeps the where); the greedy tokens are
     transformers' (the bundle is verified at compile time, and checked here for 16 steps)."""
     import torch
@@ -105,8 +137,9 @@ def test_decode_and_prefill_use_rowdot(tmp_path):
         segs = {s["name"]: z.read(s["member"]) for s in manifest["plans"][0]["segments"]}
     decode = b"".join(v for k, v in segs.items() if k.startswith("decode"))
     prefill = b"".join(v for k, v in segs.items() if k.startswith("prefill"))
-    for shape in ("1x64x64", "1x32x64", "1x128x64", "1x64x128", "1x320x64"):  # q/o, k/v, gate/up, down, head
+    for shape in ("1x64_32_32x64", "1x64x64", "1x128_128x64", "1x64x128", "1x320x64"):  # q+k+v, o, gate+up, down, head
         assert f"polyarch_rowdot_{shape}_f32".encode() in decode, shape
+    assert b"polyarch_rowdot_1x32x64_" not in decode and b"polyarch_rowdot_1x128x64_" not in decode  # k, v, gate, up alone
     assert b"polyarch_rowdot_1x320x64_f32" in prefill  # the head: the last token's row
     for shape in ("64x64", "32x64", "128x64", "64x128"):  # the prompt's rows: a dynamic count
         assert f"polyarch_rowdot_Dx{shape}_f32".encode() in prefill and f"rowdot_1x{shape}_".encode() not in prefill

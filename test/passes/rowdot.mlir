@@ -1,10 +1,13 @@
 // RUN: polyarch-opt %s -p rowdot | FileCheck %s
+// RUN: polyarch-opt %s -p 'rowdot{group=false}' | FileCheck %s --check-prefix=ALONE
 // A decode step's nn.Linear: a few rows against the weight as stored ([out, in]) through a
 // transpose becomes a call to the hand-written CPU dispatch (compiler/kernels.py gives the
 // declaration its body); one declaration per shape.
 // CHECK-DAG: func.func private @polyarch_rowdot_1x256x64_f32(tensor<1x64xf32>, tensor<256x64xf32>) -> tensor<1x256xf32> attributes {polyarch.kernel = "rowdot"}
 // CHECK-DAG: func.func private @polyarch_rowdot_5x32x64_f16(tensor<5x64xf16>, tensor<32x64xf16>) -> tensor<5x32xf16> attributes {polyarch.kernel = "rowdot"}
 // CHECK-DAG: func.func private @polyarch_rowdot_Dx256x64_f32(tensor<?x64xf32>, tensor<256x64xf32>) -> tensor<?x256xf32> attributes {polyarch.kernel = "rowdot"}
+// One declaration for a group of weights (@qkv below): one result each.
+// CHECK-DAG: func.func private @polyarch_rowdot_1x64_32_32x64_f16(tensor<1x64xf16>, tensor<64x64xf16>, tensor<32x64xf16>, tensor<32x64xf16>) -> (tensor<1x64xf16>, tensor<1x32xf16>, tensor<1x32xf16>) attributes {polyarch.kernel = "rowdot"}
 // CHECK-LABEL: func.func @linear
 // CHECK-NOT: torch.aten.mm
 // CHECK-NOT: torch.aten.permute
@@ -33,6 +36,29 @@
 // CHECK: torch.aten.mm
 // CHECK-LABEL: func.func @mixed
 // CHECK: torch.aten.mm
+// A layer's q, k and v projections (each nn.Linear views the same hidden state for itself):
+// one dispatch, one result each, at the first projection; a fourth product of another x
+// (the output projection) alone. With group=false: one call each.
+// CHECK-LABEL: func.func @qkv
+// CHECK-NOT: torch.aten.mm
+// CHECK: %[[XQ:.*]] = torch.aten.view %arg0
+// CHECK: %[[XB:.*]] = "torch_c.to_builtin_tensor"(%[[XQ]])
+// CHECK: %[[Y:.*]]:3 = call @polyarch_rowdot_1x64_32_32x64_f16(%[[XB]], %{{.*}}, %{{.*}}, %{{.*}}) : (tensor<1x64xf16>, tensor<64x64xf16>, tensor<32x64xf16>, tensor<32x64xf16>) -> (tensor<1x64xf16>, tensor<1x32xf16>, tensor<1x32xf16>)
+// CHECK-DAG: "torch_c.from_builtin_tensor"(%[[Y]]#0) : (tensor<1x64xf16>) -> !torch.vtensor<[1,64],f16>
+// CHECK-DAG: "torch_c.from_builtin_tensor"(%[[Y]]#1) : (tensor<1x32xf16>) -> !torch.vtensor<[1,32],f16>
+// CHECK-DAG: "torch_c.from_builtin_tensor"(%[[Y]]#2) : (tensor<1x32xf16>) -> !torch.vtensor<[1,32],f16>
+// CHECK: call @polyarch_rowdot_1x64x64_f16(
+// CHECK-NOT: call @polyarch_rowdot
+// CHECK: return
+// A weight defined after the first product (it would not dominate the call): each alone.
+// CHECK-LABEL: func.func @late_weight
+// CHECK: call @polyarch_rowdot_1x32x64_f32(
+// CHECK: call @polyarch_rowdot_1x32x64_f32(
+// ALONE-LABEL: func.func @qkv
+// ALONE: call @polyarch_rowdot_1x64x64_f16(
+// ALONE: call @polyarch_rowdot_1x32x64_f16(
+// ALONE: call @polyarch_rowdot_1x32x64_f16(
+// ALONE: call @polyarch_rowdot_1x64x64_f16(
 
 func.func @linear(%x: !torch.vtensor<[1,64],f32>, %w: !torch.vtensor<[256,64],f32>, %x2: !torch.vtensor<[1,64],f32>) -> (!torch.vtensor<[1,256],f32>, !torch.vtensor<[1,256],f32>) {
   %int0 = torch.constant.int 0
@@ -86,4 +112,32 @@ func.func @mixed(%x: !torch.vtensor<[1,64],f16>, %w: !torch.vtensor<[256,64],f32
   %wt = torch.aten.t %w : !torch.vtensor<[256,64],f32> -> !torch.vtensor<[64,256],f32>
   %y = torch.aten.mm %x, %wt : !torch.vtensor<[1,64],f16>, !torch.vtensor<[64,256],f32> -> !torch.vtensor<[1,256],f32>
   return %y : !torch.vtensor<[1,256],f32>
+}
+
+func.func @qkv(%h: !torch.vtensor<[1,1,64],f16>, %wq: !torch.vtensor<[64,64],f16>, %wk: !torch.vtensor<[32,64],f16>, %wv: !torch.vtensor<[32,64],f16>, %wo: !torch.vtensor<[64,64],f16>) -> (!torch.vtensor<[1,64],f16>, !torch.vtensor<[1,32],f16>, !torch.vtensor<[1,32],f16>, !torch.vtensor<[1,64],f16>) {
+  %int1 = torch.constant.int 1
+  %int64 = torch.constant.int 64
+  %s1 = torch.prim.ListConstruct %int1, %int64 : (!torch.int, !torch.int) -> !torch.list<int>
+  %xq = torch.aten.view %h, %s1 : !torch.vtensor<[1,1,64],f16>, !torch.list<int> -> !torch.vtensor<[1,64],f16>
+  %wqt = torch.aten.t %wq : !torch.vtensor<[64,64],f16> -> !torch.vtensor<[64,64],f16>
+  %q = torch.aten.mm %xq, %wqt : !torch.vtensor<[1,64],f16>, !torch.vtensor<[64,64],f16> -> !torch.vtensor<[1,64],f16>
+  %s2 = torch.prim.ListConstruct %int1, %int64 : (!torch.int, !torch.int) -> !torch.list<int>
+  %xk = torch.aten.view %h, %s2 : !torch.vtensor<[1,1,64],f16>, !torch.list<int> -> !torch.vtensor<[1,64],f16>
+  %wkt = torch.aten.t %wk : !torch.vtensor<[32,64],f16> -> !torch.vtensor<[64,32],f16>
+  %k = torch.aten.mm %xk, %wkt : !torch.vtensor<[1,64],f16>, !torch.vtensor<[64,32],f16> -> !torch.vtensor<[1,32],f16>
+  %xv = torch.aten.view %h, %s2 : !torch.vtensor<[1,1,64],f16>, !torch.list<int> -> !torch.vtensor<[1,64],f16>
+  %wvt = torch.aten.t %wv : !torch.vtensor<[32,64],f16> -> !torch.vtensor<[64,32],f16>
+  %v = torch.aten.mm %xv, %wvt : !torch.vtensor<[1,64],f16>, !torch.vtensor<[64,32],f16> -> !torch.vtensor<[1,32],f16>
+  %wot = torch.aten.t %wo : !torch.vtensor<[64,64],f16> -> !torch.vtensor<[64,64],f16>
+  %o = torch.aten.mm %q, %wot : !torch.vtensor<[1,64],f16>, !torch.vtensor<[64,64],f16> -> !torch.vtensor<[1,64],f16>
+  return %q, %k, %v, %o : !torch.vtensor<[1,64],f16>, !torch.vtensor<[1,32],f16>, !torch.vtensor<[1,32],f16>, !torch.vtensor<[1,64],f16>
+}
+
+func.func @late_weight(%x: !torch.vtensor<[1,64],f32>, %w: !torch.vtensor<[32,64],f32>) -> (!torch.vtensor<[1,32],f32>, !torch.vtensor<[1,32],f32>) {
+  %wt = torch.aten.t %w : !torch.vtensor<[32,64],f32> -> !torch.vtensor<[64,32],f32>
+  %a = torch.aten.mm %x, %wt : !torch.vtensor<[1,64],f32>, !torch.vtensor<[64,32],f32> -> !torch.vtensor<[1,32],f32>
+  %w2 = torch.aten.neg %w : !torch.vtensor<[32,64],f32> -> !torch.vtensor<[32,64],f32>
+  %w2t = torch.aten.t %w2 : !torch.vtensor<[32,64],f32> -> !torch.vtensor<[64,32],f32>
+  %b = torch.aten.mm %x, %w2t : !torch.vtensor<[1,64],f32>, !torch.vtensor<[64,32],f32> -> !torch.vtensor<[1,32],f32>
+  return %a, %b : !torch.vtensor<[1,32],f32>, !torch.vtensor<[1,32],f32>
 }
