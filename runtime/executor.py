@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -31,6 +32,29 @@ def _rt():
 # call is ~180 dependent dispatches, and waking the workers for each cost 5-10% of it
 # (bench/generate.py's model: 10.6-12.4 -> 10.1-10.5 ms a token, A B B A; docs/architecture.md).
 CPU_WORKER_SPIN_US = 50
+
+
+# The host's wait for a device's timeline polls its semaphore, yielding the core between looks,
+# for up to this long, then blocks in the kernel. A host thread blocked in the kernel is woken
+# by the worker that signals; on a 2-core Zen 4 VM (a Firecracker guest) 20-30% of the 100M
+# model's f16 decode calls came back 2-5 ms late that way (a token: p90 7.6-8.1 ms against a
+# median of 4.2-4.9), and none when the host polled with sched_yield (p90 5.0-5.6): llama.cpp's
+# threads wait the same way (docs/cpu-speed.md). POLYARCH_HOST_SPIN_MS sets it (0: block at once).
+HOST_SPIN_S = float(os.environ.get("POLYARCH_HOST_SPIN_MS", "50")) / 1e3
+
+
+def wait_for(sem: "rt.HalSemaphore", value: int) -> None:
+    """Wait until `sem` reaches `value` (HOST_SPIN_S of polling, then blocking); raises the
+    device's error where the timeline failed (the final `wait` reports it)."""
+    if HOST_SPIN_S > 0:
+        query, yield_, clock = sem.query, os.sched_yield, time.perf_counter
+        end = clock() + HOST_SPIN_S
+        try:
+            while query() < value and clock() < end:
+                yield_()
+        except RuntimeError:  # a failed timeline: `wait` raises its error as it always did
+            pass
+    sem.wait(value)
 
 
 @functools.cache
@@ -108,7 +132,7 @@ def to_host(device: "rt.HalDevice", value: "rt.DeviceArray") -> np.ndarray:
         )
         sem = device.create_semaphore(0)
         device.queue_copy(src, imported, wait_semaphores=rt.HalFence.create_at(sem, 0), signal_semaphores=rt.HalFence.create_at(sem, 1))
-        rt.HalFence.create_at(sem, 1).wait()
+        wait_for(sem, 1)
         raw_dtype = rt.HalElementType.map_to_dtype(bv.element_type)
         host = staging[:n].view(raw_dtype).reshape(shape)
     return np.array(host, copy=True)
@@ -503,7 +527,7 @@ class Bundle:
             self._failed(dname, tick, seg_name, e)
         event = {"name": seg_name, "kind": "segment", "track": dname, "start": t0 - call.t0, "dur": 0.0, "bytes": 0}
         if wait_each:
-            sem.wait(tick)
+            wait_for(sem, tick)
             event["dur"] = clock() - t0
             self.counters["segment_seconds"][dname] += event["dur"]
         call.events.append(event)
@@ -533,7 +557,7 @@ class Bundle:
     def _to_host(self, v, call, what):
         """Wait for a tensor's producer on its device, then read it back into host memory."""
         clock = time.perf_counter
-        self._sems[v.device].wait(v.tick)
+        wait_for(self._sems[v.device], v.tick)
         if not v.event["dur"]:  # completion observed now (an upper bound in stream mode)
             v.event["dur"] = clock() - call.t0 - v.event["start"]
         t1 = clock()

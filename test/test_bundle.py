@@ -218,3 +218,45 @@ def test_closed_or_dropped_bundle_lets_go_of_its_devices(bundle):
         assert busy < 0.5, f"an idle process with its bundle closed kept {busy:.2f} cores busy"
     finally:
         gc.enable()
+
+
+def test_host_waits_poll_then_block_and_report_a_failed_timeline(monkeypatch):
+    """runtime.executor.wait_for: the host polls a device's semaphore, yielding its core, for up
+    to HOST_SPIN_S, then blocks (a host thread blocked in the kernel came back 2-5 ms late in
+    20-30% of decode calls on a VM: docs/cpu-speed.md). A value signalled from another thread is
+    seen whether it polls, blocks, or polls then blocks; polling shows as the thread's cpu time,
+    blocking does not; a timeline failed before or during the wait raises the device's error;
+    POLYARCH_HOST_SPIN_MS=0 blocks at once."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from polyarch.runtime import executor
+
+    dev = executor.create_device("cpu")
+    spent = {}
+    for spin in (1.0, 0.0, 0.005):  # polls through the wait, blocks, polls 5 ms then blocks
+        monkeypatch.setattr(executor, "HOST_SPIN_S", spin)
+        sem = dev.create_semaphore(0)
+        timer = threading.Timer(0.1, sem.signal, args=(1,))
+        c0 = time.thread_time()
+        timer.start()
+        executor.wait_for(sem, 1)
+        spent[spin] = time.thread_time() - c0
+        timer.join()
+        assert sem.query() == 1
+    assert spent[1.0] > 0.005 and spent[0.0] < 0.002, spent
+    failed = dev.create_semaphore(0)
+    failed.fail("failed before the wait")
+    with pytest.raises(RuntimeError, match="failed before the wait"):
+        executor.wait_for(failed, 1)
+    monkeypatch.setattr(executor, "HOST_SPIN_S", 1.0)
+    late = dev.create_semaphore(0)
+    threading.Timer(0.05, late.fail, args=("failed while waited",)).start()
+    with pytest.raises(RuntimeError, match="failed while waited"):
+        executor.wait_for(late, 1)
+    out = subprocess.run([sys.executable, "-c", "from polyarch.runtime import executor; print(executor.HOST_SPIN_S)"],
+                         env={**os.environ, "POLYARCH_HOST_SPIN_MS": "0"}, capture_output=True, text=True, check=True)
+    assert float(out.stdout) == 0.0
