@@ -70,7 +70,10 @@ def sample(logits: np.ndarray, rng: "np.random.Generator | None", temperature: f
            top_p: float = 1.0) -> int:
     """One token from one row of logits (module docstring)."""
     if temperature <= 0 or rng is None:
-        return int(np.argmax(logits))
+        # numpy's argmax over 16-bit floats is scalar: 94 us for 32000 f16 logits, 56 with the
+        # (exact) widening to f32 first, 3 over f32 (the same index: first of the largest)
+        logits = np.asarray(logits)
+        return int(np.argmax(logits.astype(np.float32) if logits.dtype.itemsize == 2 else logits))
     ids, p = _candidates(logits, temperature, top_k, top_p)
     if ids is None:
         return _draw(p, rng)

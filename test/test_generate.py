@@ -392,3 +392,20 @@ def test_prefill_refuses_ids_not_padded(llama_bundle):
         padded = np.array([[1, 5, 9] + [-1] * 13], np.int64)
         logits = b.run_phase("prefill", [padded, np.zeros(1, np.int64), *cache])[0]
         assert int(np.argmax(logits[0])) == list(b.generate([1, 5, 9], 1))[0]
+
+
+def test_greedy_sample_of_16_bit_logits_is_numpys_argmax():
+    """Greedy sampling widens 16-bit logits to f32 before argmax (numpy's argmax over f16 is
+    scalar): the same index as numpy's argmax of the logits as given, ties to the first, for
+    f16, bf16 and f32 rows and a list."""
+    import ml_dtypes
+
+    from polyarch.runtime.generate import sample
+
+    rng = np.random.default_rng(0)
+    for dt in (np.float16, ml_dtypes.bfloat16, np.float32):
+        for _ in range(100):
+            a = rng.standard_normal(500).astype(dt)
+            a[rng.integers(0, 500, 3)] = a.max()  # ties: the first wins
+            assert sample(a, None) == int(np.argmax(a)), dt
+    assert sample([0.5, 2.0, 2.0, -1.0], None) == 1
