@@ -40,13 +40,24 @@ CPU_WORKER_SPIN_US = 50
 # model's f16 decode calls came back 2-5 ms late that way (a token: p90 7.6-8.1 ms against a
 # median of 4.2-4.9), and none when the host polled with sched_yield (p90 5.0-5.6): llama.cpp's
 # threads wait the same way (docs/cpu-speed.md). POLYARCH_HOST_SPIN_MS sets it (0: block at once).
-HOST_SPIN_S = float(os.environ.get("POLYARCH_HOST_SPIN_MS", "50")) / 1e3
+def _host_spin_s(raw: str) -> "float | None":
+    """POLYARCH_HOST_SPIN_MS's milliseconds as seconds; None where it is not a number >= 0
+    (create_device then refuses to start, naming it)."""
+    try:
+        ms = float(raw)
+    except ValueError:
+        return None
+    return ms / 1e3 if ms >= 0 and ms != float("inf") else None
+
+
+HOST_SPIN_ENV = os.environ.get("POLYARCH_HOST_SPIN_MS", "50")
+HOST_SPIN_S = _host_spin_s(HOST_SPIN_ENV)
 
 
 def wait_for(sem: "rt.HalSemaphore", value: int) -> None:
     """Wait until `sem` reaches `value` (HOST_SPIN_S of polling, then blocking); raises the
     device's error where the timeline failed (the final `wait` reports it)."""
-    if HOST_SPIN_S > 0:
+    if HOST_SPIN_S:
         query, yield_, clock = sem.query, os.sched_yield, time.perf_counter
         end = clock() + HOST_SPIN_S
         try:
@@ -91,6 +102,10 @@ def take_module(ctx: "rt.SystemContext", name: str | None = "module"):
 def create_device(spec: DeviceSpec | str) -> "rt.HalDevice":
     """The IREE HalDevice for a device spec, or DeviceError naming what is missing."""
     rt = _rt()
+    if HOST_SPIN_S is None:
+        raise DeviceError(f"POLYARCH_HOST_SPIN_MS={HOST_SPIN_ENV!r} is not a number of milliseconds",
+                          fix="set it to a number >= 0 (how long the host polls a device before it blocks; 0 blocks "
+                              "at once) or unset it (50)")
     spec = DeviceSpec.parse(spec)
     if spec.kind == "cpu":
         _cpu_driver_flags()

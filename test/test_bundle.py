@@ -224,9 +224,10 @@ def test_host_waits_poll_then_block_and_report_a_failed_timeline(monkeypatch):
     """runtime.executor.wait_for: the host polls a device's semaphore, yielding its core, for up
     to HOST_SPIN_S, then blocks (a host thread blocked in the kernel came back 2-5 ms late in
     20-30% of decode calls on a VM: docs/cpu-speed.md). A value signalled from another thread is
-    seen whether it polls, blocks, or polls then blocks; polling shows as the thread's cpu time,
-    blocking does not; a timeline failed before or during the wait raises the device's error;
-    POLYARCH_HOST_SPIN_MS=0 blocks at once."""
+    seen whether it polls, blocks, or polls then blocks (the polls counted as its yields of the
+    core; none with 0); a timeline failed before or during the wait raises the device's error;
+    POLYARCH_HOST_SPIN_MS=0 blocks at once; a value that is not a number of milliseconds >= 0
+    stops the device from starting, with its name."""
     import os
     import subprocess
     import sys
@@ -236,18 +237,23 @@ def test_host_waits_poll_then_block_and_report_a_failed_timeline(monkeypatch):
     from polyarch.runtime import executor
 
     dev = executor.create_device("cpu")
-    spent = {}
+    yields = []
+    real_yield = os.sched_yield
+    monkeypatch.setattr(executor.os, "sched_yield", lambda: (yields.append(1), real_yield())[1])
+    looks = {}
     for spin in (1.0, 0.0, 0.005):  # polls through the wait, blocks, polls 5 ms then blocks
         monkeypatch.setattr(executor, "HOST_SPIN_S", spin)
         sem = dev.create_semaphore(0)
         timer = threading.Timer(0.1, sem.signal, args=(1,))
-        c0 = time.thread_time()
+        yields.clear()
+        t0 = time.perf_counter()
         timer.start()
         executor.wait_for(sem, 1)
-        spent[spin] = time.thread_time() - c0
+        waited = time.perf_counter() - t0
         timer.join()
-        assert sem.query() == 1
-    assert spent[1.0] > 0.005 and spent[0.0] < 0.002, spent
+        looks[spin] = len(yields)
+        assert sem.query() == 1 and waited >= 0.09, (spin, waited)
+    assert looks[1.0] > 0 and looks[0.005] > 0 and looks[0.0] == 0, looks
     failed = dev.create_semaphore(0)
     failed.fail("failed before the wait")
     with pytest.raises(RuntimeError, match="failed before the wait"):
@@ -260,3 +266,9 @@ def test_host_waits_poll_then_block_and_report_a_failed_timeline(monkeypatch):
     out = subprocess.run([sys.executable, "-c", "from polyarch.runtime import executor; print(executor.HOST_SPIN_S)"],
                          env={**os.environ, "POLYARCH_HOST_SPIN_MS": "0"}, capture_output=True, text=True, check=True)
     assert float(out.stdout) == 0.0
+    probe = ("from polyarch.runtime import executor\ntry:\n    executor.create_device('cpu')\n"
+             "except Exception as e:\n    print(type(e).__name__, e)")
+    for bad in ("abc", "-1", "inf"):  # not a number of milliseconds: the device refuses to start, naming it
+        out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "POLYARCH_HOST_SPIN_MS": bad},
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.startswith("DeviceError") and f"POLYARCH_HOST_SPIN_MS='{bad}'" in out.stdout, out.stdout
