@@ -7,7 +7,8 @@ Model: a Llama-style causal LM with random weights (8 layers, hidden 768, 12 hea
 intermediate 2048, vocab 32000: about 100M parameters), f32, 2 threads. Engines are timed in
 blocks ordered A B C .. C B A (eager, polyarch f32, polyarch f16 weights, llama.cpp f32, f16, then back), each block warmed up by one
 generation first; figures are the median of the blocks. Prefill: ms for the prompt (time to
-first token); decode: ms per output token at batch 1, and tokens/s at each batch size.
+first token); decode: ms per output token at batch 1, and tokens/s at each batch size (the
+batch sizes timed in blocks of their own, 1 4 8 8 4 1).
 Peak RSS of polyarch is measured in a child process that loads the bundle and generates
 (compared with weights + cache). llama.cpp runs on the same weights written as GGUF
 (bench/llamacpp.py; f32 and f16), when llama-cpp-python is installed (bench/requirements.txt,
@@ -152,13 +153,18 @@ def main():
     res["polyarch_f16_prefill_ms"] = statistics.median(x[0] for x in h) * 1e3
     res["polyarch_f16_decode_ms"] = statistics.median(x[1] for x in h) * 1e3
     res["state_host_bytes_per_step"] = max(x[3] for x in p + h)
+    # the batch sizes in blocks too (1 4 8 8 4 1, each warmed up): one after the other, minutes
+    # apart on a host whose memory rate swings, their ratio moved with the minute (3.41x once)
     res["tokens_per_s"] = {}
-    for b in batches:
-        with load(paths[b]) as bb:
-            prompts = [prompt[: args.prompt - i] for i in range(b)]
-            polyarch_run(bb, prompts, args.new)
-            runs = [polyarch_run(bb, prompts, args.new) for _ in range(2)]
-            res["tokens_per_s"][b] = statistics.median(b / r[1] for r in runs)  # decode tokens/s over the batch
+    loaded = [load(paths[b]) for b in batches]
+    try:
+        runs = blocks(*[(lambda bb=bb, b=b: polyarch_run(bb, [prompt[: args.prompt - i] for i in range(b)], args.new))
+                        for bb, b in zip(loaded, batches)])
+    finally:
+        for bb in loaded:
+            bb.close()
+    for b, rs in zip(batches, runs):
+        res["tokens_per_s"][b] = statistics.median(b / r[1] for r in rs)  # decode tokens/s over the batch
     weights = params * 4
     cache = 2 * args.layers * 4 * ctx * 64 * 4
     res["weights_mb"], res["cache_mb"] = weights / 1e6, cache / 1e6
