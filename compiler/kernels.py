@@ -22,9 +22,15 @@ from ..passes.rowdot import kernel_name as name
 from ..runtime.identity import cpu_identity
 
 WG_ROWS = 128  # weight rows per workgroup (a 2048-row weight: 16 workgroups)
-LAYOUT = ('#hal.pipeline.layout<bindings = [#hal.pipeline.binding<storage_buffer, "ReadOnly|Indirect">, '
-          '#hal.pipeline.binding<storage_buffer, "ReadOnly|Indirect">, #hal.pipeline.binding<storage_buffer, Indirect>], '
-          'flags = Indirect>')  # w, x read; y written
+READ, WRITE = '"ReadOnly|Indirect"', "Indirect"  # binding flags: an input, the result
+
+
+def _layout(flags):
+    return ("#hal.pipeline.layout<bindings = ["
+            + ", ".join(f"#hal.pipeline.binding<storage_buffer, {f}>" for f in flags) + "], flags = Indirect>")
+
+
+LAYOUT = _layout([READ, READ, WRITE])  # w, x read; y written
 LAYOUT_DYNAMIC = LAYOUT.replace("<bindings", "<constants = 1, bindings")  # + the row count (i32)
 
 
@@ -91,10 +97,6 @@ def _wg_rows(n, r):
     """Weight rows a workgroup reads: about WG_ROWS, a multiple of r."""
     return max(r, min(WG_ROWS // r * r, -(-n // r) * r))
 
-
-def _layout(flags):
-    return ("#hal.pipeline.layout<bindings = ["
-            + ", ".join(f"#hal.pipeline.binding<storage_buffer, {f}>" for f in flags) + "], flags = Indirect>")
 
 
 def _group_source(m, ns, k, dtype, regs=None, bf16_dot=None):
@@ -164,8 +166,6 @@ def _prologue(fn, m, n, k, t, r, wg, lanes, step, tile=0, strided=False):
       %wg = hal.interface.workgroup.id[0] : index""",
         _loop_head(n, k, r, wg, step, tile, strided, dynamic)])
 
-
-READ, WRITE = '"ReadOnly|Indirect"', "Indirect"  # binding flags: an input, the result
 
 
 def _binding(layout, i, flags, shape, t, dims=""):

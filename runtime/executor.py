@@ -34,12 +34,6 @@ def _rt():
 CPU_WORKER_SPIN_US = 50
 
 
-# The host's wait for a device's timeline polls its semaphore, yielding the core between looks,
-# for up to this long, then blocks in the kernel. A host thread blocked in the kernel is woken
-# by the worker that signals; on a 2-core Zen 4 VM (a Firecracker guest) 20-30% of the 100M
-# model's f16 decode calls came back 2-5 ms late that way (a token: p90 7.6-8.1 ms against a
-# median of 4.2-4.9), and none when the host polled with sched_yield (p90 5.0-5.6): llama.cpp's
-# threads wait the same way (docs/cpu-speed.md). POLYARCH_HOST_SPIN_MS sets it (0: block at once).
 def _host_spin_s(raw: str) -> "float | None":
     """POLYARCH_HOST_SPIN_MS's milliseconds as seconds; None where it is not a number >= 0
     (create_device then refuses to start, naming it)."""
@@ -50,6 +44,12 @@ def _host_spin_s(raw: str) -> "float | None":
     return ms / 1e3 if ms >= 0 and ms != float("inf") else None
 
 
+# The host's wait for a device's timeline polls its semaphore, yielding the core between looks,
+# for up to this long, then blocks in the kernel. A host thread blocked in the kernel is woken
+# by the worker that signals; on a 2-core Zen 4 VM (a Firecracker guest) 20-30% of the 100M
+# model's f16 decode calls came back 2-5 ms late that way (a token: p90 7.6-8.1 ms against a
+# median of 4.2-4.9), and none when the host polled with sched_yield (p90 5.0-5.6): llama.cpp's
+# threads wait the same way (docs/cpu-speed.md). POLYARCH_HOST_SPIN_MS sets it (0: block at once).
 HOST_SPIN_ENV = os.environ.get("POLYARCH_HOST_SPIN_MS", "50")
 HOST_SPIN_S = _host_spin_s(HOST_SPIN_ENV)
 
