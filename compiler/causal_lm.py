@@ -9,8 +9,11 @@ below) is compiled as two entry functions over the same weights:
         of PREFILL_MULTIPLE, the runtime filling ids[t:] with -1: IREE 3.13 with data tiling
         miscompiles the attention's written-out softmax (prefill_attention) fused into the
         packing of a dynamic dimension that is not a multiple of its tile of 16
-    decode(tokens[B], positions[B], k_0, v_0, ...) -> (logits[B, V], k_0', v_0', ...)
-        one token for each of the B sequences of the batch, each at its own position
+    decode(tokens[B], positions[B], k_0, v_0, ...) -> (logits[B, V], k_0', v_0', ..., next[B])
+        one token for each of the B sequences of the batch, each at its own position; next:
+        each sequence's greedy token (the argmax of its logits, the first of ties, int64), which
+        greedy generation passes to the next decode call on the device, reading it back a
+        step behind (runtime/generate.py `Generation._chained`)
     verify(tokens[B, K], positions[B], k_0, v_0, ...) -> (logits[B, K, V], k_0', v_0', ...)
         (with a draft model: speculative decoding) K tokens for each sequence at positions
         positions[b] .. positions[b] + K - 1 (those past the cache are not written), the logits
@@ -259,6 +262,10 @@ def _verify_scatter(lm, tokens, positions, cache):
     return _verify(lm, tokens, positions, cache, scatter=True)
 
 
+def _with_greedy(greedy, out):
+    return (*out, greedy(out[0]))
+
+
 _RUN = {"prefill": _prefill, "decode": _decode, "verify": _verify}
 _SCATTER = {"decode": _decode_scatter, "verify": _verify_scatter}  # cpu-only device sets (module docstring)
 
@@ -271,15 +278,28 @@ def wrap(model: "torch.nn.Module", phase: str, scatter: bool = False) -> "torch.
     if phase not in PHASE_INPUTS:
         raise ValueError(phase)
 
+    class Greedy(torch.nn.Module):
+        """Decode's greedy tokens: the argmax of each sequence's logits. A module of its own
+        (module path `greedy`), so that a pin of the model's head (`lm_head=vulkan`) does not
+        take it along: its int64 result needs a device with 64-bit integers."""
+
+        def forward(self, logits):
+            return logits.argmax(-1)
+
     def __init__(self, lm):
         torch.nn.Module.__init__(self)
         self.lm = lm
+        if phase == "decode":
+            self.greedy = Greedy()
 
     # forward with one named parameter per cache tensor: torch.export names the inputs after them
     names = [*PHASE_INPUTS[phase], *cache_names(lm_shape(model).layers)]
     scope = {}
-    exec(f"def forward(self, {', '.join(names)}):\n    return _run(self.lm, {names[0]}, {names[1]}, "
-         f"[{', '.join(names[2:])}])\n", {"_run": _SCATTER.get(phase, _RUN[phase]) if scatter else _RUN[phase]}, scope)
+    body = f"_run(self.lm, {names[0]}, {names[1]}, [{', '.join(names[2:])}])"
+    if phase == "decode":  # its greedy tokens after the cache (module docstring)
+        body = f"_with_greedy(self.greedy, {body})"
+    exec(f"def forward(self, {', '.join(names)}):\n    return {body}\n",
+         {"_run": _SCATTER.get(phase, _RUN[phase]) if scatter else _RUN[phase], "_with_greedy": _with_greedy}, scope)
     cls = type(f"{phase.capitalize()}Phase", (torch.nn.Module,), {"__init__": __init__, "forward": scope["forward"]})
     return cls(model).eval()
 

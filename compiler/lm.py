@@ -348,7 +348,7 @@ def eager_greedy(model: Any, shape: "causal_lm.LMShape", batch: int, max_context
             pos = torch.zeros(batch, dtype=torch.int64)
             pos[0] = len(prompt) + i
             out = dec(tok, pos, *cache)
-            cache = list(out[1:])
+            cache = list(out[1:1 + 2 * shape.layers])  # decode's last output: its greedy tokens
             logits.append(out[0][0].float().numpy())
             tokens.append(int(np.argmax(logits[-1])))
     return tokens, logits
@@ -420,7 +420,14 @@ def _check_greedy(g, name, who, prompt, ref_tokens, ref_logits, tol):
         if i + 1 < VERIFY_STEPS:
             tok, pos = [0] * b, [0] * b
             tok[0], pos[0] = ref_tokens[i], len(prompt) + i
-            logits = g.decode(tok, pos)[0]
+            logits, greedy = g.decode(tok, pos, greedy=True)
+            logits = logits[0]
+            # decode's own greedy token (the one chained greedy steps pass on): a maximum of its logits
+            if logits[int(greedy[0])] != logits.max():
+                raise PolyarchError(f"plan {name}: the compiled {who}decode phase's greedy token {int(greedy[0])} at "
+                                    f"generated token {i + 1} is not the maximum of its logits (token "
+                                    f"{int(np.argmax(logits))})", fix="compile for other devices (-d cpu), or report "
+                                    "the model with `polyarch plan --ops`")
     return errs
 
 

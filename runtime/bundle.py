@@ -189,9 +189,14 @@ def _check_phases(manifest, path, plan, segments):
         if not isinstance(phase, dict) or not isinstance(sig, dict) or not all(
                 isinstance(sig.get(k), list) for k in ("inputs", "outputs")):
             raise _damaged(path, f"phase {name!r} of plan '{plan.get('name')}' lacks its schedule or signature")
-        if len(sig["inputs"]) != 2 + 2 * layers or len(sig["outputs"]) != 1 + 2 * layers:
+        # decode gives its greedy tokens after the cache (int64 [batch]; not in bundles made before)
+        greedy = name.endswith("decode") and len(sig["outputs"]) == 2 + 2 * layers
+        if len(sig["inputs"]) != 2 + 2 * layers or len(sig["outputs"]) != 1 + 2 * layers + greedy:
             raise _damaged(path, f"phase {name!r} does not take and give the {2 * layers} cache tensors "
                                  "its generation settings say")
+        last = sig["outputs"][-1]
+        if greedy and not (isinstance(last, dict) and last.get("dtype") == "int64" and last.get("shape") == [gen["batch"]]):
+            raise _damaged(path, f"phase {name!r}'s last output is not its {gen['batch']} greedy tokens (int64)")
         view = {"name": f"{plan.get('name')}/{name}", "schedule": phase.get("schedule"), "outputs": phase.get("outputs")}
         _check_schedule(path, view, segments, len(sig["inputs"]))
         _check_agreement(path, view, segments, sig)

@@ -17,7 +17,7 @@ from .identity import iree_version
 if TYPE_CHECKING:
     import iree.runtime as rt
 
-__all__ = ["Bundle", "Resident", "create_device", "take_module", "available_devices", "to_host", "check_inputs", "first_out_of_range",
+__all__ = ["Bundle", "Resident", "PhaseCall", "create_device", "take_module", "available_devices", "to_host", "check_inputs", "first_out_of_range",
            "index_bounds"]
 
 
@@ -378,8 +378,25 @@ class Bundle:
         are state (the cache). -> the outputs, as a list. Counters: `state_host_bytes` counts
         the bytes of state that crossed the host (state inputs given as host arrays, kept
         outputs read back)."""
+        pending = self._start_phase(phase, args, state, wait_each=True)
+        return self._collect(pending.call, pending.outputs, pending.specs, set(keep))
+
+    def start_phase(self, phase: str, args: list, state: Iterable = ()) -> "PhaseCall":
+        """Issue one call of a phase (run_phase's arguments) and return without waiting for
+        it: its device works on it while the host goes on. `PhaseCall.resident(j)` is its
+        output j left on its device, an input for a later call at once (a device runs its
+        calls in order); `finish_phase` waits for outputs and reads them back. The calls of
+        a plan that spans devices still wait where a tensor crosses to another device."""
+        return self._start_phase(phase, args, state, wait_each=False)
+
+    def finish_phase(self, pending: "PhaseCall", read: Iterable) -> list:
+        """Wait for a started call's outputs `read` (indices) and read them back. -> numpy arrays."""
+        read = list(read)
+        return self._collect(pending.call, [pending.outputs[j] for j in read], [pending.specs[j] for j in read])
+
+    def _start_phase(self, phase, args, state, wait_each):
         schedule, outputs, specs, out_specs = self._phase(phase)
-        keep, state = set(keep), set(state)
+        state = set(state)
         host = [(i, a) for i, a in enumerate(args) if not isinstance(a, Resident)]
         if len(args) != len(specs):
             raise BundleError(f"phase {phase} of {self.path} takes {len(specs)} input(s), got {len(args)}",
@@ -392,8 +409,7 @@ class Bundle:
             full[i] = a
             if i in state:
                 self.counters["state_host_bytes"] += int(a.nbytes)
-        call = self._submit(full, wait_each=True, schedule=schedule, checked=True)
-        return self._collect(call, outputs, out_specs, keep)
+        return PhaseCall(self._submit(full, wait_each=wait_each, schedule=schedule, checked=True), outputs, out_specs)
 
     def _check_prefill_length(self, ids) -> None:
         """A --generate bundle's prefill takes its ids padded (with -1) to a multiple of
@@ -687,6 +703,22 @@ class Resident:
     @property
     def device(self) -> str:
         return self.value.device
+
+
+class PhaseCall:
+    """A phase's call in flight (`Bundle.start_phase`): `call` its values, `outputs` the
+    names of its outputs, `specs` their signature entries."""
+
+    __slots__ = ("call", "outputs", "specs")
+
+    def __init__(self, call, outputs, specs):
+        self.call, self.outputs, self.specs = call, outputs, specs
+
+    def resident(self, j: int) -> "Resident | np.ndarray":
+        """Output j where it is: a Resident on its device (a host array where the plan's
+        output is one of the call's host inputs)."""
+        v = self.call.env[self.outputs[j]]
+        return Resident(v) if isinstance(v, _OnDevice) else v
 
 
 class _OnDevice:

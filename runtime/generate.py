@@ -14,8 +14,10 @@ waves of B). Each prompt is prefilled alone into its slot (the logits of its las
 the first new token: the time to first token), then every decode step runs the B slots at
 their own positions; a sequence that meets a stop id (by default the model's end-of-sequence
 ids) or its token count leaves the batch.
-Sampling runs on the host over the logits read back (B x vocab values a step): temperature
-0 is greedy; otherwise softmax(logits / temperature) restricted to the top_k tokens and the
+Greedy decoding (temperature 0, no draft) chains the steps on the device: decode also gives
+each sequence's greedy token, which the next step takes where it is, issued before the host
+reads this one's back (Generation._chained). Otherwise sampling runs on the host over the
+logits read back (B x vocab values a step): temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the top_k tokens and the
 smallest set whose probability reaches top_p, drawn from numpy's PCG64 seeded with `seed`,
 one draw per sequence and step in a fixed order (so a seed reproduces the tokens).
 
@@ -128,6 +130,10 @@ class Generator:
             self.verify_tokens = cfg["draft"]["speculate"] + 1 if self.draft is not None else None
         # each phase gives the cache back as outputs 1.., and takes it as inputs 2..
         self._kept, self._state = range(1, 1 + self.n_cache), range(2, 2 + self.n_cache)
+        # decode's output after the cache: each sequence's greedy token (compiler/causal_lm.py),
+        # absent from bundles compiled before it (their greedy steps read the logits back)
+        outs = bundle.manifest["phases"][prefix + "decode"]["signature"]["outputs"]
+        self.next_output = 1 + self.n_cache if len(outs) == 2 + self.n_cache and outs[-1]["dtype"] == "int64" else None
         self.cache = None
         self.eos = list(self.config.get("eos_token_ids", ()))
         self._tokenizer = None
@@ -166,16 +172,37 @@ class Generator:
         cache = self.cache if self.cache is not None else self._empty_cache()
         out = self.bundle.run_phase(self.prefix + "prefill", [ids, np.array([slot], np.int64), *cache], keep=self._kept,
                                     state=self._state)
-        self.cache = out[1:]
+        self.cache = out[1:1 + self.n_cache]
         return out[0][0]
 
-    def decode(self, tokens: Iterable, positions: Iterable) -> np.ndarray:
-        """One step for every slot: token b at position b. -> logits [batch, vocab]."""
+    def decode(self, tokens: Iterable, positions: Iterable, greedy: bool = False) -> "np.ndarray | tuple":
+        """One step for every slot: token b at position b. -> logits [batch, vocab]; greedy
+        True (a bundle whose decode gives them: `next_output`): (logits, greedy tokens [batch])."""
         out = self.bundle.run_phase(self.prefix + "decode", [np.asarray(list(tokens), np.int64),
                                                              np.asarray(list(positions), np.int64), *self.cache],
                                     keep=self._kept, state=self._state)
-        self.cache = out[1:]
+        self.cache = out[1:1 + self.n_cache]
+        if greedy:
+            if self.next_output is None:
+                raise BundleError(f"the decode phase of {self.bundle.path} gives no greedy tokens (compiled before "
+                                  "they were added)", fix="recompile it with `polyarch compile --generate`")
+            return out[0], out[self.next_output]
         return out[0]
+
+    def start_decode(self, tokens: "Iterable | PhaseCall", positions: Iterable) -> "PhaseCall":
+        """Issue one decode step without waiting for it (a bundle whose decode gives its greedy
+        tokens: `next_output`). tokens: ids, or the step before (a `PhaseCall`: its greedy
+        tokens, taken where they are, on the device). The cache becomes the step's at once
+        (later calls run after it on the device). -> the step in flight (`finish_decode`)."""
+        tok = tokens.resident(self.next_output) if hasattr(tokens, "resident") else np.asarray(list(tokens), np.int64)
+        step = self.bundle.start_phase(self.prefix + "decode", [tok, np.asarray(list(positions), np.int64),
+                                                                *self.cache], state=self._state)
+        self.cache = [step.resident(j) for j in self._kept]
+        return step
+
+    def finish_decode(self, step: "PhaseCall") -> np.ndarray:
+        """Wait for a started decode step. -> its greedy tokens [batch] (int64), read back."""
+        return self.bundle.finish_phase(step, [self.next_output])[0]
 
     def release(self) -> None:
         """Drop the caches (device buffers) of the model and of its draft."""
@@ -194,7 +221,7 @@ class Generator:
         out = self.bundle.run_phase(self.prefix + "verify", [np.asarray(tokens, np.int64),
                                                              np.asarray(list(positions), np.int64), *self.cache],
                                     keep=self._kept, state=self._state)
-        self.cache = out[1:]
+        self.cache = out[1:1 + self.n_cache]
         return out[0]
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
@@ -244,7 +271,8 @@ class Generation:
     """A generation in progress: iterate for tokens as they come (ints for one prompt,
     (prompt index, token) for several); `tokens` holds each prompt's new tokens, `stats`
     the times: ttft_s (per prompt: from the start to its first token), tpot_s (mean time per
-    output token over the decode steps), decode_steps, tokens_per_s, and
+    output token over the decode steps: the time generate spends on them, the consumer's
+    time between tokens excluded), decode_steps, tokens_per_s, and
     state_host_bytes_per_step (KV-cache bytes that crossed the host per decode step); with
     a draft model (speculative decoding, `Generation._spec_step`) also `speculative`: drafted
     and accepted tokens, acceptance_rate, mean_k (tokens drafted a step), the calls and
@@ -289,8 +317,7 @@ class Generation:
 
     def _run(self):
         """Each wave of up to `batch` prompts: every prompt prefilled into its slot (its first
-        token is the time to first token), then decode steps (`_decode_step`, or with a draft
-        `_spec_step`) until every sequence of the wave is done."""
+        token is the time to first token), then its decode steps (`_steps`)."""
         gen, draft, b = self.gen, self.gen.draft if self.speculative else None, self.gen.batch
         # k from measured call times, except when a seed asks for reproducible sampling: the draws
         # a step makes depend on k, so then the times are the plan's predicted ones (fixed per bundle)
@@ -322,14 +349,7 @@ class Generation:
                 if draft:
                     self._timed("draft_prefill", draft.prefill, self.prompts[i], slot)  # after the first token
             state_base = counters["state_host_bytes"]
-            while live:
-                if not draft:
-                    yield from self._decode_step(ids, pos, last, live)
-                    continue
-                # never draft past what any live sequence may still emit, nor past the cache
-                room = max(self.max_new - len(self.tokens[ids[s]]) for s in live) - 1
-                k = max(0, min(self._choose_k(st, gen.verify_tokens - 1, costs, bool(draft.verify_tokens)), room))
-                yield from self._spec_step(k, ids, pos, last, live)
+            yield from self._steps(ids, pos, last, live, draft, costs)
             state_steps += counters["state_host_bytes"] - state_base
         total = time.perf_counter() - t0
         out = sum(map(len, self.tokens))
@@ -348,15 +368,65 @@ class Generation:
                 **{key: st[key] for key in ("draft_calls", "draft_s", "verify_calls", "verify_s")},
                 "catch_up_calls": st["catch_calls"], "catch_up_s": st["catch_s"]}
 
-    def _decode_step(self, ids, pos, last, live):
-        """One decode step for the batch: one token per live sequence (yielded)."""
+    def _steps(self, ids, pos, last, live, draft, costs):
+        """A wave's decode steps, until every sequence of it is done: greedy steps chained on
+        the device where the bundle's decode gives its greedy tokens (`_chained`), else
+        `_decode_step`, or with a draft `_spec_step`."""
         gen = self.gen
+        if not draft:
+            if live and self.rng is None and gen.next_output is not None:
+                yield from self._chained(ids, pos, last, live)
+            while live:
+                yield from self._decode_step(ids, pos, last, live)
+            return
+        while live:
+            # never draft past what any live sequence may still emit, nor past the cache
+            room = max(self.max_new - len(self.tokens[ids[s]]) for s in live) - 1
+            k = max(0, min(self._choose_k(self._st, gen.verify_tokens - 1, costs, bool(draft.verify_tokens)), room))
+            yield from self._spec_step(k, ids, pos, last, live)
+
+    def _decode_step(self, ids, pos, last, live):
+        """One decode step for the batch: one token per live sequence (yielded). Its time
+        (decode_s) is the call's and the sampling's."""
+        gen, t = self.gen, time.perf_counter()
         # a slot that is done (or unused) repeats a harmless write at a position in range
-        logits = self._timed("decode", gen.decode, last, [min(q, gen.max_context - 1) for q in pos])
-        self._st["steps"] += 1
-        for slot in sorted(live):
+        logits = gen.decode(last, [min(q, gen.max_context - 1) for q in pos])
+        toks = {slot: sample(logits[slot], self.rng, **self.sampling) for slot in sorted(live)}
+        self._step_done(t)
+        yield from self._emit_step(ids, pos, last, live, toks)
+
+    def _chained(self, ids, pos, last, live):
+        """Greedy decode steps until every sequence of the wave is done, chained on the device
+        (a bundle whose decode gives its greedy tokens): step n + 1 is issued with step n's
+        tokens still on the device before the host reads step n's back, so that the host's
+        work for a token (the read-back, the stop test, what the consumer does with it) runs
+        while the device computes the next. A step issued for sequences that then stop is
+        left to finish on the device, unread. A step's time (decode_s) is the time spent here
+        for it: issuing the next step and waiting for this one's tokens."""
+        gen, n = self.gen, self.gen.max_context - 1
+        t = time.perf_counter()
+        step = gen.start_decode(last, [min(q, n) for q in pos])
+        while live:
+            ahead = None
+            if any(self.max_new - len(self.tokens[ids[s]]) > 1 for s in live):  # a token after this one
+                ahead = gen.start_decode(step, [min(q + (s in live), n) for s, q in enumerate(pos)])
+            got = gen.finish_decode(step)
+            toks = {slot: int(got[slot]) for slot in sorted(live)}
+            self._step_done(t)
+            yield from self._emit_step(ids, pos, last, live, toks)
+            t, step = time.perf_counter(), ahead
+
+    def _step_done(self, t):
+        st = self._st
+        st["steps"] += 1
+        st["decode_calls"] += 1
+        st["decode_s"] += time.perf_counter() - t
+
+    def _emit_step(self, ids, pos, last, live, toks):
+        """Yield a step's token of each live slot ({slot: token}); a sequence that meets a stop
+        or its count leaves the batch."""
+        for slot, tok in toks.items():
             i = ids[slot]
-            tok = sample(logits[slot], self.rng, **self.sampling)
             pos[slot], last[slot] = pos[slot] + 1, tok
             yield self._emit(i, tok)
             if tok in self.stops or len(self.tokens[i]) >= self.max_new:

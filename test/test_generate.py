@@ -120,6 +120,62 @@ def test_sampling_reproducible_and_stop(llama_bundle):
         assert stopped == greedy[:greedy.index(greedy[3]) + 1]
 
 
+def test_greedy_steps_chain_on_the_device(llama_bundle):
+    """Greedy decode steps pass decode's own greedy tokens to the next step on the device:
+    each step is issued before the host has seen the one before it finish; a step issued for
+    a sequence that then stops is left unread, and what runs next on the device is right."""
+    from polyarch.runtime import load
+
+    model, path = llama_bundle
+    with load(path) as b:
+        sig = b.manifest["phases"]["decode"]["signature"]["outputs"]
+        assert (sig[-1]["dtype"], sig[-1]["shape"]) == ("int64", [4]) and len(sig) == 2 + 2 * 2
+        b.trace = True
+        assert b.generate(PROMPT, 16).run()[0] == _reference(model, PROMPT, 16)
+        steps = [e for e in b.events if e["name"].startswith("decode")]
+        assert len(steps) == 15
+        assert all(n["start"] < p["start"] + p["dur"] for p, n in zip(steps, steps[1:]))
+        b.trace = False
+        greedy = _reference(model, PROMPT, 16)
+        stop = greedy[5]
+        assert b.generate(PROMPT, 16, stop_ids=[stop]).run()[0] == greedy[:greedy.index(stop) + 1]
+        assert b.generate([3, 4], 16).run()[0] == _reference(model, [3, 4], 16)  # after the unread step
+        # decode's greedy tokens are the maxima of its logits, read back beside them
+        from polyarch.runtime.generate import Generator
+
+        gen = Generator(b)
+        gen.prefill(PROMPT, 0)
+        logits, tokens = gen.decode([greedy[0], 0, 0, 0], [len(PROMPT), 0, 0, 0], greedy=True)
+        assert tokens.dtype == np.int64 and tokens.shape == (4,)
+        assert all(logits[s][tokens[s]] == logits[s].max() for s in range(4))
+        assert int(tokens[0]) == greedy[1]
+
+
+def test_decode_greedy_output_checked_on_load(tmp_path, llama_bundle):
+    """A manifest whose decode gives something other than its batch's int64 greedy tokens
+    after the cache is refused when loaded, with what is wrong."""
+    import zipfile
+
+    from polyarch.errors import BundleError
+    from polyarch.runtime import load
+    from polyarch.runtime.bundle import MANIFEST
+
+    _, path = llama_bundle
+    for name, edit in (("dtype", dict(dtype="float32")), ("shape", dict(shape=[1]))):
+        dst = str(tmp_path / f"{name}.pab")
+        with zipfile.ZipFile(path) as zi, zipfile.ZipFile(dst, "w") as zo:
+            for info in zi.infolist():
+                data = zi.read(info)
+                if info.filename == MANIFEST:
+                    m = json.loads(data)
+                    m["phases"]["decode"]["signature"]["outputs"][-1].update(edit)
+                    data = json.dumps(m)
+                zo.writestr(info, data)
+        with pytest.raises(BundleError, match=r"phase 'decode''s last output is not its 4 greedy tokens \(int64\).*"
+                                              r"Fix: recompile it"):
+            load(dst)
+
+
 def test_odd_context_pads_the_cache_rows(tmp_path):
     """A max_context off a multiple of 16 gets a cache of rows rounded up (causal_lm.cache_rows:
     IREE multiplies queries by keys over an odd length 2.4x slower), not past the model's
