@@ -83,9 +83,17 @@ def test_greedy_speculative_is_the_targets_own(spec):
         assert b.manifest["generate"]["draft"]["speculate"] == 4
         assert b.manifest["generate"]["draft"]["dtype"] == "float16" and b.manifest["generate"]["dtype"] == "float32"
         assert b.plans and b.manifest["plans"][0]["verification"]["status"] == "verified"
+        b.trace = True
         g = b.generate(PROMPTS[0], STEPS, stop_ids=())
         tokens = list(g)
         assert tokens == _reference(target, PROMPTS[0])
+        # a step's draft decode calls are chained on the device: each issued before the host saw
+        # the one before it finish (a step drafting 1 token has one call)
+        calls = [e for e in b.events if e["name"].startswith("draft_decode")]
+        chained = [(p_, n) for p_, n in zip(calls, calls[1:]) if n["call"] == p_["call"] + 1
+                   and n["start"] < p_["start"] + p_["dur"]]
+        assert len(chained) >= len(calls) // 3
+        b.trace = False
         sp = g.stats["speculative"]
         assert 0 < sp["accepted"] < sp["drafted"]  # the draft is right often, not always
         # a step whose drafts were all accepted: the next step's first draft call is the draft's
