@@ -284,7 +284,14 @@ def wrap(model: "torch.nn.Module", phase: str, scatter: bool = False) -> "torch.
         take it along: its int64 result needs a device with 64-bit integers."""
 
         def forward(self, logits):
-            return logits.argmax(-1)
+            # the first index of the maximum, over the logits widened to f32: IREE 3.13 reduced
+            # 32000 f16 logits in 92 us (argmax, or a max alone), f32 ones in 6 (the max) + 5
+            # (the first index where it is; NaN logits give the last index)
+            logits = logits.float()
+            top = logits.amax(-1, keepdim=True)
+            index = torch.arange(logits.shape[-1], dtype=torch.int32, device=logits.device)
+            first = torch.where(logits == top, index, logits.shape[-1] - 1).amin(-1)
+            return first.to(torch.int64)
 
     def __init__(self, lm):
         torch.nn.Module.__init__(self)
