@@ -15,6 +15,7 @@ the rows into workgroups of about 128. On a 2-core Xeon, a chain of 48 [2048 x 7
 Only the llvm-cpu target compiles these executables: the pass is run on cpu segments only."""
 
 import functools
+import math
 import os
 
 from ..passes.rowdot import DYNAMIC, LANES, parse_name, supported
@@ -60,12 +61,15 @@ def _rows_per_step(m: int, n: int, regs: int) -> int:
     return 1
 
 
-def rowdot_source(m: int, n: int, k: int, dtype: str, regs: tuple | None = None, bf16_dot: bool | None = None) -> str:
+def rowdot_source(m: int, n: int, k: int, dtype: str, regs: tuple | None = None, bf16_dot: bool | None = None,
+                  batch: int = 0) -> str:
     """MLIR text (IREE's dialects) of the executable and the private func.func that dispatches
     it. regs: (vector registers, f32 lanes) to write it for (default: this host's); bf16_dot:
     bf16 products with AVX512-BF16's vdpbf16ps, 32 a step (default: where the host has it and
     k is a multiple of 32), else widened to f32 and multiplied by FMAs."""
-    assert supported(m, n, k, dtype), (m, n, k, dtype)
+    assert supported(m, n, k, dtype, batch), (m, n, k, dtype, batch)
+    if batch:
+        return _batched_source(batch, m, n, k, dtype, regs, bf16_dot)
     if m == DYNAMIC:
         return _dynamic_source(n, k, dtype, regs)
     if isinstance(n, tuple):
@@ -139,6 +143,48 @@ def _group_source(m, ns, k, dtype, regs=None, bf16_dot=None):
 func.func private @{fn}(%x: {tx}, {", ".join(f"%w{i}: {tw}" for i, tw in enumerate(tws))}) -> ({", ".join(tys)}) {{
   %y:{j} = flow.dispatch @{fn}_ex::@{fn}_d({ws}, %x) : ({", ".join(tws)}, {tx}) -> ({", ".join(tys)})
   return {ys} : {", ".join(tys)}
+}}"""])
+
+
+def _batched_source(batch, m, n, k, dtype, regs=None, bf16_dot=None):
+    """`batch` products y[b] = x[b] @ w[b]^T (x [batch, m, k], w [batch, n, k]; batch a tuple:
+    w [*batch, n, k], the cache's [sequences, key/value heads, positions, head dim]) in one dispatch:
+    workgroups (rows, b), each as the single kernel's on its batch's rows of the flattened
+    memrefs. A decode step's attention scores: its queries (the heads sharing a key/value head,
+    rows of x) against the cached keys of that head (w, as the cache stores them)."""
+    nregs, lanes = regs or host_vector_regs()
+    dot = _bf16_dot(dtype, k, lanes, bf16_dot)
+    r = _rows_per_step(m, n, nregs)
+    wg = _wg_rows(n, r)
+    fn, t = name(m, n, k, dtype, batch), dtype
+    lead = batch if isinstance(batch, tuple) else (batch,)  # the weights' leading dims
+    batch = math.prod(lead)
+    header = _header(fn, LAYOUT, -(-n // wg)).replace("hal.return %g, %c1, %c1", f"%gb = arith.constant {batch} : index\n"
+                                                      "    hal.return %g, %gb, %c1")
+    tx, ty = f"tensor<{batch}x{m}x{k}x{t}>", f"tensor<{batch}x{m}x{n}x{t}>"
+    tw = f"tensor<{'x'.join(map(str, lead))}x{n}x{k}x{t}>"
+    return "\n".join([header, f"""      %c0 = arith.constant 0 : index
+      %z = arith.constant dense<0.0> : vector<{lanes}xf32>
+      %w = {_binding(LAYOUT, 0, READ, f"{batch * n}x{k}", t)}
+      %x = {_binding(LAYOUT, 1, READ, f"{batch * m}x{k}", t)}
+      %y = {_binding(LAYOUT, 2, WRITE, f"{batch * m}x{n}", t)}
+      %wg = hal.interface.workgroup.id[0] : index
+      %bi = hal.interface.workgroup.id[1] : index
+      %cbn = arith.constant {n} : index
+      %cbm = arith.constant {m} : index
+      %wofs = arith.muli %bi, %cbn : index
+      %xofs = arith.muli %bi, %cbm : index""", _loop_head(n, k, r, wg, 32 if dot else lanes, 0, True, False),
+                      *_rows(m, n, k, t, r, lanes, dot, batch), f"""      }}
+      return
+    }}
+  }}
+}}
+func.func private @{fn}(%x: {tx}, %w: {tw}) -> {ty} {{
+  %x2 = flow.tensor.reshape %x : {tx} -> tensor<{batch * m}x{k}x{t}>
+  %w2 = flow.tensor.reshape %w : {tw} -> tensor<{batch * n}x{k}x{t}>
+  %y2 = flow.dispatch @{fn}_ex::@{fn}_d(%w2, %x2) : (tensor<{batch * n}x{k}x{t}>, tensor<{batch * m}x{k}x{t}>) -> tensor<{batch * m}x{n}x{t}>
+  %y = flow.tensor.reshape %y2 : tensor<{batch * m}x{n}x{t}> -> {ty}
+  return %y : {ty}
 }}"""])
 
 
@@ -217,7 +263,7 @@ def _prefetch(m: int, dtype: str) -> bool:
     return m > 1 and dtype != "f32"
 
 
-def _rows(m, n, k, t, r, lanes, dot=False):
+def _rows(m, n, k, t, r, lanes, dot=False, batch=0):
     """The body of the loop over rows: r rows x m accumulators along k, then reduced and stored,
     each strand's next row prefetched where `_prefetch` says (clamped to the last row).
 
@@ -238,10 +284,18 @@ def _rows(m, n, k, t, r, lanes, dot=False):
         o.append(f"        %nlast = arith.constant {n - 1} : index")
         o += [f"        %pn{a}u = arith.addi %n{a}, %c1s : index\n        %pn{a} = arith.minui %pn{a}u, %nlast : index"
               for a in range(r)]
-    return o + _products(n, k, t, r, m, lanes, 8, lambda b: f"%c{b}i", m, dot, prefetch=prefetch)
+    if not batch:
+        return o + _products(n, k, t, r, m, lanes, 8, lambda b: f"%c{b}i", m, dot, prefetch=prefetch)
+    # a batch's rows in the flattened [batch * rows, ...] memrefs: offsets %wofs (weights), %xofs (x, y)
+    o += [f"        %wn{a} = arith.addi %n{a}, %wofs : index" for a in range(r)]
+    o += [f"        %pw{a} = arith.addi %pn{a}, %wofs : index" for a in range(r) if prefetch]
+    o += [f"        %xr{j} = arith.addi %xofs, %c{j}i : index" for j in range(m)]
+    return o + _products(n, k, t, r, m, lanes, 8, lambda b: f"%xr{b}", batch * m, dot, prefetch=prefetch,
+                         w_rows=batch * n, w_row=lambda a: f"%wn{a}", pw_row=lambda a: f"%pw{a}")
 
 
-def _products(n, k, t, r, rows, lanes, indent, x_row, x_rows, dot=False, prefetch=False):
+def _products(n, k, t, r, rows, lanes, indent, x_row, x_rows, dot=False, prefetch=False, w_rows=None,
+              w_row=lambda a: f"%n{a}", pw_row=lambda a: f"%pn{a}"):
     """r weight rows (%n0..) x `rows` rows of x (x_row(b): the index of row b; x_rows: x's row
     count as its memref type says it) of accumulators along k, then reduced and stored.
     prefetch: each step also prefetches the rows %pn0.. at the same k (the static kernel's
@@ -249,7 +303,9 @@ def _products(n, k, t, r, rows, lanes, indent, x_row, x_rows, dot=False, prefetc
     next r neighbouring rows gained on a chain of 48 [2048 x 768] / [768 x 2048] products on
     a 2-core Xeon, A B B A: f16 1 row 9.0 -> 6.5 ms, 8 rows 19.4 -> 10.8; bf16 1 row 7.8 ->
     6.2; f32 4 rows 15.0 -> 12.0, 5 rows 16.2 -> 13.5, 8 rows 18.6 -> 14.5; f32 1 row within
-    noise. The dynamic-row kernel (prefill, compute-bound) does not prefetch."""
+    noise. The dynamic-row kernel (prefill, compute-bound) does not prefetch. w_rows: the
+    weight memref's rows (default n); w_row(a), pw_row(a): the weight rows read and prefetched
+    (default %n<a>, %pn<a>; a batch's are offset in a flattened memref, its results stored at %n<a>)."""
     p, v, vt = " " * indent, f"vector<{lanes}xf32>", f"vector<{2 * lanes if dot else lanes}x{t}>"
     wide = t != "f32" and not dot  # 16-bit inputs are widened to f32 after each load (but for vdpbf16ps)
     accs = [(a, b) for a in range(r) for b in range(rows)]
@@ -262,10 +318,12 @@ def _products(n, k, t, r, rows, lanes, indent, x_row, x_rows, dot=False, prefetc
         if wide:
             o.append(f"{p}  {dst} = arith.extf {dst}r : {vt} to {v}")
 
+    wn = w_rows or n
     for a in range(r):
-        load(f"%w{a}", "%w", f"%n{a}", f"{n}x{k}")
+        load(f"%w{a}", "%w", w_row(a), f"{wn}x{k}")
     if prefetch:
-        o += [f"{p}  memref.prefetch %w[%pn{a}, %kk], read, locality<3>, data : memref<{n}x{k}x{t}>" for a in range(r)]
+        o += [f"{p}  memref.prefetch %w[{pw_row(a)}, %kk], read, locality<3>, data : memref<{wn}x{k}x{t}>"
+              for a in range(r)]
     for b in range(rows):
         load(f"%x{b}", "%x", x_row(b), f"{x_rows}x{k}")
         o += [f'{p}  %b{a}_{b} = llvm.call_intrinsic "llvm.x86.avx512bf16.dpbf16ps.512"(%a{a}_{b}, %x{b}, %w{a}) : '
@@ -414,8 +472,8 @@ def define(path: str) -> int:
                 decls.append((op, shape))
         if not decls:
             return 0
-        for op, shape in decls:
-            body = ir.Module.parse(rowdot_source(*shape))
+        for op, (m, n, k, dtype, batch) in decls:
+            body = ir.Module.parse(rowdot_source(m, n, k, dtype, batch=batch))
             ip = ir.InsertionPoint(op)
             for new in list(body.body.operations):
                 new.operation.clone(ip=ip)

@@ -16,8 +16,20 @@ how nn.Linear multiplies in a decode step (x: the batch's rows, w: the weight as
 x and w of one dtype (f32, f16, bf16); K a multiple of 16. A dynamic row count (prefill's
 nn.Linear over the prompt) in f32 too (`polyarch_rowdot_Dx<N>x<K>_f32`): the same dispatch
 with its rows in register tiles, reading the weight as stored where IREE's data tiling packs
-a copy of it. The call carries the mm's location."""
+a copy of it. The call carries the mm's location.
 
+A bmm of a few rows against a batch of transposed matrices (option `batched`, on by default)
+becomes one batched call, `polyarch_rowdot_b<B1xB2..>_<M>x<N>x<K>_<dtype>`:
+
+    %kt = torch.aten.permute %cache, [0, 1, 3, 2]        (cache: [S, H, N, K])
+    %k3 = torch.aten.view %kt, [S * H, K, N]             (or transpose.int of a [B, N, K] w)
+    %s = torch.aten.bmm %q, %k3                          (q: [S * H, M, K], M <= 16)
+
+the attention scores of a decode or verify step: each key/value head's queries against its
+cached keys, read as the cache stores them, where IREE copied the cache transposed for every
+layer (at batch 8 in f32: 118 us a layer) before its own product."""
+
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,28 +47,39 @@ MAX_ROWS = 8  # x rows (the batch, or verify's tokens) a rowdot serves
 LANES = 16  # f32 lanes of one accumulator (a 512-bit register, two 256-bit ones on AVX2): K's multiple
 DYNAMIC = -1  # a dynamic row count (prefill's prompt): "D" in the kernel's name, f32 only
 MAX_GROUP = 4  # weights multiplied by one x in one dispatch
-# N: a weight's rows, or a group's (N1_N2..: one dispatch, one result per weight)
-KERNEL_NAME = re.compile(r"^polyarch_rowdot_(\d+|D)x(\d+(?:_\d+)*)x(\d+)_(f32|f16|bf16)$")
+MAX_BATCH = 64  # products of one batched dispatch (a layer's key/value heads x the batch)
+MAX_BATCH_ROWS = 16  # rows of x a batched product serves (the query heads of a key/value head x tokens)
+# N: a weight's rows, or a group's (N1_N2..: one dispatch, one result per weight); bB_: a batch
+# of B products (x [B, M, K] by w [B, N, K]: attention's queries by its cached keys)
+KERNEL_NAME = re.compile(r"^polyarch_rowdot_(?:b(\d+(?:x\d+)*)_)?(\d+|D)x(\d+(?:_\d+)*)x(\d+)_(f32|f16|bf16)$")
 
 
-def kernel_name(m: int, n: "int | tuple", k: int, dtype: str) -> str:
+def kernel_name(m: int, n: "int | tuple", k: int, dtype: str, batch: "int | tuple" = 0) -> str:
+    """batch: the weights' leading dims (a tuple: w [*batch, n, k], x [prod(batch), m, k])."""
     rows = "_".join(map(str, n)) if isinstance(n, tuple) else n
-    return f"polyarch_rowdot_{'D' if m == DYNAMIC else m}x{rows}x{k}_{dtype}"
+    lead = "x".join(map(str, batch)) if isinstance(batch, tuple) else batch
+    return f"polyarch_rowdot_{f'b{lead}_' if batch else ''}{'D' if m == DYNAMIC else m}x{rows}x{k}_{dtype}"
 
 
 def parse_name(sym: str):
-    """(m, n, k, dtype) of a kernel's name (n a tuple for a group), or None."""
+    """(m, n, k, dtype, batch) of a kernel's name (n a tuple for a group; batch 0 unbatched), or None."""
     hit = KERNEL_NAME.match(sym)
     if not hit:
         return None
-    m, n, k, dtype = hit.groups()
+    batch, m, n, k, dtype = hit.groups()
     ns = tuple(int(v) for v in n.split("_"))
-    return DYNAMIC if m == "D" else int(m), ns if len(ns) > 1 else ns[0], int(k), dtype
+    lead = tuple(int(v) for v in batch.split("x")) if batch else 0
+    return DYNAMIC if m == "D" else int(m), ns if len(ns) > 1 else ns[0], int(k), dtype, lead
 
 
-def supported(m: int, n: "int | tuple", k: int, dtype: str) -> bool:
+def supported(m: int, n: "int | tuple", k: int, dtype: str, batch: int = 0) -> bool:
     """Shapes the kernel is written for: 1..MAX_ROWS rows, or a dynamic row count of f32; k a
-    multiple of LANES; a group (n a tuple of 2..MAX_GROUP weights' rows) of static rows."""
+    multiple of LANES; a group (n a tuple of 2..MAX_GROUP weights' rows) of static rows; a
+    batch (1..MAX_BATCH) of one weight shape, 1..MAX_BATCH_ROWS static rows."""
+    if batch:
+        total = math.prod(batch) if isinstance(batch, tuple) else batch
+        return (1 <= total <= MAX_BATCH and 1 <= m <= MAX_BATCH_ROWS and not isinstance(n, tuple)
+                and supported(1, n, k, dtype))
     if isinstance(n, tuple):
         return 2 <= len(n) <= MAX_GROUP and m != DYNAMIC and all(supported(m, v, k, dtype) for v in n)
     rows = 1 <= m <= MAX_ROWS or (m == DYNAMIC and dtype == "f32")
@@ -69,20 +92,22 @@ class Rowdot(Pass):
     max_rows: int = option(MAX_ROWS, f"rewrite a matmul of at most this many rows (1..{MAX_ROWS})")
     dynamic_rows: bool = option(True, "rewrite an f32 matmul of a dynamic row count too")
     group: bool = option(True, f"one dispatch for the matmuls of one x by 2..{MAX_GROUP} weights (static rows)")
+    batched: bool = option(True, "rewrite a bmm against a transposed batch of weights too (attention's "
+                                 "queries x cached keys; static rows)")
 
     def check(self):
         from ..errors import PolyarchError
 
         if not (type(self.max_rows) is int and 1 <= self.max_rows <= MAX_ROWS):
             raise PolyarchError(f"rowdot max_rows={self.max_rows}", fix=f"use 1..{MAX_ROWS}")
-        for key in ("dynamic_rows", "group"):
+        for key in ("dynamic_rows", "group", "batched"):
             if type(getattr(self, key)) is not bool:
                 raise PolyarchError(f"rowdot {key}={getattr(self, key)}", fix="use true or false")
 
     def apply(self, module: "ir.Module") -> int:
         """-> the number of matmuls rewritten."""
         self.check()
-        return _rewrite_all(module, self.max_rows, self.dynamic_rows, self.group)
+        return _rewrite_all(module, self.max_rows, self.dynamic_rows, self.group, self.batched)
 
 
 def _owner(value):
@@ -105,8 +130,42 @@ def transposed_source(value: "ir.Value"):
     return None
 
 
-def match(op: "ir.Operation", max_rows: int = MAX_ROWS, dynamic_rows: bool = True):
-    """(x, w, (m, n, k, dtype)) for an mm this pass rewrites, else None."""
+def batched_source(value: "ir.Value"):
+    """(w, its leading dims) for a [B, K, N] operand that is w [B, N, K] transposed, or a view
+    of w [a, b, N, K] (a * b = B, a cache: sequences x key/value heads) permuted [0, 1, 3, 2];
+    else None."""
+    o = _owner(value)
+    if o is None:
+        return None
+    if o.name == "torch.aten.transpose.int":
+        dims, info = [const_scalar(v) for v in o.operands[1:3]], pa.tensor_info(o.operands[0].type)
+        if info and len(info[0]) == 3 and all(type(d) is int for d in dims) and sorted(d % 3 for d in dims) == [1, 2]:
+            return o.operands[0], (info[0][0],)
+    if o.name in VIEWS and len(o.operands) == 2:
+        p, out = _owner(o.operands[0]), pa.tensor_info(value.type)
+        if p is not None and p.name == "torch.aten.permute" and _ints(p.operands[1]) == [0, 1, 3, 2] and out:
+            info = pa.tensor_info(p.operands[0].type)
+            if (info and len(info[0]) == 4 and len(out[0]) == 3 and info[0][0] * info[0][1] == out[0][0]
+                    and list(info[0][2:]) == [out[0][2], out[0][1]]):
+                return p.operands[0], tuple(info[0][:2])
+    return None
+
+
+def match(op: "ir.Operation", max_rows: int = MAX_ROWS, dynamic_rows: bool = True, batched: bool = True):
+    """(x, w, (m, n, k, dtype)) for an mm this pass rewrites, (x, w, (m, n, k, dtype, the
+    weights' leading dims)) for a bmm (batched), else None."""
+    if batched and op.operation.name == "torch.aten.bmm" and len(op.operands) == 2:
+        x, hit = op.operands[0], batched_source(op.operands[1])
+        if hit is None:
+            return None
+        (w, lead), xi = hit, pa.tensor_info(x.type)
+        wi = pa.tensor_info(w.type)
+        if not (xi and wi) or len(xi[0]) != 3 or xi[1] != wi[1] or DYNAMIC in (*xi[0], *wi[0]):
+            return None
+        (b, m, k), (n, k2) = xi[0], wi[0][-2:]
+        if k != k2 or b != math.prod(lead) or not supported(m, n, k, xi[1], lead):
+            return None
+        return x, w, (m, n, k, xi[1], lead)
     if op.operation.name != "torch.aten.mm" or len(op.operands) != 2:
         return None
     x, wt = op.operands
@@ -122,9 +181,10 @@ def match(op: "ir.Operation", max_rows: int = MAX_ROWS, dynamic_rows: bool = Tru
     return x, w, (m, n, k, xi[1])
 
 
-def run(module: "ir.Module", max_rows: int = MAX_ROWS, dynamic_rows: bool = True, group: bool = True) -> int:
-    """Rewrite every matching mm of `module` in place. -> the number rewritten."""
-    return Rowdot(max_rows=max_rows, dynamic_rows=dynamic_rows, group=group).apply(module)
+def run(module: "ir.Module", max_rows: int = MAX_ROWS, dynamic_rows: bool = True, group: bool = True,
+        batched: bool = True) -> int:
+    """Rewrite every matching mm (and bmm) of `module` in place. -> the number rewritten."""
+    return Rowdot(max_rows=max_rows, dynamic_rows=dynamic_rows, group=group, batched=batched).apply(module)
 
 
 VIEWS = ("torch.aten.view", "torch.aten.reshape", "torch.aten._unsafe_view")
@@ -152,7 +212,11 @@ def _groups(block, found: list, group: bool) -> list:
         (o := _owner(w)) is not None and o in pos and pos[o] < at)
     out, open_ = [], {}  # open_: key -> the list being filled
     for f in found:
-        op, (x, w, (m, n, k, dt)) = f
+        op, (x, w, shape) = f
+        if len(shape) == 5:  # a bmm: alone
+            out.append([f])
+            continue
+        m, n, k, dt = shape
         key = (_x_key(x), m, k, dt)
         members = open_.get(key) if m != DYNAMIC else None
         if members and len(members) < MAX_GROUP and before(w, pos[members[0][0].operation]):
@@ -164,7 +228,7 @@ def _groups(block, found: list, group: bool) -> list:
     return out
 
 
-def _rewrite_all(module, max_rows, dynamic_rows, group):
+def _rewrite_all(module, max_rows, dynamic_rows, group, batched):
     from torch_mlir import ir
 
     done, declared = 0, set()
@@ -175,7 +239,7 @@ def _rewrite_all(module, max_rows, dynamic_rows, group):
             if func.operation.name != "func.func" or not func.regions[0].blocks:
                 continue
             for block in func.regions[0].blocks:
-                found = [(op, hit) for op in block.operations if (hit := match(op, max_rows, dynamic_rows))]
+                found = [(op, hit) for op in block.operations if (hit := match(op, max_rows, dynamic_rows, batched))]
                 for members in _groups(block, found, group):
                     _rewrite(module, members, existing, declared)
                     done += len(members)
@@ -188,12 +252,18 @@ def _rewrite(module, members, existing, declared):
     mm rewritten since (replaced, erased)."""
     from torch_mlir import ir
 
-    first, (_, _, (m, _, k, dt)) = members[0]
+    first, (_, _, shape) = members[0]
+    (m, _, k, dt), lead = shape[:4], shape[4] if len(shape) == 5 else ()
     x = first.operands[0]
-    ns = tuple(n for _, (_, _, (_, n, _, _)) in members)
-    name = kernel_name(m, ns if len(ns) > 1 else ns[0], k, dt)
+    ns = tuple(s_[1] for _, (_, _, s_) in members)
+    name = kernel_name(m, ns if len(ns) > 1 else ns[0], k, dt, lead or 0)
     rows = "?" if m == DYNAMIC else m
     tx, tws, tys = f"tensor<{rows}x{k}x{dt}>", [f"tensor<{n}x{k}x{dt}>" for n in ns], [f"tensor<{rows}x{n}x{dt}>" for n in ns]
+    if lead:  # x [B, m, k], w [*lead, n, k] -> [B, m, n]
+        b = math.prod(lead)
+        tx, tws, tys = f"tensor<{b}x{m}x{k}x{dt}>", [f"tensor<{'x'.join(map(str, lead))}x{ns[0]}x{k}x{dt}>"], \
+            [f"tensor<{b}x{m}x{ns[0]}x{dt}>"]
+    source = (lambda v: batched_source(v)[0]) if lead else transposed_source
     if name not in existing and name not in declared:
         decl = ir.Module.parse(f'func.func private @{name}({tx}, {", ".join(tws)}) -> ({", ".join(tys)}) '
                                f'attributes {{polyarch.kernel = "rowdot"}}')
@@ -205,7 +275,7 @@ def _rewrite(module, members, existing, declared):
         opname, results=[ir.Type.parse(t) for t in ts], operands=list(operands), attributes=attrs or {}, ip=ip,
         loc=loc).results
     xb = make("torch_c.to_builtin_tensor", [tx], [x])[0]
-    wbs = [make("torch_c.to_builtin_tensor", [tw], [transposed_source(op.operands[1])])[0] for tw, (op, _) in zip(tws, members)]
+    wbs = [make("torch_c.to_builtin_tensor", [tw], [source(op.operands[1])])[0] for tw, (op, _) in zip(tws, members)]
     ybs = make("func.call", tys, [xb, *wbs], {"callee": ir.FlatSymbolRefAttr.get(name)})
     ys = [make("torch_c.from_builtin_tensor", [str(op.results[0].type)], [yb])[0] for yb, (op, _) in zip(ybs, members)]
     for y, (op, _) in zip(ys, members):

@@ -92,6 +92,50 @@ def test_rowdot_group_equals_numpy(regs):
             assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (GROUP_CASES[i], w.shape, err)
 
 
+# batched products (attention's scores): (rows, n, k, dtype, the weights' leading dims): batch
+# 1 f16 decode of the 100M model (3 query rows per kv head, 256 positions, head dim 64), batch
+# 8 f32 (32 products), a tiny cache, bf16, rows not a multiple of a workgroup's
+BATCHED_CASES = [(3, 256, 64, "f16", (1, 4)), (3, 256, 64, "f32", (8, 4)), (2, 48, 16, "f32", (2, 2)),
+                 (1, 50, 32, "bf16", (3,)), (5, 37, 16, "f32", (2,))]
+
+
+@pytest.mark.parametrize("regs", [(32, 16), (16, 8)], ids=["avx512", "avx2"])
+def test_rowdot_batched_equals_numpy(regs):
+    """y[b] = x[b] @ w[b]^T for each product of a batch (x [B, m, k], w [*lead, n, k] read as
+    stored) within the single kernel's tolerance of float64 numpy."""
+    import iree.compiler as ic
+    import iree.runtime as rt
+    import ml_dtypes
+
+    from polyarch.compiler.kernels import name, rowdot_source
+
+    src, calls = [], []
+    for i, (m, n, k, dt, lead) in enumerate(BATCHED_CASES):
+        b = int(np.prod(lead))
+        src.append(rowdot_source(m, n, k, dt, regs, batch=lead))
+        tx, tw, ty = (f"tensor<{b}x{m}x{k}x{dt}>", f"tensor<{'x'.join(map(str, lead))}x{n}x{k}x{dt}>",
+                      f"tensor<{b}x{m}x{n}x{dt}>")
+        calls.append(f"func.func @f{i}(%x: {tx}, %w: {tw}) -> {ty} {{\n  %y = func.call @{name(m, n, k, dt, lead)}"
+                     f"(%x, %w) : ({tx}, {tw}) -> {ty}\n  return %y : {ty}\n}}")
+    vmfb = ic.compile_str("\n".join(src + calls), extra_args=[
+        "--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
+        "--iree-llvmcpu-target-cpu=host"])
+    cfg = rt.Config("local-task")
+    ctx = rt.SystemContext(config=cfg)
+    ctx.add_vm_module(rt.VmModule.copy_buffer(cfg.vm_instance, vmfb))
+    rng = np.random.default_rng(3)
+    for i, (m, n, k, dt, lead) in enumerate(BATCHED_CASES):
+        npdt = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[dt]
+        b = int(np.prod(lead))
+        x = rng.standard_normal((b, m, k)).astype(npdt)
+        w = (rng.standard_normal((*lead, n, k)) / np.sqrt(k)).astype(npdt)
+        y = ctx.modules.module[f"f{i}"](x, w).to_host()
+        ref = np.einsum("bmk,bnk->bmn", x.astype(np.float64), w.reshape(b, n, k).astype(np.float64))
+        assert y.shape == (b, m, n) and y.dtype == npdt
+        err = np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max()
+        assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (BATCHED_CASES[i], err)
+
+
 DYNAMIC_CASES = [(2048, 768), (302, 64), (255, 32)]  # n a multiple of 4, of 2 only, odd
 
 
@@ -140,6 +184,9 @@ def test_decode_and_prefill_use_rowdot(tmp_path):
     for shape in ("1x64_32_32x64", "1x64x64", "1x128_128x64", "1x64x128", "1x320x64"):  # q+k+v, o, gate+up, down, head
         assert f"polyarch_rowdot_{shape}_f32".encode() in decode, shape
     assert b"polyarch_rowdot_1x32x64_" not in decode and b"polyarch_rowdot_1x128x64_" not in decode  # k, v, gate, up alone
+    # the attention scores: 2 query rows per kv head against the cache as stored (1 sequence x
+    # 2 kv heads, 48 positions, head dim 16)
+    assert b"polyarch_rowdot_b1x2_2x48x16_f32" in decode
     assert b"polyarch_rowdot_1x320x64_f32" in prefill  # the head: the last token's row
     for shape in ("64x64", "32x64", "128x64", "64x128"):  # the prompt's rows: a dynamic count
         assert f"polyarch_rowdot_Dx{shape}_f32".encode() in prefill and f"rowdot_1x{shape}_".encode() not in prefill

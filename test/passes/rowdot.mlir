@@ -1,5 +1,6 @@
 // RUN: polyarch-opt %s -p rowdot | FileCheck %s
 // RUN: polyarch-opt %s -p 'rowdot{group=false}' | FileCheck %s --check-prefix=ALONE
+// RUN: polyarch-opt %s -p 'rowdot{batched=false}' | FileCheck %s --check-prefix=UNBATCHED
 // A decode step's nn.Linear: a few rows against the weight as stored ([out, in]) through a
 // transpose becomes a call to the hand-written CPU dispatch (compiler/kernels.py gives the
 // declaration its body); one declaration per shape.
@@ -8,6 +9,8 @@
 // CHECK-DAG: func.func private @polyarch_rowdot_Dx256x64_f32(tensor<?x64xf32>, tensor<256x64xf32>) -> tensor<?x256xf32> attributes {polyarch.kernel = "rowdot"}
 // One declaration for a group of weights (@qkv below): one result each.
 // CHECK-DAG: func.func private @polyarch_rowdot_1x64_32_32x64_f16(tensor<1x64xf16>, tensor<64x64xf16>, tensor<32x64xf16>, tensor<32x64xf16>) -> (tensor<1x64xf16>, tensor<1x32xf16>, tensor<1x32xf16>) attributes {polyarch.kernel = "rowdot"}
+// One batched declaration for attention's scores (@scores below).
+// CHECK-DAG: func.func private @polyarch_rowdot_b2x2_2x48x16_f32(tensor<4x2x16xf32>, tensor<2x2x48x16xf32>) -> tensor<4x2x48xf32> attributes {polyarch.kernel = "rowdot"}
 // CHECK-LABEL: func.func @linear
 // CHECK-NOT: torch.aten.mm
 // CHECK-NOT: torch.aten.permute
@@ -60,6 +63,28 @@
 // ALONE: call @polyarch_rowdot_1x32x64_f16(
 // ALONE: call @polyarch_rowdot_1x64x64_f16(
 
+// A decode step's attention scores: the queries of each key/value head ([sequences x kv
+// heads, query rows, head dim]) against the cached keys as the cache stores them ([sequences,
+// kv heads, positions, head dim], permuted [0, 1, 3, 2] and viewed 3-D): one batched dispatch
+// over the sequences x kv heads, the cache read in place (no transposed copy); also a 3-D
+// weight transposed by transpose.int. Left as they are: the scores by the values (the cache
+// not transposed), a batch past 64 products. With batched=false: no bmm rewritten.
+// CHECK-LABEL: func.func @scores
+// CHECK-NOT: torch.aten.bmm
+// CHECK: %[[Q:.*]] = "torch_c.to_builtin_tensor"(%arg0) : (!torch.vtensor<[4,2,16],f32>) -> tensor<4x2x16xf32>
+// CHECK: %[[K:.*]] = "torch_c.to_builtin_tensor"(%arg1) : (!torch.vtensor<[2,2,48,16],f32>) -> tensor<2x2x48x16xf32>
+// CHECK: %[[S:.*]] = call @polyarch_rowdot_b2x2_2x48x16_f32(%[[Q]], %[[K]])
+// CHECK: "torch_c.from_builtin_tensor"(%[[S]]) : (tensor<4x2x48xf32>) -> !torch.vtensor<[4,2,48],f32>
+// CHECK-LABEL: func.func @transposed_3d
+// CHECK: call @polyarch_rowdot_b3_1x32x16_f16(
+// CHECK-LABEL: func.func @values
+// CHECK: torch.aten.bmm
+// CHECK-LABEL: func.func @too_many
+// CHECK: torch.aten.bmm
+// UNBATCHED-LABEL: func.func @scores
+// UNBATCHED: torch.aten.bmm
+// UNBATCHED-LABEL: func.func @transposed_3d
+// UNBATCHED: torch.aten.bmm
 func.func @linear(%x: !torch.vtensor<[1,64],f32>, %w: !torch.vtensor<[256,64],f32>, %x2: !torch.vtensor<[1,64],f32>) -> (!torch.vtensor<[1,256],f32>, !torch.vtensor<[1,256],f32>) {
   %int0 = torch.constant.int 0
   %int1 = torch.constant.int 1
@@ -140,4 +165,46 @@ func.func @late_weight(%x: !torch.vtensor<[1,64],f32>, %w: !torch.vtensor<[32,64
   %w2t = torch.aten.t %w2 : !torch.vtensor<[32,64],f32> -> !torch.vtensor<[64,32],f32>
   %b = torch.aten.mm %x, %w2t : !torch.vtensor<[1,64],f32>, !torch.vtensor<[64,32],f32> -> !torch.vtensor<[1,32],f32>
   return %a, %b : !torch.vtensor<[1,32],f32>, !torch.vtensor<[1,32],f32>
+}
+
+func.func @scores(%q: !torch.vtensor<[4,2,16],f32>, %cache: !torch.vtensor<[2,2,48,16],f32>) -> !torch.vtensor<[4,2,48],f32> {
+  %int0 = torch.constant.int 0
+  %int1 = torch.constant.int 1
+  %int2 = torch.constant.int 2
+  %int3 = torch.constant.int 3
+  %int4 = torch.constant.int 4
+  %int16 = torch.constant.int 16
+  %int48 = torch.constant.int 48
+  %p = torch.prim.ListConstruct %int0, %int1, %int3, %int2 : (!torch.int, !torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %kt = torch.aten.permute %cache, %p : !torch.vtensor<[2,2,48,16],f32>, !torch.list<int> -> !torch.vtensor<[2,2,16,48],f32>
+  %shape = torch.prim.ListConstruct %int4, %int16, %int48 : (!torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %k3 = torch.aten.view %kt, %shape : !torch.vtensor<[2,2,16,48],f32>, !torch.list<int> -> !torch.vtensor<[4,16,48],f32>
+  %s = torch.aten.bmm %q, %k3 : !torch.vtensor<[4,2,16],f32>, !torch.vtensor<[4,16,48],f32> -> !torch.vtensor<[4,2,48],f32>
+  return %s : !torch.vtensor<[4,2,48],f32>
+}
+
+func.func @transposed_3d(%x: !torch.vtensor<[3,1,16],f16>, %w: !torch.vtensor<[3,32,16],f16>) -> !torch.vtensor<[3,1,32],f16> {
+  %int1 = torch.constant.int 1
+  %int2 = torch.constant.int 2
+  %wt = torch.aten.transpose.int %w, %int1, %int2 : !torch.vtensor<[3,32,16],f16>, !torch.int, !torch.int -> !torch.vtensor<[3,16,32],f16>
+  %y = torch.aten.bmm %x, %wt : !torch.vtensor<[3,1,16],f16>, !torch.vtensor<[3,16,32],f16> -> !torch.vtensor<[3,1,32],f16>
+  return %y : !torch.vtensor<[3,1,32],f16>
+}
+
+func.func @values(%p: !torch.vtensor<[4,2,48],f32>, %cache: !torch.vtensor<[2,2,48,16],f32>) -> !torch.vtensor<[4,2,16],f32> {
+  %int4 = torch.constant.int 4
+  %int16 = torch.constant.int 16
+  %int48 = torch.constant.int 48
+  %shape = torch.prim.ListConstruct %int4, %int48, %int16 : (!torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %v3 = torch.aten.view %cache, %shape : !torch.vtensor<[2,2,48,16],f32>, !torch.list<int> -> !torch.vtensor<[4,48,16],f32>
+  %o = torch.aten.bmm %p, %v3 : !torch.vtensor<[4,2,48],f32>, !torch.vtensor<[4,48,16],f32> -> !torch.vtensor<[4,2,16],f32>
+  return %o : !torch.vtensor<[4,2,16],f32>
+}
+
+func.func @too_many(%x: !torch.vtensor<[65,1,16],f32>, %w: !torch.vtensor<[65,32,16],f32>) -> !torch.vtensor<[65,1,32],f32> {
+  %int1 = torch.constant.int 1
+  %int2 = torch.constant.int 2
+  %wt = torch.aten.transpose.int %w, %int1, %int2 : !torch.vtensor<[65,32,16],f32>, !torch.int, !torch.int -> !torch.vtensor<[65,16,32],f32>
+  %y = torch.aten.bmm %x, %wt : !torch.vtensor<[65,1,16],f32>, !torch.vtensor<[65,16,32],f32> -> !torch.vtensor<[65,1,32],f32>
+  return %y : !torch.vtensor<[65,1,32],f32>
 }
