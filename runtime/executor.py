@@ -484,7 +484,7 @@ class Bundle:
         run on one device, the next request's earlier segments run on another, and its
         transfers overlap that compute. Counters count these calls; per-device segment
         seconds are not measured in this mode (the trace shows issue -> observed completion)."""
-        return pipelined(lambda args: self._submit(args, wait_each=False), self._collect, requests, depth)
+        return pipelined(lambda args: self._submit(args, wait_each=False), self._collect, requests, depth, settle)
 
     def _submit(self, args, wait_each, schedule=None, checked=False):
         """Issue every step of one call; -> the call in flight (outputs not yet read back)."""
@@ -714,6 +714,10 @@ class PhaseCall:
     def __init__(self, call, outputs, specs):
         self.call, self.outputs, self.specs = call, outputs, specs
 
+    def wait(self) -> None:
+        """Wait until the device(s) finished the call, its outputs unread (`settle`)."""
+        settle(self.call)
+
     def resident(self, j: int) -> "Resident | np.ndarray":
         """Output j where it is: a Resident on its device (a host array where the plan's
         output is one of the call's host inputs)."""
@@ -748,17 +752,36 @@ class _Call:
                             "dur": t1 - t0, "bytes": nbytes})
 
 
-def pipelined(submit: Callable, collect: Callable, requests: Iterable, depth: int) -> Iterator:
-    """Yield collect(call) for each request in order, keeping `depth` submitted calls in flight."""
+def settle(call: _Call) -> None:
+    """Wait until the device(s) finished a call in flight, its outputs unread, through each of
+    its values' own semaphore (_OnDevice.owner: also after its bundle was closed). A call's
+    buffers and devices must not be freed while a device works on it: a bundle dropped with
+    a call in flight crashed the process. A failed timeline is left to whoever reads it."""
+    for v in call.env.values():
+        if isinstance(v, _OnDevice) and v.owner is not None:
+            try:
+                wait_for(v.owner[1], v.tick)
+            except RuntimeError:
+                pass
+
+
+def pipelined(submit: Callable, collect: Callable, requests: Iterable, depth: int,
+              settle_call: "Callable | None" = None) -> Iterator:
+    """Yield collect(call) for each request in order, keeping `depth` submitted calls in flight;
+    settle_call(call) for each call left in flight when the stream is dropped part-way."""
     from collections import deque
 
     window = deque()
-    for req in requests:
-        window.append(submit(tuple(req) if isinstance(req, (tuple, list)) else (req,)))
-        if len(window) >= max(1, depth):
+    try:
+        for req in requests:
+            window.append(submit(tuple(req) if isinstance(req, (tuple, list)) else (req,)))
+            if len(window) >= max(1, depth):
+                yield collect(window.popleft())
+        while window:
             yield collect(window.popleft())
-    while window:
-        yield collect(window.popleft())
+    finally:
+        while window and settle_call is not None:
+            settle_call(window.popleft())
 
 
 def plan_time_us(plan: dict) -> float:

@@ -142,6 +142,7 @@ class Generator:
         outs = bundle.manifest["phases"][prefix + "decode"]["signature"]["outputs"]
         self.next_output = 1 + self.n_cache if len(outs) == 2 + self.n_cache and outs[-1]["dtype"] == "int64" else None
         self.cache = None
+        self.in_flight = []  # decode steps started (start_decode) and not yet finished: settle
         self.eos = list(self.config.get("eos_token_ids", ()))
         self._tokenizer = None
 
@@ -205,17 +206,30 @@ class Generator:
         step = self.bundle.start_phase(self.prefix + "decode", [tok, np.asarray(list(positions), np.int64),
                                                                 *self.cache], state=self._state)
         self.cache = [step.resident(j) for j in self._kept]
+        self.in_flight.append(step)
         return step
 
     def finish_decode(self, step: "PhaseCall") -> np.ndarray:
         """Wait for a started decode step. -> its greedy tokens [batch] (int64), read back."""
-        return self.bundle.finish_phase(step, [self.next_output])[0]
+        try:
+            return self.bundle.finish_phase(step, [self.next_output])[0]
+        finally:
+            self.in_flight.remove(step)
+
+    def settle(self) -> None:
+        """Wait for the decode steps started and not finished (`in_flight`), unread: a step
+        issued ahead for sequences that stopped, or a generation left part-way. Its buffers
+        and its device must not go while the device works on it (a bundle dropped with a step
+        in flight crashed the process)."""
+        while self.in_flight:
+            self.in_flight.pop().wait()
 
     def release(self) -> None:
-        """Drop the caches (device buffers) of the model and of its draft."""
-        self.cache = None
-        if self.draft is not None:
-            self.draft.cache = None
+        """Drop the caches (device buffers) of the model and of its draft, after the steps in flight."""
+        for g in (self, self.draft):
+            if g is not None:
+                g.settle()
+                g.cache = None
 
     def predicted_us(self, *phases: str) -> tuple:
         """The compile-time predicted time of each phase's call on the loaded plan (microseconds)."""
@@ -305,6 +319,11 @@ class Generation:
 
     def __next__(self):
         return next(self._it)
+
+    def close(self) -> None:
+        """Stop generating here (the device's steps in flight finished, unread; dropping the
+        Generation does the same). `tokens` keeps what came."""
+        self._it.close()
 
     def run(self) -> list:
         """Generate to the end. -> `tokens`."""
@@ -408,21 +427,25 @@ class Generation:
         tokens still on the device before the host reads step n's back, so that the host's
         work for a token (the read-back, the stop test, what the consumer does with it) runs
         while the device computes the next. A step issued for sequences that then stop is
-        left to finish on the device, unread. A step's time (decode_s) is the time spent here
-        for it: issuing the next step and waiting for this one's tokens."""
+        waited for, unread (`Generator.settle`: also when the generation is left part-way). A
+        step's time (decode_s) is the time spent here for it: issuing the next step and waiting
+        for this one's tokens."""
         gen, n = self.gen, self.gen.max_context - 1
         t = time.perf_counter()
         at, window = list(pos), deque()  # at: the position the next step issued writes, per slot
-        while live:
-            need = max(self.max_new - len(self.tokens[ids[s]]) for s in live)  # steps that may yield tokens
-            while len(window) < min(1 + CHAIN_AHEAD, need):
-                window.append(gen.start_decode(window[-1] if window else last, [min(q, n) for q in at]))
-                at = [q + (s in live) for s, q in enumerate(at)]
-            got = gen.finish_decode(window.popleft())
-            toks = {slot: int(got[slot]) for slot in sorted(live)}
-            self._step_done(t)
-            yield from self._emit_step(ids, pos, last, live, toks)
-            t = time.perf_counter()
+        try:
+            while live:
+                need = max(self.max_new - len(self.tokens[ids[s]]) for s in live)  # steps that may yield tokens
+                while len(window) < min(1 + CHAIN_AHEAD, need):
+                    window.append(gen.start_decode(window[-1] if window else last, [min(q, n) for q in at]))
+                    at = [q + (s in live) for s, q in enumerate(at)]
+                got = gen.finish_decode(window.popleft())
+                toks = {slot: int(got[slot]) for slot in sorted(live)}
+                self._step_done(t)
+                yield from self._emit_step(ids, pos, last, live, toks)
+                t = time.perf_counter()
+        finally:  # done, stopped, or left part-way (closed, collected): no step stays in flight
+            gen.settle()
 
     def _step_done(self, t):
         st = self._st
@@ -539,14 +562,17 @@ class Generation:
                 drafts[s].append(int(np.argmax(rows[s, 1 if s in pending else 0])))
                 dl[s], dp[s] = drafts[s][-1], dp[s] + 1
         t, steps, prev = clock(), [], dl
-        for _ in range(k - (1 if k and pending else 0)):
-            prev = draft.start_decode(prev, [min(q, n - 1) for q in dp])
-            steps.append(prev)
-            dp = [q + (s in live) for s, q in enumerate(dp)]
-        for step in steps:
-            got = draft.finish_decode(step)
-            for s in sorted(live):
-                drafts[s].append(int(got[s]))
+        try:
+            for _ in range(k - (1 if k and pending else 0)):
+                prev = draft.start_decode(prev, [min(q, n - 1) for q in dp])
+                steps.append(prev)
+                dp = [q + (s in live) for s, q in enumerate(dp)]
+            for step in steps:
+                got = draft.finish_decode(step)
+                for s in sorted(live):
+                    drafts[s].append(int(got[s]))
+        finally:
+            draft.settle()
         st["draft_s"] += clock() - t
         st["draft_calls"] += len(steps)
         return drafts

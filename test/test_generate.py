@@ -140,6 +140,16 @@ def test_greedy_steps_chain_on_the_device(llama_bundle):
         stop = greedy[5]
         assert b.generate(PROMPT, 16, stop_ids=[stop]).run()[0] == greedy[:greedy.index(stop) + 1]
         assert b.generate([3, 4], 16).run()[0] == _reference(model, [3, 4], 16)  # after the unread step
+        # no step stays in flight: not after a stop, nor after a generation left part-way (its
+        # buffers and device freed under a running step crashed the process)
+        gen, dev = b._generator, b.plan["segments"][0]["device"]
+        b.generate(PROMPT, 16, stop_ids=[stop]).run()
+        assert gen.in_flight == [] and b._sems[dev].query() == b._ticks[dev]
+        x = b.generate(PROMPT, 16)
+        next(x), next(x)
+        assert len(gen.in_flight) == 1  # the step issued ahead
+        x.close()
+        assert gen.in_flight == [] and b._sems[dev].query() == b._ticks[dev]
         # decode's greedy tokens are the maxima of its logits, read back beside them
         from polyarch.runtime.generate import Generator
 
