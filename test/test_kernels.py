@@ -18,9 +18,6 @@ def _rowdot_module(cases, regs):
     """Each (m, n, k, dtype) of `cases` (m may be DYNAMIC; n a tuple for a group of weights) as
     rowdot's executable behind a function f<i>(x, w...) -> y..., compiled for this host: -> the
     module's functions."""
-    import iree.compiler as ic
-    import iree.runtime as rt
-
     from polyarch.compiler.kernels import name, rowdot_source
     from polyarch.passes.rowdot import DYNAMIC
 
@@ -33,7 +30,15 @@ def _rowdot_module(cases, regs):
         calls.append(f"func.func @f{i}(%x: {tx}, {', '.join(f'%w{j}: {t}' for j, t in enumerate(tws))}) -> ({', '.join(tys)}) {{\n"
                      f"  %y:{len(ns)} = func.call @{name(m, n, k, dt)}(%x, {ws}) : ({tx}, {', '.join(tws)}) -> ({', '.join(tys)})\n"
                      f"  return {ys} : {', '.join(tys)}\n}}")
-    vmfb = ic.compile_str("\n".join(src + calls), extra_args=[
+    return _compiled("\n".join(src + calls))
+
+
+def _compiled(text):
+    """MLIR text compiled for this host's cpu and loaded: -> the module's functions."""
+    import iree.compiler as ic
+    import iree.runtime as rt
+
+    vmfb = ic.compile_str(text, extra_args=[
         "--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
         "--iree-llvmcpu-target-cpu=host"])
     cfg = rt.Config("local-task")
@@ -103,8 +108,6 @@ BATCHED_CASES = [(3, 256, 64, "f16", (1, 4)), (3, 256, 64, "f32", (8, 4)), (2, 4
 def test_rowdot_batched_equals_numpy(regs):
     """y[b] = x[b] @ w[b]^T for each product of a batch (x [B, m, k], w [*lead, n, k] read as
     stored) within the single kernel's tolerance of float64 numpy."""
-    import iree.compiler as ic
-    import iree.runtime as rt
     import ml_dtypes
 
     from polyarch.compiler.kernels import name, rowdot_source
@@ -117,19 +120,14 @@ def test_rowdot_batched_equals_numpy(regs):
                       f"tensor<{b}x{m}x{n}x{dt}>")
         calls.append(f"func.func @f{i}(%x: {tx}, %w: {tw}) -> {ty} {{\n  %y = func.call @{name(m, n, k, dt, lead)}"
                      f"(%x, %w) : ({tx}, {tw}) -> {ty}\n  return %y : {ty}\n}}")
-    vmfb = ic.compile_str("\n".join(src + calls), extra_args=[
-        "--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
-        "--iree-llvmcpu-target-cpu=host"])
-    cfg = rt.Config("local-task")
-    ctx = rt.SystemContext(config=cfg)
-    ctx.add_vm_module(rt.VmModule.copy_buffer(cfg.vm_instance, vmfb))
+    module = _compiled("\n".join(src + calls))
     rng = np.random.default_rng(3)
     for i, (m, n, k, dt, lead) in enumerate(BATCHED_CASES):
         npdt = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[dt]
         b = int(np.prod(lead))
         x = rng.standard_normal((b, m, k)).astype(npdt)
         w = (rng.standard_normal((*lead, n, k)) / np.sqrt(k)).astype(npdt)
-        y = ctx.modules.module[f"f{i}"](x, w).to_host()
+        y = module[f"f{i}"](x, w).to_host()
         ref = np.einsum("bmk,bnk->bmn", x.astype(np.float64), w.reshape(b, n, k).astype(np.float64))
         assert y.shape == (b, m, n) and y.dtype == npdt
         err = np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max()
