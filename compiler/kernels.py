@@ -159,8 +159,7 @@ def _batched_source(batch, m, n, k, dtype, regs=None, bf16_dot=None):
     fn, t = name(m, n, k, dtype, batch), dtype
     lead = batch if isinstance(batch, tuple) else (batch,)  # the weights' leading dims
     batch = math.prod(lead)
-    header = _header(fn, LAYOUT, -(-n // wg)).replace("hal.return %g, %c1, %c1", f"%gb = arith.constant {batch} : index\n"
-                                                      "    hal.return %g, %gb, %c1")
+    header = _header(fn, LAYOUT, -(-n // wg), groups_y=batch)
     tx, ty = f"tensor<{batch}x{m}x{k}x{t}>", f"tensor<{batch}x{m}x{n}x{t}>"
     tw = f"tensor<{'x'.join(map(str, lead))}x{n}x{k}x{t}>"
     return "\n".join([header, f"""      %c0 = arith.constant 0 : index
@@ -219,13 +218,15 @@ def _binding(layout, i, flags, shape, t, dims=""):
             f'flags({flags}) : memref<{shape}x{t}>{dims}')
 
 
-def _header(fn, layout, groups, workload=""):
-    """The executable's source and export (`groups` workgroups along x), up to its function's body."""
+def _header(fn, layout, groups, workload="", groups_y=1):
+    """The executable's source and export (`groups` workgroups along x, `groups_y` along y), up
+    to its function's body."""
     return f"""hal.executable.source private @{fn}_ex {{
   hal.executable.export public @{fn}_d ordinal(0) layout({layout}) count(%dev: !hal.device{workload}) -> (index, index, index) {{
     %g = arith.constant {groups} : index
+    %gy = arith.constant {groups_y} : index
     %c1 = arith.constant 1 : index
-    hal.return %g, %c1, %c1 : index, index, index
+    hal.return %g, %gy, %c1 : index, index, index
   }} attributes {{translation_info = #iree_codegen.translation_info<pipeline = #iree_cpu.pipeline<Default>>}}
   builtin.module {{
     func.func @{fn}_d() {{"""
