@@ -525,13 +525,7 @@ class Generation:
             return self._draft_chained(k, pos, last, live, pending), qs
         for j in range(k):
             if j == 0 and pending:
-                # one 2-token call: each pending slot's last draft (at pos - 1), then its last token;
-                # the others feed their last token twice (the second row is rewritten before it is read)
-                two = np.array([[pending[s][0], last[s]] if s in pending else [last[s], last[s]] for s in range(b)],
-                               np.int64)
-                start = [pending[s][1] if s in pending else min(pos[s], n - CATCH_UP_TOKENS) for s in range(b)]
-                rows = self._timed("catch", draft.verify, two, start)
-                logits = [rows[s, 1 if s in pending else 0] for s in range(b)]
+                logits = self._catch_up(pending, pos, last)
             else:
                 logits = self._timed("draft", draft.decode, dl, [min(q, n - 1) for q in dp])
             for s in sorted(live):
@@ -544,22 +538,31 @@ class Generation:
                 dl[s], dp[s] = d, dp[s] + 1
         return drafts, qs
 
+    def _catch_up(self, pending, pos, last):
+        """A step's first draft call where slots are pending: one 2-token call, each pending
+        slot's last draft (at pos - 1), then its last token; the others feed their last token
+        twice (the second row is rewritten before it is read). -> each slot's logits for its
+        next draft."""
+        draft, b, n = self.gen.draft, self.gen.batch, self.gen.max_context
+        two = np.array([[pending[s][0], last[s]] if s in pending else [last[s], last[s]] for s in range(b)], np.int64)
+        start = [pending[s][1] if s in pending else min(pos[s], n - CATCH_UP_TOKENS) for s in range(b)]
+        rows = self._timed("catch", draft.verify, two, start)
+        return [rows[s, 1 if s in pending else 0] for s in range(b)]
+
     def _draft_chained(self, k, pos, last, live, pending):
         """Greedy drafts of the batch with the draft's decode calls chained on the device (a
         draft whose decode gives its greedy tokens): each call takes the one before's tokens
         where they are, all are issued before the first is read back. The first call is the
-        2-token catch-up where slots are pending (`_draft`), whose tokens the host reads (an
+        2-token catch-up where slots are pending (`_catch_up`), whose tokens the host reads (an
         argmax of its logits). -> each slot's drafted tokens."""
         draft, b, n, st = self.gen.draft, self.gen.batch, self.gen.max_context, self._st
         drafts = [[] for _ in range(b)]
         dl, dp = list(last), list(pos)
         clock = time.perf_counter
         if k and pending:
-            two = np.array([[pending[s][0], last[s]] if s in pending else [last[s], last[s]] for s in range(b)], np.int64)
-            start = [pending[s][1] if s in pending else min(pos[s], n - CATCH_UP_TOKENS) for s in range(b)]
-            rows = self._timed("catch", draft.verify, two, start)
+            logits = self._catch_up(pending, pos, last)
             for s in sorted(live):
-                drafts[s].append(int(np.argmax(rows[s, 1 if s in pending else 0])))
+                drafts[s].append(int(np.argmax(logits[s])))
                 dl[s], dp[s] = drafts[s][-1], dp[s] + 1
         t, steps, prev = clock(), [], dl
         try:
