@@ -57,7 +57,7 @@ MATVEC_H, MATVEC_I = 1024, 4096
 MATVEC_PAIRS = {"f32": 8, "f16": 16}
 MATVEC_ROWS = (1, 8)  # rows (tokens) a call multiplies: one (decode at batch 1) and a few (batch, verify)
 CAL_SCOPE = "polyarch-calibrate"
-SUITE_VERSION = 7  # profiles measured by an older suite are measured again (3: weight_bw, row_cost; 4: cpu weight_bw with the hand-written products; 5: their prefetch and f16 flags by host; 6: their rows read in strands; 7: call no more than the fastest kernel, convolution rate from the long ones)
+SUITE_VERSION = 8  # profiles measured by an older suite are measured again (3: weight_bw, row_cost; 4: cpu weight_bw with the hand-written products; 5: their prefetch and f16 flags by host; 6: their rows read in strands; 7: call no more than the fastest kernel, convolution rate from the long ones; 8: 7-8 rows of x read 4 weight rows a step)
 
 
 def _sizes(quick):

@@ -11,7 +11,7 @@ import pytest
 # (rows, n, k, dtype): decode at batch 1, verify's 5 rows, a batch of 8, n not a multiple of
 # the rows read together or of a workgroup, 16-bit weights.
 CASES = [(1, 2048, 768, "f32"), (5, 256, 768, "f32"), (8, 1000, 64, "f32"), (3, 50, 32, "f16"), (1, 300, 128, "f16"),
-         (2, 64, 96, "bf16"), (1, 200, 64, "bf16")]
+         (2, 64, 96, "bf16"), (1, 200, 64, "bf16"), (7, 52, 64, "f16"), (8, 36, 64, "bf16")]
 
 
 def _rowdot_module(cases, regs):
