@@ -27,7 +27,17 @@ becomes one batched call, `polyarch_rowdot_b<B1xB2..>_<M>x<N>x<K>_<dtype>`:
 
 the attention scores of a decode or verify step: each key/value head's queries against its
 cached keys, read as the cache stores them, where IREE copied the cache transposed for every
-layer (at batch 8 in f32: 118 us a layer) before its own product."""
+layer (at batch 8 in f32: 118 us a layer) before its own product.
+
+A bmm of a few rows by a batch of matrices as stored (option `values`, on by default) becomes
+one `polyarch_rowmix_b<B1xB2..>_<M>x<N>x<K>_<dtype>` call (compiler/kernels.py `rowmix_source`):
+
+    %v3 = torch.aten.view %cache, [S * H, N, K]          (cache: [S, H, N, K]; or any [B, N, K])
+    %o = torch.aten.bmm %p, %v3                          (p: [S * H, M, N], M <= 16)
+
+the attention values of a decode or verify step: each key/value head's probabilities against
+its cached values, read as stored, where IREE packed each layer's value cache (data tiling)
+before its batch_matmul."""
 
 import math
 import re
@@ -52,6 +62,33 @@ MAX_BATCH_ROWS = 16  # rows of x a batched product serves (the query heads of a 
 # N: a weight's rows, or a group's (N1_N2..: one dispatch, one result per weight); bB_: a batch
 # of B products (x [B, M, K] by w [B, N, K]: attention's queries by its cached keys)
 KERNEL_NAME = re.compile(r"^polyarch_rowdot_(?:b(\d+(?:x\d+)*)_)?(\d+|D)x(\d+(?:_\d+)*)x(\d+)_(f32|f16|bf16)$")
+
+
+MIX_NAME = re.compile(r"^polyarch_rowmix_b(\d+(?:x\d+)*)_(\d+)x(\d+)x(\d+)_(f32|f16|bf16)$")
+MAX_MIX_K = 128  # columns (a head's dimension) of the matrices a rowmix reads
+
+
+def mix_name(m: int, n: int, k: int, dtype: str, batch: "int | tuple") -> str:
+    """The rowmix kernel of x [prod(batch), m, n] by v [*batch, n, k] -> [prod(batch), m, k]."""
+    lead = "x".join(map(str, batch)) if isinstance(batch, tuple) else batch
+    return f"polyarch_rowmix_b{lead}_{m}x{n}x{k}_{dtype}"
+
+
+def parse_mix_name(sym: str):
+    """(m, n, k, dtype, batch) of a rowmix kernel's name, or None."""
+    hit = MIX_NAME.match(sym)
+    if not hit:
+        return None
+    batch, m, n, k, dtype = hit.groups()
+    return int(m), int(n), int(k), dtype, tuple(int(v) for v in batch.split("x"))
+
+
+def supported_mix(m: int, n: int, k: int, dtype: str, batch) -> bool:
+    """Shapes rowmix is written for: a batch of 1..MAX_BATCH products of 1..MAX_BATCH_ROWS rows,
+    k a multiple of LANES up to MAX_MIX_K."""
+    total = math.prod(batch) if isinstance(batch, tuple) else batch
+    return (dtype in DTYPES and 1 <= total <= MAX_BATCH and 1 <= m <= MAX_BATCH_ROWS and n >= 1
+            and LANES <= k <= MAX_MIX_K and k % LANES == 0)
 
 
 def kernel_name(m: int, n: "int | tuple", k: int, dtype: str, batch: "int | tuple" = 0) -> str:
@@ -94,20 +131,22 @@ class Rowdot(Pass):
     group: bool = option(True, f"one dispatch for the matmuls of one x by 2..{MAX_GROUP} weights (static rows)")
     batched: bool = option(True, "rewrite a bmm against a transposed batch of weights too (attention's "
                                  "queries x cached keys; static rows)")
+    values: bool = option(True, "rewrite a bmm of a few rows by a batch of matrices as stored too "
+                                "(attention's probabilities x cached values; static rows)")
 
     def check(self):
         from ..errors import PolyarchError
 
         if not (type(self.max_rows) is int and 1 <= self.max_rows <= MAX_ROWS):
             raise PolyarchError(f"rowdot max_rows={self.max_rows}", fix=f"use 1..{MAX_ROWS}")
-        for key in ("dynamic_rows", "group", "batched"):
+        for key in ("dynamic_rows", "group", "batched", "values"):
             if type(getattr(self, key)) is not bool:
                 raise PolyarchError(f"rowdot {key}={getattr(self, key)}", fix="use true or false")
 
     def apply(self, module: "ir.Module") -> int:
         """-> the number of matmuls rewritten."""
         self.check()
-        return _rewrite_all(module, self.max_rows, self.dynamic_rows, self.group, self.batched)
+        return _rewrite_all(module, self.max_rows, self.dynamic_rows, self.group, self.batched, self.values)
 
 
 def _owner(value):
@@ -151,13 +190,36 @@ def batched_source(value: "ir.Value"):
     return None
 
 
-def match(op: "ir.Operation", max_rows: int = MAX_ROWS, dynamic_rows: bool = True, batched: bool = True):
+def values_source(value: "ir.Value"):
+    """(v, its leading dims) for a [B, N, K] operand read as it is: a view of v [a, b, N, K]
+    (a * b = B, a cache: sequences x key/value heads), else the operand itself; None for a
+    transpose or a view of one (batched_source's) or a shape other than 3-D."""
+    info = pa.tensor_info(value.type)
+    if not info or len(info[0]) != 3 or DYNAMIC in info[0]:
+        return None
+    o, transposes = _owner(value), ("torch.aten.transpose.int", "torch.aten.permute")
+    if o is not None and o.name in transposes:
+        return None
+    if o is not None and o.name in VIEWS and len(o.operands) == 2:
+        if (p := _owner(o.operands[0])) is not None and p.name in transposes:
+            return None  # the scores' keys (batched_source), left alone with batched=false
+        src = pa.tensor_info(o.operands[0].type)
+        if (src and len(src[0]) == 4 and DYNAMIC not in src[0] and src[0][0] * src[0][1] == info[0][0]
+                and list(src[0][2:]) == list(info[0][1:])):
+            return o.operands[0], tuple(src[0][:2])
+    return value, (info[0][0],)
+
+
+def match(op: "ir.Operation", max_rows: int = MAX_ROWS, dynamic_rows: bool = True, batched: bool = True,
+          values: bool = True):
     """(x, w, (m, n, k, dtype)) for an mm this pass rewrites, (x, w, (m, n, k, dtype, the
-    weights' leading dims)) for a bmm (batched), else None."""
-    if batched and op.operation.name == "torch.aten.bmm" and len(op.operands) == 2:
-        x, hit = op.operands[0], batched_source(op.operands[1])
+    weights' leading dims)) for a bmm against transposed weights (batched), (x, v, (m, n, k,
+    dtype, the leading dims, "mix")) for a bmm against matrices as stored (values: x [B, m, n],
+    v [B, n, k]), else None."""
+    if op.operation.name == "torch.aten.bmm" and len(op.operands) == 2:
+        x, hit = op.operands[0], batched_source(op.operands[1]) if batched else None
         if hit is None:
-            return None
+            return _match_values(x, op.operands[1]) if values else None
         (w, lead), xi = hit, pa.tensor_info(x.type)
         wi = pa.tensor_info(w.type)
         if not (xi and wi) or len(xi[0]) != 3 or xi[1] != wi[1] or DYNAMIC in (*xi[0], *wi[0]):
@@ -181,10 +243,25 @@ def match(op: "ir.Operation", max_rows: int = MAX_ROWS, dynamic_rows: bool = Tru
     return x, w, (m, n, k, xi[1])
 
 
+def _match_values(x, operand):
+    """match's values case: (x, v, (m, n, k, dtype, lead, "mix")) or None."""
+    hit = values_source(operand)
+    if hit is None:
+        return None
+    (v, lead), xi, oi = hit, pa.tensor_info(x.type), pa.tensor_info(operand.type)
+    if not (xi and oi) or len(xi[0]) != 3 or xi[1] != oi[1] or DYNAMIC in xi[0]:
+        return None
+    (b, m, n), (b2, n2, k) = xi[0], oi[0]
+    if b != b2 or n != n2 or not supported_mix(m, n, k, xi[1], lead):
+        return None
+    return x, v, (m, n, k, xi[1], lead, "mix")
+
+
 def run(module: "ir.Module", max_rows: int = MAX_ROWS, dynamic_rows: bool = True, group: bool = True,
-        batched: bool = True) -> int:
+        batched: bool = True, values: bool = True) -> int:
     """Rewrite every matching mm (and bmm) of `module` in place. -> the number rewritten."""
-    return Rowdot(max_rows=max_rows, dynamic_rows=dynamic_rows, group=group, batched=batched).apply(module)
+    return Rowdot(max_rows=max_rows, dynamic_rows=dynamic_rows, group=group, batched=batched,
+                  values=values).apply(module)
 
 
 VIEWS = ("torch.aten.view", "torch.aten.reshape", "torch.aten._unsafe_view")
@@ -213,7 +290,7 @@ def _groups(block, found: list, group: bool) -> list:
     out, open_ = [], {}  # open_: key -> the list being filled
     for f in found:
         op, (x, w, shape) = f
-        if len(shape) == 5:  # a bmm: alone
+        if len(shape) >= 5:  # a bmm: alone
             out.append([f])
             continue
         m, n, k, dt = shape
@@ -228,7 +305,7 @@ def _groups(block, found: list, group: bool) -> list:
     return out
 
 
-def _rewrite_all(module, max_rows, dynamic_rows, group, batched):
+def _rewrite_all(module, max_rows, dynamic_rows, group, batched, values):
     from torch_mlir import ir
 
     done, declared = 0, set()
@@ -239,7 +316,8 @@ def _rewrite_all(module, max_rows, dynamic_rows, group, batched):
             if func.operation.name != "func.func" or not func.regions[0].blocks:
                 continue
             for block in func.regions[0].blocks:
-                found = [(op, hit) for op in block.operations if (hit := match(op, max_rows, dynamic_rows, batched))]
+                found = [(op, hit) for op in block.operations
+                         if (hit := match(op, max_rows, dynamic_rows, batched, values))]
                 for members in _groups(block, found, group):
                     _rewrite(module, members, existing, declared)
                     done += len(members)
@@ -253,6 +331,8 @@ def _rewrite(module, members, existing, declared):
     from torch_mlir import ir
 
     first, (_, _, shape) = members[0]
+    if len(shape) == 6:
+        return _rewrite_mix(module, first, shape, existing, declared)
     (m, _, k, dt), lead = shape[:4], shape[4] if len(shape) == 5 else ()
     x = first.operands[0]
     ns = tuple(s_[1] for _, (_, _, s_) in members)
@@ -284,3 +364,29 @@ def _rewrite(module, members, existing, declared):
         op.operation.erase()
         if not list(transpose.results[0].uses):
             transpose.erase()
+
+
+def _rewrite_mix(module, op, shape, existing, declared):
+    """A bmm against matrices as stored (match's values case) as one rowmix call."""
+    from torch_mlir import ir
+
+    m, n, k, dt, lead, _ = shape
+    b, name = math.prod(lead), mix_name(m, n, k, dt, lead)
+    tx, tw, ty = (f"tensor<{b}x{m}x{n}x{dt}>", f"tensor<{'x'.join(map(str, lead))}x{n}x{k}x{dt}>",
+                  f"tensor<{b}x{m}x{k}x{dt}>")
+    if name not in existing and name not in declared:
+        decl = ir.Module.parse(f'func.func private @{name}({tx}, {tw}) -> {ty} attributes {{polyarch.kernel = "rowmix"}}')
+        decl.body.operations[0].operation.clone(ip=ir.InsertionPoint.at_block_begin(module.body))
+        declared.add(name)
+    ip, loc = ir.InsertionPoint(op), op.location
+    make = lambda opname, t, operands, attrs=None: ir.Operation.create(
+        opname, results=[ir.Type.parse(t)], operands=list(operands), attributes=attrs or {}, ip=ip, loc=loc).results[0]
+    xb = make("torch_c.to_builtin_tensor", tx, [op.operands[0]])
+    vb = make("torch_c.to_builtin_tensor", tw, [values_source(op.operands[1])[0]])
+    yb = make("func.call", ty, [xb, vb], {"callee": ir.FlatSymbolRefAttr.get(name)})
+    y = make("torch_c.from_builtin_tensor", str(op.results[0].type), [yb])
+    op.results[0].replace_all_uses_with(y)
+    view = _owner(op.operands[1])
+    op.operation.erase()
+    if view is not None and view.name in VIEWS and not list(view.results[0].uses):
+        view.erase()

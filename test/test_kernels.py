@@ -134,6 +134,44 @@ def test_rowdot_batched_equals_numpy(regs):
         assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (BATCHED_CASES[i], err)
 
 
+# attention values (rowmix): (rows, positions n, head dim k, dtype, the values' leading dims):
+# batch 1 f16 decode of the 100M model (3 query rows per kv head, 256 positions, head dim 64),
+# batch 8 f32, verify's 15 rows (more than a register tile), a tiny cache, bf16, head dim 128
+MIX_CASES = [(3, 256, 64, "f16", (1, 4)), (3, 256, 64, "f32", (8, 4)), (15, 40, 64, "f32", (1, 2)),
+             (2, 48, 16, "f32", (2, 2)), (1, 50, 32, "bf16", (3,)), (4, 7, 128, "f16", (2,))]
+
+
+@pytest.mark.parametrize("regs", [(32, 16), (16, 8)], ids=["avx512", "avx2"])
+def test_rowmix_equals_numpy(regs):
+    """y[b] = x[b] @ v[b] for each product of a batch (x [B, m, n], v [*lead, n, k] read as
+    stored) within the rowdot kernels' tolerance of float64 numpy."""
+    import ml_dtypes
+
+    from polyarch.compiler.kernels import rowmix_source
+    from polyarch.passes.rowdot import mix_name
+
+    src, calls = [], []
+    for i, (m, n, k, dt, lead) in enumerate(MIX_CASES):
+        b = int(np.prod(lead))
+        src.append(rowmix_source(m, n, k, dt, lead, regs))
+        tx, tw, ty = (f"tensor<{b}x{m}x{n}x{dt}>", f"tensor<{'x'.join(map(str, lead))}x{n}x{k}x{dt}>",
+                      f"tensor<{b}x{m}x{k}x{dt}>")
+        calls.append(f"func.func @f{i}(%x: {tx}, %w: {tw}) -> {ty} {{\n  %y = func.call @{mix_name(m, n, k, dt, lead)}"
+                     f"(%x, %w) : ({tx}, {tw}) -> {ty}\n  return %y : {ty}\n}}")
+    module = _compiled("\n".join(src + calls))
+    rng = np.random.default_rng(4)
+    for i, (m, n, k, dt, lead) in enumerate(MIX_CASES):
+        npdt = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[dt]
+        b = int(np.prod(lead))
+        x = rng.random((b, m, n)).astype(npdt)  # probabilities' magnitudes
+        v = rng.standard_normal((*lead, n, k)).astype(npdt)
+        y = module[f"f{i}"](x, v).to_host()
+        ref = np.einsum("bmn,bnk->bmk", x.astype(np.float64), v.reshape(b, n, k).astype(np.float64))
+        assert y.shape == (b, m, k) and y.dtype == npdt
+        err = np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max()
+        assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (MIX_CASES[i], err)
+
+
 DYNAMIC_CASES = [(2048, 768), (302, 64), (255, 32)]  # n a multiple of 4, of 2 only, odd
 
 
@@ -185,6 +223,7 @@ def test_decode_and_prefill_use_rowdot(tmp_path):
     # the attention scores: 2 query rows per kv head against the cache as stored (1 sequence x
     # 2 kv heads, 48 positions, head dim 16)
     assert b"polyarch_rowdot_b1x2_2x48x16_f32" in decode
+    assert b"polyarch_rowmix_b1x2_2x48x16_f32" in decode  # and its values, read as cached too
     assert b"polyarch_rowdot_1x320x64_f32" in prefill  # the head: the last token's row
     for shape in ("64x64", "32x64", "128x64", "64x128"):  # the prompt's rows: a dynamic count
         assert f"polyarch_rowdot_Dx{shape}_f32".encode() in prefill and f"rowdot_1x{shape}_".encode() not in prefill

@@ -1,6 +1,7 @@
 // RUN: polyarch-opt %s -p rowdot | FileCheck %s
 // RUN: polyarch-opt %s -p 'rowdot{group=false}' | FileCheck %s --check-prefix=ALONE
 // RUN: polyarch-opt %s -p 'rowdot{batched=false}' | FileCheck %s --check-prefix=UNBATCHED
+// RUN: polyarch-opt %s -p 'rowdot{values=false}' | FileCheck %s --check-prefix=NOVALUES
 // A decode step's nn.Linear: a few rows against the weight as stored ([out, in]) through a
 // transpose becomes a call to the hand-written CPU dispatch (compiler/kernels.py gives the
 // declaration its body); one declaration per shape.
@@ -10,6 +11,7 @@
 // One declaration for a group of weights (@qkv below): one result each.
 // CHECK-DAG: func.func private @polyarch_rowdot_1x64_32_32x64_f16(tensor<1x64xf16>, tensor<64x64xf16>, tensor<32x64xf16>, tensor<32x64xf16>) -> (tensor<1x64xf16>, tensor<1x32xf16>, tensor<1x32xf16>) attributes {polyarch.kernel = "rowdot"}
 // One batched declaration for attention's scores (@scores below).
+// CHECK-DAG: func.func private @polyarch_rowmix_b2x2_2x48x16_f32(tensor<4x2x48xf32>, tensor<2x2x48x16xf32>) -> tensor<4x2x16xf32> attributes {polyarch.kernel = "rowmix"}
 // CHECK-DAG: func.func private @polyarch_rowdot_b2x2_2x48x16_f32(tensor<4x2x16xf32>, tensor<2x2x48x16xf32>) -> tensor<4x2x48xf32> attributes {polyarch.kernel = "rowdot"}
 // CHECK-LABEL: func.func @linear
 // CHECK-NOT: torch.aten.mm
@@ -77,14 +79,29 @@
 // CHECK: "torch_c.from_builtin_tensor"(%[[S]]) : (tensor<4x2x48xf32>) -> !torch.vtensor<[4,2,48],f32>
 // CHECK-LABEL: func.func @transposed_3d
 // CHECK: call @polyarch_rowdot_b3_1x32x16_f16(
+// Attention's values: the probabilities against the cache as stored, its view gone (rowmix).
 // CHECK-LABEL: func.func @values
-// CHECK: torch.aten.bmm
+// CHECK-NOT: torch.aten.view
+// CHECK: %[[P:.*]] = "torch_c.to_builtin_tensor"(%arg0) : (!torch.vtensor<[4,2,48],f32>) -> tensor<4x2x48xf32>
+// CHECK: %[[V:.*]] = "torch_c.to_builtin_tensor"(%arg1) : (!torch.vtensor<[2,2,48,16],f32>) -> tensor<2x2x48x16xf32>
+// CHECK: %[[O:.*]] = call @polyarch_rowmix_b2x2_2x48x16_f32(%[[P]], %[[V]])
+// CHECK: "torch_c.from_builtin_tensor"(%[[O]]) : (tensor<4x2x16xf32>) -> !torch.vtensor<[4,2,16],f32>
+// CHECK-NOT: torch.aten.bmm
+// A 3-D batch of matrices as stored (no view): its leading dim is the batch.
+// CHECK-LABEL: func.func @values_3d
+// CHECK: call @polyarch_rowmix_b3_1x32x16_f16(
 // CHECK-LABEL: func.func @too_many
 // CHECK: torch.aten.bmm
 // UNBATCHED-LABEL: func.func @scores
 // UNBATCHED: torch.aten.bmm
 // UNBATCHED-LABEL: func.func @transposed_3d
 // UNBATCHED: torch.aten.bmm
+// NOVALUES-LABEL: func.func @scores
+// NOVALUES: call @polyarch_rowdot_b2x2_2x48x16_f32
+// NOVALUES-LABEL: func.func @values
+// NOVALUES: torch.aten.bmm
+// NOVALUES-LABEL: func.func @values_3d
+// NOVALUES: torch.aten.bmm
 func.func @linear(%x: !torch.vtensor<[1,64],f32>, %w: !torch.vtensor<[256,64],f32>, %x2: !torch.vtensor<[1,64],f32>) -> (!torch.vtensor<[1,256],f32>, !torch.vtensor<[1,256],f32>) {
   %int0 = torch.constant.int 0
   %int1 = torch.constant.int 1
@@ -199,6 +216,11 @@ func.func @values(%p: !torch.vtensor<[4,2,48],f32>, %cache: !torch.vtensor<[2,2,
   %v3 = torch.aten.view %cache, %shape : !torch.vtensor<[2,2,48,16],f32>, !torch.list<int> -> !torch.vtensor<[4,48,16],f32>
   %o = torch.aten.bmm %p, %v3 : !torch.vtensor<[4,2,48],f32>, !torch.vtensor<[4,48,16],f32> -> !torch.vtensor<[4,2,16],f32>
   return %o : !torch.vtensor<[4,2,16],f32>
+}
+
+func.func @values_3d(%p: !torch.vtensor<[3,1,32],f16>, %v: !torch.vtensor<[3,32,16],f16>) -> !torch.vtensor<[3,1,16],f16> {
+  %o = torch.aten.bmm %p, %v : !torch.vtensor<[3,1,32],f16>, !torch.vtensor<[3,32,16],f16> -> !torch.vtensor<[3,1,16],f16>
+  return %o : !torch.vtensor<[3,1,16],f16>
 }
 
 func.func @too_many(%x: !torch.vtensor<[65,1,16],f32>, %w: !torch.vtensor<[65,32,16],f32>) -> !torch.vtensor<[65,1,32],f32> {
