@@ -20,7 +20,9 @@ batch has `batch` slots; between decode steps a waiting request is prefilled int
 (its first token comes from that prefill), every step decodes the slots in use, and a
 sequence that ends frees its slot for the next request at once. Each request samples with its
 own settings and its own seeded generator, so its tokens are those `Bundle.generate` gives for
-the same prompt and settings. (A bundle with a draft model decodes plainly here.)
+the same prompt and settings. A step whose sequences are all greedy reads back decode's own
+greedy tokens (`Generator.start_decode`), not the logits. (A bundle with a draft model decodes
+plainly here.)
 
 Both refuse a request when their queue is full (`Overloaded`, with a retry-after estimate)
 and drop one that waited past its deadline (`TimeoutError`); `close()` finishes the work in
@@ -403,8 +405,15 @@ class GenerationWorker(_Worker):
             t0 = time.perf_counter()
             tokens = [s.last if s is not None else 0 for s in self.slots]
             positions = [min(s.pos, gen.max_context - 1) if s is not None else 0 for s in self.slots]
+            # every sequence greedy: decode's own greedy tokens, 8 bytes a slot read back
+            # instead of the logits and a host argmax (a bundle compiled before they were added:
+            # the logits)
+            greedy = gen.next_output is not None and all(s.rng is None for s in self.slots if s is not None)
             try:
-                logits = gen.decode(tokens, positions)
+                if greedy:
+                    picked = gen.finish_decode(gen.start_decode(tokens, positions))
+                else:
+                    logits = gen.decode(tokens, positions)
             except Exception as e:  # the step failed for every sequence in it: they end, the server goes on
                 for slot, s in enumerate(self.slots):
                     if s is not None:
@@ -417,7 +426,7 @@ class GenerationWorker(_Worker):
             for slot, s in enumerate(self.slots):
                 if s is None:
                     continue
-                tok = sample(logits[slot], s.rng, **s.sampling)
+                tok = int(picked[slot]) if greedy else sample(logits[slot], s.rng, **s.sampling)
                 s.pos, s.last = s.pos + 1, tok
                 reason = s._emit(tok)
                 if reason:

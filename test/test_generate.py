@@ -161,6 +161,38 @@ def test_greedy_steps_chain_on_the_device(llama_bundle):
         assert int(tokens[0]) == greedy[1]
 
 
+def test_serving_worker_reads_greedy_tokens_not_logits(llama_bundle):
+    """The server's continuous batching (runtime/batching.GenerationWorker): a step whose
+    sequences are all greedy takes decode's own greedy tokens (no logits read back); a step
+    with a sampled sequence in it reads the logits. Each sequence's tokens are generate's."""
+    from polyarch.runtime import load
+    from polyarch.runtime.batching import GenerationWorker
+
+    model, path = llama_bundle
+    with load(path) as b:
+        sampled = b.generate([3, 4], 8, temperature=0.8, seed=5).run()[0]
+        w = GenerationWorker(b)
+        calls = {"decode": 0, "start_decode": 0}
+        for name in calls:  # count the worker's calls of each, each still the Generator's own
+            def counted(*a, _f=getattr(w.gen, name), _n=name, **k):
+                calls[_n] += 1
+                return _f(*a, **k)
+            setattr(w.gen, name, counted)
+        try:
+            greedy = [w.submit(p, 10) for p in ([3, 4], PROMPT, [9, 9, 9])]
+            for s in greedy:
+                assert s.done.wait(120) and s.error is None, s.error
+            assert calls["decode"] == 0 and calls["start_decode"] >= 9
+            mixed = [w.submit(PROMPT, 6), w.submit([3, 4], 8, temperature=0.8, seed=5)]
+            for s in mixed:
+                assert s.done.wait(120) and s.error is None, s.error
+            assert calls["decode"] >= 5
+        finally:
+            w.close()
+        assert [s.tokens for s in greedy] == [_reference(model, p, 10) for p in ([3, 4], PROMPT, [9, 9, 9])]
+        assert mixed[0].tokens == _reference(model, PROMPT, 6) and mixed[1].tokens == sampled
+
+
 def test_decode_greedy_output_checked_on_load(tmp_path, llama_bundle):
     """A manifest whose decode gives something other than its batch's int64 greedy tokens
     after the cache is refused when loaded, with what is wrong."""
