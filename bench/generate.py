@@ -1,14 +1,16 @@
 """Language-model generation on cpu: polyarch's prefill + decode bundle against transformers
 eager with its own KV cache, in one run (issue 22).
 
-    .venv/bin/python bench/generate.py [--layers 8] [--prompt 128] [--new 128] [--batches 1,4,8] [--out out/bench]
+    .venv/bin/python bench/generate.py [--layers 8] [--prompt 128] [--new 128] [--batches 1,4,8] [--rounds 3]
+                                       [--out out/bench]
 
 Model: a Llama-style causal LM with random weights (8 layers, hidden 768, 12 heads, 4 KV heads,
 intermediate 2048, vocab 32000: about 100M parameters), f32, 2 threads. Engines are timed in
 blocks ordered A B C .. C B A (eager, polyarch f32, polyarch f16 weights, llama.cpp f32, f16, then back), each block warmed up by one
 generation first; figures are the median of the blocks. Prefill: ms for the prompt (time to
 first token); decode: ms per output token at batch 1, and tokens/s at each batch size (the
-batch sizes timed in blocks of their own, 1 4 8 8 4 1).
+batch sizes timed in blocks of their own, 1 4 8 8 4 1), in --rounds rounds (default 3): each
+figure is the median of an engine's blocks, every block's decode time kept in generate.json.
 Peak RSS of polyarch is measured in a child process that loads the bundle and generates
 (compared with weights + cache). llama.cpp runs on the same weights written as GGUF
 (bench/llamacpp.py; f32 and f16), when llama-cpp-python is installed (bench/requirements.txt,
@@ -82,13 +84,15 @@ def llamacpp_engines(model, out, ctx, prompt_len):
     return engines
 
 
-def blocks(*fns):
-    """Blocks in the order A B C .. C B A, each warmed up once. -> [[results] per engine]."""
+def blocks(*fns, rounds=1):
+    """Blocks in the order A B C .. C B A, `rounds` times, each warmed up once. -> [[results]
+    per engine]."""
     out = [[] for _ in fns]
     order = list(range(len(fns)))
-    for i in order + order[::-1]:
-        fns[i]()  # warm-up
-        out[i].append(fns[i]())
+    for _ in range(rounds):
+        for i in order + order[::-1]:
+            fns[i]()  # warm-up
+            out[i].append(fns[i]())
     return out
 
 
@@ -108,6 +112,8 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of blocks A B C .. C B A (each engine's figure: the median of its 2 x rounds blocks)")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -140,7 +146,10 @@ def main():
     with load(paths[batches[0]]) as b1, load(path16) as b16:
         e, p, h, *c = blocks(lambda: eager_run(model, prompt, args.new), lambda: polyarch_run(b1, [prompt], args.new),
                              lambda: polyarch_run(b16, [prompt], args.new),
-                             *[(lambda eng=eng: eng.run(prompt, args.new)) for eng in cpp.values()])
+                             *[(lambda eng=eng: eng.run(prompt, args.new)) for eng in cpp.values()], rounds=args.rounds)
+    # every block's decode ms/token, in the order run
+    res["decode_ms_blocks"] = {name: [round(x[1] * 1e3, 3) for x in runs] for name, runs in
+                               zip(["eager", "polyarch", "polyarch f16", *cpp], [e, p, h, *c])}
     for name, runs in zip(cpp, c):
         res[f"{name} prefill_ms"] = statistics.median(x[0] for x in runs) * 1e3
         res[f"{name} decode_ms"] = statistics.median(x[1] for x in runs) * 1e3
@@ -159,7 +168,7 @@ def main():
     loaded = [load(paths[b]) for b in batches]
     try:
         runs = blocks(*[(lambda bb=bb, b=b: polyarch_run(bb, [prompt[: args.prompt - i] for i in range(b)], args.new))
-                        for bb, b in zip(loaded, batches)])
+                        for bb, b in zip(loaded, batches)], rounds=args.rounds)
     finally:
         for bb in loaded:
             bb.close()
@@ -174,7 +183,8 @@ def main():
     with open(os.path.join(args.out, "generate.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(f"Llama-style {params / 1e6:.1f}M parameters, f32, prompt {args.prompt}, {args.new} new tokens, "
-          f"{THREADS} threads (load {res['load']:.1f} -> {res['load_after']:.1f}); blocks A B C .. C B A")
+          f"{THREADS} threads (load {res['load']:.1f} -> {res['load_after']:.1f}); blocks A B C .. C B A x {args.rounds}, "
+          "medians")
     print(f"| engine | prefill ms | decode ms/token |\n|---|---|---|")
     print(f"| transformers eager (DynamicCache) | {res['eager_prefill_ms']:.1f} | {res['eager_decode_ms']:.2f} |")
     print(f"| polyarch cpu | {res['polyarch_prefill_ms']:.1f} | {res['polyarch_decode_ms']:.2f} |")
