@@ -2,7 +2,8 @@
 acceptance rates, with the predicted speed-up beside the measured one (issue 23).
 
     .venv/bin/python bench/speculative.py [--layers 8] [--draft-layers 2] [--rates 0.5,0.7,0.9]
-                                          [--prompt 64] [--new 128] [--speculate 4] [--out out/bench]
+                                          [--prompt 64] [--new 128] [--speculate 4] [--rounds 2]
+                                          [--out out/bench]
 
 Models (random weights, no hub access): the target is bench/generate.py's Llama-style model
 (8 layers, hidden 768, vocab 32000: about 100M parameters); the draft is its first quarter of
@@ -13,12 +14,13 @@ draft, s = 1 leaves it as built. For each rate, s is found by bisection on the g
 agreement of the two models, teacher-forced on the target's own greedy continuation (eager).
 
 Per rate, one bundle (target f32 + draft, its weights f16 by default: --draft-dtype) is compiled, and plain decoding
-(`speculative=False`) and speculative decoding are timed in blocks A B B A, each warmed up;
+(`speculative=False`) and speculative decoding are timed in blocks A B B A (--rounds, default 2),
+each warmed up;
 decode time per token is the mean over the new tokens after the first (prefill excluded).
 Predicted speed-up: runtime/generate.py's `speculative_gain` (the expected tokens per step
 over the draft and verify calls) with the acceptance rate and mean draft length of the run and
-the call times of decode, draft decode and verify each measured alone (20 calls) in the same
-run, decode and draft decode as greedy generation runs them (chained on the device: each
+the call times of decode, draft decode and verify each measured alone (blocks of 20 calls,
+A B C D D C B A three times, medians) in the same run, decode and draft decode as greedy generation runs them (chained on the device: each
 call issued before the one before it is read back, `call_times`); beside it the same formula
 over the plan's compile-time predicted call times.
 Targets (issue 23): measured speed-up within 20% of the predicted; at acceptance 0.9 at
@@ -92,10 +94,13 @@ def chained(gen, p, reps):
     gen.finish_decode(step)
 
 
-def call_times(b, prompt, reps=20):
+def call_times(b, prompt, reps=20, rounds=3):
     """Seconds per call of decode, draft decode, verify and the draft's 2-token verify (its
     catch-up), each alone (batch 1, after a prefill); decode and draft decode chained, as
-    greedy generation issues them (`chained`)."""
+    greedy generation issues them (`chained`). Each is timed in blocks of `reps` calls ordered
+    A B C D D C B A, `rounds` times: the median of its blocks (taken once each, one after the
+    other, a decode figure from a slow second against the others' from a fast one had put the
+    prediction 29% off)."""
     import numpy as np
 
     from polyarch.runtime.generate import Generator
@@ -111,13 +116,16 @@ def call_times(b, prompt, reps=20):
         fn()
         return (time.perf_counter() - t) / n
 
-    out = {"decode": seconds(lambda: chained(g, p, reps), reps),
-           "draft": seconds(lambda: chained(g.draft, p, reps), reps)}
-    for name, fn in (("verify", lambda: g.verify(np.ones((1, g.verify_tokens), np.int64), [p])),
-                     ("catch", lambda: g.draft.verify(np.ones((1, g.draft.verify_tokens), np.int64), [p]))):
-        out[name] = seconds(lambda: [fn() for _ in range(reps)], reps)
+    verify = lambda: g.verify(np.ones((1, g.verify_tokens), np.int64), [p])
+    catch = lambda: g.draft.verify(np.ones((1, g.draft.verify_tokens), np.int64), [p])
+    fns = {"decode": lambda: chained(g, p, reps), "draft": lambda: chained(g.draft, p, reps),
+           "verify": lambda: [verify() for _ in range(reps)], "catch": lambda: [catch() for _ in range(reps)]}
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name in [*fns, *reversed(fns)]:
+            samples[name].append(seconds(fns[name], reps))
     g.release()
-    return out
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def run(b, prompt, new, speculative):
@@ -133,6 +141,8 @@ def main():
     ap.add_argument("--rates", default="0.5,0.7,0.9")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds of blocks A B B A (plain, speculative; the median of each one's blocks)")
     ap.add_argument("--speculate", type=int, default=4)
     ap.add_argument("--draft-dtype", default="f16", choices=["f32", "f16", "bf16"],
                     help="the draft's weights (the target stays f32): f16 halves what a draft call reads")
@@ -165,7 +175,8 @@ def main():
         print(f"rate {rate}: s = {s:.4f} (teacher-forced agreement {agree:.2f}); compiled in {time.time() - t:.0f} s",
               file=sys.stderr)
         with load(path) as b:
-            plain, spec = blocks(lambda: run(b, prompt, args.new, False), lambda: run(b, prompt, args.new, None))
+            plain, spec = blocks(lambda: run(b, prompt, args.new, False), lambda: run(b, prompt, args.new, None),
+                                 rounds=args.rounds)
             calls = call_times(b, prompt)
             predicted_us = {k: b.plan["phases"][p]["plan"]["predicted_us"] * 1e-6
                             for k, p in (("decode", "decode"), ("draft", "draft_decode"), ("verify", "verify"),
@@ -190,7 +201,7 @@ def main():
         json.dump(res, f, indent=2)
     print(f"target {n_t:.1f}M parameters (f32), draft {n_d:.1f}M ({args.draft_layers} of {args.layers} layers, same "
           f"embedding and head; {args.draft_dtype}), cpu, {THREADS} threads, prompt {args.prompt}, {args.new} new tokens, up to "
-          f"{args.speculate} drafted a step (load {res['load']:.1f} -> {res['load_after']:.1f}); blocks A B B A")
+          f"{args.speculate} drafted a step (load {res['load']:.1f} -> {res['load_after']:.1f}); blocks A B B A x {args.rounds}")
     print("| acceptance (set / measured) | mean k | plain ms/token | speculative ms/token | speed-up | predicted "
           "| cost model | call ms (decode / draft / verify / draft's 2 tokens) |\n|---|---|---|---|---|---|---|---|")
     for rate, r in res["rates"].items():
