@@ -47,25 +47,49 @@ def _compiled(text):
     return ctx.modules.module
 
 
+TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}  # of float64 numpy, relative to the result's largest magnitude
+
+
+def _np_dtype(dt):
+    import ml_dtypes
+
+    return {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[dt]
+
+
+def _assert_close(y, ref, dt, *case):
+    """y (a kernel's result) of ref's shape, of dtype dt, within TOLERANCE[dt] of ref (float64)."""
+    assert y.shape == ref.shape and y.dtype == _np_dtype(dt)
+    err = np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max()
+    assert err <= TOLERANCE[dt], (*case, err)
+
+
+def _two_operand_module(kernels):
+    """Each (executable source, callee, x type, w type, y type) of `kernels` behind a function
+    f<i>(x, w) -> y that calls it, compiled for this host: -> the module's functions."""
+    src, calls = [], []
+    for i, (text, callee, tx, tw, ty) in enumerate(kernels):
+        src.append(text)
+        calls.append(f"func.func @f{i}(%x: {tx}, %w: {tw}) -> {ty} {{\n  %y = func.call @{callee}"
+                     f"(%x, %w) : ({tx}, {tw}) -> {ty}\n  return %y : {ty}\n}}")
+    return _compiled("\n".join(src + calls))
+
+
 @pytest.mark.parametrize("regs", [(32, 16), (16, 8)], ids=["avx512", "avx2"])
 def test_rowdot_equals_numpy(regs):
     """Each shape within 1e-5 (f32) / 2e-3 (f16) / 1e-2 (bf16) of float64 numpy on the same
     inputs, relative to the result's largest magnitude (16-bit inputs accumulate in f32, the
     result is rounded to 16 bits). bf16 with k a multiple of 32 uses vdpbf16ps where the host
     has AVX512-BF16 (the AVX2 layout never does): both paths are checked on such a host."""
-    import ml_dtypes
-
     module = _rowdot_module(CASES, regs)
     rng = np.random.default_rng(0)
     for i, (m, n, k, dt) in enumerate(CASES):
-        npdt = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[dt]
+        npdt = _np_dtype(dt)
         x = rng.standard_normal((m, k)).astype(npdt)
         w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(npdt)
         y = module[f"f{i}"](x, w).to_host()
         ref = x.astype(np.float64) @ w.astype(np.float64).T
-        assert y.shape == (m, n) and y.dtype == npdt
-        err = np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max()
-        assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (CASES[i], err)
+        assert ref.shape == (m, n)
+        _assert_close(y, ref, dt, CASES[i])
 
 
 # groups of weights multiplied by one x in one dispatch: a layer's q, k, v (f16) and gate, up
@@ -79,22 +103,18 @@ GROUP_CASES = [(1, (768, 256, 256), 768, "f16"), (1, (512, 512), 64, "f32"), (5,
 def test_rowdot_group_equals_numpy(regs):
     """Each weight's result of a group within the single kernel's tolerance of float64 numpy
     (relative to its largest magnitude): each workgroup serves the weight whose range holds it."""
-    import ml_dtypes
-
     module = _rowdot_module(GROUP_CASES, regs)
     rng = np.random.default_rng(2)
     for i, (m, ns, k, dt) in enumerate(GROUP_CASES):
-        npdt = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[dt]
+        npdt = _np_dtype(dt)
         x = rng.standard_normal((m, k)).astype(npdt)
         ws = [(rng.standard_normal((n, k)) / np.sqrt(k)).astype(npdt) for n in ns]
         ys = module[f"f{i}"](x, *ws)
         assert len(ys) == len(ns)
         for w, y in zip(ws, ys):
-            y = y.to_host()
             ref = x.astype(np.float64) @ w.astype(np.float64).T
-            assert y.shape == (m, w.shape[0]) and y.dtype == npdt
-            err = np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max()
-            assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (GROUP_CASES[i], w.shape, err)
+            assert ref.shape == (m, w.shape[0])
+            _assert_close(y.to_host(), ref, dt, GROUP_CASES[i], w.shape)
 
 
 # batched products (attention's scores): (rows, n, k, dtype, the weights' leading dims): batch
@@ -108,30 +128,22 @@ BATCHED_CASES = [(3, 256, 64, "f16", (1, 4)), (3, 256, 64, "f32", (8, 4)), (2, 4
 def test_rowdot_batched_equals_numpy(regs):
     """y[b] = x[b] @ w[b]^T for each product of a batch (x [B, m, k], w [*lead, n, k] read as
     stored) within the single kernel's tolerance of float64 numpy."""
-    import ml_dtypes
-
     from polyarch.compiler.kernels import name, rowdot_source
 
-    src, calls = [], []
-    for i, (m, n, k, dt, lead) in enumerate(BATCHED_CASES):
-        b = int(np.prod(lead))
-        src.append(rowdot_source(m, n, k, dt, regs, batch=lead))
-        tx, tw, ty = (f"tensor<{b}x{m}x{k}x{dt}>", f"tensor<{'x'.join(map(str, lead))}x{n}x{k}x{dt}>",
-                      f"tensor<{b}x{m}x{n}x{dt}>")
-        calls.append(f"func.func @f{i}(%x: {tx}, %w: {tw}) -> {ty} {{\n  %y = func.call @{name(m, n, k, dt, lead)}"
-                     f"(%x, %w) : ({tx}, {tw}) -> {ty}\n  return %y : {ty}\n}}")
-    module = _compiled("\n".join(src + calls))
+    module = _two_operand_module([
+        (rowdot_source(m, n, k, dt, regs, batch=lead), name(m, n, k, dt, lead), f"tensor<{int(np.prod(lead))}x{m}x{k}x{dt}>",
+         f"tensor<{'x'.join(map(str, lead))}x{n}x{k}x{dt}>", f"tensor<{int(np.prod(lead))}x{m}x{n}x{dt}>")
+        for m, n, k, dt, lead in BATCHED_CASES])
     rng = np.random.default_rng(3)
     for i, (m, n, k, dt, lead) in enumerate(BATCHED_CASES):
-        npdt = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[dt]
+        npdt = _np_dtype(dt)
         b = int(np.prod(lead))
         x = rng.standard_normal((b, m, k)).astype(npdt)
         w = (rng.standard_normal((*lead, n, k)) / np.sqrt(k)).astype(npdt)
         y = module[f"f{i}"](x, w).to_host()
         ref = np.einsum("bmk,bnk->bmn", x.astype(np.float64), w.reshape(b, n, k).astype(np.float64))
-        assert y.shape == (b, m, n) and y.dtype == npdt
-        err = np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max()
-        assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (BATCHED_CASES[i], err)
+        assert ref.shape == (b, m, n)
+        _assert_close(y, ref, dt, BATCHED_CASES[i])
 
 
 # attention values (rowmix): (rows, positions n, head dim k, dtype, the values' leading dims):
@@ -145,31 +157,23 @@ MIX_CASES = [(3, 256, 64, "f16", (1, 4)), (3, 256, 64, "f32", (8, 4)), (15, 40, 
 def test_rowmix_equals_numpy(regs):
     """y[b] = x[b] @ v[b] for each product of a batch (x [B, m, n], v [*lead, n, k] read as
     stored) within the rowdot kernels' tolerance of float64 numpy."""
-    import ml_dtypes
-
     from polyarch.compiler.kernels import rowmix_source
     from polyarch.passes.rowdot import mix_name
 
-    src, calls = [], []
-    for i, (m, n, k, dt, lead) in enumerate(MIX_CASES):
-        b = int(np.prod(lead))
-        src.append(rowmix_source(m, n, k, dt, lead, regs))
-        tx, tw, ty = (f"tensor<{b}x{m}x{n}x{dt}>", f"tensor<{'x'.join(map(str, lead))}x{n}x{k}x{dt}>",
-                      f"tensor<{b}x{m}x{k}x{dt}>")
-        calls.append(f"func.func @f{i}(%x: {tx}, %w: {tw}) -> {ty} {{\n  %y = func.call @{mix_name(m, n, k, dt, lead)}"
-                     f"(%x, %w) : ({tx}, {tw}) -> {ty}\n  return %y : {ty}\n}}")
-    module = _compiled("\n".join(src + calls))
+    module = _two_operand_module([
+        (rowmix_source(m, n, k, dt, lead, regs), mix_name(m, n, k, dt, lead), f"tensor<{int(np.prod(lead))}x{m}x{n}x{dt}>",
+         f"tensor<{'x'.join(map(str, lead))}x{n}x{k}x{dt}>", f"tensor<{int(np.prod(lead))}x{m}x{k}x{dt}>")
+        for m, n, k, dt, lead in MIX_CASES])
     rng = np.random.default_rng(4)
     for i, (m, n, k, dt, lead) in enumerate(MIX_CASES):
-        npdt = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[dt]
+        npdt = _np_dtype(dt)
         b = int(np.prod(lead))
         x = rng.random((b, m, n)).astype(npdt)  # probabilities' magnitudes
         v = rng.standard_normal((*lead, n, k)).astype(npdt)
         y = module[f"f{i}"](x, v).to_host()
         ref = np.einsum("bmn,bnk->bmk", x.astype(np.float64), v.reshape(b, n, k).astype(np.float64))
-        assert y.shape == (b, m, k) and y.dtype == npdt
-        err = np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max()
-        assert err <= {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2}[dt], (MIX_CASES[i], err)
+        assert ref.shape == (b, m, k)
+        _assert_close(y, ref, dt, MIX_CASES[i])
 
 
 DYNAMIC_CASES = [(2048, 768), (302, 64), (255, 32)]  # n a multiple of 4, of 2 only, odd
