@@ -182,18 +182,25 @@ def _batched_source(batch, m, n, k, dtype, regs=None, bf16_dot=None):
       %cbm = arith.constant {m} : index
       %wofs = arith.muli %bi, %cbn : index
       %xofs = arith.muli %bi, %cbm : index""", _loop_head(n, k, r, wg, 32 if dot else lanes, 0, True, False),
-                      *_rows(m, n, k, t, r, lanes, dot, batch), f"""      }}
-      return
+                      *_rows(m, n, k, t, r, lanes, dot, batch), "      }",
+                      _flat_call(fn, t, (tx, f"{batch * m}x{k}"), (tw, f"{batch * n}x{k}"), (ty, f"{batch * m}x{n}"))])
+
+
+def _flat_call(fn, t, x, w, y):
+    """The end of a batched executable's function and the private func.func that dispatches it
+    on its operands flattened to 2-D: x, w, y each (tensor type, the flat shape "RxC")."""
+    (tx, x2), (tw, w2), (ty, y2) = x, w, y
+    return f"""      return
     }}
   }}
 }}
 func.func private @{fn}(%x: {tx}, %w: {tw}) -> {ty} {{
-  %x2 = flow.tensor.reshape %x : {tx} -> tensor<{batch * m}x{k}x{t}>
-  %w2 = flow.tensor.reshape %w : {tw} -> tensor<{batch * n}x{k}x{t}>
-  %y2 = flow.dispatch @{fn}_ex::@{fn}_d(%w2, %x2) : (tensor<{batch * n}x{k}x{t}>, tensor<{batch * m}x{k}x{t}>) -> tensor<{batch * m}x{n}x{t}>
-  %y = flow.tensor.reshape %y2 : tensor<{batch * m}x{n}x{t}> -> {ty}
+  %x2 = flow.tensor.reshape %x : {tx} -> tensor<{x2}x{t}>
+  %w2 = flow.tensor.reshape %w : {tw} -> tensor<{w2}x{t}>
+  %y2 = flow.dispatch @{fn}_ex::@{fn}_d(%w2, %x2) : (tensor<{w2}x{t}>, tensor<{x2}x{t}>) -> tensor<{y2}x{t}>
+  %y = flow.tensor.reshape %y2 : tensor<{y2}x{t}> -> {ty}
   return %y : {ty}
-}}"""])
+}}"""
 
 
 def _mix_tiles(m: int, k: int, regs: int, lanes: int) -> tuple:
@@ -265,17 +272,7 @@ def rowmix_source(m: int, n: int, k: int, dtype: str, batch, regs: tuple | None 
         for c0 in range(0, k // lanes, kt):
             o += _mix_tile(list(range(r0, min(m, r0 + mt))), list(range(c0, c0 + kt)), b * n, b * m, k, n, t, lanes)
     tx, tw, ty = f"tensor<{b}x{m}x{n}x{t}>", f"tensor<{'x'.join(map(str, lead))}x{n}x{k}x{t}>", f"tensor<{b}x{m}x{k}x{t}>"
-    o.append(f"""      return
-    }}
-  }}
-}}
-func.func private @{fn}(%x: {tx}, %w: {tw}) -> {ty} {{
-  %x2 = flow.tensor.reshape %x : {tx} -> tensor<{b * m}x{n}x{t}>
-  %w2 = flow.tensor.reshape %w : {tw} -> tensor<{b * n}x{k}x{t}>
-  %y2 = flow.dispatch @{fn}_ex::@{fn}_d(%w2, %x2) : (tensor<{b * n}x{k}x{t}>, tensor<{b * m}x{n}x{t}>) -> tensor<{b * m}x{k}x{t}>
-  %y = flow.tensor.reshape %y2 : tensor<{b * m}x{k}x{t}> -> {ty}
-  return %y : {ty}
-}}""")
+    o.append(_flat_call(fn, t, (tx, f"{b * m}x{n}"), (tw, f"{b * n}x{k}"), (ty, f"{b * m}x{k}")))
     return "\n".join(o)
 
 

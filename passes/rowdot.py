@@ -68,10 +68,19 @@ MIX_NAME = re.compile(r"^polyarch_rowmix_b(\d+(?:x\d+)*)_(\d+)x(\d+)x(\d+)_(f32|
 MAX_MIX_K = 128  # columns (a head's dimension) of the matrices a rowmix reads
 
 
+def _lead(batch: "int | tuple") -> str:
+    """A batch's leading dims as a kernel's name writes them: B1xB2.."""
+    return "x".join(map(str, batch)) if isinstance(batch, tuple) else str(batch)
+
+
+def _dims(text: str) -> tuple:
+    """_lead's text read back."""
+    return tuple(int(v) for v in text.split("x"))
+
+
 def mix_name(m: int, n: int, k: int, dtype: str, batch: "int | tuple") -> str:
     """The rowmix kernel of x [prod(batch), m, n] by v [*batch, n, k] -> [prod(batch), m, k]."""
-    lead = "x".join(map(str, batch)) if isinstance(batch, tuple) else batch
-    return f"polyarch_rowmix_b{lead}_{m}x{n}x{k}_{dtype}"
+    return f"polyarch_rowmix_b{_lead(batch)}_{m}x{n}x{k}_{dtype}"
 
 
 def parse_mix_name(sym: str):
@@ -80,7 +89,7 @@ def parse_mix_name(sym: str):
     if not hit:
         return None
     batch, m, n, k, dtype = hit.groups()
-    return int(m), int(n), int(k), dtype, tuple(int(v) for v in batch.split("x"))
+    return int(m), int(n), int(k), dtype, _dims(batch)
 
 
 def supported_mix(m: int, n: int, k: int, dtype: str, batch) -> bool:
@@ -94,8 +103,7 @@ def supported_mix(m: int, n: int, k: int, dtype: str, batch) -> bool:
 def kernel_name(m: int, n: "int | tuple", k: int, dtype: str, batch: "int | tuple" = 0) -> str:
     """batch: the weights' leading dims (a tuple: w [*batch, n, k], x [prod(batch), m, k])."""
     rows = "_".join(map(str, n)) if isinstance(n, tuple) else n
-    lead = "x".join(map(str, batch)) if isinstance(batch, tuple) else batch
-    return f"polyarch_rowdot_{f'b{lead}_' if batch else ''}{'D' if m == DYNAMIC else m}x{rows}x{k}_{dtype}"
+    return f"polyarch_rowdot_{f'b{_lead(batch)}_' if batch else ''}{'D' if m == DYNAMIC else m}x{rows}x{k}_{dtype}"
 
 
 def parse_name(sym: str):
@@ -105,7 +113,7 @@ def parse_name(sym: str):
         return None
     batch, m, n, k, dtype = hit.groups()
     ns = tuple(int(v) for v in n.split("_"))
-    lead = tuple(int(v) for v in batch.split("x")) if batch else 0
+    lead = _dims(batch) if batch else 0
     return DYNAMIC if m == "D" else int(m), ns if len(ns) > 1 else ns[0], int(k), dtype, lead
 
 
